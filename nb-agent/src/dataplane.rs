@@ -1,0 +1,792 @@
+//! The XDP data path from user space: loading and pinning the program and its maps, attaching
+//! it, writing the selection tables, reading counters, and sweeping idle flows.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    pin::PinError,
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use log::{info, warn};
+use nb_common::{
+    Backend, BackendStats, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_SIZE,
+    MAX_BACKENDS, MAX_SERVICES, MAX_SVC_BACKENDS, PROTO_TCP, REV_CLOSING, REV_REPLIED, RR_SEQ_LEN,
+    RevValue, ServiceInfo, ServiceKey, SvcBackends, cfg, maps, stat,
+};
+use thiserror::Error;
+
+use crate::selection::{MaglevBackend, maglev_table, wrr_sequence};
+
+/// The XDP object built by `build.rs`, embedded so that the binary alone is the install.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nb-ebpf"));
+
+/// Name of the program, also its pin under `bpf_pin_path`.
+pub const PROGRAM: &str = "nb_xdp";
+
+/// Errors of the data path, each naming what it was doing.
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the XDP object has no program {PROGRAM}")]
+    NoProgram,
+    #[error("XDP program {PROGRAM}: {0}")]
+    Program(#[source] ProgramError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("attaching XDP to {iface}: {source}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("too many {what} (at most {max})")]
+    Full { what: &'static str, max: u32 },
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// How the program is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native if the driver has it, generic otherwise.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// A backend as the data path sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Stable identity within the port (the node label): keys the Maglev permutation, so the
+    /// ring does not change when a node's address or order changes.
+    pub key: String,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// The balancer's own address towards this backend (full NAT source).
+    pub snat: IpAddr,
+    pub weight: u32,
+    /// May take new connections (UP or unknown, mode accept, or backup in use).
+    pub eligible: bool,
+}
+
+/// One service: a port number on one address family, with the public addresses it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub port: u16,
+    pub family: u8,
+    pub vips: Vec<IpAddr>,
+    pub algorithm: u32,
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Addresses as the maps hold them: network byte order words, IPv4 in the first.
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let mut w = [0u32; 4];
+            for (i, chunk) in o.chunks_exact(4).enumerate() {
+                w[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            }
+            w
+        }
+    }
+}
+
+/// The inverse of `addr_words`.
+pub fn words_addr(family: u8, w: &[u32; 4]) -> IpAddr {
+    if family == FAMILY_V6 {
+        let mut o = [0u8; 16];
+        for i in 0..4 {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(w[0].to_ne_bytes())
+    }
+}
+
+fn family_of(ip: &IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+/// Active connections and counters of one backend, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    pub active: u64,
+    pub stats: BackendStats,
+}
+
+/// What one sweep of the flow tables found.
+#[derive(Debug, Clone, Default)]
+pub struct SweepReport {
+    pub flows: u64,
+    pub expired: u64,
+    /// Live (not closing) flows per backend key `(service port, node key)`.
+    pub active: HashMap<(u16, String), u64>,
+}
+
+/// Idle timeouts of the flow tables, as the sweep applies them.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowTimeouts {
+    pub established_secs: u64,
+    pub closing_secs: u64,
+    /// A connection the backend never answered.
+    pub unanswered_secs: u64,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        Self {
+            established_secs: 3600,
+            closing_secs: 10,
+            unanswered_secs: 30,
+        }
+    }
+}
+
+/// The loaded program, its maps, and what the agent last wrote into them.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    /// Backend ids by (family, service port, node key): stable across applies and restarts
+    /// (recovered from the pinned backend map), so flows keep attributing to the right node.
+    ids: HashMap<(u8, u16, String), u32>,
+    /// Ids released, not handed out again while flows may still carry them.
+    released: Vec<u32>,
+    /// Service ids by (port, family).
+    svc_ids: HashMap<(u16, u8), u32>,
+    /// Rings, sequences and lists as last written, to write only what changed.
+    rings: HashMap<u32, Vec<u32>>,
+    seqs: HashMap<u32, Vec<u32>>,
+    keys: BTreeMap<ServiceKey, u32>,
+    backends: HashMap<u32, Backend>,
+}
+
+fn mount_bpffs(dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(dir);
+    let io = |source| DataplaneError::Io {
+        path: parent.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(parent).map_err(io)?;
+    // SAFETY: statfs only writes into the zeroed struct we pass; the path is NUL-terminated.
+    let is_bpffs = unsafe {
+        let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        let mut s: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == 0xcafe4a11_u32 as _
+    };
+    if !is_bpffs {
+        let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        info!("mounted bpffs at {}", parent.display());
+    }
+    fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+impl Dataplane {
+    /// Loads the program with its maps pinned under `pin_dir`: maps already pinned there (by a
+    /// previous agent) are adopted with their flows, so a restart moves no connection.
+    pub fn load(pin_dir: &Path, max_flows: u32) -> Result<Self> {
+        mount_bpffs(pin_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .set_max_entries(maps::FLOWS, max_flows)
+            .set_max_entries(maps::REV_FLOWS, max_flows)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DataplaneError::NoProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        prog.load().map_err(DataplaneError::Program)?;
+        let prog_pin = pin_dir.join(PROGRAM);
+        let _ = fs::remove_file(&prog_pin);
+        prog.pin(&prog_pin).map_err(|source| DataplaneError::Pin {
+            path: prog_pin.clone(),
+            source,
+        })?;
+        let mut dp = Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            ids: HashMap::new(),
+            released: Vec::new(),
+            svc_ids: HashMap::new(),
+            rings: HashMap::new(),
+            seqs: HashMap::new(),
+            keys: BTreeMap::new(),
+            backends: HashMap::new(),
+        };
+        dp.recover()?;
+        Ok(dp)
+    }
+
+    /// The program, for tests that run it with BPF_PROG_TEST_RUN.
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DataplaneError::NoProgram)?
+            .try_into()
+            .map_err(DataplaneError::Program)
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).ok_or(DataplaneError::Map {
+            name,
+            source: MapError::InvalidName {
+                name: name.to_string(),
+            },
+        })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::Map {
+            name,
+            source: MapError::InvalidName {
+                name: name.to_string(),
+            },
+        })
+    }
+
+    fn array_mut<T: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, T>> {
+        Array::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+
+    /// Reads back what a previous agent left in the pinned maps: service keys and backends, so
+    /// ids stay the same and only differences are written.
+    fn recover(&mut self) -> Result<()> {
+        let services: BpfHashMap<&aya::maps::MapData, ServiceKey, u32> =
+            BpfHashMap::try_from(self.map(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
+        let mut keys = BTreeMap::new();
+        for item in services.iter() {
+            let (k, v) = item.map_err(map_err(maps::SERVICES))?;
+            keys.insert(k, v);
+        }
+        let backends: Array<&aya::maps::MapData, Backend> =
+            Array::try_from(self.map(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
+        let mut found = HashMap::new();
+        for id in 1..MAX_BACKENDS {
+            let b = backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
+            if b.family != 0 {
+                found.insert(id, b);
+            }
+        }
+        for (k, v) in &keys {
+            self.svc_ids.insert((u16::from_be(k.port), k.family), *v);
+        }
+        self.keys = keys;
+        self.backends = found;
+        Ok(())
+    }
+
+    /// Attaches the program to `iface`, replacing the program of a link pinned by an earlier
+    /// agent (atomically: no packet sees no program), or creating and pinning a new link.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let link_pin = self.pin_dir.join(format!("link_{iface}"));
+        let prog = self.program()?;
+        if link_pin.exists() {
+            match PinnedLink::from_pin(&link_pin) {
+                Ok(pinned) => {
+                    let fd: FdLink = pinned.into();
+                    let link = aya::programs::xdp::XdpLink::try_from(fd).map_err(|source| {
+                        DataplaneError::Link {
+                            path: link_pin.clone(),
+                            source,
+                        }
+                    })?;
+                    prog.attach_to_link(link)
+                        .map_err(|source| DataplaneError::Attach {
+                            iface: iface.to_string(),
+                            source,
+                        })?;
+                    info!("{iface}: replaced the program of the pinned XDP link");
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(
+                        "{iface}: pinned link {} unusable ({e}); attaching anew",
+                        link_pin.display()
+                    );
+                    let _ = fs::remove_file(&link_pin);
+                }
+            }
+        }
+        let modes: &[XdpMode] = match mode {
+            AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+            AttachMode::Native => &[XdpMode::Driver],
+            AttachMode::Generic => &[XdpMode::Skb],
+        };
+        let mut last = None;
+        for m in modes {
+            match prog.attach(iface, *m) {
+                Ok(id) => {
+                    let link = prog.take_link(id).map_err(DataplaneError::Program)?;
+                    match FdLink::try_from(link) {
+                        Ok(fd) => {
+                            fd.pin(&link_pin).map_err(|source| DataplaneError::Pin {
+                                path: link_pin.clone(),
+                                source,
+                            })?;
+                        }
+                        Err(e) => {
+                            // A netlink attachment (old kernel): it stays until detached.
+                            warn!("{iface}: XDP attached by netlink, not pinned: {e}");
+                        }
+                    }
+                    info!("{iface}: XDP attached ({m:?})");
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(DataplaneError::Attach {
+            iface: iface.to_string(),
+            source: last.unwrap_or(ProgramError::AlreadyAttached),
+        })
+    }
+
+    /// Detaches from `iface` by removing the pinned link (`--detach-xdp`).
+    pub fn detach(pin_dir: &Path, iface: &str) -> Result<bool> {
+        let link_pin = pin_dir.join(format!("link_{iface}"));
+        if !link_pin.exists() {
+            return Ok(false);
+        }
+        let pinned = PinnedLink::from_pin(&link_pin).map_err(|source| DataplaneError::Link {
+            path: link_pin.clone(),
+            source,
+        })?;
+        pinned.unpin().map_err(|source| DataplaneError::Io {
+            path: link_pin.clone(),
+            source,
+        })?;
+        Ok(true)
+    }
+
+    /// Sets `client_conn_throttle` (new connections per second per client, 0 = off).
+    pub fn set_throttle(&mut self, per_sec: u32) -> Result<()> {
+        let mut a = self.array_mut::<u64>(maps::CONFIG)?;
+        a.set(cfg::THROTTLE_PER_SEC, per_sec as u64, 0)
+            .map_err(map_err(maps::CONFIG))
+    }
+
+    fn backend_id(
+        &mut self,
+        family: u8,
+        port: u16,
+        b: &BackendSpec,
+        want: &Backend,
+    ) -> Result<u32> {
+        let k = (family, port, b.key.clone());
+        if let Some(id) = self.ids.get(&k) {
+            return Ok(*id);
+        }
+        // After a restart: the pinned map still holds this backend under its old id.
+        let taken: std::collections::HashSet<u32> = self.ids.values().copied().collect();
+        let found = self
+            .backends
+            .iter()
+            .filter(|(id, _)| !taken.contains(id))
+            .find(|(_, old)| {
+                old.addr == want.addr && old.port == want.port && old.family == want.family
+            })
+            .map(|(id, _)| *id);
+        let id = match found {
+            Some(id) => id,
+            None => (1..MAX_BACKENDS)
+                .find(|id| {
+                    !taken.contains(id)
+                        && !self.backends.contains_key(id)
+                        && !self.released.contains(id)
+                })
+                .or_else(|| {
+                    // Out of never-used ids: recycle the oldest released one.
+                    (!self.released.is_empty()).then(|| self.released.remove(0))
+                })
+                .ok_or(DataplaneError::Full {
+                    what: "backends",
+                    max: MAX_BACKENDS - 1,
+                })?,
+        };
+        self.ids.insert(k, id);
+        Ok(id)
+    }
+
+    /// Makes the maps match `services`, writing only what differs. New selection tables are
+    /// complete before a service key points at them; flows already in the tables keep their
+    /// backend whatever changes here.
+    pub fn apply(&mut self, services: &[ServiceSpec]) -> Result<()> {
+        let mut want_keys: BTreeMap<ServiceKey, u32> = BTreeMap::new();
+        let mut live_ids = std::collections::HashSet::new();
+        let mut live_svcs = std::collections::HashSet::new();
+        for svc in services {
+            let svc_id = match self.svc_ids.get(&(svc.port, svc.family)) {
+                Some(id) => *id,
+                None => {
+                    let used: std::collections::HashSet<u32> =
+                        self.svc_ids.values().copied().collect();
+                    let id = (0..MAX_SERVICES).find(|i| !used.contains(i)).ok_or(
+                        DataplaneError::Full {
+                            what: "services",
+                            max: MAX_SERVICES,
+                        },
+                    )?;
+                    self.svc_ids.insert((svc.port, svc.family), id);
+                    id
+                }
+            };
+            live_svcs.insert(svc_id);
+            let mut eligible = Vec::new();
+            for b in svc
+                .backends
+                .iter()
+                .filter(|b| family_of(&b.addr) == svc.family)
+            {
+                let want = Backend {
+                    addr: addr_words(b.addr),
+                    snat_addr: addr_words(b.snat),
+                    port: b.port.to_be(),
+                    family: svc.family,
+                    _pad: 0,
+                };
+                let id = self.backend_id(svc.family, svc.port, b, &want)?;
+                live_ids.insert(id);
+                if self.backends.get(&id) != Some(&want) {
+                    let mut a = self.array_mut::<Backend>(maps::BACKENDS)?;
+                    a.set(id, want, 0).map_err(map_err(maps::BACKENDS))?;
+                    self.backends.insert(id, want);
+                }
+                if b.eligible {
+                    eligible.push((id, b));
+                }
+            }
+            self.write_selection(svc_id, svc.algorithm, &eligible)?;
+            for vip in svc.vips.iter().filter(|v| family_of(v) == svc.family) {
+                want_keys.insert(
+                    ServiceKey {
+                        addr: addr_words(*vip),
+                        port: svc.port.to_be(),
+                        family: svc.family,
+                        proto: PROTO_TCP,
+                    },
+                    svc_id,
+                );
+            }
+        }
+        let old_keys = std::mem::take(&mut self.keys);
+        {
+            let mut m: BpfHashMap<&mut MapData, ServiceKey, u32> =
+                BpfHashMap::try_from(self.map_mut(maps::SERVICES)?)
+                    .map_err(map_err(maps::SERVICES))?;
+            for (k, v) in &want_keys {
+                if old_keys.get(k) != Some(v) {
+                    m.insert(k, v, 0).map_err(map_err(maps::SERVICES))?;
+                }
+            }
+            for k in old_keys.keys() {
+                if !want_keys.contains_key(k) {
+                    let _ = m.remove(k);
+                }
+            }
+        }
+        self.keys = want_keys;
+        // Services gone: forget their ids (their tables are rewritten when the id is reused).
+        self.svc_ids.retain(|_, id| live_svcs.contains(id));
+        // Backends gone: their slot is cleared, the id held back while flows may carry it.
+        let gone: Vec<u32> = self
+            .backends
+            .keys()
+            .copied()
+            .filter(|id| !live_ids.contains(id))
+            .collect();
+        for id in gone {
+            let mut a = self.array_mut::<Backend>(maps::BACKENDS)?;
+            a.set(id, Backend::default(), 0)
+                .map_err(map_err(maps::BACKENDS))?;
+            self.backends.remove(&id);
+            self.ids.retain(|_, v| *v != id);
+            self.released.push(id);
+        }
+        Ok(())
+    }
+
+    fn write_selection(
+        &mut self,
+        svc_id: u32,
+        algorithm: u32,
+        eligible: &[(u32, &BackendSpec)],
+    ) -> Result<()> {
+        let ring_in: Vec<MaglevBackend> = eligible
+            .iter()
+            .map(|(id, b)| MaglevBackend {
+                key: b.key.as_bytes().to_vec(),
+                id: *id,
+                weight: b.weight.max(1),
+            })
+            .collect();
+        let ring = if ring_in.is_empty() {
+            vec![0; MAGLEV_SIZE as usize]
+        } else {
+            maglev_table(&ring_in, MAGLEV_SIZE as usize)
+        };
+        let old = self.rings.remove(&svc_id);
+        {
+            let mut a = self.array_mut::<u32>(maps::MAGLEV)?;
+            let base = svc_id * MAGLEV_SIZE;
+            for (i, id) in ring.iter().enumerate() {
+                if old.as_ref().map(|o| o[i]) != Some(*id) {
+                    a.set(base + i as u32, id, 0)
+                        .map_err(map_err(maps::MAGLEV))?;
+                }
+            }
+        }
+        self.rings.insert(svc_id, ring);
+
+        let seq = wrr_sequence(
+            &eligible
+                .iter()
+                .map(|(id, b)| (*id, b.weight.max(1)))
+                .collect::<Vec<_>>(),
+            RR_SEQ_LEN as usize,
+        );
+        let old = self.seqs.remove(&svc_id);
+        {
+            let mut a = self.array_mut::<u32>(maps::RR_SEQ)?;
+            let base = svc_id * RR_SEQ_LEN;
+            for (i, id) in seq.iter().enumerate() {
+                if old.as_ref().and_then(|o| o.get(i)) != Some(id) {
+                    a.set(base + i as u32, id, 0)
+                        .map_err(map_err(maps::RR_SEQ))?;
+                }
+            }
+        }
+        let rr_len = seq.len() as u32;
+        self.seqs.insert(svc_id, seq);
+
+        let mut list = SvcBackends::default();
+        for (i, (id, b)) in eligible.iter().take(MAX_SVC_BACKENDS as usize).enumerate() {
+            list.ids[i] = *id;
+            list.weights[i] = b.weight.max(1);
+        }
+        {
+            let mut a = self.array_mut::<SvcBackends>(maps::SVC_BACKENDS)?;
+            a.set(svc_id, list, 0)
+                .map_err(map_err(maps::SVC_BACKENDS))?;
+        }
+        let info = ServiceInfo {
+            algorithm,
+            backends: eligible.len() as u32,
+            rr_len,
+            lc_len: eligible.len().min(MAX_SVC_BACKENDS as usize) as u32,
+        };
+        let mut a = self.array_mut::<ServiceInfo>(maps::SVC_INFO)?;
+        a.set(svc_id, info, 0).map_err(map_err(maps::SVC_INFO))
+    }
+
+    /// Backend id the data path uses for a node (tests and metrics).
+    pub fn id_of(&self, family: u8, port: u16, key: &str) -> Option<u32> {
+        self.ids.get(&(family, port, key.to_string())).copied()
+    }
+
+    /// Per-CPU packet counters, summed, by `stat::NAMES`.
+    pub fn packet_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let a: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map(maps::STATS)?).map_err(map_err(maps::STATS))?;
+        let mut out = Vec::new();
+        for (i, name) in stat::NAMES.iter().enumerate() {
+            let v: PerCpuValues<u64> = a.get(&(i as u32), 0).map_err(map_err(maps::STATS))?;
+            out.push((*name, v.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Counters of every backend known to the data path, by (family, port, node key).
+    pub fn backend_counters(&self) -> Result<HashMap<(u8, u16, String), BackendCounters>> {
+        let stats: PerCpuArray<&MapData, BackendStats> =
+            PerCpuArray::try_from(self.map(maps::BACKEND_STATS)?)
+                .map_err(map_err(maps::BACKEND_STATS))?;
+        let active: Array<&MapData, u64> =
+            Array::try_from(self.map(maps::ACTIVE)?).map_err(map_err(maps::ACTIVE))?;
+        let mut out = HashMap::new();
+        for (k, id) in &self.ids {
+            let per_cpu = stats.get(id, 0).map_err(map_err(maps::BACKEND_STATS))?;
+            let mut s = BackendStats::default();
+            for c in per_cpu.iter() {
+                s.packets_in += c.packets_in;
+                s.bytes_in += c.bytes_in;
+                s.packets_out += c.packets_out;
+                s.bytes_out += c.bytes_out;
+                s.new_conns += c.new_conns;
+            }
+            let a = active.get(id, 0).map_err(map_err(maps::ACTIVE))?;
+            out.insert(
+                k.clone(),
+                BackendCounters {
+                    active: a,
+                    stats: s,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Expires idle and closed flows and recounts active connections per backend (which
+    /// `leastconn` reads). The program only ever adds to the counts; this sets them right.
+    pub fn sweep(&mut self, t: FlowTimeouts) -> Result<SweepReport> {
+        let now = coarse_now_ns();
+        let sec = 1_000_000_000u64;
+        let mut report = SweepReport::default();
+        let mut expired_fwd = Vec::new();
+        let mut expired_rev = Vec::new();
+        let mut active_by_id: HashMap<u32, u64> = HashMap::new();
+        {
+            let rev: BpfHashMap<&MapData, FlowKey, RevValue> =
+                BpfHashMap::try_from(self.map(maps::REV_FLOWS)?)
+                    .map_err(map_err(maps::REV_FLOWS))?;
+            let fwd: BpfHashMap<&MapData, FlowKey, FlowValue> =
+                BpfHashMap::try_from(self.map(maps::FLOWS)?).map_err(map_err(maps::FLOWS))?;
+            // The reply side knows whether the backend answered and closed.
+            let mut rev_state: HashMap<FlowKey, (u32, u64)> = HashMap::new();
+            for item in rev.iter() {
+                let Ok((k, v)) = item else { continue };
+                let fk = FlowKey {
+                    src: v.client_addr,
+                    dst: v.vip_addr,
+                    sport: v.client_port,
+                    dport: v.vip_port,
+                    family: k.family,
+                    proto: PROTO_TCP,
+                    _pad: [0; 2],
+                };
+                rev_state.insert(fk, (v.flags, v.last_seen));
+                let idle = now.saturating_sub(v.last_seen) / sec;
+                let limit = if v.flags & REV_CLOSING != 0 {
+                    t.closing_secs
+                } else if v.flags & REV_REPLIED == 0 {
+                    t.unanswered_secs
+                } else {
+                    t.established_secs
+                };
+                if idle > limit {
+                    expired_rev.push(k);
+                }
+            }
+            for item in fwd.iter() {
+                let Ok((k, v)) = item else { continue };
+                report.flows += 1;
+                let (rflags, rseen) = rev_state.get(&k).copied().unwrap_or((0, 0));
+                let last = v.last_seen.max(rseen);
+                let idle = now.saturating_sub(last) / sec;
+                let closing = v.flags & FLOW_CLOSING != 0 || rflags & REV_CLOSING != 0;
+                let limit = if closing {
+                    t.closing_secs
+                } else if rflags & REV_REPLIED == 0 {
+                    t.unanswered_secs
+                } else {
+                    t.established_secs
+                };
+                if idle > limit {
+                    expired_fwd.push(k);
+                } else if !closing {
+                    *active_by_id.entry(v.backend_id).or_default() += 1;
+                }
+            }
+        }
+        {
+            let mut fwd: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
+                BpfHashMap::try_from(self.map_mut(maps::FLOWS)?).map_err(map_err(maps::FLOWS))?;
+            for k in &expired_fwd {
+                let _ = fwd.remove(k);
+            }
+        }
+        {
+            let mut rev: BpfHashMap<&mut MapData, FlowKey, RevValue> =
+                BpfHashMap::try_from(self.map_mut(maps::REV_FLOWS)?)
+                    .map_err(map_err(maps::REV_FLOWS))?;
+            for k in &expired_rev {
+                let _ = rev.remove(k);
+            }
+        }
+        report.expired = expired_fwd.len() as u64;
+        {
+            let mut a = self.array_mut::<u64>(maps::ACTIVE)?;
+            for id in 1..MAX_BACKENDS {
+                let want = active_by_id.get(&id).copied().unwrap_or(0);
+                if a.get(&id, 0).map_err(map_err(maps::ACTIVE))? != want {
+                    a.set(id, want, 0).map_err(map_err(maps::ACTIVE))?;
+                }
+            }
+        }
+        for ((_, port, key), id) in &self.ids {
+            report.active.insert(
+                (*port, key.clone()),
+                active_by_id.get(id).copied().unwrap_or(0),
+            );
+        }
+        Ok(report)
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock `bpf_ktime_get_coarse_ns` reads.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,351 @@
+//! Map keys, values and constants shared by the XDP program and the agent.
+//!
+//! Only integers and fixed arrays, `#[repr(C)]`, padding written out: a value read from a map
+//! must be valid for any bit pattern. Addresses and ports are kept exactly as they sit in the
+//! packet (network byte order); an IPv4 address uses the first word of `[u32; 4]`, the rest 0.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Services (port x public address) the maps can hold; a service id indexes the per-service
+/// tables, so it also bounds their size.
+pub const MAX_SERVICES: u32 = 64;
+/// Maglev ring size per service: prime, and > 100 x the backends a port can have, which keeps
+/// every backend's share within about 1% of its weight.
+pub const MAGLEV_SIZE: u32 = 65537;
+/// Backend ids are indexes into the backend array; id 0 means "no backend".
+pub const MAX_BACKENDS: u32 = 4096;
+/// Length of one service's weighted round-robin sequence.
+pub const RR_SEQ_LEN: u32 = 4096;
+/// Backends one service can list for `leastconn` (the XDP loop over them is bounded by this).
+pub const MAX_SVC_BACKENDS: u32 = 64;
+
+/// Source ports nb uses for SNAT towards backends. Below the kernel's ephemeral range
+/// (32768-60999), which the agent's own health checks and proxies use, so the two never meet.
+pub const SNAT_PORT_MIN: u16 = 10000;
+/// Last SNAT port (inclusive).
+pub const SNAT_PORT_MAX: u16 = 32767;
+/// How many SNAT ports a new flow tries before giving up (each try is one map lookup).
+pub const SNAT_PORT_TRIES: u32 = 8;
+
+/// Address families as stored in keys.
+pub const FAMILY_V4: u8 = 4;
+/// IPv6.
+pub const FAMILY_V6: u8 = 6;
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+
+/// `ServiceInfo::algorithm`: weighted round robin over `RR_SEQ`.
+pub const ALG_ROUNDROBIN: u32 = 0;
+/// Fewest active connections (weighted), over the service's `SvcBackends` list.
+pub const ALG_LEASTCONN: u32 = 1;
+/// Maglev hash of the client address.
+pub const ALG_SOURCE: u32 = 2;
+
+/// `FlowValue::flags`: the client sent FIN or RST; the entry may be replaced by a new SYN.
+pub const FLOW_CLOSING: u32 = 1;
+/// `RevValue::flags`: the backend answered (any packet back).
+pub const REV_REPLIED: u32 = 1;
+/// `RevValue::flags`: the backend sent FIN or RST.
+pub const REV_CLOSING: u32 = 2;
+/// `RevValue::flags`: the backend's first answer was a RST (a refused connection).
+pub const REV_REFUSED: u32 = 4;
+
+/// Indexes of the per-CPU packet counters (`STATS`). The names are the `action` label of
+/// `nb_xdp_packets_total`.
+pub mod stat {
+    /// Every packet the program saw.
+    pub const RX: u32 = 0;
+    /// Not for a service (not TCP, other address or port): passed untouched.
+    pub const PASS: u32 = 1;
+    /// Truncated or malformed headers: passed untouched.
+    pub const PASS_MALFORMED: u32 = 2;
+    /// IPv4 fragment or IPv6 extension header: passed untouched.
+    pub const PASS_FRAGMENT: u32 = 3;
+    /// Forwarded to a backend (new or established flow).
+    pub const FORWARD: u32 = 4;
+    /// Reply from a backend translated back to the client.
+    pub const REPLY: u32 = 5;
+    /// New flows created by a SYN.
+    pub const NEW_FLOW: u32 = 6;
+    /// Non-SYN packet with no flow entry, routed by the Maglev hash of its 5-tuple.
+    pub const FLOW_MISS: u32 = 7;
+    /// SYN answered with RST: no usable backend.
+    pub const RST_NO_BACKEND: u32 = 8;
+    /// Dropped: no route or neighbour towards the backend.
+    pub const DROP_NO_ROUTE: u32 = 9;
+    /// Dropped: no free SNAT port after `SNAT_PORT_TRIES` tries.
+    pub const DROP_NO_PORT: u32 = 10;
+    /// Dropped: client over `client_conn_throttle`.
+    pub const DROP_THROTTLE: u32 = 11;
+    /// Sent out of the interface it came in on.
+    pub const TX: u32 = 12;
+    /// Redirected to another interface.
+    pub const REDIRECT: u32 = 13;
+    /// Internal error (a map that should hold an entry did not).
+    pub const ABORTED: u32 = 14;
+    /// A non-SYN packet for a service with no flow entry that could not be routed (RST, or no
+    /// backend): passed to the kernel.
+    pub const PASS_NO_FLOW: u32 = 15;
+    /// Number of counters.
+    pub const COUNT: u32 = 16;
+    /// Label of each counter, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "rx",
+        "pass",
+        "pass_malformed",
+        "pass_fragment",
+        "forward",
+        "reply",
+        "new_flow",
+        "flow_miss",
+        "rst_no_backend",
+        "drop_no_route",
+        "drop_no_port",
+        "drop_throttle",
+        "tx",
+        "redirect",
+        "aborted",
+        "pass_no_flow",
+    ];
+}
+
+/// Key of the `SERVICES` map: a public address and port the XDP program forwards.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Public address, network byte order.
+    pub addr: [u32; 4],
+    /// Public port, network byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `PROTO_TCP`.
+    pub proto: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+/// Per-service selection state, indexed by service id (`SVC_INFO`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `ALG_*`.
+    pub algorithm: u32,
+    /// Backends that may take new connections; 0 = answer SYNs with RST.
+    pub backends: u32,
+    /// Used length of this service's slice of `RR_SEQ` (<= `RR_SEQ_LEN`).
+    pub rr_len: u32,
+    /// Used entries of this service's `SvcBackends`.
+    pub lc_len: u32,
+}
+const _: () = assert!(size_of::<ServiceInfo>() == 16);
+
+/// A service's backends for `leastconn`, with weights (`SVC_BACKENDS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SvcBackends {
+    /// Backend ids; the first `ServiceInfo::lc_len` are used.
+    pub ids: [u32; MAX_SVC_BACKENDS as usize],
+    /// Weight (1-255) of each id.
+    pub weights: [u32; MAX_SVC_BACKENDS as usize],
+}
+const _: () = assert!(size_of::<SvcBackends>() == 512);
+
+impl Default for SvcBackends {
+    fn default() -> Self {
+        Self {
+            ids: [0; MAX_SVC_BACKENDS as usize],
+            weights: [0; MAX_SVC_BACKENDS as usize],
+        }
+    }
+}
+
+/// A backend as the data path needs it (`BACKENDS`, indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address, network byte order.
+    pub addr: [u32; 4],
+    /// The balancer's own address used as source towards this backend (full NAT).
+    pub snat_addr: [u32; 4],
+    /// Backend port, network byte order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`; 0 = unused slot.
+    pub family: u8,
+    /// Reserved, 0.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Backend>() == 36);
+
+/// Key of the flow tables: the packet's own 5-tuple as it arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network byte order.
+    pub src: [u32; 4],
+    /// Destination address, network byte order.
+    pub dst: [u32; 4],
+    /// Source port, network byte order.
+    pub sport: u16,
+    /// Destination port, network byte order.
+    pub dport: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// `PROTO_TCP`.
+    pub proto: u8,
+    /// Reserved, 0.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// A client-to-service flow (`FLOWS`, keyed by client -> public address): everything needed to
+/// forward its packets without another lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Backend address, network byte order.
+    pub backend_addr: [u32; 4],
+    /// Source address towards the backend, network byte order.
+    pub snat_addr: [u32; 4],
+    /// Backend port, network byte order.
+    pub backend_port: u16,
+    /// SNAT source port, network byte order.
+    pub snat_port: u16,
+    /// Backend id (per-backend counters; 0 never).
+    pub backend_id: u32,
+    /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
+    pub last_seen: u64,
+    /// `bpf_ktime_get_ns` when `dmac`/`smac`/`ifindex` were looked up.
+    pub fib_ts: u64,
+    /// Next hop MAC towards the backend.
+    pub dmac: [u8; 6],
+    /// Our MAC on the egress interface.
+    pub smac: [u8; 6],
+    /// Egress interface.
+    pub ifindex: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    /// Service id.
+    pub svc_id: u32,
+}
+const _: () = assert!(size_of::<FlowValue>() == 80);
+
+/// A backend-to-balancer flow (`REV_FLOWS`, keyed by backend -> SNAT address and port): how to
+/// translate a reply back to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevValue {
+    /// Client address, network byte order.
+    pub client_addr: [u32; 4],
+    /// Public address the client connected to, network byte order.
+    pub vip_addr: [u32; 4],
+    /// Client port, network byte order.
+    pub client_port: u16,
+    /// Public port, network byte order.
+    pub vip_port: u16,
+    /// Backend id.
+    pub backend_id: u32,
+    /// MAC the client's packets came from (client or router): replies go back to it.
+    pub dmac: [u8; 6],
+    /// Our MAC on the interface the client's packets came in on.
+    pub smac: [u8; 6],
+    /// Interface the client's packets came in on.
+    pub ifindex: u32,
+    /// `REV_*` bits.
+    pub flags: u32,
+    /// `bpf_ktime_get_ns` of the last reply packet (refreshed at most once a second).
+    pub last_seen: u64,
+}
+const _: () = assert!(size_of::<RevValue>() == 72);
+
+/// Per-backend per-CPU counters (`BACKEND_STATS`, indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Packets forwarded to the backend.
+    pub packets_in: u64,
+    /// Bytes (whole frames) forwarded to the backend.
+    pub bytes_in: u64,
+    /// Packets from the backend translated back to clients.
+    pub packets_out: u64,
+    /// Bytes from the backend translated back to clients.
+    pub bytes_out: u64,
+    /// New connections (SYNs) sent to the backend.
+    pub new_conns: u64,
+}
+const _: () = assert!(size_of::<BackendStats>() == 40);
+
+/// Token bucket of one client address (`THROTTLE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThrottleState {
+    /// `bpf_ktime_get_ns` of the last refill.
+    pub last_ns: u64,
+    /// Tokens left, in thousandths of a connection.
+    pub tokens_milli: u64,
+}
+const _: () = assert!(size_of::<ThrottleState>() == 16);
+
+/// Names of the maps, as pinned under `bpf_pin_path`.
+pub mod maps {
+    /// `ServiceKey` -> service id (u32).
+    pub const SERVICES: &str = "NB_SERVICES";
+    /// Service id -> `ServiceInfo`.
+    pub const SVC_INFO: &str = "NB_SVC_INFO";
+    /// Service id x `MAGLEV_SIZE` -> backend id.
+    pub const MAGLEV: &str = "NB_MAGLEV";
+    /// Service id x `RR_SEQ_LEN` -> backend id.
+    pub const RR_SEQ: &str = "NB_RR_SEQ";
+    /// Per-CPU position in each service's round-robin sequence.
+    pub const RR_POS: &str = "NB_RR_POS";
+    /// Service id -> `SvcBackends`.
+    pub const SVC_BACKENDS: &str = "NB_SVC_BACKENDS";
+    /// Backend id -> `Backend`.
+    pub const BACKENDS: &str = "NB_BACKENDS";
+    /// Backend id -> active connections (u64), kept by the agent, bumped by the program.
+    pub const ACTIVE: &str = "NB_ACTIVE";
+    /// `FlowKey` (client side) -> `FlowValue`.
+    pub const FLOWS: &str = "NB_FLOWS";
+    /// `FlowKey` (backend side) -> `RevValue`.
+    pub const REV_FLOWS: &str = "NB_REV_FLOWS";
+    /// Per-CPU packet counters, indexed by `stat::*`.
+    pub const STATS: &str = "NB_STATS";
+    /// Per-CPU `BackendStats`, indexed by backend id.
+    pub const BACKEND_STATS: &str = "NB_BACKEND_STATS";
+    /// Client address -> `ThrottleState`.
+    pub const THROTTLE: &str = "NB_THROTTLE";
+    /// Load-time settings (u64 array, indexed by `cfg::*`).
+    pub const CONFIG: &str = "NB_CONFIG";
+}
+
+/// Indexes of the `CONFIG` array: settings the agent can change while the program runs.
+pub mod cfg {
+    /// New connections per second per client address, 0 = unlimited.
+    pub const THROTTLE_PER_SEC: u32 = 0;
+    /// Number of entries.
+    pub const COUNT: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: each type is `repr(C)`, made only of integers and integer arrays, with every byte
+    // covered by a named field (sizes asserted above), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SvcBackends {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RevValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ThrottleState {}
+}

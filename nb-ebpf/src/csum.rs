@@ -1,0 +1,50 @@
+//! Incremental Internet checksum updates (RFC 1624), on values exactly as they sit in memory.
+//!
+//! The one's complement sum does not depend on byte order as long as every word is read the
+//! same way, so addresses, ports and checksums are used raw, never byte-swapped.
+
+/// Accumulates `~old + new` for every changed 16-bit word of a checksummed region.
+#[derive(Clone, Copy)]
+pub struct Delta(u64);
+
+impl Delta {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Delta(0)
+    }
+
+    /// A changed 32-bit word (two 16-bit words).
+    #[inline(always)]
+    pub fn word32(&mut self, old: u32, new: u32) {
+        let o = !old;
+        self.0 +=
+            (o & 0xffff) as u64 + (o >> 16) as u64 + (new & 0xffff) as u64 + (new >> 16) as u64;
+    }
+
+    /// A changed 16-bit word.
+    #[inline(always)]
+    pub fn word16(&mut self, old: u16, new: u16) {
+        self.0 += (!old) as u64 + new as u64;
+    }
+
+    /// A changed address (one word for IPv4, four for IPv6).
+    #[inline(always)]
+    pub fn addr(&mut self, old: &[u32; 4], new: &[u32; 4], v6: bool) {
+        self.word32(old[0], new[0]);
+        if v6 {
+            self.word32(old[1], new[1]);
+            self.word32(old[2], new[2]);
+            self.word32(old[3], new[3]);
+        }
+    }
+
+    /// The checksum after the changes: `HC' = ~(~HC + sum(~m + m'))`.
+    #[inline(always)]
+    pub fn apply(self, csum: u16) -> u16 {
+        let mut s = (!csum) as u64 + self.0;
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        !(s as u16)
+    }
+}

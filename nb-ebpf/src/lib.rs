@@ -1,0 +1,2 @@
+//! Empty: the XDP program is the `nb-ebpf` binary (see `main.rs`).
+#![no_std]

@@ -1,0 +1,373 @@
+//! nb's XDP program: forwards `tcp` ports of the public addresses to backends with full NAT,
+//! keeping every packet of a connection on one backend; passes everything else to the kernel.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST, xdp_action},
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::xdp,
+    programs::XdpContext,
+};
+use nb_common::{
+    BackendStats, FLOW_CLOSING, FlowKey, FlowValue, PROTO_TCP, REV_CLOSING, REV_REFUSED,
+    REV_REPLIED, RevValue, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, ServiceKey,
+    ThrottleState, cfg, stat,
+};
+
+use maps::{
+    ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SERVICES, SVC_INFO, THROTTLE, count, setting,
+};
+use parse::{Packet, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, ptr_at};
+
+const SECOND: u64 = 1_000_000_000;
+/// How often an established flow re-checks its next hop (a backend's MAC may move).
+const FIB_REFRESH_NS: u64 = 5 * SECOND;
+
+#[xdp]
+pub fn nb_xdp(ctx: XdpContext) -> u32 {
+    count(stat::RX);
+    match try_nb_xdp(&ctx) {
+        Ok(action) => action,
+        Err(skip) => {
+            count(skip.stat());
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
+    let pkt = parse(ctx)?;
+    let dport = u16::from_be(pkt.dport);
+    if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dport) {
+        let key = flow_key(&pkt);
+        if let Some(rv) = REV_FLOWS.get_ptr_mut(&key) {
+            // SAFETY: the map value stays valid for this program run; concurrent writers only
+            // set flag bits and timestamps, where a lost update is harmless.
+            return reply(ctx, &pkt, unsafe { &mut *rv });
+        }
+    }
+    let skey = ServiceKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        family: pkt.family,
+        proto: PROTO_TCP,
+    };
+    // SAFETY: the value is a plain u32 copied out at once.
+    let svc = match unsafe { SERVICES.get(&skey) } {
+        Some(svc) => *svc,
+        None => return Err(Skip::NotOurs),
+    };
+    forward(ctx, &pkt, svc)
+}
+
+#[inline(always)]
+fn flow_key(pkt: &Packet) -> FlowKey {
+    FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        family: pkt.family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: plain helper call. The coarse clock is enough for second-scale timeouts and
+    // much cheaper per packet than the precise one.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
+    let key = flow_key(pkt);
+    let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(fv) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: valid for this run; see `try_nb_xdp`.
+        let f = unsafe { &mut *fv };
+        // A SYN on a closing entry is the client reusing its port: a new connection.
+        if !syn || f.flags & FLOW_CLOSING == 0 {
+            return established(ctx, pkt, f);
+        }
+    }
+    let Some(info) = SVC_INFO.get(svc) else {
+        count(stat::ABORTED);
+        return Ok(xdp_action::XDP_ABORTED);
+    };
+    if !syn {
+        // The entry was evicted (or never existed). A RST needs no backend; anything else is
+        // routed by the ring, which is where the connection most likely went.
+        let backend = if pkt.flags & TCP_RST != 0 {
+            None
+        } else {
+            select::for_orphan(svc, info, pkt)
+        };
+        return match backend {
+            Some(id) => {
+                count(stat::FLOW_MISS);
+                new_flow(ctx, pkt, &key, svc, id, false)
+            }
+            None => {
+                count(stat::PASS_NO_FLOW);
+                Ok(xdp_action::XDP_PASS)
+            }
+        };
+    }
+    if throttled(&pkt.src) {
+        count(stat::DROP_THROTTLE);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    match select::for_new(svc, info, pkt) {
+        Some(id) => new_flow(ctx, pkt, &key, svc, id, true),
+        None => nat::refuse(ctx, pkt),
+    }
+}
+
+/// Token bucket per client address: `client_conn_throttle` new connections per second, with a
+/// burst of one second's worth.
+#[inline(always)]
+fn throttled(src: &[u32; 4]) -> bool {
+    let rate = setting(cfg::THROTTLE_PER_SEC);
+    if rate == 0 {
+        return false;
+    }
+    let t = now();
+    let cap = rate * 1000;
+    match THROTTLE.get_ptr_mut(src) {
+        Some(s) => {
+            // SAFETY: valid for this run; a lost update between CPUs only loosens the limit.
+            let s = unsafe { &mut *s };
+            let refill = t.saturating_sub(s.last_ns) * rate / 1_000_000;
+            let tokens = core::cmp::min(cap, s.tokens_milli + refill);
+            s.last_ns = t;
+            if tokens >= 1000 {
+                s.tokens_milli = tokens - 1000;
+                false
+            } else {
+                s.tokens_milli = tokens;
+                true
+            }
+        }
+        None => {
+            let s = ThrottleState {
+                last_ns: t,
+                tokens_milli: cap - 1000,
+            };
+            let _ = THROTTLE.insert(src, &s, BPF_ANY as u64);
+            false
+        }
+    }
+}
+
+#[inline(always)]
+fn established(ctx: &XdpContext, pkt: &Packet, f: &mut FlowValue) -> Result<u32, Skip> {
+    let t = now();
+    if t.wrapping_sub(f.last_seen) > SECOND {
+        f.last_seen = t;
+    }
+    if t.wrapping_sub(f.fib_ts) > FIB_REFRESH_NS {
+        f.fib_ts = t;
+        if let Some((ifindex, smac, dmac)) = nat::fib(ctx, pkt.v6(), &f.snat_addr, &f.backend_addr)
+        {
+            f.ifindex = ifindex;
+            f.smac = smac;
+            f.dmac = dmac;
+        }
+    }
+    if pkt.flags & (TCP_FIN | TCP_RST) != 0 {
+        f.flags |= FLOW_CLOSING;
+    }
+    nat::rewrite(
+        ctx,
+        pkt,
+        &f.snat_addr,
+        f.snat_port,
+        &f.backend_addr,
+        f.backend_port,
+    )?;
+    backend_stats(f.backend_id, |s| {
+        s.packets_in += 1;
+        s.bytes_in += pkt.len;
+    });
+    count(stat::FORWARD);
+    nat::send(ctx, &f.dmac, &f.smac, f.ifindex)
+}
+
+#[inline(always)]
+fn backend_stats(id: u32, f: impl FnOnce(&mut BackendStats)) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(id) {
+        // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
+        f(unsafe { &mut *s });
+    }
+}
+
+/// Creates both flow entries for a connection to backend `id` and forwards the packet.
+#[inline(always)]
+fn new_flow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    svc: u32,
+    id: u32,
+    syn: bool,
+) -> Result<u32, Skip> {
+    let Some(b) = BACKENDS.get(id) else {
+        count(stat::ABORTED);
+        return Ok(xdp_action::XDP_ABORTED);
+    };
+    if b.family != pkt.family {
+        // The agent never lists a backend under a service of the other family.
+        count(stat::ABORTED);
+        return Ok(xdp_action::XDP_ABORTED);
+    }
+    let Some((ifindex, smac, dmac)) = nat::fib(ctx, pkt.v6(), &b.snat_addr, &b.addr) else {
+        count(stat::DROP_NO_ROUTE);
+        return Ok(xdp_action::XDP_DROP);
+    };
+    let eth: *const [u8; 12] = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the 12 address bytes lie inside the packet.
+    let eth = unsafe { &*eth };
+    let mut client_mac = [0u8; 6];
+    client_mac.copy_from_slice(&eth[6..]);
+    let mut our_mac = [0u8; 6];
+    our_mac.copy_from_slice(&eth[..6]);
+    let t = now();
+    let rv = RevValue {
+        client_addr: pkt.src,
+        vip_addr: pkt.dst,
+        client_port: pkt.sport,
+        vip_port: pkt.dport,
+        backend_id: id,
+        dmac: client_mac,
+        smac: our_mac,
+        ifindex: ctx.ingress_ifindex() as u32,
+        flags: 0,
+        last_seen: t,
+    };
+    let h = select::hash_flow(pkt);
+    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let mut snat_port = 0u16;
+    for i in 0..SNAT_PORT_TRIES {
+        let port = (SNAT_PORT_MIN + (h.wrapping_add(i.wrapping_mul(7919)) % range) as u16).to_be();
+        let rkey = FlowKey {
+            src: b.addr,
+            dst: b.snat_addr,
+            sport: b.port,
+            dport: port,
+            family: pkt.family,
+            proto: PROTO_TCP,
+            _pad: [0; 2],
+        };
+        if REV_FLOWS.insert(&rkey, &rv, BPF_NOEXIST as u64).is_ok() {
+            snat_port = port;
+            break;
+        }
+        // SAFETY: the value is copied field by field at once.
+        if let Some(old) = unsafe { REV_FLOWS.get(&rkey) } {
+            let ours = old.client_addr == rv.client_addr
+                && old.client_port == rv.client_port
+                && old.vip_addr == rv.vip_addr
+                && old.vip_port == rv.vip_port;
+            if ours {
+                let _ = REV_FLOWS.insert(&rkey, &rv, BPF_ANY as u64);
+                snat_port = port;
+                break;
+            }
+        }
+    }
+    if snat_port == 0 {
+        count(stat::DROP_NO_PORT);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    let fv = FlowValue {
+        backend_addr: b.addr,
+        snat_addr: b.snat_addr,
+        backend_port: b.port,
+        snat_port,
+        backend_id: id,
+        last_seen: t,
+        fib_ts: t,
+        dmac,
+        smac,
+        ifindex,
+        flags: 0,
+        svc_id: svc,
+    };
+    if FLOWS.insert(key, &fv, BPF_ANY as u64).is_err() {
+        count(stat::ABORTED);
+        return Ok(xdp_action::XDP_ABORTED);
+    }
+    if let Some(a) = ACTIVE.get_ptr_mut(id) {
+        // SAFETY: the slot is a valid, aligned u64 for the map's lifetime. The bpfel target has
+        // no atomic add in core; a rare lost increment between CPUs is corrected by the agent's
+        // next sweep, which recounts active flows.
+        unsafe { *a += 1 };
+    }
+    if syn {
+        count(stat::NEW_FLOW);
+    }
+    nat::rewrite(ctx, pkt, &b.snat_addr, snat_port, &b.addr, b.port)?;
+    backend_stats(id, |s| {
+        s.packets_in += 1;
+        s.bytes_in += pkt.len;
+        if syn {
+            s.new_conns += 1;
+        }
+    });
+    count(stat::FORWARD);
+    nat::send(ctx, &dmac, &smac, ifindex)
+}
+
+/// Translates a backend's packet back to the client it belongs to.
+#[inline(always)]
+fn reply(ctx: &XdpContext, pkt: &Packet, r: &mut RevValue) -> Result<u32, Skip> {
+    let t = now();
+    if t.wrapping_sub(r.last_seen) > SECOND {
+        r.last_seen = t;
+    }
+    let mut flags = r.flags;
+    if flags & REV_REPLIED == 0 && pkt.flags & TCP_RST != 0 {
+        flags |= REV_REFUSED;
+    }
+    flags |= REV_REPLIED;
+    if pkt.flags & (TCP_FIN | TCP_RST) != 0 {
+        flags |= REV_CLOSING;
+    }
+    if flags != r.flags {
+        r.flags = flags;
+    }
+    nat::rewrite(
+        ctx,
+        pkt,
+        &r.vip_addr,
+        r.vip_port,
+        &r.client_addr,
+        r.client_port,
+    )?;
+    backend_stats(r.backend_id, |s| {
+        s.packets_out += 1;
+        s.bytes_out += pkt.len;
+    });
+    count(stat::REPLY);
+    nat::send(ctx, &r.dmac, &r.smac, r.ifindex)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,81 @@
+//! Every map of the XDP program, pinned by name so a restarted agent adopts them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use nb_common::{
+    Backend, BackendStats, FlowKey, FlowValue, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, RR_SEQ_LEN,
+    RevValue, ServiceInfo, ServiceKey, SvcBackends, ThrottleState, cfg, stat,
+};
+
+/// Public address and port -> service id.
+#[map(name = "NB_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, u32> = HashMap::pinned(MAX_SERVICES * 4, 0);
+
+/// Service id -> selection state.
+#[map(name = "NB_SVC_INFO")]
+pub static SVC_INFO: Array<ServiceInfo> = Array::pinned(MAX_SERVICES, 0);
+
+/// Maglev rings, `MAGLEV_SIZE` backend ids per service.
+#[map(name = "NB_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned(MAX_SERVICES * MAGLEV_SIZE, 0);
+
+/// Weighted round-robin sequences, `RR_SEQ_LEN` backend ids per service.
+#[map(name = "NB_RR_SEQ")]
+pub static RR_SEQ: Array<u32> = Array::pinned(MAX_SERVICES * RR_SEQ_LEN, 0);
+
+/// Each CPU's position in each service's round-robin sequence.
+#[map(name = "NB_RR_POS")]
+pub static RR_POS: PerCpuArray<u32> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Service id -> backends and weights for `leastconn`.
+#[map(name = "NB_SVC_BACKENDS")]
+pub static SVC_BACKENDS: Array<SvcBackends> = Array::pinned(MAX_SERVICES, 0);
+
+/// Backend id -> where to send.
+#[map(name = "NB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Backend id -> active connections (set by the agent's sweep, bumped here on new flows).
+#[map(name = "NB_ACTIVE")]
+pub static ACTIVE: Array<u64> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Client-side flows. The agent sets the size from `max_flows` at load time.
+#[map(name = "NB_FLOWS")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(1 << 20, 0);
+
+/// Backend-side flows, for replies.
+#[map(name = "NB_REV_FLOWS")]
+pub static REV_FLOWS: LruHashMap<FlowKey, RevValue> = LruHashMap::pinned(1 << 20, 0);
+
+/// Per-CPU packet counters by `stat::*`.
+#[map(name = "NB_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+/// Per-CPU counters by backend id.
+#[map(name = "NB_BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Client address -> token bucket for `client_conn_throttle`.
+#[map(name = "NB_THROTTLE")]
+pub static THROTTLE: LruHashMap<[u32; 4], ThrottleState> = LruHashMap::pinned(65536, 0);
+
+/// Settings the agent changes at run time, by `cfg::*`.
+#[map(name = "NB_CONFIG")]
+pub static CONFIG: Array<u64> = Array::pinned(cfg::COUNT, 0);
+
+/// Adds one to a per-CPU packet counter.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Reads a run-time setting.
+#[inline(always)]
+pub fn setting(index: u32) -> u64 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}

@@ -1,0 +1,189 @@
+//! Rewriting a packet in place (full NAT), next-hop lookup, and sending it out.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
+    programs::XdpContext,
+};
+use nb_common::stat;
+
+use crate::{
+    csum::Delta,
+    maps::count,
+    parse::{Packet, Skip, ptr_at},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Rewrites source and destination address and port, updating the IPv4 header checksum and the
+/// TCP checksum incrementally.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &[u32; 4],
+    sport: u16,
+    dst: &[u32; 4],
+    dport: u16,
+) -> Result<(), Skip> {
+    let v6 = pkt.v6();
+    let mut tcp_delta = Delta::new();
+    tcp_delta.addr(&pkt.src, src, v6);
+    tcp_delta.addr(&pkt.dst, dst, v6);
+    tcp_delta.word16(pkt.sport, sport);
+    tcp_delta.word16(pkt.dport, dport);
+    if v6 {
+        let ip: *mut [u32; 10] = ptr_at(ctx, pkt.l3)?;
+        // SAFETY: `ptr_at` checked the 40-byte IPv6 header lies inside the packet.
+        let ip = unsafe { &mut *ip };
+        ip[2] = src[0];
+        ip[3] = src[1];
+        ip[4] = src[2];
+        ip[5] = src[3];
+        ip[6] = dst[0];
+        ip[7] = dst[1];
+        ip[8] = dst[2];
+        ip[9] = dst[3];
+    } else {
+        let ip: *mut [u32; 5] = ptr_at(ctx, pkt.l3)?;
+        // SAFETY: `ptr_at` checked the 20-byte IPv4 header lies inside the packet.
+        let ip = unsafe { &mut *ip };
+        let mut ip_delta = Delta::new();
+        ip_delta.word32(ip[3], src[0]);
+        ip_delta.word32(ip[4], dst[0]);
+        ip[3] = src[0];
+        ip[4] = dst[0];
+        let w2 = ip[2];
+        // The header checksum is the upper 16 bits (bytes 10-11) of word 2 in memory order.
+        let old = (w2 >> 16) as u16;
+        let new = ip_delta.apply(old);
+        ip[2] = (w2 & 0xffff) | ((new as u32) << 16);
+    }
+    let tcp: *mut [u16; 10] = ptr_at(ctx, pkt.l4)?;
+    // SAFETY: `ptr_at` checked the 20-byte TCP header lies inside the packet.
+    let tcp = unsafe { &mut *tcp };
+    tcp[0] = sport;
+    tcp[1] = dport;
+    tcp[8] = tcp_delta.apply(tcp[8]);
+    Ok(())
+}
+
+/// Next hop towards `dst` from `src`: (egress ifindex, our MAC, next hop MAC).
+#[inline(always)]
+pub fn fib(
+    ctx: &XdpContext,
+    v6: bool,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+) -> Option<(u32, [u8; 6], [u8; 6])> {
+    // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented empty request.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.l4_protocol = 6;
+    p.ifindex = ctx.ingress_ifindex() as u32;
+    if v6 {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = *src;
+        p.__bindgen_anon_4.ipv6_dst = *dst;
+    } else {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = src[0];
+        p.__bindgen_anon_4.ipv4_dst = dst[0];
+    }
+    // SAFETY: the helper reads and writes only `p`, whose size we pass.
+    let ret = unsafe {
+        fib_lookup_helper(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    Some((p.ifindex, p.smac, p.dmac))
+}
+
+/// Sets the Ethernet addresses and sends the frame: back out of the interface it came in on,
+/// or redirected to another one.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Result<u32, Skip> {
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the 12 address bytes lie inside the packet.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(dmac);
+    eth[6..].copy_from_slice(smac);
+    if ifindex == ctx.ingress_ifindex() as u32 {
+        count(stat::TX);
+        Ok(xdp_action::XDP_TX)
+    } else {
+        count(stat::REDIRECT);
+        // SAFETY: plain helper call; it only records the target interface.
+        Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+    }
+}
+
+/// Turns a SYN into the RST+ACK that refuses it and sends it back where it came from, so a
+/// client of a port with no usable backend fails at once instead of timing out.
+#[inline(always)]
+pub fn refuse(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Skip> {
+    let tcp: *mut [u32; 5] = ptr_at(ctx, pkt.l4)?;
+    // SAFETY: `ptr_at` checked the 20-byte TCP header lies inside the packet.
+    let tcp = unsafe { &mut *tcp };
+    let old_seq = tcp[1];
+    let old_ack = tcp[2];
+    let old_w3 = tcp[3];
+    let new_seq = 0u32;
+    let new_ack = u32::from_be(old_seq).wrapping_add(1).to_be();
+    // Memory order of word 3: data offset, flags, window (2 bytes). Keep the data offset.
+    let mut b = old_w3.to_ne_bytes();
+    b[1] = 0x14; // RST | ACK
+    b[2] = 0;
+    b[3] = 0;
+    let new_w3 = u32::from_ne_bytes(b);
+    let mut d = Delta::new();
+    d.word32(old_seq, new_seq);
+    d.word32(old_ack, new_ack);
+    d.word32(old_w3, new_w3);
+    tcp[1] = new_seq;
+    tcp[2] = new_ack;
+    tcp[3] = new_w3;
+    // Swapping ports and addresses leaves every checksum as it is.
+    tcp[0] = tcp[0].rotate_left(16);
+    let sum: *mut [u16; 10] = ptr_at(ctx, pkt.l4)?;
+    // SAFETY: same bytes as `tcp`, checked by `ptr_at`.
+    let sum = unsafe { &mut *sum };
+    sum[8] = d.apply(sum[8]);
+    if pkt.v6() {
+        let ip: *mut [u32; 10] = ptr_at(ctx, pkt.l3)?;
+        // SAFETY: checked by `ptr_at`.
+        let ip = unsafe { &mut *ip };
+        let s = [ip[2], ip[3], ip[4], ip[5]];
+        ip[2] = ip[6];
+        ip[3] = ip[7];
+        ip[4] = ip[8];
+        ip[5] = ip[9];
+        ip[6] = s[0];
+        ip[7] = s[1];
+        ip[8] = s[2];
+        ip[9] = s[3];
+    } else {
+        let ip: *mut [u32; 5] = ptr_at(ctx, pkt.l3)?;
+        // SAFETY: checked by `ptr_at`.
+        let ip = unsafe { &mut *ip };
+        let s = ip[3];
+        ip[3] = ip[4];
+        ip[4] = s;
+    }
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    // SAFETY: checked by `ptr_at`.
+    let eth = unsafe { &mut *eth };
+    let mut dst = [0u8; 6];
+    dst.copy_from_slice(&eth[6..]);
+    let mut src = [0u8; 6];
+    src.copy_from_slice(&eth[..6]);
+    count(stat::RST_NO_BACKEND);
+    send(ctx, &dst, &src, ctx.ingress_ifindex() as u32)
+}

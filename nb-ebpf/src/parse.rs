@@ -1,0 +1,176 @@
+//! Header parsing: one checked accessor, and one pass that describes the packet.
+
+use aya_ebpf::programs::XdpContext;
+use core::mem::size_of;
+use nb_common::{FAMILY_V4, FAMILY_V6, stat};
+
+/// Why a packet is not ours to forward; each maps to a counter, the packet is passed.
+#[derive(Clone, Copy)]
+pub enum Skip {
+    /// Not IP, not TCP: someone else's.
+    NotOurs,
+    /// Headers cut short or inconsistent.
+    Malformed,
+    /// IPv4 fragment or IPv6 extension header.
+    Fragment,
+}
+
+impl Skip {
+    pub fn stat(self) -> u32 {
+        match self {
+            Skip::NotOurs => stat::PASS,
+            Skip::Malformed => stat::PASS_MALFORMED,
+            Skip::Fragment => stat::PASS_FRAGMENT,
+        }
+    }
+}
+
+/// Returns a pointer to a `T` at `offset` of the packet, or `Err` when it would reach past the
+/// end. Every header access goes through here so that the verifier sees one bounds check.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Skip> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(Skip::Malformed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+const ETH_P_IP: u16 = 0x0800_u16.to_be();
+const ETH_P_IPV6: u16 = 0x86dd_u16.to_be();
+const ETH_P_8021Q: u16 = 0x8100_u16.to_be();
+const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
+const IPPROTO_TCP: u8 = 6;
+/// IPv4 `frag_off` bits that mark a fragment (MF and the offset), in network order.
+const IP_FRAG_MASK: u16 = 0x3fff_u16.to_be();
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the decision needs to know of a TCP packet. Offsets are from the start of the frame.
+pub struct Packet {
+    pub family: u8,
+    pub l3: usize,
+    pub l4: usize,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Network order, as in the packet.
+    pub sport: u16,
+    /// Network order, as in the packet.
+    pub dport: u16,
+    pub flags: u8,
+    /// Frame length in bytes.
+    pub len: u64,
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn v6(&self) -> bool {
+        self.family == FAMILY_V6
+    }
+}
+
+/// Parses Ethernet (with at most one VLAN tag), IPv4 (with options) or IPv6, and TCP.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
+    let mut l3 = 14usize;
+    // SAFETY: `ptr_at` checked that the two bytes lie inside the packet.
+    let mut proto = unsafe { *ptr_at::<u16>(ctx, 12)? };
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        // SAFETY: checked by `ptr_at`.
+        proto = unsafe { *ptr_at::<u16>(ctx, 16)? };
+        l3 = 18;
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            // A second tag (QinQ): not ours.
+            return Err(Skip::NotOurs);
+        }
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let mut src = [0u32; 4];
+    let mut dst = [0u32; 4];
+    let family;
+    let l4;
+    if proto == ETH_P_IP {
+        let ip: *const [u8; 20] = ptr_at(ctx, l3)?;
+        // SAFETY: the 20-byte fixed header was checked by `ptr_at`.
+        let ip = unsafe { &*ip };
+        if ip[0] >> 4 != 4 {
+            return Err(Skip::Malformed);
+        }
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if ihl < 20 {
+            return Err(Skip::Malformed);
+        }
+        let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        if tot_len < ihl || l3 + tot_len > len as usize {
+            return Err(Skip::Malformed);
+        }
+        let frag = u16::from_ne_bytes([ip[6], ip[7]]);
+        if frag & IP_FRAG_MASK != 0 {
+            return Err(Skip::Fragment);
+        }
+        if ip[9] != IPPROTO_TCP {
+            return Err(Skip::NotOurs);
+        }
+        src[0] = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+        dst[0] = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+        family = FAMILY_V4;
+        l4 = l3 + ihl;
+        if tot_len < ihl + 20 {
+            return Err(Skip::Malformed);
+        }
+    } else if proto == ETH_P_IPV6 {
+        let ip: *const [u32; 10] = ptr_at(ctx, l3)?;
+        // SAFETY: the 40-byte header was checked by `ptr_at`.
+        let ip = unsafe { &*ip };
+        let b0 = ip[0].to_ne_bytes();
+        if b0[0] >> 4 != 6 {
+            return Err(Skip::Malformed);
+        }
+        let w1 = ip[1].to_ne_bytes();
+        let payload = u16::from_be_bytes([w1[0], w1[1]]) as usize;
+        if l3 + 40 + payload > len as usize {
+            return Err(Skip::Malformed);
+        }
+        match w1[2] {
+            IPPROTO_TCP => {}
+            // Hop-by-hop, routing, fragment, destination options, AH, ESP-less mobility.
+            0 | 43 | 44 | 51 | 60 | 135 => return Err(Skip::Fragment),
+            _ => return Err(Skip::NotOurs),
+        }
+        src = [ip[2], ip[3], ip[4], ip[5]];
+        dst = [ip[6], ip[7], ip[8], ip[9]];
+        family = FAMILY_V6;
+        l4 = l3 + 40;
+        if payload < 20 {
+            return Err(Skip::Malformed);
+        }
+    } else {
+        return Err(Skip::NotOurs);
+    }
+    // Bound the offset for the verifier: at most 18 + 60.
+    if l4 > 78 {
+        return Err(Skip::Malformed);
+    }
+    let tcp: *const [u8; 20] = ptr_at(ctx, l4)?;
+    // SAFETY: the 20-byte fixed TCP header was checked by `ptr_at`.
+    let tcp = unsafe { &*tcp };
+    let doff = ((tcp[12] >> 4) as usize) * 4;
+    if doff < 20 || l4 + doff > len as usize {
+        return Err(Skip::Malformed);
+    }
+    Ok(Packet {
+        family,
+        l3,
+        l4,
+        src,
+        dst,
+        sport: u16::from_ne_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_ne_bytes([tcp[2], tcp[3]]),
+        flags: tcp[13],
+        len,
+    })
+}
