@@ -25,7 +25,7 @@ use nb_common::{
 };
 use thiserror::Error;
 
-use crate::selection::{MaglevBackend, maglev_table, wrr_sequence};
+use crate::selection::{MaglevBackend, maglev_update, wrr_sequence};
 
 /// The XDP object built by `build.rs`, embedded so that the binary alone is the install.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nb-ebpf"));
@@ -244,8 +244,8 @@ impl Dataplane {
         mount_bpffs(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .set_max_entries(maps::FLOWS, max_flows)
-            .set_max_entries(maps::REV_FLOWS, max_flows)
+            .map_max_entries(maps::FLOWS, max_flows)
+            .map_max_entries(maps::REV_FLOWS, max_flows)
             .load(EBPF_OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         let prog: &mut Xdp = ebpf
@@ -325,9 +325,26 @@ impl Dataplane {
                 found.insert(id, b);
             }
         }
+        let ring_map: Array<&aya::maps::MapData, u32> =
+            Array::try_from(self.map(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?;
+        let mut rings = HashMap::new();
+        let mut svc_ids = Vec::new();
         for (k, v) in &keys {
-            self.svc_ids.insert((u16::from_be(k.port), k.family), *v);
+            svc_ids.push(((u16::from_be(k.port), k.family), *v));
+            if rings.contains_key(v) {
+                continue;
+            }
+            // The ring as it runs: updates continue from it, so a restart moves nothing.
+            let base = v * MAGLEV_SIZE;
+            let ring = (0..MAGLEV_SIZE)
+                .map(|i| ring_map.get(&(base + i), 0))
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .map_err(map_err(maps::MAGLEV))?;
+            rings.insert(*v, ring);
         }
+        drop(ring_map);
+        self.svc_ids.extend(svc_ids);
+        self.rings = rings;
         self.keys = keys;
         self.backends = found;
         Ok(())
@@ -577,12 +594,12 @@ impl Dataplane {
                 weight: b.weight.max(1),
             })
             .collect();
+        let old = self.rings.remove(&svc_id);
         let ring = if ring_in.is_empty() {
             vec![0; MAGLEV_SIZE as usize]
         } else {
-            maglev_table(&ring_in, MAGLEV_SIZE as usize)
+            maglev_update(old.as_deref(), &ring_in, MAGLEV_SIZE as usize)
         };
-        let old = self.rings.remove(&svc_id);
         {
             let mut a = self.array_mut::<u32>(maps::MAGLEV)?;
             let base = svc_id * MAGLEV_SIZE;

@@ -1,4 +1,7 @@
-//! nb-agent: configuration, the XDP data path from user space, health checks and the daemon.
+//! nb-agent: configuration, the XDP data path from user space, and the daemon around them.
 
+pub mod agent;
+pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod selection;

@@ -112,8 +112,8 @@ fn round_robin(svc: u32, info: &ServiceInfo) -> Option<u32> {
     if id == 0 { None } else { Some(id) }
 }
 
-/// Fewest active connections relative to weight among up to `LC_CHOICES` consecutive list
-/// entries from a random start: exact for pools of up to `LC_CHOICES` backends, and the
+/// Fewest active connections relative to weight among up to 4 consecutive list
+/// entries from a random start: exact for pools of up to 4 backends, and the
 /// "best of k random choices" of Envoy's least-request balancer beyond. A loop over every
 /// backend would be exact but multiplies the verifier's states past its limit.
 #[inline(always)]
@@ -140,7 +140,6 @@ fn least_conn(svc: u32, info: &ServiceInfo) -> Option<u32> {
 }
 
 /// Number of backends `least_conn` compares.
-pub const LC_CHOICES: u32 = 4;
 
 #[derive(Default)]
 struct Choice {

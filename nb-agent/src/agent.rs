@@ -1,0 +1,404 @@
+//! The daemon: turns the config into data-path state, keeps it there, and answers signals.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use log::{error, info, warn};
+use nb_common::{ALG_LEASTCONN, ALG_ROUNDROBIN, ALG_SOURCE, FAMILY_V4, FAMILY_V6};
+use thiserror::Error;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use crate::{
+    config::{self, Algorithm, Config, NodeMode, Protocol, XdpMode},
+    dataplane::{AttachMode, BackendSpec, Dataplane, DataplaneError, FlowTimeouts, ServiceSpec},
+    health::{self, CheckEvent, CheckSpec, Health},
+};
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(#[from] config::LoadError),
+    #[error("{0}")]
+    Dataplane(#[from] DataplaneError),
+    #[error("interface {0} not found")]
+    NoInterface(String),
+    #[error("no public address: set [balancer] addresses or give {0:?} an address")]
+    NoAddress(Vec<String>),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The addresses of an interface, as the network-interface crate sees them.
+pub fn interface_addresses(name: &str) -> Option<Vec<IpAddr>> {
+    use network_interface::{NetworkInterface, NetworkInterfaceConfig};
+    let all = NetworkInterface::show().ok()?;
+    let mine: Vec<_> = all.into_iter().filter(|i| i.name == name).collect();
+    if mine.is_empty() {
+        return None;
+    }
+    Some(
+        mine.iter()
+            .flat_map(|i| i.addr.iter().map(|a| a.ip()))
+            .filter(|ip| match ip {
+                IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
+                IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
+            })
+            .collect(),
+    )
+}
+
+/// Public addresses: the configured ones, or else every address of the interfaces.
+pub fn public_addresses(cfg: &Config) -> Result<Vec<IpAddr>, AgentError> {
+    if !cfg.balancer.addresses.is_empty() {
+        return Ok(cfg.balancer.addresses.clone());
+    }
+    let mut out = Vec::new();
+    for i in &cfg.balancer.interfaces {
+        let a = interface_addresses(i).ok_or_else(|| AgentError::NoInterface(i.clone()))?;
+        out.extend(a);
+    }
+    if out.is_empty() {
+        return Err(AgentError::NoAddress(cfg.balancer.interfaces.clone()));
+    }
+    Ok(out)
+}
+
+/// The balancer's own address the kernel would use towards `backend`: the full-NAT source,
+/// so backends answer to an address that routes back here (no change on the backends).
+pub fn source_address_towards(backend: SocketAddr) -> std::io::Result<IpAddr> {
+    let bind: SocketAddr = if backend.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(bind)?;
+    // A UDP connect sends nothing: it only asks the kernel for the route and source.
+    s.connect(backend)?;
+    Ok(s.local_addr()?.ip())
+}
+
+/// Builds the data-path services of the config's tcp ports: one per port and address family.
+/// `health` gives each node's state by (port, label).
+pub fn tcp_services(
+    cfg: &Config,
+    public: &[IpAddr],
+    health: &dyn Fn(u16, &str) -> Health,
+) -> Vec<ServiceSpec> {
+    let mut out = Vec::new();
+    for p in cfg.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+        let vips: Vec<IpAddr> = if p.addresses.is_empty() {
+            public.to_vec()
+        } else {
+            p.addresses.clone()
+        };
+        let algorithm = match p.algorithm {
+            Algorithm::RoundRobin => ALG_ROUNDROBIN,
+            Algorithm::LeastConn => ALG_LEASTCONN,
+            Algorithm::Source => ALG_SOURCE,
+        };
+        for family in [FAMILY_V4, FAMILY_V6] {
+            let fam = |ip: &IpAddr| (ip.is_ipv4() && family == FAMILY_V4) || (ip.is_ipv6() && family == FAMILY_V6);
+            let fvips: Vec<IpAddr> = vips.iter().copied().filter(|v| fam(v)).collect();
+            if fvips.is_empty() {
+                continue;
+            }
+            let nodes: Vec<_> = p.nodes.iter().filter(|n| fam(&n.address.ip())).collect();
+            let up = |n: &config::Node| health(p.port, &n.label) != Health::Down;
+            let any_accept_up = nodes.iter().any(|n| n.mode == NodeMode::Accept && up(n));
+            let mut backends = Vec::new();
+            for n in nodes {
+                let snat = match source_address_towards(n.address) {
+                    Ok(ip) => ip,
+                    Err(e) => {
+                        warn!("port {}: node {} ({}): no route: {e}", p.port, n.label, n.address);
+                        continue;
+                    }
+                };
+                let eligible = up(n)
+                    && match n.mode {
+                        NodeMode::Accept => true,
+                        NodeMode::Backup => !any_accept_up,
+                        NodeMode::Reject | NodeMode::Drain => false,
+                    };
+                backends.push(BackendSpec {
+                    key: n.label.clone(),
+                    addr: n.address.ip(),
+                    port: n.address.port(),
+                    snat,
+                    weight: n.weight as u32,
+                    eligible,
+                });
+            }
+            out.push(ServiceSpec {
+                port: p.port,
+                family,
+                vips: fvips,
+                algorithm,
+                backends,
+            });
+        }
+    }
+    out
+}
+
+/// Turns on IPv4/IPv6 forwarding on `iface`: the kernel's FIB lookup from XDP refuses to
+/// answer for an interface that does not forward.
+fn enable_forwarding(iface: &str) {
+    for path in [
+        format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
+        format!("/proc/sys/net/ipv6/conf/{iface}/forwarding"),
+    ] {
+        if let Err(e) = std::fs::write(&path, "1") {
+            warn!("{path}: {e}");
+        }
+    }
+}
+
+/// Tells systemd (if it started us) about our state; a no-op otherwise.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), PathBuf::from(path))
+    };
+    if let Err(e) = res {
+        warn!("sd_notify: {e}");
+    }
+}
+
+fn attach_mode(m: XdpMode) -> Option<AttachMode> {
+    match m {
+        XdpMode::Auto => Some(AttachMode::Auto),
+        XdpMode::Native => Some(AttachMode::Native),
+        XdpMode::Generic => Some(AttachMode::Generic),
+        XdpMode::Off => None,
+    }
+}
+
+/// A node's check task, and what it was started with (a change restarts it).
+struct CheckTask {
+    addr: SocketAddr,
+    spec: CheckSpec,
+    handle: JoinHandle<()>,
+}
+
+/// The running agent's state.
+pub struct Agent {
+    pub config: Config,
+    pub public: Vec<IpAddr>,
+    pub dataplane: Option<Dataplane>,
+    /// Health by (port, node label); absent = unknown.
+    pub health: HashMap<(u16, String), Health>,
+    checks: HashMap<(u16, String), CheckTask>,
+    events_tx: mpsc::UnboundedSender<CheckEvent>,
+}
+
+impl Agent {
+    /// Loads, programs and attaches the data path for `config`, and starts its health checks.
+    /// Check results arrive on the returned channel; hand them to `on_check`.
+    pub fn start(config: Config) -> Result<(Agent, mpsc::UnboundedReceiver<CheckEvent>), AgentError> {
+        let public = public_addresses(&config)?;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let mut dataplane = None;
+        if let Some(mode) = attach_mode(config.balancer.xdp_mode) {
+            let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
+            dp.set_throttle(config.balancer.client_conn_throttle)?;
+            dp.apply(&tcp_services(&config, &public, &|_, _| Health::Unknown))?;
+            for iface in &config.balancer.interfaces {
+                enable_forwarding(iface);
+                dp.attach(iface, mode)?;
+            }
+            dataplane = Some(dp);
+        } else {
+            warn!("xdp_mode = \"off\": tcp ports are not served by XDP");
+        }
+        let mut agent = Agent {
+            config,
+            public,
+            dataplane,
+            health: HashMap::new(),
+            checks: HashMap::new(),
+            events_tx,
+        };
+        agent.sync_checks();
+        Ok((agent, events_rx))
+    }
+
+    fn health_of(&self, port: u16, label: &str) -> Health {
+        self.health.get(&(port, label.to_string())).copied().unwrap_or_default()
+    }
+
+    /// Writes the data path for the current config and health.
+    fn program(&mut self) -> Result<(), AgentError> {
+        let health = &self.health;
+        let services = tcp_services(&self.config, &self.public, &|port, label| {
+            health.get(&(port, label.to_string())).copied().unwrap_or_default()
+        });
+        if let Some(dp) = self.dataplane.as_mut() {
+            dp.apply(&services)?;
+        }
+        Ok(())
+    }
+
+    /// Starts, keeps or stops check tasks so that every checked node has exactly one, running
+    /// with its current settings. Nodes in `reject` mode are not checked and show DOWN.
+    fn sync_checks(&mut self) {
+        let mut want: HashMap<(u16, String), (SocketAddr, CheckSpec)> = HashMap::new();
+        let mut rejected = Vec::new();
+        for p in &self.config.ports {
+            let Some(spec) = CheckSpec::of(p) else { continue };
+            for n in &p.nodes {
+                if n.mode == NodeMode::Reject {
+                    rejected.push((p.port, n.label.clone()));
+                    continue;
+                }
+                want.insert((p.port, n.label.clone()), (n.address, spec.clone()));
+            }
+        }
+        self.checks.retain(|k, t| {
+            let keep = want.get(k).is_some_and(|(a, s)| *a == t.addr && *s == t.spec);
+            if !keep {
+                t.handle.abort();
+            }
+            keep
+        });
+        // A node keeps its state while its check runs unchanged; a node no longer checked
+        // (check = "none", removed) forgets it; a rejected node shows DOWN.
+        let checks = &self.checks;
+        self.health.retain(|k, _| checks.contains_key(k));
+        for k in rejected {
+            self.health.insert(k, Health::Down);
+        }
+        for (k, (addr, spec)) in want {
+            if self.checks.contains_key(&k) {
+                continue;
+            }
+            let source = source_address_towards(addr).ok();
+            let handle = tokio::spawn(health::run_node(
+                k.0,
+                k.1.clone(),
+                addr,
+                source,
+                spec.clone(),
+                self.events_tx.clone(),
+            ));
+            self.checks.insert(k, CheckTask { addr, spec, handle });
+        }
+    }
+
+    /// Applies one check result: a state change reaches the data path at once.
+    pub fn on_check(&mut self, e: CheckEvent) {
+        let Some(state) = e.changed else { return };
+        let key = (e.port, e.label.clone());
+        if !self.checks.contains_key(&key) {
+            return; // a result from a task stopped by a reload
+        }
+        let before = self.health_of(e.port, &e.label);
+        self.health.insert(key, state);
+        match (&e.error, state) {
+            (Some(err), Health::Down) => warn!("port {} node {} is DOWN ({err})", e.port, e.label),
+            _ => info!("port {} node {} is {} (was {})", e.port, e.label, state.as_str(), before.as_str()),
+        }
+        if let Err(err) = self.program() {
+            error!("writing the data path after a health change: {err}");
+        }
+    }
+
+    /// Re-reads the config file; applies it only if all of it is valid.
+    pub fn reload(&mut self) -> Result<(), AgentError> {
+        let new = config::load(&self.config.path)?;
+        let public = public_addresses(&new)?;
+        if new.balancer.bpf_pin_path != self.config.balancer.bpf_pin_path
+            || new.balancer.max_flows != self.config.balancer.max_flows
+            || new.balancer.interfaces != self.config.balancer.interfaces
+            || new.balancer.xdp_mode != self.config.balancer.xdp_mode
+        {
+            warn!("reload: interfaces, xdp_mode, bpf_pin_path and max_flows take effect at the next restart");
+        }
+        let old = std::mem::replace(&mut self.config, new);
+        let old_public = std::mem::replace(&mut self.public, public);
+        if let Err(e) = self.program() {
+            // Put the running state back exactly as it was.
+            self.config = old;
+            self.public = old_public;
+            let _ = self.program();
+            return Err(e);
+        }
+        if let Some(dp) = self.dataplane.as_mut() {
+            dp.set_throttle(self.config.balancer.client_conn_throttle)?;
+        }
+        self.sync_checks();
+        self.program()?;
+        Ok(())
+    }
+}
+
+/// `nb-agent run`: start, then serve until SIGTERM/SIGINT, reloading on SIGHUP.
+pub async fn run(config_path: &Path) -> Result<(), AgentError> {
+    let config = config::load(config_path)?;
+    let (mut agent, mut checks) = Agent::start(config)?;
+    info!(
+        "serving {} port(s) on {:?}",
+        agent.config.ports.len(),
+        agent.public
+    );
+    sd_notify("READY=1");
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| AgentError::Io { what, source }
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(io("SIGHUP handler"))?;
+    let mut sweep = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                sd_notify("RELOADING=1");
+                match agent.reload() {
+                    Ok(()) => info!("reloaded {}", agent.config.path.display()),
+                    Err(e) => error!("reload refused, running config unchanged:\n{e}"),
+                }
+                sd_notify("READY=1");
+            }
+            Some(e) = checks.recv() => agent.on_check(e),
+            _ = sweep.tick() => {
+                // The loop turning is what the watchdog (WatchdogSec=) checks.
+                sd_notify("WATCHDOG=1");
+                if let Some(dp) = agent.dataplane.as_mut()
+                    && let Err(e) = dp.sweep(FlowTimeouts::default())
+                {
+                    warn!("flow sweep: {e}");
+                }
+            }
+        }
+    }
+    sd_notify("STOPPING=1");
+    info!("stopping; the XDP program stays attached and pinned");
+    Ok(())
+}
