@@ -1,1 +1,14 @@
+//! Test support for nb: network namespaces and backends (`netns`), packet frames (`packet`),
+//! and whole test networks with a running agent (`topo`).
 
+pub mod netns;
+pub mod packet;
+pub mod topo;
+
+/// Privileged tests run as root or fail loudly: a skipped test checks nothing.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (BPF, network namespaces); run `cargo xtask test` as root");
+    }
+}

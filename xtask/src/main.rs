@@ -1,1 +1,173 @@
-fn main() {}
+//! `cargo xtask build | test | demo | bench | install`: nb's workflows.
+
+mod bench;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites, build the eBPF object and the release binaries.
+    Build,
+    /// Every test: unit, eBPF packet tests, end-to-end tests in network namespaces (root).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Build, start a test network with nb in front of three backends, show it working.
+    Demo,
+    /// Side-by-side benchmarks (SPEC §7): `l4`, `xdp`, or all.
+    Bench {
+        /// Which part: l4, xdp (default: all).
+        part: Option<String>,
+    },
+    /// Install binaries, config and the systemd unit.
+    Install {
+        /// Install under this root instead of / (packaging).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Build => build(),
+        Cmd::Test { filter } => test(filter.as_deref()),
+        Cmd::Demo => {
+            build()?;
+            demo::run(&workspace().join("target/release/nb-agent"))
+        }
+        Cmd::Bench { part } => {
+            build()?;
+            bench::run(&workspace(), part.as_deref())
+        }
+        Cmd::Install { root } => {
+            build()?;
+            install(&root)
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+/// Runs a command, failing with its command line if it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// rust-src for nightly and bpf-linker 0.10.1, each installed only when missing.
+fn prerequisites() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains("0.10.1") {
+        // 0.11+ links a system LLVM that these machines lack; 0.10.1 borrows rustc's.
+        run(Command::new("cargo").args(["install", "bpf-linker@0.10.1", "--locked", "--force"]))?;
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    prerequisites()?;
+    run(Command::new("cargo")
+        .current_dir(workspace())
+        .args(["build", "--release", "-p", "nb-agent", "--bins"]))
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    build()?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the packet and end-to-end tests need root (BPF, network namespaces): run as root");
+    }
+    for tool in ["ip", "ethtool"] {
+        if output(Command::new(tool).arg("-V")).is_none()
+            && output(Command::new(tool).arg("--version")).is_none()
+        {
+            bail!("`{tool}` is missing: apt-get install iproute2 ethtool");
+        }
+    }
+    let ws = workspace();
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&ws)
+        .args(["test", "--release", "--workspace", "--exclude", "nb-ebpf", "--no-fail-fast"])
+        .env("NB_AGENT_BIN", ws.join("target/release/nb-agent"))
+        .env("NB_REQUIRE_ROOT_TESTS", "1");
+    cmd.arg("--");
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    run(&mut cmd)
+}
+
+fn install(root: &Path) -> Result<()> {
+    let ws = workspace();
+    let bin = root.join("usr/local/bin");
+    let etc = root.join("etc/nb");
+    let unit_dir = root.join("etc/systemd/system");
+    for d in [&bin, &etc, &unit_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    for b in ["nb-agent"] {
+        let from = ws.join("target/release").join(b);
+        let to = bin.join(b);
+        std::fs::copy(&from, &to).with_context(|| format!("{} -> {}", from.display(), to.display()))?;
+    }
+    let config = etc.join("nb.toml");
+    if !config.exists() {
+        std::fs::copy(ws.join("packaging/nb.toml"), &config)
+            .with_context(|| format!("writing {}", config.display()))?;
+    }
+    let unit = unit_dir.join("nb-agent.service");
+    std::fs::copy(ws.join("packaging/nb-agent.service"), &unit)
+        .with_context(|| format!("writing {}", unit.display()))?;
+    println!("installed nb-agent to {}, config {}, unit {}", bin.display(), config.display(), unit.display());
+    if root == Path::new("/") && output(Command::new("systemctl").arg("--version")).is_some() {
+        let _ = run(Command::new("systemctl").arg("daemon-reload"));
+        println!("start it with: systemctl enable --now nb-agent");
+    }
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! Test networks for nb: a client, a balancer and backends in network namespaces, wired with
+//! one NIC or two, and an nb-agent process running on the balancer.
+
+use std::{
+    fs,
+    io::Read,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{Netns, connect_in, unique_suffix, veth};
+
+/// The public address the tests serve on (IPv4).
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// The public address the tests serve on (IPv6).
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10);
+/// The client's address.
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The balancer's private address (what backends see with full NAT).
+pub const LB_PRIVATE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The balancer's private IPv6 address.
+pub const LB_PRIVATE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+
+/// Backend address number `i` (1-based): 198.19.0.1i.
+pub fn backend_v4(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 0, 10 + i)
+}
+
+/// Backend IPv6 address number `i` (1-based): 2001:db8:2::1i.
+pub fn backend_v6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+/// How the balancer is wired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wiring {
+    /// `pub0` towards the client, `priv0` towards the backends.
+    TwoNic,
+    /// One `eth0` on a bridge shared by client, balancer and backends.
+    OneNic,
+}
+
+/// A client namespace, a balancer namespace and a backends namespace (all backends' addresses
+/// on one interface there), plus a switch namespace in the one-NIC wiring.
+pub struct Topology {
+    pub client: Netns,
+    pub lb: Netns,
+    pub backends: Netns,
+    pub switch: Option<Netns>,
+    pub wiring: Wiring,
+    /// The balancer's interfaces, for `[balancer] interfaces`.
+    pub interfaces: Vec<String>,
+    /// A unique bpffs directory for this test's agent.
+    pub pin_path: PathBuf,
+    /// A scratch directory for config, state and logs.
+    pub dir: PathBuf,
+}
+
+impl Topology {
+    /// Builds the namespaces, links and addresses; `n` backend addresses (v4 and v6).
+    pub fn new(tag: &str, wiring: Wiring, n: u8) -> Topology {
+        let client = Netns::new(&format!("{tag}c"));
+        let lb = Netns::new(&format!("{tag}l"));
+        let backends = Netns::new(&format!("{tag}b"));
+        let mut switch = None;
+        let interfaces;
+        match wiring {
+            Wiring::TwoNic => {
+                veth(&client, "c0", &lb, "pub0");
+                veth(&lb, "priv0", &backends, "bk0");
+                lb.sh(
+                    "ip addr add 198.18.0.1/24 dev pub0 && ip addr add 198.18.0.10/32 dev pub0 && \
+                     ip addr add 198.19.0.1/24 dev priv0 && \
+                     ip -6 addr add 2001:db8:1::1/64 dev pub0 nodad && \
+                     ip -6 addr add 2001:db8:1::10/128 dev pub0 nodad && \
+                     ip -6 addr add 2001:db8:2::1/64 dev priv0 nodad",
+                );
+                interfaces = vec!["pub0".to_string(), "priv0".to_string()];
+            }
+            Wiring::OneNic => {
+                let sw = Netns::new(&format!("{tag}s"));
+                sw.sh("ip link add br0 type bridge && ip link set br0 up");
+                veth(&client, "c0", &sw, "swc");
+                veth(&lb, "eth0", &sw, "swl");
+                veth(&backends, "bk0", &sw, "swb");
+                sw.sh(
+                    "for i in swc swl swb; do ip link set $i master br0; done && \
+                     sysctl -qw net.ipv6.conf.br0.disable_ipv6=1",
+                );
+                lb.sh(
+                    "ip addr add 198.18.0.1/24 dev eth0 && ip addr add 198.18.0.10/32 dev eth0 && \
+                     ip addr add 198.19.0.1/24 dev eth0 && \
+                     ip -6 addr add 2001:db8:1::1/64 dev eth0 nodad && \
+                     ip -6 addr add 2001:db8:1::10/128 dev eth0 nodad && \
+                     ip -6 addr add 2001:db8:2::1/64 dev eth0 nodad",
+                );
+                switch = Some(sw);
+                interfaces = vec!["eth0".to_string()];
+            }
+        }
+        client.sh("ip addr add 198.18.0.2/24 dev c0 && ip -6 addr add 2001:db8:1::2/64 dev c0 nodad");
+        let mut cmds = Vec::new();
+        for i in 1..=n {
+            cmds.push(format!("ip addr add {}/24 dev bk0", backend_v4(i)));
+            cmds.push(format!("ip -6 addr add {}/64 dev bk0 nodad", backend_v6(i)));
+        }
+        backends.sh(&cmds.join(" && "));
+        let suffix = unique_suffix();
+        let dir = std::env::temp_dir().join(format!("nb-{tag}-{suffix}"));
+        fs::create_dir_all(&dir).expect("scratch dir");
+        Topology {
+            client,
+            lb,
+            backends,
+            switch,
+            wiring,
+            interfaces,
+            pin_path: PathBuf::from(format!("/sys/fs/bpf/nb-{tag}-{suffix}")),
+            dir,
+        }
+    }
+
+    /// The `[balancer]` table for this topology; ports are appended by the caller.
+    pub fn balancer_toml(&self) -> String {
+        let ifaces: Vec<String> = self.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
+        format!(
+            "[balancer]\ninterfaces = [{}]\naddresses = [\"{VIP}\", \"{VIP6}\"]\n\
+             state_dir = \"{}\"\nbpf_pin_path = \"{}\"\nmax_flows = 65536\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n",
+            ifaces.join(", "),
+            self.dir.join("state").display(),
+            self.pin_path.display(),
+            self.dir.join("admin.token").display(),
+        )
+    }
+
+    /// Writes `nb.toml` (the balancer table followed by `ports`) and returns its path.
+    pub fn write_config(&self, ports: &str) -> PathBuf {
+        let path = self.dir.join("nb.toml");
+        fs::write(&path, format!("{}{}", self.balancer_toml(), ports)).expect("write config");
+        path
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.pin_path);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The nb-agent binary under test: `NB_AGENT_BIN` (set by `cargo xtask test`), else the
+/// release build in this workspace.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NB_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/nb-agent")
+}
+
+/// An nb-agent process running in the balancer namespace; stopped (SIGTERM) on drop.
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `nb-agent run --config` in `topo.lb` and waits until it has attached its program
+    /// (the pinned link exists for every interface).
+    pub fn start(topo: &Topology, config: &Path) -> Agent {
+        let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
+        let logf = fs::File::create(&log).expect("agent log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", topo.lb.name()])
+            .arg(agent_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn nb-agent");
+        let mut a = Agent {
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attached = topo
+                .interfaces
+                .iter()
+                .all(|i| topo.pin_path.join(format!("link_{i}")).exists());
+            let ready = a.log_text().contains("serving");
+            if attached && ready {
+                break;
+            }
+            if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("nb-agent exited ({status}) before it was ready:\n{}", a.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("nb-agent not ready after 30 s:\n{}", a.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    /// Everything the agent logged so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends `sig` to the agent.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory preconditions; the pid is our own child's.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Stops the agent with SIGTERM and waits for it; returns its exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: as in `signal`.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the agent with SIGKILL (a crash), leaving whatever it pinned.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until a TCP connection from the client to `addr` succeeds (e.g. after the agent has
+/// programmed the maps), panicking after `timeout`.
+pub fn wait_connectable(ns: &Netns, addr: SocketAddr, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if connect_in(ns, addr, Duration::from_millis(500)).is_ok() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("{addr} not connectable from {} after {timeout:?}", ns.name());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Socket address on the IPv4 public address.
+pub fn vip(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP), port)
+}
+
+/// Socket address on the IPv6 public address.
+pub fn vip6(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(VIP6), port)
+}

@@ -1,0 +1,230 @@
+//! End to end: real TCP clients and servers in network namespaces, the real nb-agent, the real
+//! XDP program attached to the balancer's interfaces.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use nb_tests::{
+    netns::{Backend, connect_in, which_backend},
+    require_root,
+    topo::{
+        Agent, LB_PRIVATE, LB_PRIVATE6, Topology, Wiring, backend_v4, backend_v6, vip, vip6,
+        wait_connectable,
+    },
+};
+
+fn start_backends(t: &Topology, n: u8, port: u16, v6: bool) -> Vec<Backend> {
+    (1..=n)
+        .map(|i| {
+            let ip: IpAddr = if v6 { backend_v6(i).into() } else { backend_v4(i).into() };
+            Backend::start(&t.backends, &format!("b{i}"), SocketAddr::new(ip, port))
+        })
+        .collect()
+}
+
+fn nodes_toml(n: u8, port: u16, v6: bool) -> String {
+    (1..=n)
+        .map(|i| {
+            let addr = if v6 {
+                format!("[{}]:{port}", backend_v6(i))
+            } else {
+                format!("{}:{port}", backend_v4(i))
+            };
+            format!("[[port.node]]\nlabel = \"b{i}\"\naddress = \"{addr}\"\n\n")
+        })
+        .collect()
+}
+
+fn tcp_port(port: u16, algorithm: &str, nodes: &str) -> String {
+    format!(
+        "[[port]]\nport = {port}\nprotocol = \"tcp\"\nalgorithm = \"{algorithm}\"\ncheck = \"none\"\n\n{nodes}"
+    )
+}
+
+/// `n` connections from the client; how many landed on each backend label.
+fn spread(t: &Topology, addr: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let label = which_backend(&t.client, addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        *seen.entry(label).or_default() += 1;
+    }
+    seen
+}
+
+fn assert_even(seen: &HashMap<String, usize>, backends: usize, total: usize) {
+    assert_eq!(seen.len(), backends, "every backend gets connections: {seen:?}");
+    let fair = total / backends;
+    for (b, n) in seen {
+        // Round robin runs per CPU, so the interleaving of two CPUs may skew it a little.
+        assert!(
+            *n >= fair * 6 / 10 && *n <= fair * 14 / 10,
+            "{b} got {n} of {total} connections: {seen:?}"
+        );
+    }
+}
+
+fn even_spread(wiring: Wiring, tag: &str) {
+    require_root();
+    let t = Topology::new(tag, wiring, 3);
+    let backends = start_backends(&t, 3, 8080, false);
+    let cfg = t.write_config(&tcp_port(80, "roundrobin", &nodes_toml(3, 8080, false)));
+    let _agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    let seen = spread(&t, vip(80), 60);
+    assert_even(&seen, 3, 60);
+    for b in &backends {
+        for peer in b.peers() {
+            assert_eq!(peer.ip(), IpAddr::V4(LB_PRIVATE), "backends see the balancer's private address");
+            let p = peer.port();
+            assert!((10000..=32767).contains(&p), "SNAT port {p} from nb's range");
+        }
+    }
+}
+
+#[test]
+fn two_nic_spreads_evenly_with_full_nat() {
+    even_spread(Wiring::TwoNic, "e1");
+}
+
+#[test]
+fn one_nic_spreads_evenly_with_full_nat() {
+    even_spread(Wiring::OneNic, "e2");
+}
+
+#[test]
+fn ipv6_spreads_with_full_nat() {
+    require_root();
+    let t = Topology::new("e3", Wiring::TwoNic, 3);
+    let backends = start_backends(&t, 3, 8080, true);
+    let cfg = t.write_config(&tcp_port(80, "roundrobin", &nodes_toml(3, 8080, true)));
+    let _agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip6(80), Duration::from_secs(10));
+    let seen = spread(&t, vip6(80), 30);
+    assert_even(&seen, 3, 30);
+    for b in &backends {
+        for peer in b.peers() {
+            assert_eq!(peer.ip(), IpAddr::V6(LB_PRIVATE6));
+        }
+    }
+}
+
+/// Sends `msg` on an open connection and reads the echo back.
+fn echo(s: &mut std::net::TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write on kept connection");
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).expect("echo on kept connection");
+    assert_eq!(buf, msg);
+}
+
+fn read_label(s: &mut std::net::TcpStream) -> String {
+    let mut label = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).expect("read label") == 1 && b[0] != b'\n' {
+        label.push(b[0]);
+    }
+    String::from_utf8(label).expect("label")
+}
+
+/// One connection stays on its backend while backends are added and removed around it (and
+/// even when its own backend leaves the config: existing flows are left alone).
+#[test]
+fn connection_keeps_its_backend_while_backends_change() {
+    require_root();
+    let t = Topology::new("e4", Wiring::TwoNic, 5);
+    let _backends = start_backends(&t, 5, 8080, false);
+    let cfg = t.write_config(&tcp_port(80, "source", &nodes_toml(3, 8080, false)));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    let mut conn = connect_in(&t.client, vip(80), Duration::from_secs(2)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mine = read_label(&mut conn);
+    echo(&mut conn, b"before");
+
+    let reloads = [
+        nodes_toml(5, 8080, false),                       // two added
+        nodes_toml(2, 8080, false),                       // three removed
+        nodes_toml(5, 8080, false).replace("b1", "x1"),   // renamed: a different node
+    ];
+    for (i, nodes) in reloads.iter().enumerate() {
+        std::fs::write(&cfg, format!("{}{}", t.balancer_toml(), tcp_port(80, "source", nodes)))
+            .expect("rewrite config");
+        agent.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while agent.log_text().matches("reloaded").count() < i + 1 {
+            assert!(Instant::now() < deadline, "no reload logged:\n{}", agent.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        echo(&mut conn, format!("after reload {i}").as_bytes());
+        // New connections keep working through every change.
+        which_backend(&t.client, vip(80)).expect("new connection after reload");
+    }
+    assert!(mine.starts_with('b'), "label {mine}");
+}
+
+/// A port with no usable backend refuses a new connection at once (RST), no timeout.
+#[test]
+fn no_backend_refuses_at_once() {
+    require_root();
+    let t = Topology::new("e5", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1, 8080, false);
+    let nodes = format!(
+        "[[port.node]]\nlabel = \"b1\"\naddress = \"{}:8080\"\nmode = \"reject\"\n",
+        backend_v4(1)
+    );
+    let ports = format!("{}{}", tcp_port(81, "roundrobin", &nodes), tcp_port(80, "roundrobin", &nodes_toml(1, 8080, false)));
+    let cfg = t.write_config(&ports);
+    let _agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    let start = Instant::now();
+    let err = connect_in(&t.client, vip(81), Duration::from_secs(5)).expect_err("port 81 has no backend");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "refused, not {err}");
+    assert!(start.elapsed() < Duration::from_secs(1), "refused at once, took {:?}", start.elapsed());
+}
+
+/// Traffic that is not for a tcp port reaches the balancer's own stack untouched.
+#[test]
+fn other_traffic_reaches_the_kernel() {
+    require_root();
+    let t = Topology::new("e6", Wiring::TwoNic, 1);
+    let cfg = t.write_config(&tcp_port(80, "roundrobin", &nodes_toml(1, 8080, false)));
+    let _agent = Agent::start(&t, &cfg);
+    // A listener on the balancer itself, on another port of the public address.
+    let own = Backend::start(&t.lb, "lb-itself", vip(2222));
+    assert_eq!(which_backend(&t.client, vip(2222)).expect("connect to the balancer's own port"), "lb-itself");
+    assert!(t.client.sh_ok("ping -c 1 -W 2 198.18.0.10"), "ICMP to the public address answered by the kernel");
+    drop(own);
+}
+
+/// `nb-agent check` names file and line of each error and exits 1; a good file exits 0.
+#[test]
+fn check_reports_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("nb-check-{}", nb_tests::netns::unique_suffix()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[balancer]\ninterfaces = [\"eth0\"]\n\n[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck_interval = 1\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(nb_tests::topo::agent_bin())
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run nb-agent check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit 1 on a bad file: {err}");
+    assert!(err.contains(&format!("{}:7:", bad.display())), "error names file and line 7: {err}");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[balancer]\ninterfaces = [\"eth0\"]\n\n[[port]]\nport = 80\nprotocol = \"tcp\"\n").expect("write");
+    let out = std::process::Command::new(nb_tests::topo::agent_bin())
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run nb-agent check");
+    assert!(out.status.success(), "good file: {}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

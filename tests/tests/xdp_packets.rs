@@ -1,0 +1,475 @@
+//! Packet tables through BPF_PROG_TEST_RUN: input frame, expected action, expected output
+//! frame (built from scratch with full checksums, so every incremental update is checked).
+//!
+//! The program runs inside a network namespace whose interface, routes and (permanent)
+//! neighbours make the kernel's FIB lookup answer exactly as on a real balancer.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use aya::{TestRun, TestRunOptions};
+use nb_agent::dataplane::{BackendSpec, Dataplane, ServiceSpec};
+use nb_common::{ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use nb_tests::{
+    netns::{Netns, veth},
+    require_root,
+    packet::{self, ACK, FIN, Frame, Ip, PSH, RST, SYN},
+};
+
+const XDP_ABORTED: u32 = 0;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const B1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const B2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x21];
+const B6_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x61];
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const LB_PRIV: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+const B1: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+/// On the second NIC: reached by redirect.
+const LB_PRIV2: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
+const B2: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 11);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+const LB_PRIV6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x11);
+
+/// The balancer namespace with two NICs (`lb0`, `lb1`), and the data path loaded in it.
+struct Rig {
+    ns: Netns,
+    _peer: Netns,
+    lb0: u32,
+    lb0_mac: [u8; 6],
+    lb1_mac: [u8; 6],
+    pin: String,
+}
+
+impl Rig {
+    fn new(tag: &str) -> Rig {
+        require_root();
+        let ns = Netns::new(tag);
+        let peer = Netns::new(&format!("{tag}p"));
+        veth(&ns, "lb0", &peer, "cl0");
+        veth(&ns, "lb1", &peer, "cl1");
+        ns.sh(
+            "ip addr add 198.18.0.1/24 dev lb0 && ip addr add 198.18.0.10/32 dev lb0 && \
+             ip addr add 198.19.0.1/24 dev lb0 && ip addr add 198.19.1.1/24 dev lb1 && \
+             ip -6 addr add 2001:db8:1::1/64 dev lb0 nodad && ip -6 addr add 2001:db8:1::10/128 dev lb0 nodad && \
+             ip -6 addr add 2001:db8:2::1/64 dev lb0 nodad && \
+             ip neigh add 198.18.0.2 lladdr 02:00:00:00:00:02 dev lb0 nud permanent && \
+             ip neigh add 198.19.0.11 lladdr 02:00:00:00:00:11 dev lb0 nud permanent && \
+             ip neigh add 198.19.1.11 lladdr 02:00:00:00:00:21 dev lb1 nud permanent && \
+             ip -6 neigh add 2001:db8:2::11 lladdr 02:00:00:00:00:61 dev lb0 nud permanent && \
+             sysctl -qw net.ipv4.conf.lb0.forwarding=1 net.ipv4.conf.lb1.forwarding=1 \
+                net.ipv6.conf.lb0.forwarding=1 net.ipv6.conf.lb1.forwarding=1",
+        );
+        let lb0: u32 = ns.sh("cat /sys/class/net/lb0/ifindex").trim().parse().expect("ifindex");
+        let mac = |i: &str| -> [u8; 6] {
+            let s = ns.sh(&format!("cat /sys/class/net/{i}/address"));
+            let mut m = [0u8; 6];
+            for (k, b) in s.trim().split(':').enumerate() {
+                m[k] = u8::from_str_radix(b, 16).expect("mac");
+            }
+            m
+        };
+        let lb0_mac = mac("lb0");
+        let lb1_mac = mac("lb1");
+        let pin = format!("/sys/fs/bpf/{}", ns.name());
+        Rig {
+            ns,
+            _peer: peer,
+            lb0,
+            lb0_mac,
+            lb1_mac,
+            pin,
+        }
+    }
+
+    /// Runs `f` in the namespace with a freshly loaded data path programmed with `services`.
+    fn with<R: Send + 'static>(
+        &self,
+        services: Vec<ServiceSpec>,
+        f: impl FnOnce(&mut Runner) -> R + Send + 'static,
+    ) -> R {
+        let pin = self.pin.clone();
+        let lb0 = self.lb0;
+        self.ns.enter(move || {
+            let _ = std::fs::remove_dir_all(&pin);
+            let mut dp = Dataplane::load(std::path::Path::new(&pin), 65536).expect("load XDP");
+            dp.apply(&services).expect("apply services");
+            let mut r = Runner { dp, lb0 };
+            let out = f(&mut r);
+            drop(r);
+            let _ = std::fs::remove_dir_all(&pin);
+            out
+        })
+    }
+}
+
+struct Runner {
+    dp: Dataplane,
+    lb0: u32,
+}
+
+impl Runner {
+    /// One BPF_PROG_TEST_RUN on `frame` arriving on lb0: (action, output frame).
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes()); // data_end
+        ctx[12..16].copy_from_slice(&self.lb0.to_ne_bytes()); // ingress_ifindex
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.dp.program().expect("program");
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(res.data_size_out as usize);
+        (res.return_value, out)
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        self.dp
+            .packet_counters()
+            .expect("counters")
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+}
+
+fn backend(key: &str, addr: IpAddr, port: u16, snat: IpAddr) -> BackendSpec {
+    BackendSpec {
+        key: key.into(),
+        addr,
+        port,
+        snat,
+        weight: 100,
+        eligible: true,
+    }
+}
+
+fn service_v4(backends: Vec<BackendSpec>) -> ServiceSpec {
+    ServiceSpec {
+        port: 80,
+        family: FAMILY_V4,
+        vips: vec![VIP.into()],
+        algorithm: ALG_ROUNDROBIN,
+        backends,
+    }
+}
+
+fn one_backend() -> Vec<ServiceSpec> {
+    vec![
+        service_v4(vec![backend("b1", B1.into(), 8080, LB_PRIV.into())]),
+        ServiceSpec {
+            port: 80,
+            family: FAMILY_V6,
+            vips: vec![VIP6.into()],
+            algorithm: ALG_ROUNDROBIN,
+            backends: vec![backend("b6", B6.into(), 8080, LB_PRIV6.into())],
+        },
+    ]
+}
+
+fn syn(lb_mac: [u8; 6], sport: u16) -> Frame {
+    let mut f = Frame::v4((CLIENT, sport), (VIP, 80), SYN);
+    f.dst_mac = lb_mac;
+    f.src_mac = CLIENT_MAC;
+    f.tcp.seq = 1000;
+    f.tcp.options = vec![2, 4, 5, 0xb4, 1, 1, 4, 2]; // MSS 1460, NOP, NOP, SACK permitted
+    f
+}
+
+/// Checks `out` is `input` forwarded to (addr, port, mac) from (snat, mac), with a SNAT port
+/// from nb's range, by building the expected frame from scratch. Returns the SNAT port.
+fn assert_forwarded(input: &Frame, out: &[u8], to: (IpAddr, u16, [u8; 6]), from: (IpAddr, [u8; 6])) -> u16 {
+    packet::verify_checksums(out).unwrap_or_else(|e| panic!("forwarded frame checksums: {e}"));
+    let got = packet::parse(out).expect("parse forwarded frame");
+    let sport = got.tcp.sport;
+    assert!(
+        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&sport),
+        "SNAT port {sport} outside nb's range"
+    );
+    let mut want = input.clone();
+    want.dst_mac = to.2;
+    want.src_mac = from.1;
+    want.ip = match (&input.ip, from.0, to.0) {
+        (Ip::V4 { ttl, id, options, more_fragments, frag_offset, .. }, IpAddr::V4(s), IpAddr::V4(d)) => Ip::V4 {
+            src: s,
+            dst: d,
+            ttl: *ttl,
+            id: *id,
+            options: options.clone(),
+            more_fragments: *more_fragments,
+            frag_offset: *frag_offset,
+        },
+        (Ip::V6 { hop_limit, .. }, IpAddr::V6(s), IpAddr::V6(d)) => Ip::V6 {
+            src: s,
+            dst: d,
+            hop_limit: *hop_limit,
+        },
+        _ => panic!("family mismatch"),
+    };
+    want.tcp.sport = sport;
+    want.tcp.dport = to.1;
+    assert_eq!(out, &want.build()[..], "forwarded frame differs from the expected one");
+    sport
+}
+
+#[test]
+fn syn_established_reply_and_close() {
+    let rig = Rig::new("pk1");
+    let lb_mac = rig.lb0_mac;
+    rig.with(one_backend(), move |r| {
+        let s = syn(lb_mac, 40000);
+        let (act, out) = r.run(&s.build());
+        assert_eq!(act, XDP_TX, "SYN to the service goes back out of lb0 towards the backend");
+        let snat = assert_forwarded(&s, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+        assert_eq!(r.counter("new_flow"), 1);
+
+        // Established: same backend, same SNAT port, payload untouched.
+        let mut d = Frame::v4((CLIENT, 40000), (VIP, 80), ACK | PSH);
+        d.dst_mac = lb_mac;
+        d.src_mac = CLIENT_MAC;
+        d.tcp.seq = 1001;
+        d.tcp.ack = 5001;
+        d.tcp.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let (act, out) = r.run(&d.build());
+        assert_eq!(act, XDP_TX);
+        assert_eq!(assert_forwarded(&d, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac)), snat);
+
+        // The backend's SYN-ACK goes back to the client, from the public address and port.
+        let mut back = Frame::v4((B1, 8080), (LB_PRIV, snat), SYN | ACK);
+        back.dst_mac = lb_mac;
+        back.src_mac = B1_MAC;
+        back.tcp.seq = 5000;
+        back.tcp.ack = 1001;
+        let (act, out) = r.run(&back.build());
+        assert_eq!(act, XDP_TX, "reply translated back");
+        packet::verify_checksums(&out).expect("reply checksums");
+        let mut want = back.clone();
+        want.dst_mac = CLIENT_MAC;
+        want.src_mac = lb_mac;
+        if let Ip::V4 { src, dst, .. } = &mut want.ip {
+            *src = VIP;
+            *dst = CLIENT;
+        }
+        want.tcp.sport = 80;
+        want.tcp.dport = 40000;
+        assert_eq!(out, want.build(), "reply frame");
+        assert_eq!(r.counter("reply"), 1);
+
+        // FIN keeps going to the same backend.
+        let mut fin = d.clone();
+        fin.tcp.flags = FIN | ACK;
+        fin.tcp.payload.clear();
+        let (act, out) = r.run(&fin.build());
+        assert_eq!(act, XDP_TX);
+        assert_eq!(assert_forwarded(&fin, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac)), snat);
+    });
+}
+
+#[test]
+fn passes_what_is_not_ours_untouched() {
+    let rig = Rig::new("pk2");
+    let lb_mac = rig.lb0_mac;
+    rig.with(one_backend(), move |r| {
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut other_port = syn(lb_mac, 40001);
+        other_port.tcp.dport = 22;
+        cases.push(("TCP to another port of the public address", other_port.build()));
+        let mut other_addr = syn(lb_mac, 40001);
+        if let Ip::V4 { dst, .. } = &mut other_addr.ip {
+            *dst = Ipv4Addr::new(198, 18, 0, 1);
+        }
+        cases.push(("TCP to another local address", other_addr.build()));
+        cases.push(("UDP to the public address", packet::udp_v4(CLIENT, VIP, 5000, 80)));
+        cases.push(("ARP", packet::arp()));
+        let mut frag = syn(lb_mac, 40001);
+        if let Ip::V4 { more_fragments, .. } = &mut frag.ip {
+            *more_fragments = true;
+        }
+        cases.push(("IPv4 first fragment", frag.build()));
+        let mut frag2 = syn(lb_mac, 40001);
+        if let Ip::V4 { frag_offset, .. } = &mut frag2.ip {
+            *frag_offset = 8;
+        }
+        cases.push(("IPv4 later fragment", frag2.build()));
+        let mut reply_unknown = Frame::v4((B1, 8080), (LB_PRIV, 20000), ACK);
+        reply_unknown.dst_mac = lb_mac;
+        cases.push(("backend packet to a SNAT port with no flow", reply_unknown.build()));
+        let mut rst = Frame::v4((CLIENT, 40002), (VIP, 80), RST);
+        rst.dst_mac = lb_mac;
+        cases.push(("RST for a service with no flow", rst.build()));
+        for (what, frame) in cases {
+            let (act, out) = r.run(&frame);
+            assert_eq!(act, XDP_PASS, "{what}: must pass to the kernel");
+            assert_eq!(out, frame, "{what}: must pass untouched");
+        }
+        assert!(r.counter("pass_fragment") >= 2);
+    });
+}
+
+#[test]
+fn truncated_at_every_length_passes_untouched() {
+    let rig = Rig::new("pk3");
+    let lb_mac = rig.lb0_mac;
+    rig.with(one_backend(), move |r| {
+        let mut frames = vec![syn(lb_mac, 40010).build()];
+        let mut v6 = Frame::v6((CLIENT6, 40010), (VIP6, 80), SYN);
+        v6.dst_mac = lb_mac;
+        frames.push(v6.build());
+        let mut vlan = syn(lb_mac, 40010);
+        vlan.vlan = Some(7);
+        frames.push(vlan.build());
+        for full in frames {
+            // The kernel refuses test input shorter than an Ethernet header.
+            for len in 14..full.len() {
+                let cut = &full[..len];
+                let (act, out) = r.run(cut);
+                assert_eq!(act, XDP_PASS, "frame cut at {len} of {} bytes", full.len());
+                assert_eq!(out, cut, "frame cut at {len}: must pass untouched");
+            }
+        }
+        assert_eq!(r.counter("new_flow"), 0, "no cut frame may create a flow");
+        assert!(r.counter("pass_malformed") > 0);
+    });
+}
+
+#[test]
+fn ipv6_vlan_and_ip_options() {
+    let rig = Rig::new("pk4");
+    let lb_mac = rig.lb0_mac;
+    rig.with(one_backend(), move |r| {
+        let mut s6 = Frame::v6((CLIENT6, 40020), (VIP6, 80), SYN);
+        s6.dst_mac = lb_mac;
+        s6.src_mac = CLIENT_MAC;
+        let (act, out) = r.run(&s6.build());
+        assert_eq!(act, XDP_TX, "IPv6 SYN");
+        let snat6 = assert_forwarded(&s6, &out, (B6.into(), 8080, B6_MAC), (LB_PRIV6.into(), lb_mac));
+        let mut back = Frame::v6((B6, 8080), (LB_PRIV6, snat6), SYN | ACK);
+        back.dst_mac = lb_mac;
+        let (act, out) = r.run(&back.build());
+        assert_eq!(act, XDP_TX, "IPv6 reply");
+        packet::verify_checksums(&out).expect("IPv6 reply checksums");
+        let got = packet::parse(&out).expect("parse");
+        assert_eq!((got.tcp.sport, got.tcp.dport), (80, 40020));
+
+        let mut v = syn(lb_mac, 40021);
+        v.vlan = Some(42);
+        let (act, out) = r.run(&v.build());
+        assert_eq!(act, XDP_TX, "VLAN-tagged SYN");
+        assert_forwarded(&v, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+
+        let mut o = syn(lb_mac, 40022);
+        if let Ip::V4 { options, .. } = &mut o.ip {
+            // Record route, then end of options: 12 bytes, keeps the header a multiple of 4.
+            *options = vec![7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        }
+        let (act, out) = r.run(&o.build());
+        assert_eq!(act, XDP_TX, "SYN with IP options");
+        assert_forwarded(&o, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+    });
+}
+
+#[test]
+fn no_backend_answers_rst_and_second_nic_redirects() {
+    let rig = Rig::new("pk5");
+    let lb_mac = rig.lb0_mac;
+    let lb1_mac = rig.lb1_mac;
+    let mut none = service_v4(vec![backend("b1", B1.into(), 8080, LB_PRIV.into())]);
+    none.backends[0].eligible = false;
+    none.port = 81;
+    let other = ServiceSpec {
+        port: 82,
+        family: FAMILY_V4,
+        vips: vec![VIP.into()],
+        algorithm: ALG_ROUNDROBIN,
+        backends: vec![backend("b2", B2.into(), 9090, LB_PRIV2.into())],
+    };
+    rig.with(vec![none, other], move |r| {
+        let mut s = syn(lb_mac, 40030);
+        s.tcp.dport = 81;
+        s.tcp.seq = 77777;
+        let (act, out) = r.run(&s.build());
+        assert_eq!(act, XDP_TX, "no backend: the SYN is answered at once");
+        packet::verify_checksums(&out).expect("RST checksums");
+        let got = packet::parse(&out).expect("parse RST");
+        assert_eq!(got.tcp.flags, RST | ACK);
+        assert_eq!(got.tcp.ack, 77778, "RST acknowledges the SYN");
+        assert_eq!((got.tcp.sport, got.tcp.dport), (81, 40030));
+        assert_eq!((got.src_mac, got.dst_mac), (lb_mac, CLIENT_MAC));
+        match got.ip {
+            Ip::V4 { src, dst, .. } => assert_eq!((src, dst), (VIP, CLIENT)),
+            _ => panic!("not IPv4"),
+        }
+        assert_eq!(r.counter("rst_no_backend"), 1);
+
+        let mut s = syn(lb_mac, 40031);
+        s.tcp.dport = 82;
+        let (act, out) = r.run(&s.build());
+        assert_eq!(act, XDP_REDIRECT, "backend behind the other NIC: redirect");
+        assert_forwarded(&s, &out, (B2.into(), 9090, B2_MAC), (LB_PRIV2.into(), lb1_mac));
+    });
+}
+
+#[test]
+fn evicted_flow_is_rehashed_not_dropped() {
+    let rig = Rig::new("pk6");
+    let lb_mac = rig.lb0_mac;
+    rig.with(one_backend(), move |r| {
+        // No SYN was ever seen: an established connection whose entry is gone.
+        let mut d = Frame::v4((CLIENT, 40040), (VIP, 80), ACK | PSH);
+        d.dst_mac = lb_mac;
+        d.src_mac = CLIENT_MAC;
+        d.tcp.payload = b"hello".to_vec();
+        let (act, out) = r.run(&d.build());
+        assert_eq!(act, XDP_TX, "orphan packet routed by the ring");
+        let p1 = assert_forwarded(&d, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+        assert_eq!(r.counter("flow_miss"), 1);
+        // The SNAT port comes from the 5-tuple hash: the SYN of the same tuple would have had
+        // the same one, so a re-created entry keeps the backend's view of the connection.
+        let (act, out) = r.run(&d.build());
+        assert_eq!(act, XDP_TX);
+        assert_eq!(assert_forwarded(&d, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac)), p1);
+        assert_ne!(act, XDP_ABORTED);
+        assert_ne!(act, XDP_DROP);
+    });
+}
+
+/// Round robin spreads new flows evenly; weights are honoured.
+#[test]
+fn round_robin_spread_and_weights() {
+    let rig = Rig::new("pk7");
+    let lb_mac = rig.lb0_mac;
+    let mut two = service_v4(vec![
+        backend("b1", B1.into(), 8080, LB_PRIV.into()),
+        backend("b1b", B1.into(), 8081, LB_PRIV.into()),
+    ]);
+    two.backends[1].weight = 300;
+    rig.with(vec![two], move |r| {
+        let mut per_port = std::collections::HashMap::<u16, u32>::new();
+        for i in 0..400u16 {
+            let s = syn(lb_mac, 41000 + i);
+            let (act, out) = r.run(&s.build());
+            assert_eq!(act, XDP_TX);
+            let got = packet::parse(&out).expect("parse");
+            *per_port.entry(got.tcp.dport).or_default() += 1;
+        }
+        assert_eq!(per_port.get(&8080), Some(&100), "weight 100 of 400: {per_port:?}");
+        assert_eq!(per_port.get(&8081), Some(&300), "weight 300 of 400: {per_port:?}");
+    });
+    let _ = Arc::new(());
+}
