@@ -110,7 +110,9 @@ pub fn tcp_services(
             Algorithm::Source => ALG_SOURCE,
         };
         for family in [FAMILY_V4, FAMILY_V6] {
-            let fam = |ip: &IpAddr| (ip.is_ipv4() && family == FAMILY_V4) || (ip.is_ipv6() && family == FAMILY_V6);
+            let fam = |ip: &IpAddr| {
+                (ip.is_ipv4() && family == FAMILY_V4) || (ip.is_ipv6() && family == FAMILY_V6)
+            };
             let fvips: Vec<IpAddr> = vips.iter().copied().filter(|v| fam(v)).collect();
             if fvips.is_empty() {
                 continue;
@@ -123,7 +125,10 @@ pub fn tcp_services(
                 let snat = match source_address_towards(n.address) {
                     Ok(ip) => ip,
                     Err(e) => {
-                        warn!("port {}: node {} ({}): no route: {e}", p.port, n.label, n.address);
+                        warn!(
+                            "port {}: node {} ({}): no route: {e}",
+                            p.port, n.label, n.address
+                        );
                         continue;
                     }
                 };
@@ -157,12 +162,30 @@ pub fn tcp_services(
 /// Turns on IPv4/IPv6 forwarding on `iface`: the kernel's FIB lookup from XDP refuses to
 /// answer for an interface that does not forward.
 fn enable_forwarding(iface: &str) {
+    // accept_local: the first packets of a flow whose next hop's MAC is not resolved yet are
+    // passed to the kernel already translated, with the balancer's own address as source; the
+    // kernel must forward them (and resolve the neighbour) rather than drop them as martians.
     for path in [
         format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
         format!("/proc/sys/net/ipv6/conf/{iface}/forwarding"),
+        format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"),
     ] {
         if let Err(e) = std::fs::write(&path, "1") {
             warn!("{path}: {e}");
+        }
+    }
+    // IPv6 forwards only when forwarding is on for all interfaces, or (Linux 6.17+) when the
+    // input interface has force_forwarding; the latter leaves the rest of the host alone.
+    let force = format!("/proc/sys/net/ipv6/conf/{iface}/force_forwarding");
+    if std::fs::write(&force, "1").is_err() {
+        let all = "/proc/sys/net/ipv6/conf/all/forwarding";
+        let on = std::fs::read_to_string(all).is_ok_and(|v| v.trim() == "1");
+        if !on {
+            warn!(
+                "{iface}: this kernel has no per-interface IPv6 force_forwarding; until {all} is 1, \
+                 the first packet of an IPv6 flow to a backend whose MAC is not yet known is lost \
+                 (TCP resends it)"
+            );
         }
     }
 }
@@ -219,7 +242,9 @@ pub struct Agent {
 impl Agent {
     /// Loads, programs and attaches the data path for `config`, and starts its health checks.
     /// Check results arrive on the returned channel; hand them to `on_check`.
-    pub fn start(config: Config) -> Result<(Agent, mpsc::UnboundedReceiver<CheckEvent>), AgentError> {
+    pub fn start(
+        config: Config,
+    ) -> Result<(Agent, mpsc::UnboundedReceiver<CheckEvent>), AgentError> {
         let public = public_addresses(&config)?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut dataplane = None;
@@ -227,6 +252,13 @@ impl Agent {
             let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
             dp.set_throttle(config.balancer.client_conn_throttle)?;
             dp.apply(&tcp_services(&config, &public, &|_, _| Health::Unknown))?;
+            let veth = config
+                .balancer
+                .interfaces
+                .iter()
+                .any(|i| crate::dataplane::driver_name(i).as_deref() == Some("veth"));
+            // Set before attaching, so that no frame is sent by XDP_TX into a veth.
+            dp.set_tx_by_redirect(veth)?;
             for iface in &config.balancer.interfaces {
                 enable_forwarding(iface);
                 dp.attach(iface, mode)?;
@@ -248,14 +280,20 @@ impl Agent {
     }
 
     fn health_of(&self, port: u16, label: &str) -> Health {
-        self.health.get(&(port, label.to_string())).copied().unwrap_or_default()
+        self.health
+            .get(&(port, label.to_string()))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Writes the data path for the current config and health.
     fn program(&mut self) -> Result<(), AgentError> {
         let health = &self.health;
         let services = tcp_services(&self.config, &self.public, &|port, label| {
-            health.get(&(port, label.to_string())).copied().unwrap_or_default()
+            health
+                .get(&(port, label.to_string()))
+                .copied()
+                .unwrap_or_default()
         });
         if let Some(dp) = self.dataplane.as_mut() {
             dp.apply(&services)?;
@@ -269,7 +307,9 @@ impl Agent {
         let mut want: HashMap<(u16, String), (SocketAddr, CheckSpec)> = HashMap::new();
         let mut rejected = Vec::new();
         for p in &self.config.ports {
-            let Some(spec) = CheckSpec::of(p) else { continue };
+            let Some(spec) = CheckSpec::of(p) else {
+                continue;
+            };
             for n in &p.nodes {
                 if n.mode == NodeMode::Reject {
                     rejected.push((p.port, n.label.clone()));
@@ -279,7 +319,9 @@ impl Agent {
             }
         }
         self.checks.retain(|k, t| {
-            let keep = want.get(k).is_some_and(|(a, s)| *a == t.addr && *s == t.spec);
+            let keep = want
+                .get(k)
+                .is_some_and(|(a, s)| *a == t.addr && *s == t.spec);
             if !keep {
                 t.handle.abort();
             }
@@ -320,7 +362,13 @@ impl Agent {
         self.health.insert(key, state);
         match (&e.error, state) {
             (Some(err), Health::Down) => warn!("port {} node {} is DOWN ({err})", e.port, e.label),
-            _ => info!("port {} node {} is {} (was {})", e.port, e.label, state.as_str(), before.as_str()),
+            _ => info!(
+                "port {} node {} is {} (was {})",
+                e.port,
+                e.label,
+                state.as_str(),
+                before.as_str()
+            ),
         }
         if let Err(err) = self.program() {
             error!("writing the data path after a health change: {err}");
@@ -336,7 +384,9 @@ impl Agent {
             || new.balancer.interfaces != self.config.balancer.interfaces
             || new.balancer.xdp_mode != self.config.balancer.xdp_mode
         {
-            warn!("reload: interfaces, xdp_mode, bpf_pin_path and max_flows take effect at the next restart");
+            warn!(
+                "reload: interfaces, xdp_mode, bpf_pin_path and max_flows take effect at the next restart"
+            );
         }
         let old = std::mem::replace(&mut self.config, new);
         let old_public = std::mem::replace(&mut self.public, public);

@@ -342,7 +342,6 @@ impl Dataplane {
                 .map_err(map_err(maps::MAGLEV))?;
             rings.insert(*v, ring);
         }
-        drop(ring_map);
         self.svc_ids.extend(svc_ids);
         self.rings = rings;
         self.keys = keys;
@@ -431,6 +430,14 @@ impl Dataplane {
             source,
         })?;
         Ok(true)
+    }
+
+    /// Makes the program send frames back out of their own interface by redirect rather than
+    /// XDP_TX (see `cfg::TX_BY_REDIRECT`); the agent turns it on when it attaches to a veth.
+    pub fn set_tx_by_redirect(&mut self, on: bool) -> Result<()> {
+        let mut a = self.array_mut::<u64>(maps::CONFIG)?;
+        a.set(cfg::TX_BY_REDIRECT, on as u64, 0)
+            .map_err(map_err(maps::CONFIG))
     }
 
     /// Sets `client_conn_throttle` (new connections per second per client, 0 = off).
@@ -806,4 +813,58 @@ pub fn coarse_now_ns() -> u64 {
     // SAFETY: clock_gettime writes only into `ts`.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The kernel driver behind `iface` (as `ethtool -i` prints it), if it answers.
+pub fn driver_name(iface: &str) -> Option<String> {
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    if iface.len() >= 16 {
+        return None;
+    }
+    // SAFETY: DrvInfo is plain integers and byte arrays; all-zero is valid.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfReq {
+        name: [0; 16],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a datagram socket only serves as a handle for the ioctl; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `req` and the `info` it points to outlive the call; the kernel writes at most
+    // size_of::<DrvInfo>() bytes into `info`.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }

@@ -140,17 +140,31 @@ const MAX_RESPONSE: usize = 64 * 1024;
 const MAX_BODY: usize = 16 * 1024;
 
 /// One probe of `addr`, leaving from `source` (the balancer's private address) when given.
-pub async fn probe(spec: &CheckSpec, addr: SocketAddr, source: Option<IpAddr>) -> Result<(), CheckError> {
+pub async fn probe(
+    spec: &CheckSpec,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<(), CheckError> {
     match timeout(spec.timeout, probe_inner(spec, addr, source)).await {
         Ok(r) => r,
         Err(_) => Err(CheckError::Timeout(spec.timeout)),
     }
 }
 
-async fn probe_inner(spec: &CheckSpec, addr: SocketAddr, source: Option<IpAddr>) -> Result<(), CheckError> {
-    let sock = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(CheckError::Connect)?;
+async fn probe_inner(
+    spec: &CheckSpec,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<(), CheckError> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(CheckError::Connect)?;
     if let Some(src) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) {
-        sock.bind(SocketAddr::new(src, 0)).map_err(CheckError::Connect)?;
+        sock.bind(SocketAddr::new(src, 0))
+            .map_err(CheckError::Connect)?;
     }
     let mut stream = sock.connect(addr).await.map_err(CheckError::Connect)?;
     if spec.kind == CheckKind::Connection {
@@ -160,7 +174,10 @@ async fn probe_inner(spec: &CheckSpec, addr: SocketAddr, source: Option<IpAddr>)
         "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: nb-health-check\r\nConnection: close\r\n\r\n",
         spec.path, addr
     );
-    stream.write_all(req.as_bytes()).await.map_err(CheckError::Io)?;
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(CheckError::Io)?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 8192];
     loop {
@@ -197,7 +214,10 @@ async fn probe_inner(spec: &CheckSpec, addr: SocketAddr, source: Option<IpAddr>)
 }
 
 fn parse_status(buf: &[u8]) -> Option<u16> {
-    let line_end = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(buf.len());
+    let line_end = buf
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(buf.len());
     let line = std::str::from_utf8(&buf[..line_end]).ok()?;
     let mut parts = line.split_whitespace();
     if !parts.next()?.starts_with("HTTP/") {
@@ -241,7 +261,9 @@ pub async fn run_node(
 ) {
     let seed = label
         .bytes()
-        .fold(port as u64 ^ std::process::id() as u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+        .fold(port as u64 ^ std::process::id() as u64, |h, b| {
+            h.wrapping_mul(31).wrapping_add(b as u64)
+        })
         ^ Instant::now().elapsed().as_nanos() as u64
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -332,26 +354,39 @@ mod tests {
     #[tokio::test]
     async fn http_check_sends_http10_with_host_and_judges_status() {
         let (addr, h) = server("HTTP/1.0 204 No Content\r\n\r\n").await;
-        probe(&spec(CheckKind::Http, None), addr, None).await.expect("2xx is healthy");
+        probe(&spec(CheckKind::Http, None), addr, None)
+            .await
+            .expect("2xx is healthy");
         let req = String::from_utf8(h.await.expect("server")).expect("utf8");
         assert!(req.starts_with("GET /health HTTP/1.0\r\n"), "{req}");
         assert!(req.contains(&format!("Host: {addr}\r\n")), "{req}");
 
         let (addr, _h) = server("HTTP/1.1 302 Found\r\nLocation: /\r\n\r\n").await;
-        probe(&spec(CheckKind::Http, None), addr, None).await.expect("3xx is healthy");
+        probe(&spec(CheckKind::Http, None), addr, None)
+            .await
+            .expect("3xx is healthy");
         let (addr, _h) = server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
-        let e = probe(&spec(CheckKind::Http, None), addr, None).await.expect_err("5xx");
+        let e = probe(&spec(CheckKind::Http, None), addr, None)
+            .await
+            .expect_err("5xx");
         assert!(matches!(e, CheckError::Status(503)), "{e}");
         let (addr, _h) = server("SSH-2.0-OpenSSH\r\n").await;
-        assert!(matches!(probe(&spec(CheckKind::Http, None), addr, None).await, Err(CheckError::NotHttp)));
+        assert!(matches!(
+            probe(&spec(CheckKind::Http, None), addr, None).await,
+            Err(CheckError::NotHttp)
+        ));
     }
 
     #[tokio::test]
     async fn http_body_matches_regex() {
         let (addr, _h) = server("HTTP/1.0 200 OK\r\n\r\nstatus: ok, db: up").await;
-        probe(&spec(CheckKind::HttpBody, Some("db: up")), addr, None).await.expect("matches");
+        probe(&spec(CheckKind::HttpBody, Some("db: up")), addr, None)
+            .await
+            .expect("matches");
         let (addr, _h) = server("HTTP/1.0 200 OK\r\n\r\nstatus: ok, db: down").await;
-        let e = probe(&spec(CheckKind::HttpBody, Some("db: up")), addr, None).await.expect_err("no match");
+        let e = probe(&spec(CheckKind::HttpBody, Some("db: up")), addr, None)
+            .await
+            .expect_err("no match");
         assert!(matches!(e, CheckError::Body(_)), "{e}");
     }
 
@@ -359,9 +394,13 @@ mod tests {
     async fn connection_check_and_refusal() {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
-        probe(&spec(CheckKind::Connection, None), addr, None).await.expect("listening");
+        probe(&spec(CheckKind::Connection, None), addr, None)
+            .await
+            .expect("listening");
         drop(l);
-        let e = probe(&spec(CheckKind::Connection, None), addr, None).await.expect_err("closed");
+        let e = probe(&spec(CheckKind::Connection, None), addr, None)
+            .await
+            .expect_err("closed");
         assert!(matches!(e, CheckError::Connect(_)), "{e}");
     }
 
@@ -373,7 +412,9 @@ mod tests {
             let (_s, _) = l.accept().await.expect("accept");
             sleep(Duration::from_secs(5)).await;
         });
-        let e = probe(&spec(CheckKind::Http, None), addr, None).await.expect_err("silent");
+        let e = probe(&spec(CheckKind::Http, None), addr, None)
+            .await
+            .expect_err("silent");
         assert!(matches!(e, CheckError::Timeout(_)), "{e}");
     }
 

@@ -44,7 +44,10 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, detach_xdp } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tokio runtime: {e}");

@@ -87,8 +87,11 @@ pub mod stat {
     /// A non-SYN packet for a service with no flow entry that could not be routed (RST, or no
     /// backend): passed to the kernel.
     pub const PASS_NO_FLOW: u32 = 15;
+    /// Translated, then passed to the kernel to forward because the next hop's MAC is not
+    /// known yet: the kernel resolves it, and later packets go by XDP again.
+    pub const PASS_NO_NEIGH: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     /// Label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "rx",
@@ -107,6 +110,7 @@ pub mod stat {
         "redirect",
         "aborted",
         "pass_no_flow",
+        "pass_no_neigh",
     ];
 }
 
@@ -322,6 +326,10 @@ pub mod maps {
 pub mod cfg {
     /// New connections per second per client address, 0 = unlimited.
     pub const THROTTLE_PER_SEC: u32 = 0;
+    /// 1 = send frames back out of their own interface with a redirect instead of XDP_TX.
+    /// A veth delivers XDP_TX frames only when its peer runs an XDP program of its own; a
+    /// redirect reaches a peer that merely has GRO on. Real NICs keep the faster XDP_TX.
+    pub const TX_BY_REDIRECT: u32 = 1;
     /// Number of entries.
     pub const COUNT: u32 = 4;
 }

@@ -24,6 +24,7 @@ use nb_common::{
 use maps::{
     ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SERVICES, SVC_INFO, THROTTLE, count, setting,
 };
+use nat::NextHop;
 use parse::{Packet, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, ptr_at};
 
 const SECOND: u64 = 1_000_000_000;
@@ -175,13 +176,17 @@ fn established(ctx: &XdpContext, pkt: &Packet, f: &mut FlowValue) -> Result<u32,
     if t.wrapping_sub(f.last_seen) > SECOND {
         f.last_seen = t;
     }
-    if t.wrapping_sub(f.fib_ts) > FIB_REFRESH_NS {
+    if f.ifindex == 0 || t.wrapping_sub(f.fib_ts) > FIB_REFRESH_NS {
         f.fib_ts = t;
-        if let Some((ifindex, smac, dmac)) = nat::fib(ctx, pkt.v6(), &f.snat_addr, &f.backend_addr)
-        {
-            f.ifindex = ifindex;
-            f.smac = smac;
-            f.dmac = dmac;
+        match nat::fib(ctx, pkt.v6(), &f.snat_addr, &f.backend_addr) {
+            NextHop::Known(ifindex, smac, dmac) => {
+                f.ifindex = ifindex;
+                f.smac = smac;
+                f.dmac = dmac;
+            }
+            NextHop::NoNeigh => f.ifindex = 0,
+            // Keep the last known next hop: a route flap must not cut connections.
+            NextHop::None => {}
         }
     }
     if pkt.flags & (TCP_FIN | TCP_RST) != 0 {
@@ -200,6 +205,10 @@ fn established(ctx: &XdpContext, pkt: &Packet, f: &mut FlowValue) -> Result<u32,
         s.bytes_in += pkt.len;
     });
     count(stat::FORWARD);
+    if f.ifindex == 0 {
+        count(stat::PASS_NO_NEIGH);
+        return Ok(xdp_action::XDP_PASS);
+    }
     nat::send(ctx, &f.dmac, &f.smac, f.ifindex)
 }
 
@@ -230,9 +239,15 @@ fn new_flow(
         count(stat::ABORTED);
         return Ok(xdp_action::XDP_ABORTED);
     }
-    let Some((ifindex, smac, dmac)) = nat::fib(ctx, pkt.v6(), &b.snat_addr, &b.addr) else {
-        count(stat::DROP_NO_ROUTE);
-        return Ok(xdp_action::XDP_DROP);
+    // An unresolved neighbour still makes a flow (ifindex 0): the translated packet goes to
+    // the kernel, which forwards it and resolves the MAC for the packets after it.
+    let (ifindex, smac, dmac) = match nat::fib(ctx, pkt.v6(), &b.snat_addr, &b.addr) {
+        NextHop::Known(i, s, d) => (i, s, d),
+        NextHop::NoNeigh => (0, [0; 6], [0; 6]),
+        NextHop::None => {
+            count(stat::DROP_NO_ROUTE);
+            return Ok(xdp_action::XDP_DROP);
+        }
     };
     let eth: *const [u8; 12] = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked the 12 address bytes lie inside the packet.
@@ -325,6 +340,10 @@ fn new_flow(
         }
     });
     count(stat::FORWARD);
+    if ifindex == 0 {
+        count(stat::PASS_NO_NEIGH);
+        return Ok(xdp_action::XDP_PASS);
+    }
     nat::send(ctx, &dmac, &smac, ifindex)
 }
 

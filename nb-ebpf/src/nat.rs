@@ -2,15 +2,15 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
     programs::XdpContext,
 };
-use nb_common::stat;
+use nb_common::{cfg, stat};
 
 use crate::{
     csum::Delta,
-    maps::count,
+    maps::{count, setting},
     parse::{Packet, Skip, ptr_at},
 };
 
@@ -70,14 +70,20 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Next hop towards `dst` from `src`: (egress ifindex, our MAC, next hop MAC).
+/// What the kernel's FIB says about the next hop.
+pub enum NextHop {
+    /// Send it ourselves: (egress ifindex, our MAC, next hop MAC).
+    Known(u32, [u8; 6], [u8; 6]),
+    /// A route exists but the neighbour's MAC is not resolved yet: the kernel must forward
+    /// this packet (and so resolve it).
+    NoNeigh,
+    /// No route (or forwarding disabled, or a blackhole): nothing can be done.
+    None,
+}
+
+/// Next hop towards `dst` from `src`.
 #[inline(always)]
-pub fn fib(
-    ctx: &XdpContext,
-    v6: bool,
-    src: &[u32; 4],
-    dst: &[u32; 4],
-) -> Option<(u32, [u8; 6], [u8; 6])> {
+pub fn fib(ctx: &XdpContext, v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> NextHop {
     // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented empty request.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.l4_protocol = 6;
@@ -100,10 +106,13 @@ pub fn fib(
             0,
         )
     };
-    if ret != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
+    if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        NextHop::Known(p.ifindex, p.smac, p.dmac)
+    } else if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        NextHop::NoNeigh
+    } else {
+        NextHop::None
     }
-    Some((p.ifindex, p.smac, p.dmac))
 }
 
 /// Sets the Ethernet addresses and sends the frame: back out of the interface it came in on,
@@ -115,7 +124,7 @@ pub fn send(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> R
     let eth = unsafe { &mut *eth };
     eth[..6].copy_from_slice(dmac);
     eth[6..].copy_from_slice(smac);
-    if ifindex == ctx.ingress_ifindex() as u32 {
+    if ifindex == ctx.ingress_ifindex() as u32 && setting(cfg::TX_BY_REDIRECT) == 0 {
         count(stat::TX);
         Ok(xdp_action::XDP_TX)
     } else {

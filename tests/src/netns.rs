@@ -37,7 +37,10 @@ impl Netns {
     /// Creates `nb<tag>-<unique>` with its loopback up.
     pub fn new(tag: &str) -> Netns {
         let name = format!("nb{tag}-{}", unique_suffix());
-        run_ok(Command::new("ip").args(["netns", "add", &name]), "ip netns add");
+        run_ok(
+            Command::new("ip").args(["netns", "add", &name]),
+            "ip netns add",
+        );
         let ns = Netns {
             name,
             children: Mutex::new(Vec::new()),
@@ -103,6 +106,27 @@ impl Netns {
         let pid = child.id();
         self.children.lock().expect("children").push(child);
         pid
+    }
+
+    /// A command that runs `program` in this namespace's network stack but, unlike
+    /// `ip netns exec`, in the caller's mount namespace: it sees the host's `/sys/fs/bpf`, as
+    /// nb-agent does on a real host.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        use std::os::unix::process::CommandExt;
+        let f = File::open(format!("/var/run/netns/{}", self.name))
+            .unwrap_or_else(|e| panic!("open netns {}: {e}", self.name));
+        let mut cmd = Command::new(program);
+        // SAFETY: the closure runs in the forked child before exec and only calls setns, which
+        // is async-signal-safe; `f` stays open (moved into the closure) until then.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
     }
 
     /// Runs `f` on a thread that has joined this namespace and returns its result; a panic in
@@ -175,8 +199,18 @@ fn join_netns(path: &str) -> io::Result<()> {
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     run_ok(
         Command::new("ip").args([
-            "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if,
-            "netns", b.name(),
+            "link",
+            "add",
+            a_if,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.name(),
         ]),
         "ip link add veth",
     );

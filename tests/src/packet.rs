@@ -113,7 +113,10 @@ impl Frame {
     pub fn build(&self) -> Vec<u8> {
         let mut seg = Vec::with_capacity(20 + self.tcp.options.len() + self.tcp.payload.len());
         let t = &self.tcp;
-        assert!(t.options.len() % 4 == 0 && t.options.len() <= 40, "TCP options length");
+        assert!(
+            t.options.len().is_multiple_of(4) && t.options.len() <= 40,
+            "TCP options length"
+        );
         seg.extend_from_slice(&t.sport.to_be_bytes());
         seg.extend_from_slice(&t.dport.to_be_bytes());
         seg.extend_from_slice(&t.seq.to_be_bytes());
@@ -161,7 +164,11 @@ impl Frame {
                     seg.len(),
                 ));
             }
-            Ip::V6 { src, dst, hop_limit } => {
+            Ip::V6 {
+                src,
+                dst,
+                hop_limit,
+            } => {
                 let csum = l4_checksum_v6(*src, *dst, IPPROTO_TCP, &seg);
                 seg[16..18].copy_from_slice(&csum.to_be_bytes());
                 out.extend_from_slice(&[0x60, 0, 0, 0]);
@@ -189,7 +196,10 @@ fn ipv4_header(
     proto: u8,
     payload_len: usize,
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40, "IPv4 options length");
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "IPv4 options length"
+    );
     let ihl = 5 + options.len() / 4;
     let mut h = Vec::with_capacity(ihl * 4);
     h.push(0x40 | ihl as u8);
@@ -430,7 +440,17 @@ pub fn udp_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02]);
     out.extend_from_slice(&ETH_P_IP.to_be_bytes());
-    out.extend_from_slice(&ipv4_header(src, dst, 64, 1, &[], false, 0, IPPROTO_UDP, seg.len()));
+    out.extend_from_slice(&ipv4_header(
+        src,
+        dst,
+        64,
+        1,
+        &[],
+        false,
+        0,
+        IPPROTO_UDP,
+        seg.len(),
+    ));
     out.extend_from_slice(&seg);
     out
 }
@@ -453,7 +473,11 @@ mod tests {
 
     #[test]
     fn build_parse_round_trip_with_valid_checksums() {
-        let mut f = Frame::v4((Ipv4Addr::new(198, 18, 0, 2), 4000), (Ipv4Addr::new(198, 18, 0, 10), 80), SYN);
+        let mut f = Frame::v4(
+            (Ipv4Addr::new(198, 18, 0, 2), 4000),
+            (Ipv4Addr::new(198, 18, 0, 10), 80),
+            SYN,
+        );
         f.vlan = Some(5);
         f.tcp.options = vec![2, 4, 5, 0xb4];
         f.tcp.payload = b"abc".to_vec();
@@ -464,7 +488,11 @@ mod tests {
         let last = b2.len() - 1;
         b2[last] ^= 1;
         assert!(verify_checksums(&b2).is_err(), "a flipped bit is caught");
-        let g = Frame::v6(("2001:db8::1".parse().unwrap(), 1), ("2001:db8::2".parse().unwrap(), 2), ACK);
+        let g = Frame::v6(
+            ("2001:db8::1".parse().unwrap(), 1),
+            ("2001:db8::2".parse().unwrap(), 2),
+            ACK,
+        );
         let b = g.build();
         verify_checksums(&b).expect("v6 checksums");
         assert_eq!(parse(&b).expect("parse v6"), g);

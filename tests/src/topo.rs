@@ -6,7 +6,7 @@ use std::{
     io::Read,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
@@ -100,7 +100,8 @@ impl Topology {
                 interfaces = vec!["eth0".to_string()];
             }
         }
-        client.sh("ip addr add 198.18.0.2/24 dev c0 && ip -6 addr add 2001:db8:1::2/64 dev c0 nodad");
+        client
+            .sh("ip addr add 198.18.0.2/24 dev c0 && ip -6 addr add 2001:db8:1::2/64 dev c0 nodad");
         let mut cmds = Vec::new();
         for i in 1..=n {
             cmds.push(format!("ip addr add {}/24 dev bk0", backend_v4(i)));
@@ -172,9 +173,9 @@ impl Agent {
     pub fn start(topo: &Topology, config: &Path) -> Agent {
         let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", topo.lb.name()])
-            .arg(agent_bin())
+        let child = topo
+            .lb
+            .command(agent_bin())
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -197,7 +198,10 @@ impl Agent {
                 break;
             }
             if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("nb-agent exited ({status}) before it was ready:\n{}", a.log_text());
+                panic!(
+                    "nb-agent exited ({status}) before it was ready:\n{}",
+                    a.log_text()
+                );
             }
             if Instant::now() > deadline {
                 panic!("nb-agent not ready after 30 s:\n{}", a.log_text());
@@ -269,7 +273,10 @@ pub fn wait_connectable(ns: &Netns, addr: SocketAddr, timeout: Duration) {
             return;
         }
         if Instant::now() > deadline {
-            panic!("{addr} not connectable from {} after {timeout:?}", ns.name());
+            panic!(
+                "{addr} not connectable from {} after {timeout:?}",
+                ns.name()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -20,7 +20,11 @@ use nb_tests::{
 fn start_backends(t: &Topology, n: u8, port: u16, v6: bool) -> Vec<Backend> {
     (1..=n)
         .map(|i| {
-            let ip: IpAddr = if v6 { backend_v6(i).into() } else { backend_v4(i).into() };
+            let ip: IpAddr = if v6 {
+                backend_v6(i).into()
+            } else {
+                backend_v4(i).into()
+            };
             Backend::start(&t.backends, &format!("b{i}"), SocketAddr::new(ip, port))
         })
         .collect()
@@ -49,14 +53,19 @@ fn tcp_port(port: u16, algorithm: &str, nodes: &str) -> String {
 fn spread(t: &Topology, addr: SocketAddr, n: usize) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
     for _ in 0..n {
-        let label = which_backend(&t.client, addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        let label =
+            which_backend(&t.client, addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
         *seen.entry(label).or_default() += 1;
     }
     seen
 }
 
 fn assert_even(seen: &HashMap<String, usize>, backends: usize, total: usize) {
-    assert_eq!(seen.len(), backends, "every backend gets connections: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        backends,
+        "every backend gets connections: {seen:?}"
+    );
     let fair = total / backends;
     for (b, n) in seen {
         // Round robin runs per CPU, so the interleaving of two CPUs may skew it a little.
@@ -78,9 +87,16 @@ fn even_spread(wiring: Wiring, tag: &str) {
     assert_even(&seen, 3, 60);
     for b in &backends {
         for peer in b.peers() {
-            assert_eq!(peer.ip(), IpAddr::V4(LB_PRIVATE), "backends see the balancer's private address");
+            assert_eq!(
+                peer.ip(),
+                IpAddr::V4(LB_PRIVATE),
+                "backends see the balancer's private address"
+            );
             let p = peer.port();
-            assert!((10000..=32767).contains(&p), "SNAT port {p} from nb's range");
+            assert!(
+                (10000..=32767).contains(&p),
+                "SNAT port {p} from nb's range"
+            );
         }
     }
 }
@@ -140,22 +156,30 @@ fn connection_keeps_its_backend_while_backends_change() {
     let agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
     let mut conn = connect_in(&t.client, vip(80), Duration::from_secs(2)).expect("connect");
-    conn.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let mine = read_label(&mut conn);
     echo(&mut conn, b"before");
 
     let reloads = [
-        nodes_toml(5, 8080, false),                       // two added
-        nodes_toml(2, 8080, false),                       // three removed
-        nodes_toml(5, 8080, false).replace("b1", "x1"),   // renamed: a different node
+        nodes_toml(5, 8080, false),                     // two added
+        nodes_toml(2, 8080, false),                     // three removed
+        nodes_toml(5, 8080, false).replace("b1", "x1"), // renamed: a different node
     ];
     for (i, nodes) in reloads.iter().enumerate() {
-        std::fs::write(&cfg, format!("{}{}", t.balancer_toml(), tcp_port(80, "source", nodes)))
-            .expect("rewrite config");
+        std::fs::write(
+            &cfg,
+            format!("{}{}", t.balancer_toml(), tcp_port(80, "source", nodes)),
+        )
+        .expect("rewrite config");
         agent.signal(libc::SIGHUP);
         let deadline = Instant::now() + Duration::from_secs(5);
         while agent.log_text().matches("reloaded").count() < i + 1 {
-            assert!(Instant::now() < deadline, "no reload logged:\n{}", agent.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "no reload logged:\n{}",
+                agent.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         echo(&mut conn, format!("after reload {i}").as_bytes());
@@ -175,14 +199,27 @@ fn no_backend_refuses_at_once() {
         "[[port.node]]\nlabel = \"b1\"\naddress = \"{}:8080\"\nmode = \"reject\"\n",
         backend_v4(1)
     );
-    let ports = format!("{}{}", tcp_port(81, "roundrobin", &nodes), tcp_port(80, "roundrobin", &nodes_toml(1, 8080, false)));
+    let ports = format!(
+        "{}{}",
+        tcp_port(81, "roundrobin", &nodes),
+        tcp_port(80, "roundrobin", &nodes_toml(1, 8080, false))
+    );
     let cfg = t.write_config(&ports);
     let _agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
     let start = Instant::now();
-    let err = connect_in(&t.client, vip(81), Duration::from_secs(5)).expect_err("port 81 has no backend");
-    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "refused, not {err}");
-    assert!(start.elapsed() < Duration::from_secs(1), "refused at once, took {:?}", start.elapsed());
+    let err =
+        connect_in(&t.client, vip(81), Duration::from_secs(5)).expect_err("port 81 has no backend");
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "refused, not {err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "refused at once, took {:?}",
+        start.elapsed()
+    );
 }
 
 /// Traffic that is not for a tcp port reaches the balancer's own stack untouched.
@@ -194,8 +231,14 @@ fn other_traffic_reaches_the_kernel() {
     let _agent = Agent::start(&t, &cfg);
     // A listener on the balancer itself, on another port of the public address.
     let own = Backend::start(&t.lb, "lb-itself", vip(2222));
-    assert_eq!(which_backend(&t.client, vip(2222)).expect("connect to the balancer's own port"), "lb-itself");
-    assert!(t.client.sh_ok("ping -c 1 -W 2 198.18.0.10"), "ICMP to the public address answered by the kernel");
+    assert_eq!(
+        which_backend(&t.client, vip(2222)).expect("connect to the balancer's own port"),
+        "lb-itself"
+    );
+    assert!(
+        t.client.sh_ok("ping -c 1 -W 2 198.18.0.10"),
+        "ICMP to the public address answered by the kernel"
+    );
     drop(own);
 }
 
@@ -217,14 +260,25 @@ fn check_reports_file_and_line() {
         .expect("run nb-agent check");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "exit 1 on a bad file: {err}");
-    assert!(err.contains(&format!("{}:7:", bad.display())), "error names file and line 7: {err}");
+    assert!(
+        err.contains(&format!("{}:7:", bad.display())),
+        "error names file and line 7: {err}"
+    );
     let good = dir.join("good.toml");
-    std::fs::write(&good, "[balancer]\ninterfaces = [\"eth0\"]\n\n[[port]]\nport = 80\nprotocol = \"tcp\"\n").expect("write");
+    std::fs::write(
+        &good,
+        "[balancer]\ninterfaces = [\"eth0\"]\n\n[[port]]\nport = 80\nprotocol = \"tcp\"\n",
+    )
+    .expect("write");
     let out = std::process::Command::new(nb_tests::topo::agent_bin())
         .args(["check", "--config"])
         .arg(&good)
         .output()
         .expect("run nb-agent check");
-    assert!(out.status.success(), "good file: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "good file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

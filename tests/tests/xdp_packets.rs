@@ -14,8 +14,8 @@ use nb_agent::dataplane::{BackendSpec, Dataplane, ServiceSpec};
 use nb_common::{ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, SNAT_PORT_MAX, SNAT_PORT_MIN};
 use nb_tests::{
     netns::{Netns, veth},
-    require_root,
     packet::{self, ACK, FIN, Frame, Ip, PSH, RST, SYN},
+    require_root,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -70,7 +70,11 @@ impl Rig {
              sysctl -qw net.ipv4.conf.lb0.forwarding=1 net.ipv4.conf.lb1.forwarding=1 \
                 net.ipv6.conf.lb0.forwarding=1 net.ipv6.conf.lb1.forwarding=1",
         );
-        let lb0: u32 = ns.sh("cat /sys/class/net/lb0/ifindex").trim().parse().expect("ifindex");
+        let lb0: u32 = ns
+            .sh("cat /sys/class/net/lb0/ifindex")
+            .trim()
+            .parse()
+            .expect("ifindex");
         let mac = |i: &str| -> [u8; 6] {
             let s = ns.sh(&format!("cat /sys/class/net/{i}/address"));
             let mut m = [0u8; 6];
@@ -194,7 +198,12 @@ fn syn(lb_mac: [u8; 6], sport: u16) -> Frame {
 
 /// Checks `out` is `input` forwarded to (addr, port, mac) from (snat, mac), with a SNAT port
 /// from nb's range, by building the expected frame from scratch. Returns the SNAT port.
-fn assert_forwarded(input: &Frame, out: &[u8], to: (IpAddr, u16, [u8; 6]), from: (IpAddr, [u8; 6])) -> u16 {
+fn assert_forwarded(
+    input: &Frame,
+    out: &[u8],
+    to: (IpAddr, u16, [u8; 6]),
+    from: (IpAddr, [u8; 6]),
+) -> u16 {
     packet::verify_checksums(out).unwrap_or_else(|e| panic!("forwarded frame checksums: {e}"));
     let got = packet::parse(out).expect("parse forwarded frame");
     let sport = got.tcp.sport;
@@ -206,7 +215,18 @@ fn assert_forwarded(input: &Frame, out: &[u8], to: (IpAddr, u16, [u8; 6]), from:
     want.dst_mac = to.2;
     want.src_mac = from.1;
     want.ip = match (&input.ip, from.0, to.0) {
-        (Ip::V4 { ttl, id, options, more_fragments, frag_offset, .. }, IpAddr::V4(s), IpAddr::V4(d)) => Ip::V4 {
+        (
+            Ip::V4 {
+                ttl,
+                id,
+                options,
+                more_fragments,
+                frag_offset,
+                ..
+            },
+            IpAddr::V4(s),
+            IpAddr::V4(d),
+        ) => Ip::V4 {
             src: s,
             dst: d,
             ttl: *ttl,
@@ -224,7 +244,11 @@ fn assert_forwarded(input: &Frame, out: &[u8], to: (IpAddr, u16, [u8; 6]), from:
     };
     want.tcp.sport = sport;
     want.tcp.dport = to.1;
-    assert_eq!(out, &want.build()[..], "forwarded frame differs from the expected one");
+    assert_eq!(
+        out,
+        &want.build()[..],
+        "forwarded frame differs from the expected one"
+    );
     sport
 }
 
@@ -235,8 +259,16 @@ fn syn_established_reply_and_close() {
     rig.with(one_backend(), move |r| {
         let s = syn(lb_mac, 40000);
         let (act, out) = r.run(&s.build());
-        assert_eq!(act, XDP_TX, "SYN to the service goes back out of lb0 towards the backend");
-        let snat = assert_forwarded(&s, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+        assert_eq!(
+            act, XDP_TX,
+            "SYN to the service goes back out of lb0 towards the backend"
+        );
+        let snat = assert_forwarded(
+            &s,
+            &out,
+            (B1.into(), 8080, B1_MAC),
+            (LB_PRIV.into(), lb_mac),
+        );
         assert_eq!(r.counter("new_flow"), 1);
 
         // Established: same backend, same SNAT port, payload untouched.
@@ -248,7 +280,15 @@ fn syn_established_reply_and_close() {
         d.tcp.payload = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
         let (act, out) = r.run(&d.build());
         assert_eq!(act, XDP_TX);
-        assert_eq!(assert_forwarded(&d, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac)), snat);
+        assert_eq!(
+            assert_forwarded(
+                &d,
+                &out,
+                (B1.into(), 8080, B1_MAC),
+                (LB_PRIV.into(), lb_mac)
+            ),
+            snat
+        );
 
         // The backend's SYN-ACK goes back to the client, from the public address and port.
         let mut back = Frame::v4((B1, 8080), (LB_PRIV, snat), SYN | ACK);
@@ -277,7 +317,15 @@ fn syn_established_reply_and_close() {
         fin.tcp.payload.clear();
         let (act, out) = r.run(&fin.build());
         assert_eq!(act, XDP_TX);
-        assert_eq!(assert_forwarded(&fin, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac)), snat);
+        assert_eq!(
+            assert_forwarded(
+                &fin,
+                &out,
+                (B1.into(), 8080, B1_MAC),
+                (LB_PRIV.into(), lb_mac)
+            ),
+            snat
+        );
     });
 }
 
@@ -289,13 +337,19 @@ fn passes_what_is_not_ours_untouched() {
         let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
         let mut other_port = syn(lb_mac, 40001);
         other_port.tcp.dport = 22;
-        cases.push(("TCP to another port of the public address", other_port.build()));
+        cases.push((
+            "TCP to another port of the public address",
+            other_port.build(),
+        ));
         let mut other_addr = syn(lb_mac, 40001);
         if let Ip::V4 { dst, .. } = &mut other_addr.ip {
             *dst = Ipv4Addr::new(198, 18, 0, 1);
         }
         cases.push(("TCP to another local address", other_addr.build()));
-        cases.push(("UDP to the public address", packet::udp_v4(CLIENT, VIP, 5000, 80)));
+        cases.push((
+            "UDP to the public address",
+            packet::udp_v4(CLIENT, VIP, 5000, 80),
+        ));
         cases.push(("ARP", packet::arp()));
         let mut frag = syn(lb_mac, 40001);
         if let Ip::V4 { more_fragments, .. } = &mut frag.ip {
@@ -309,7 +363,10 @@ fn passes_what_is_not_ours_untouched() {
         cases.push(("IPv4 later fragment", frag2.build()));
         let mut reply_unknown = Frame::v4((B1, 8080), (LB_PRIV, 20000), ACK);
         reply_unknown.dst_mac = lb_mac;
-        cases.push(("backend packet to a SNAT port with no flow", reply_unknown.build()));
+        cases.push((
+            "backend packet to a SNAT port with no flow",
+            reply_unknown.build(),
+        ));
         let mut rst = Frame::v4((CLIENT, 40002), (VIP, 80), RST);
         rst.dst_mac = lb_mac;
         cases.push(("RST for a service with no flow", rst.build()));
@@ -358,7 +415,12 @@ fn ipv6_vlan_and_ip_options() {
         s6.src_mac = CLIENT_MAC;
         let (act, out) = r.run(&s6.build());
         assert_eq!(act, XDP_TX, "IPv6 SYN");
-        let snat6 = assert_forwarded(&s6, &out, (B6.into(), 8080, B6_MAC), (LB_PRIV6.into(), lb_mac));
+        let snat6 = assert_forwarded(
+            &s6,
+            &out,
+            (B6.into(), 8080, B6_MAC),
+            (LB_PRIV6.into(), lb_mac),
+        );
         let mut back = Frame::v6((B6, 8080), (LB_PRIV6, snat6), SYN | ACK);
         back.dst_mac = lb_mac;
         let (act, out) = r.run(&back.build());
@@ -371,7 +433,12 @@ fn ipv6_vlan_and_ip_options() {
         v.vlan = Some(42);
         let (act, out) = r.run(&v.build());
         assert_eq!(act, XDP_TX, "VLAN-tagged SYN");
-        assert_forwarded(&v, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+        assert_forwarded(
+            &v,
+            &out,
+            (B1.into(), 8080, B1_MAC),
+            (LB_PRIV.into(), lb_mac),
+        );
 
         let mut o = syn(lb_mac, 40022);
         if let Ip::V4 { options, .. } = &mut o.ip {
@@ -380,7 +447,12 @@ fn ipv6_vlan_and_ip_options() {
         }
         let (act, out) = r.run(&o.build());
         assert_eq!(act, XDP_TX, "SYN with IP options");
-        assert_forwarded(&o, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+        assert_forwarded(
+            &o,
+            &out,
+            (B1.into(), 8080, B1_MAC),
+            (LB_PRIV.into(), lb_mac),
+        );
     });
 }
 
@@ -421,7 +493,12 @@ fn no_backend_answers_rst_and_second_nic_redirects() {
         s.tcp.dport = 82;
         let (act, out) = r.run(&s.build());
         assert_eq!(act, XDP_REDIRECT, "backend behind the other NIC: redirect");
-        assert_forwarded(&s, &out, (B2.into(), 9090, B2_MAC), (LB_PRIV2.into(), lb1_mac));
+        assert_forwarded(
+            &s,
+            &out,
+            (B2.into(), 9090, B2_MAC),
+            (LB_PRIV2.into(), lb1_mac),
+        );
     });
 }
 
@@ -437,13 +514,26 @@ fn evicted_flow_is_rehashed_not_dropped() {
         d.tcp.payload = b"hello".to_vec();
         let (act, out) = r.run(&d.build());
         assert_eq!(act, XDP_TX, "orphan packet routed by the ring");
-        let p1 = assert_forwarded(&d, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac));
+        let p1 = assert_forwarded(
+            &d,
+            &out,
+            (B1.into(), 8080, B1_MAC),
+            (LB_PRIV.into(), lb_mac),
+        );
         assert_eq!(r.counter("flow_miss"), 1);
         // The SNAT port comes from the 5-tuple hash: the SYN of the same tuple would have had
         // the same one, so a re-created entry keeps the backend's view of the connection.
         let (act, out) = r.run(&d.build());
         assert_eq!(act, XDP_TX);
-        assert_eq!(assert_forwarded(&d, &out, (B1.into(), 8080, B1_MAC), (LB_PRIV.into(), lb_mac)), p1);
+        assert_eq!(
+            assert_forwarded(
+                &d,
+                &out,
+                (B1.into(), 8080, B1_MAC),
+                (LB_PRIV.into(), lb_mac)
+            ),
+            p1
+        );
         assert_ne!(act, XDP_ABORTED);
         assert_ne!(act, XDP_DROP);
     });
@@ -468,8 +558,16 @@ fn round_robin_spread_and_weights() {
             let got = packet::parse(&out).expect("parse");
             *per_port.entry(got.tcp.dport).or_default() += 1;
         }
-        assert_eq!(per_port.get(&8080), Some(&100), "weight 100 of 400: {per_port:?}");
-        assert_eq!(per_port.get(&8081), Some(&300), "weight 300 of 400: {per_port:?}");
+        assert_eq!(
+            per_port.get(&8080),
+            Some(&100),
+            "weight 100 of 400: {per_port:?}"
+        );
+        assert_eq!(
+            per_port.get(&8081),
+            Some(&300),
+            "weight 300 of 400: {per_port:?}"
+        );
     });
     let _ = Arc::new(());
 }

@@ -1,1 +1,3 @@
-pub fn run(_ws: &std::path::Path, _part: Option<&str>) -> anyhow::Result<()> { anyhow::bail!("bench: not yet") }
+pub fn run(_ws: &std::path::Path, _part: Option<&str>) -> anyhow::Result<()> {
+    anyhow::bail!("bench: not yet")
+}

@@ -1,1 +1,3 @@
-pub fn run(_agent: &std::path::Path) -> anyhow::Result<()> { anyhow::bail!("demo: not yet") }
+pub fn run(_agent: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::bail!("demo: not yet")
+}

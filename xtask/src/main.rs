@@ -89,7 +89,13 @@ fn output(cmd: &mut Command) -> Option<String> {
 fn prerequisites() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = output(Command::new("rustup").args([
         "component",
@@ -100,7 +106,13 @@ fn prerequisites() -> Result<()> {
     ]))
     .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains("0.10.1") {
@@ -112,9 +124,13 @@ fn prerequisites() -> Result<()> {
 
 fn build() -> Result<()> {
     prerequisites()?;
-    run(Command::new("cargo")
-        .current_dir(workspace())
-        .args(["build", "--release", "-p", "nb-agent", "--bins"]))
+    run(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "nb-agent",
+        "--bins",
+    ]))
 }
 
 fn test(filter: Option<&str>) -> Result<()> {
@@ -133,7 +149,14 @@ fn test(filter: Option<&str>) -> Result<()> {
     let ws = workspace();
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&ws)
-        .args(["test", "--release", "--workspace", "--exclude", "nb-ebpf", "--no-fail-fast"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "nb-ebpf",
+            "--no-fail-fast",
+        ])
         .env("NB_AGENT_BIN", ws.join("target/release/nb-agent"))
         .env("NB_REQUIRE_ROOT_TESTS", "1");
     cmd.arg("--");
@@ -151,11 +174,9 @@ fn install(root: &Path) -> Result<()> {
     for d in [&bin, &etc, &unit_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    for b in ["nb-agent"] {
-        let from = ws.join("target/release").join(b);
-        let to = bin.join(b);
-        std::fs::copy(&from, &to).with_context(|| format!("{} -> {}", from.display(), to.display()))?;
-    }
+    let from = ws.join("target/release/nb-agent");
+    let to = bin.join("nb-agent");
+    std::fs::copy(&from, &to).with_context(|| format!("{} -> {}", from.display(), to.display()))?;
     let config = etc.join("nb.toml");
     if !config.exists() {
         std::fs::copy(ws.join("packaging/nb.toml"), &config)
@@ -164,7 +185,12 @@ fn install(root: &Path) -> Result<()> {
     let unit = unit_dir.join("nb-agent.service");
     std::fs::copy(ws.join("packaging/nb-agent.service"), &unit)
         .with_context(|| format!("writing {}", unit.display()))?;
-    println!("installed nb-agent to {}, config {}, unit {}", bin.display(), config.display(), unit.display());
+    println!(
+        "installed nb-agent to {}, config {}, unit {}",
+        bin.display(),
+        config.display(),
+        unit.display()
+    );
     if root == Path::new("/") && output(Command::new("systemctl").arg("--version")).is_some() {
         let _ = run(Command::new("systemctl").arg("daemon-reload"));
         println!("start it with: systemctl enable --now nb-agent");
