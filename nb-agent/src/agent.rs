@@ -360,6 +360,10 @@ impl Agent {
         }
         let before = self.health_of(e.port, &e.label);
         self.health.insert(key, state);
+        // Program first, log after: when the line appears, the data path already acts on it.
+        if let Err(err) = self.program() {
+            error!("writing the data path after a health change: {err}");
+        }
         match (&e.error, state) {
             (Some(err), Health::Down) => warn!("port {} node {} is DOWN ({err})", e.port, e.label),
             _ => info!(
@@ -369,9 +373,6 @@ impl Agent {
                 state.as_str(),
                 before.as_str()
             ),
-        }
-        if let Err(err) = self.program() {
-            error!("writing the data path after a health change: {err}");
         }
     }
 

@@ -1,3 +1,184 @@
-pub fn run(_agent: &std::path::Path) -> anyhow::Result<()> {
-    anyhow::bail!("demo: not yet")
+//! `cargo xtask demo`: nb in front of three backends in a network of namespaces, with traffic,
+//! a backend failing and coming back. Every step is checked; the network is torn down at the
+//! end, on failure and on Ctrl-C.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail, ensure};
+use nb_tests::{
+    netns::{Backend, which_backend},
+    topo::{Agent, Topology, Wiring, backend_v4, vip, wait_connectable},
+};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted: tearing the demo network down");
+    }
+    Ok(())
+}
+
+const CONNECTIONS: usize = 30;
+const INTERVAL: u64 = 2;
+const ATTEMPTS: u64 = 2;
+
+pub fn run(agent_bin: &std::path::Path) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the demo needs root (XDP, network namespaces)"
+    );
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+    }
+    // SAFETY: set before any thread that reads the environment is started.
+    unsafe { std::env::set_var("NB_AGENT_BIN", agent_bin) };
+
+    println!("== building a test network: client, balancer (two NICs), 3 backends");
+    let t = Topology::new("demo", Wiring::TwoNic, 3);
+    let mut backends: Vec<Backend> = (1..=3).map(|i| start_backend(&t, i)).collect::<Vec<_>>();
+    let nodes: String = (1..=3)
+        .map(|i| {
+            format!(
+                "[[port.node]]\nlabel = \"b{i}\"\naddress = \"{}:8080\"\n\n",
+                backend_v4(i)
+            )
+        })
+        .collect();
+    let config = t.write_config(&format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\n\
+         check = \"connection\"\ncheck_interval = {INTERVAL}\ncheck_timeout = 1\n\
+         check_attempts = {ATTEMPTS}\n\n{nodes}"
+    ));
+    println!("   config: {}", config.display());
+    println!("== starting nb-agent on the balancer (XDP on pub0 and priv0)");
+    let agent = Agent::start(&t, &config);
+    for line in agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("XDP attached"))
+    {
+        println!("   {line}");
+    }
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    wait_log(&agent, "node b3 is UP", Duration::from_secs(15))?;
+    println!("   all three nodes UP");
+
+    println!(
+        "== {CONNECTIONS} new connections from the client to {}",
+        vip(80)
+    );
+    let seen = spread(&t, vip(80))?;
+    print_spread(&seen);
+    ensure!(
+        seen.len() == 3,
+        "expected every backend to get connections: {seen:?}"
+    );
+    for b in &backends {
+        for p in b.peers() {
+            ensure!(
+                p.ip() == std::net::IpAddr::from(nb_tests::topo::LB_PRIVATE),
+                "backend saw {p}, not the balancer's private address"
+            );
+        }
+    }
+    println!("   backends see the balancer's private address 198.19.0.1 (full NAT)");
+
+    println!("== taking backend b2 down (its server stops)");
+    let down_at = Instant::now();
+    backends[1].stop();
+    wait_log(
+        &agent,
+        "node b2 is DOWN",
+        Duration::from_secs(INTERVAL * (ATTEMPTS + 2)),
+    )?;
+    println!(
+        "   nb marked b2 DOWN after {:.1} s (check_interval {INTERVAL} s x {ATTEMPTS} attempts)",
+        down_at.elapsed().as_secs_f64()
+    );
+    let seen = spread(&t, vip(80))?;
+    print_spread(&seen);
+    ensure!(
+        !seen.contains_key("b2") && seen.len() == 2,
+        "traffic must move off b2: {seen:?}"
+    );
+    println!("   every new connection went to b1 and b3; none failed");
+
+    println!("== restoring backend b2");
+    backends[1] = start_backend(&t, 2);
+    // The second time: the first was its start-up transition from unknown.
+    wait_log_n(
+        &agent,
+        "node b2 is UP",
+        2,
+        Duration::from_secs(INTERVAL * (ATTEMPTS + 2)),
+    )?;
+    let seen = spread(&t, vip(80))?;
+    print_spread(&seen);
+    ensure!(seen.len() == 3, "b2 must get traffic again: {seen:?}");
+    println!("   b2 is UP and takes its share again");
+
+    println!("== tearing the network down");
+    drop(agent);
+    drop(backends);
+    drop(t);
+    println!("demo OK");
+    Ok(())
+}
+
+fn start_backend(t: &Topology, i: u8) -> Backend {
+    Backend::start(
+        &t.backends,
+        &format!("b{i}"),
+        SocketAddr::new(backend_v4(i).into(), 8080),
+    )
+}
+
+fn spread(t: &Topology, addr: SocketAddr) -> Result<BTreeMap<String, usize>> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..CONNECTIONS {
+        check_interrupt()?;
+        let label = which_backend(&t.client, addr)
+            .map_err(|e| anyhow::anyhow!("a connection to {addr} failed: {e}"))?;
+        *seen.entry(label).or_default() += 1;
+    }
+    Ok(seen)
+}
+
+fn print_spread(seen: &BTreeMap<String, usize>) {
+    for (label, n) in seen {
+        println!("   {label:>3} {n:>3} {}", "#".repeat(*n));
+    }
+}
+
+/// Waits until the agent's log holds `needle` at least `times` times.
+fn wait_log_n(agent: &Agent, needle: &str, times: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while agent.log_text().matches(needle).count() < times {
+        check_interrupt()?;
+        if Instant::now() > deadline {
+            bail!(
+                "nb-agent did not log \"{needle}\" within {timeout:?}:\n{}",
+                agent.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn wait_log(agent: &Agent, needle: &str, timeout: Duration) -> Result<()> {
+    wait_log_n(agent, needle, 1, timeout)
 }
