@@ -96,8 +96,9 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
     if let Some(fv) = FLOWS.get_ptr_mut(&key) {
         // SAFETY: valid for this run; see `try_nb_xdp`.
         let f = unsafe { &mut *fv };
-        // A SYN on a closing entry is the client reusing its port: a new connection.
-        if !syn || f.flags & FLOW_CLOSING == 0 {
+        // A SYN on the entry of a connection that is over is the client reusing its port: a
+        // new connection, balanced afresh (not sent to the old backend, which may be DOWN).
+        if !syn || !(f.flags & FLOW_CLOSING != 0 || reply_side_over(pkt, f)) {
             return established(ctx, pkt, f);
         }
     }
@@ -131,6 +132,34 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
     match select::for_new(svc, info, pkt) {
         Some(id) => new_flow(ctx, pkt, &key, svc, id, true),
         None => nat::refuse(ctx, pkt),
+    }
+}
+
+/// Whether the backend side of flow `f` is over: the backend closed or reset it (a refused
+/// connection leaves no client FIN or RST, only this), or its reply entry is gone or now
+/// belongs to another connection. Only asked for a SYN that finds an entry, so a SYN resent
+/// for a connection still being set up keeps its backend.
+#[inline(always)]
+fn reply_side_over(pkt: &Packet, f: &FlowValue) -> bool {
+    let rkey = FlowKey {
+        src: f.backend_addr,
+        dst: f.snat_addr,
+        sport: f.backend_port,
+        dport: f.snat_port,
+        family: pkt.family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    };
+    // SAFETY: the fields are copied out at once.
+    match unsafe { REV_FLOWS.get(&rkey) } {
+        Some(r) => {
+            r.flags & REV_CLOSING != 0
+                || r.client_addr != pkt.src
+                || r.client_port != pkt.sport
+                || r.vip_addr != pkt.dst
+                || r.vip_port != pkt.dport
+        }
+        None => true,
     }
 }
 

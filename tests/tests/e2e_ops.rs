@@ -1,0 +1,710 @@
+//! End to end, "set and forget": what an operator relies on once nb runs. Backends die and come
+//! back, nodes are drained or held in backup, a whole pool goes DOWN, a client floods, a bad
+//! config is pushed, the agent crashes; every time nb keeps doing the right thing on its own.
+//!
+//! Real TCP clients and servers in network namespaces, the real nb-agent, the real XDP program.
+//! Timing is checked with deadlines and polling: a wait ends as soon as the state is reached,
+//! and a deadline is the contract (check_interval x check_attempts, plus a margin).
+
+use std::{
+    collections::HashMap,
+    io::{ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    sync::{
+        Arc, Barrier, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+use nb_tests::{
+    netns::{Backend, connect_in, which_backend},
+    require_root,
+    topo::{Agent, Topology, Wiring, backend_v4, vip, wait_connectable},
+};
+
+/// Backends listen here (the public port is 80).
+const BACKEND_PORT: u16 = 8080;
+/// `check_interval` of every checked port in this file: the minimum the config allows.
+const INTERVAL: Duration = Duration::from_secs(2);
+/// Slack on top of a deadline the contract sets: scheduling, the data-path write, a slow CI.
+const MARGIN: Duration = Duration::from_millis(1500);
+
+/// The longest a node can take to go DOWN after it dies: `attempts` failed checks, each up to
+/// one interval (+10% jitter) after the previous one.
+fn down_window(attempts: u32) -> Duration {
+    INTERVAL.mul_f64(1.1) * attempts + MARGIN
+}
+
+/// The longest a dead node can take to come back UP once it answers again: one check.
+fn up_window() -> Duration {
+    INTERVAL.mul_f64(1.1) + MARGIN
+}
+
+/// Connections a backend accepted from clients through the balancer: those from an SNAT port
+/// (health checks come from the balancer's ordinary ephemeral ports).
+fn client_conns(b: &Backend) -> usize {
+    b.peers()
+        .iter()
+        .filter(|p| (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&p.port()))
+        .count()
+}
+
+fn backend_addr(i: u8) -> SocketAddr {
+    SocketAddr::new(backend_v4(i).into(), BACKEND_PORT)
+}
+
+/// Backends `b1..=bn`, each greeting with its label.
+fn start_backends(t: &Topology, n: u8) -> Vec<Backend> {
+    (1..=n)
+        .map(|i| Backend::start(&t.backends, &format!("b{i}"), backend_addr(i)))
+        .collect()
+}
+
+/// One `[[port.node]]` for backend `i` (label `b{i}`).
+fn node(i: u8, mode: &str) -> String {
+    format!(
+        "[[port.node]]\nlabel = \"b{i}\"\naddress = \"{}\"\nmode = \"{mode}\"\n\n",
+        backend_addr(i)
+    )
+}
+
+/// Nodes `b1..=bn`, all `accept`.
+fn accept_nodes(n: u8) -> String {
+    (1..=n).map(|i| node(i, "accept")).collect()
+}
+
+/// Port 80, tcp, round robin, checked by TCP connect every two seconds.
+fn checked_port(attempts: u32, nodes: &str) -> String {
+    format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\n\
+         check = \"connection\"\ncheck_interval = {}\ncheck_timeout = 1\n\
+         check_attempts = {attempts}\n\n{nodes}",
+        INTERVAL.as_secs()
+    )
+}
+
+/// The balancer table of `t` with `extra` lines added to it.
+fn balancer_with(t: &Topology, extra: &str) -> String {
+    let base = t.balancer_toml();
+    assert!(base.starts_with("[balancer]\n"), "balancer table: {base}");
+    base.replacen("[balancer]\n", &format!("[balancer]\n{extra}"), 1)
+}
+
+/// Rewrites the config file in place (what an operator does before `systemctl reload`).
+fn rewrite(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("rewrite config");
+}
+
+/// Polls `f` every 20 ms until it is true; panics with `what` (and the agent's log) after
+/// `timeout`. Returns how long it took.
+fn wait_until(
+    what: &str,
+    agent: &Agent,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the agent's log holds `needle` at least `count` times.
+fn wait_log(agent: &Agent, needle: &str, count: usize, timeout: Duration) -> Duration {
+    wait_until(
+        &format!("{count} x {needle:?} in the agent log"),
+        agent,
+        timeout,
+        || agent.log_text().matches(needle).count() >= count,
+    )
+}
+
+/// Sends SIGHUP and waits for the agent to log the outcome: `"reloaded"` or
+/// `"reload refused"`, which must then appear `count` times in all.
+fn reload(agent: &Agent, outcome: &str, count: usize) {
+    agent.signal(libc::SIGHUP);
+    wait_log(agent, outcome, count, Duration::from_secs(5));
+}
+
+/// True while the agent process exists and has not exited (a zombie has exited).
+fn agent_alive(agent: &Agent) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid())).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// `n` new connections from the client; panics on any failure. The count per label.
+fn spread(t: &Topology, n: usize) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for i in 0..n {
+        let label = which_backend(&t.client, vip(80))
+            .unwrap_or_else(|e| panic!("new connection {i} of {n} failed: {e}"));
+        *seen.entry(label).or_default() += 1;
+    }
+    seen
+}
+
+/// Makes new connections until `run` consecutive ones all succeed and `ok` accepts every
+/// label; returns when the first of them started (measured from `since`). Panics after
+/// `timeout` (from `since`).
+fn settle(
+    t: &Topology,
+    agent: &Agent,
+    since: Instant,
+    timeout: Duration,
+    run: usize,
+    ok: impl Fn(&str) -> bool,
+) -> Duration {
+    let mut good = 0;
+    let mut run_start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let attempt = Instant::now();
+        match which_backend(&t.client, vip(80)) {
+            Ok(label) if ok(&label) => {
+                if good == 0 {
+                    run_start = attempt;
+                }
+                good += 1;
+                if good >= run {
+                    return run_start - since;
+                }
+            }
+            other => {
+                good = 0;
+                last = format!("{other:?}");
+            }
+        }
+        assert!(
+            since.elapsed() < timeout,
+            "no {run} good connections in a row within {timeout:?} (last bad: {last}); agent log:\n{}",
+            agent.log_text()
+        );
+    }
+}
+
+/// A kept-alive connection through the balancer: the backend's label, then echoes.
+fn open(t: &Topology) -> (TcpStream, String) {
+    let mut s = connect_in(&t.client, vip(80), Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let mut label = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).expect("read greeting") == 1 && b[0] != b'\n' {
+        label.push(b[0]);
+    }
+    (s, String::from_utf8(label).expect("label"))
+}
+
+/// Sends `msg` and reads the echo back.
+fn echo(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    s.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)?;
+    if buf != msg {
+        return Err(std::io::Error::other(format!(
+            "echo {:?} came back as {:?}",
+            String::from_utf8_lossy(msg),
+            String::from_utf8_lossy(&buf)
+        )));
+    }
+    Ok(())
+}
+
+/// 1. A backend that dies is out of rotation within check_interval x check_attempts: after
+///    that no new connection reaches it and none fails. When it comes back it is UP again and
+///    takes its share.
+#[test]
+fn dead_backend_leaves_rotation_in_time_and_comes_back() {
+    require_root();
+    const ATTEMPTS: u32 = 2;
+    let t = Topology::new("o1", Wiring::TwoNic, 3);
+    let mut backends = start_backends(&t, 3);
+    let cfg = t.write_config(&checked_port(ATTEMPTS, &accept_nodes(3)));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    for i in 1..=3 {
+        wait_log(&agent, &format!("port 80 node b{i} is UP"), 1, up_window());
+    }
+    let seen = spread(&t, 30);
+    assert_eq!(seen.len(), 3, "all three take traffic: {seen:?}");
+
+    let stopped = Instant::now();
+    backends[1].stop();
+    let window = down_window(ATTEMPTS);
+    // Failover: from the kill until the first of 20 new connections in a row that all
+    // succeed and avoid b2 (round robin sends every third one to b2 until it is DOWN).
+    let failover = settle(
+        &t,
+        &agent,
+        stopped,
+        window + Duration::from_secs(5),
+        20,
+        |l| l != "b2",
+    );
+    println!(
+        "failover after a backend died: {failover:?} (check_interval {INTERVAL:?} x {ATTEMPTS} attempts)"
+    );
+    assert!(
+        agent.log_text().contains("port 80 node b2 is DOWN"),
+        "b2 reported DOWN:\n{}",
+        agent.log_text()
+    );
+    assert!(
+        failover <= window,
+        "failover took {failover:?}, more than {window:?}"
+    );
+    // From the deadline on: every new connection works and none goes to the dead node.
+    if let Some(rest) = window.checked_sub(stopped.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    let after = spread(&t, 60);
+    assert!(
+        !after.contains_key("b2"),
+        "the dead b2 got connections: {after:?}"
+    );
+    assert_eq!(after.len(), 2, "b1 and b3 share the load: {after:?}");
+
+    // b2 comes back on the same address: UP within one check, and in rotation again.
+    let restarted = Instant::now();
+    backends[1] = Backend::start(&t.backends, "b2", backend_addr(2));
+    wait_log(&agent, "port 80 node b2 is UP (was DOWN)", 1, up_window());
+    wait_until(
+        "b2 takes new connections again",
+        &agent,
+        MARGIN,
+        || matches!(which_backend(&t.client, vip(80)), Ok(l) if l == "b2"),
+    );
+    println!(
+        "recovery after the backend returned: {:?}",
+        restarted.elapsed()
+    );
+    let seen = spread(&t, 30);
+    assert_eq!(seen.len(), 3, "all three take traffic again: {seen:?}");
+    assert!(
+        client_conns(&backends[1]) >= 5,
+        "b2 got its share: {seen:?}"
+    );
+}
+
+/// 2. Draining a node (mode = "drain" by a reload) keeps its open connection working and sends
+///    it no new ones, also across its later health checks.
+#[test]
+fn drain_keeps_open_connections_and_takes_no_new_ones() {
+    require_root();
+    let t = Topology::new("o2", Wiring::TwoNic, 2);
+    let backends = start_backends(&t, 2);
+    let cfg = t.write_config(&checked_port(1, &accept_nodes(2)));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    let (mut conn, mine) = open(&t);
+    echo(&mut conn, b"before drain").expect("echo before drain");
+    let i: u8 = mine
+        .strip_prefix('b')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("label {mine}"));
+    let other = 3 - i;
+    let drained = format!("{}{}", node(i, "drain"), node(other, "accept"));
+    rewrite(
+        &cfg,
+        &format!("{}{}", t.balancer_toml(), checked_port(1, &drained)),
+    );
+    reload(&agent, "reloaded", 1);
+    echo(&mut conn, b"right after drain").expect("echo on the drained node's connection");
+    let accepted_before = client_conns(&backends[usize::from(i - 1)]);
+
+    // Over more than a check interval (the drained node's check keeps reporting UP): the old
+    // connection keeps echoing and every new connection goes to the other node.
+    let until = Instant::now() + INTERVAL + MARGIN;
+    let mut n = 0;
+    while Instant::now() < until {
+        let label = which_backend(&t.client, vip(80)).expect("new connection while draining");
+        assert_ne!(label, mine, "new connection {n} went to the drained node");
+        echo(&mut conn, format!("draining {n}").as_bytes())
+            .expect("echo on the drained node's connection");
+        n += 1;
+    }
+    assert!(n >= 20, "only {n} connections made");
+    assert_eq!(
+        client_conns(&backends[usize::from(i - 1)]),
+        accepted_before,
+        "the drained backend accepted a new connection"
+    );
+    assert!(agent_alive(&agent));
+}
+
+/// 3. A backup node takes traffic only while no accept node is UP.
+#[test]
+fn backup_takes_over_only_while_the_accept_node_is_down() {
+    require_root();
+    const ATTEMPTS: u32 = 1;
+    let t = Topology::new("o3", Wiring::TwoNic, 2);
+    let mut backends = start_backends(&t, 2);
+    let nodes = format!("{}{}", node(1, "accept"), node(2, "backup"));
+    let cfg = t.write_config(&checked_port(ATTEMPTS, &nodes));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    wait_log(&agent, "port 80 node b1 is UP", 1, up_window());
+    wait_log(&agent, "port 80 node b2 is UP", 1, up_window());
+    let seen = spread(&t, 20);
+    assert_eq!(
+        seen.get("b1"),
+        Some(&20),
+        "all to the accept node: {seen:?}"
+    );
+
+    let stopped = Instant::now();
+    backends[0].stop();
+    let window = down_window(ATTEMPTS);
+    let took = settle(
+        &t,
+        &agent,
+        stopped,
+        window + Duration::from_secs(5),
+        20,
+        |l| l == "b2",
+    );
+    println!("backup took over after {took:?}");
+    assert!(
+        took <= window,
+        "backup took over after {took:?}, not within {window:?}"
+    );
+    let seen = spread(&t, 20);
+    assert_eq!(seen.get("b2"), Some(&20), "all to the backup: {seen:?}");
+
+    let restarted = Instant::now();
+    backends[0] = Backend::start(&t.backends, "b1", backend_addr(1));
+    let window = up_window();
+    let took = settle(
+        &t,
+        &agent,
+        restarted,
+        window + Duration::from_secs(5),
+        20,
+        |l| l == "b1",
+    );
+    println!("accept node took back over after {took:?}");
+    assert!(
+        took <= window,
+        "b1 back after {took:?}, not within {window:?}"
+    );
+    let seen = spread(&t, 20);
+    assert_eq!(
+        seen.get("b1"),
+        Some(&20),
+        "all back to the accept node: {seen:?}"
+    );
+}
+
+/// 4. With every node DOWN a new connection is refused by the balancer at once. The backends
+///    lose their addresses (they answer nothing, so a refusal can only come from nb).
+#[test]
+fn all_nodes_down_refuses_at_once() {
+    require_root();
+    let t = Topology::new("o4", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2);
+    let cfg = t.write_config(&checked_port(1, &accept_nodes(2)));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    wait_log(&agent, "port 80 node b1 is UP", 1, up_window());
+    wait_log(&agent, "port 80 node b2 is UP", 1, up_window());
+
+    t.backends.sh("ip -4 addr flush dev bk0");
+    wait_log(&agent, "port 80 node b1 is DOWN", 1, down_window(1));
+    wait_log(&agent, "port 80 node b2 is DOWN", 1, down_window(1));
+    for i in 0..5 {
+        let start = Instant::now();
+        let err = connect_in(&t.client, vip(80), Duration::from_secs(5))
+            .expect_err("no node is UP: the connection must not be made");
+        let took = start.elapsed();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "attempt {i}: refused, not {err}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "attempt {i}: refused at once, took {took:?}"
+        );
+    }
+
+    // The backends come back: so does the service, without anyone touching nb.
+    t.backends.sh(&format!(
+        "ip addr add {}/24 dev bk0 && ip addr add {}/24 dev bk0",
+        backend_v4(1),
+        backend_v4(2)
+    ));
+    wait_log(&agent, "port 80 node b1 is UP (was DOWN)", 1, up_window());
+    wait_log(&agent, "port 80 node b2 is UP (was DOWN)", 1, up_window());
+    wait_connectable(&t.client, vip(80), MARGIN);
+    let seen = spread(&t, 20);
+    assert_eq!(seen.len(), 2, "both back in rotation: {seen:?}");
+}
+
+/// `n` connection attempts from the client, all started at the same moment (one thread each),
+/// each given `timeout`.
+fn burst(t: &Topology, n: usize, timeout: Duration) -> Vec<std::io::Result<TcpStream>> {
+    let addr = vip(80);
+    t.client.enter(move || {
+        // Threads started here inherit this thread's network namespace.
+        let gate = Arc::new(Barrier::new(n));
+        let threads: Vec<JoinHandle<_>> = (0..n)
+            .map(|_| {
+                let gate = gate.clone();
+                std::thread::spawn(move || {
+                    gate.wait();
+                    TcpStream::connect_timeout(&addr, timeout)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|h| h.join().expect("connect thread"))
+            .collect()
+    })
+}
+
+/// 5. `client_conn_throttle = 5`: a burst of 20 connection attempts from one client gets about
+///    five through (the SYNs of the rest are dropped, so they time out), and the client is
+///    served again once it slows down.
+#[test]
+fn throttle_limits_a_burst_and_keeps_serving() {
+    require_root();
+    let t = Topology::new("o5", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2);
+    let path = t.dir.join("nb.toml");
+    rewrite(
+        &path,
+        &format!(
+            "{}{}",
+            balancer_with(&t, "client_conn_throttle = 5\n"),
+            checked_port(2, &accept_nodes(2))
+        ),
+    );
+    let agent = Agent::start(&t, &path);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    // Let the bucket refill after the probing above (five tokens in one second).
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // 700 ms: less than the first SYN retransmission (1 s), so a dropped SYN is not retried.
+    let results = burst(&t, 20, Duration::from_millis(700));
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| format!("{:?}", e.kind()))
+        .collect();
+    println!("throttle 5/s: {ok} of 20 burst connections made; failures: {failed:?}");
+    assert!(
+        (3..=7).contains(&ok),
+        "about 5 of a burst of 20 get through, not {ok}"
+    );
+    assert!(
+        failed.iter().all(|k| k == "TimedOut"),
+        "throttled connections time out (SYN dropped), not {failed:?}"
+    );
+    drop(results);
+
+    // The client slows down: it is served again.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(agent_alive(&agent), "agent exited:\n{}", agent.log_text());
+    for i in 0..6 {
+        which_backend(&t.client, vip(80))
+            .unwrap_or_else(|e| panic!("paced connection {i} after the burst: {e}"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// 6. SIGHUP with a broken file (a syntax error, then an invalid value next to valid changes)
+///    changes nothing: the agent stays up, traffic keeps its nodes, the log says why. A good
+///    file then applies.
+#[test]
+fn broken_reload_changes_nothing() {
+    require_root();
+    let t = Topology::new("o6", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2);
+    let good = checked_port(2, &accept_nodes(2));
+    let cfg = t.write_config(&good);
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    let seen = spread(&t, 20);
+    assert_eq!(seen.len(), 2, "both nodes serve: {seen:?}");
+
+    let bad_files = [
+        (
+            "syntax error",
+            format!(
+                "{}{}",
+                t.balancer_toml(),
+                good.replacen("port = 80", "port = = 80", 1)
+            ),
+        ),
+        (
+            // Valid changes (throttle to 1/s, b1 rejected) next to an invalid weight: if any of
+            // it applied, new connections would fail or avoid b1.
+            "invalid value",
+            format!(
+                "{}{}",
+                balancer_with(&t, "client_conn_throttle = 1\n"),
+                checked_port(
+                    2,
+                    &format!(
+                        "{}{}",
+                        node(1, "reject"),
+                        node(2, "accept").replace("mode", "weight = 0\nmode")
+                    )
+                )
+            ),
+        ),
+    ];
+    for (n, (what, text)) in bad_files.iter().enumerate() {
+        rewrite(&cfg, text);
+        reload(&agent, "reload refused", n + 1);
+        assert!(
+            agent_alive(&agent),
+            "agent exited on a {what}:\n{}",
+            agent.log_text()
+        );
+        // Round robin runs per CPU, so allow some skew; a rejected b1 would get none.
+        let seen = spread(&t, 20);
+        assert!(
+            seen.get("b1").is_some_and(|n| *n >= 5) && seen.get("b2").is_some_and(|n| *n >= 5),
+            "after a refused reload ({what}) both nodes serve as before: {seen:?}"
+        );
+    }
+    let log = agent.log_text();
+    assert!(
+        log.contains("weight (0) must be between 1 and 255"),
+        "the refusal names the reason:\n{log}"
+    );
+    assert!(!log.contains("reloaded"), "nothing was reloaded:\n{log}");
+
+    // A good file applies: b1 rejected, everything to b2.
+    rewrite(
+        &cfg,
+        &format!(
+            "{}{}",
+            t.balancer_toml(),
+            checked_port(2, &format!("{}{}", node(1, "reject"), node(2, "accept")))
+        ),
+    );
+    reload(&agent, "reloaded", 1);
+    let seen = spread(&t, 20);
+    assert_eq!(
+        seen.get("b2"),
+        Some(&20),
+        "the good reload applied: {seen:?}"
+    );
+}
+
+/// What the echo loop of test 7 saw.
+#[derive(Default)]
+struct EchoLog {
+    ok: usize,
+    errors: Vec<String>,
+    slowest: Duration,
+}
+
+/// 7. The agent is killed with SIGKILL while a kept-alive connection keeps sending; a new agent
+///    starts with the same config. The connection never notices, and new connections work.
+#[test]
+fn agent_crash_and_restart_keep_connections() {
+    require_root();
+    let t = Topology::new("o7", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2);
+    let cfg = t.write_config(&checked_port(2, &accept_nodes(2)));
+    let mut agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    let (mut conn, mine) = open(&t);
+    conn.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("read timeout");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let log = Arc::new(Mutex::new(EchoLog::default()));
+    let pinger = {
+        let (stop, count, log) = (stop.clone(), count.clone(), log.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let r = echo(&mut conn, format!("ping {n:08}\n").as_bytes());
+                let took = start.elapsed();
+                let mut l = log.lock().expect("echo log");
+                l.slowest = l.slowest.max(took);
+                match r {
+                    Ok(()) => l.ok += 1,
+                    Err(e) => {
+                        l.errors.push(format!("echo {n}: {e} after {took:?}"));
+                        return;
+                    }
+                }
+                drop(l);
+                count.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let echoes_after = |n: usize, what: &str, agent: &Agent| {
+        let target = count.load(Ordering::Relaxed) + n;
+        wait_until(what, agent, Duration::from_secs(10), || {
+            count.load(Ordering::Relaxed) >= target || !log.lock().expect("log").errors.is_empty()
+        });
+    };
+    echoes_after(20, "echoes before the crash", &agent);
+
+    agent.kill9();
+    // No agent: the pinned program keeps forwarding, old and new connections alike.
+    echoes_after(50, "echoes with no agent running", &agent);
+    let label = which_backend(&t.client, vip(80)).expect("new connection with no agent");
+    assert!(label.starts_with('b'), "label {label}");
+
+    let restarted = Agent::start(&t, &cfg);
+    // Long enough for the new agent's first flow sweep and health checks.
+    let until = Instant::now() + INTERVAL + MARGIN;
+    while Instant::now() < until {
+        echoes_after(10, "echoes after the restart", &restarted);
+    }
+    stop.store(true, Ordering::Relaxed);
+    pinger.join().expect("echo thread");
+    let l = log.lock().expect("echo log");
+    println!(
+        "{} echoes on the {mine} connection across kill -9 and restart; slowest {:?}",
+        l.ok, l.slowest
+    );
+    assert!(
+        l.errors.is_empty(),
+        "the connection noticed: {:?}",
+        l.errors
+    );
+    assert!(
+        l.slowest < Duration::from_secs(1),
+        "an echo took {:?}",
+        l.slowest
+    );
+    assert!(l.ok >= 100, "only {} echoes", l.ok);
+    assert!(
+        restarted
+            .log_text()
+            .contains("replaced the program of the pinned XDP link"),
+        "the new agent adopted the pinned link:\n{}",
+        restarted.log_text()
+    );
+    let seen = spread(&t, 20);
+    assert_eq!(seen.len(), 2, "new connections after the restart: {seen:?}");
+}
