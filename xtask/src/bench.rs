@@ -1,3 +1,662 @@
-pub fn run(_ws: &std::path::Path, _part: Option<&str>) -> anyhow::Result<()> {
-    anyhow::bail!("bench: not yet")
+//! `cargo xtask bench [xdp|l4]`: side-by-side benchmarks (SPEC §7). Every contender runs in the
+//! same run, on the same namespaces and the same backends; the table reports ratios, because
+//! these machines are shared and an absolute number means little. Results go to
+//! `target/bench/*.json`.
+
+use std::{
+    fmt::Write as _,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use nb_tests::{
+    netns::{Netns, connect_in},
+    packet::{ACK, Frame, PSH, RST, SYN},
+    topo::{Agent, CLIENT, Topology, VIP, Wiring, backend_v4},
+};
+
+pub fn run(ws: &Path, part: Option<&str>) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the benchmarks need root (XDP, network namespaces)"
+    );
+    // SAFETY: set before any thread that reads the environment is started.
+    unsafe { std::env::set_var("NB_AGENT_BIN", ws.join("target/release/nb-agent")) };
+    let out = ws.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    match part {
+        None | Some("all") => {
+            xdp(&out)?;
+            l4(&out)
+        }
+        Some("xdp") => xdp(&out),
+        Some("l4") => l4(&out),
+        Some(other) => bail!("unknown benchmark part '{other}': xdp, l4 or all"),
+    }
+}
+
+const BACKENDS: u8 = 3;
+
+/// The bench network with the agent serving port 80 over three backends at :8080.
+fn topology(tag: &str, max_flows: u32) -> Result<(Topology, std::path::PathBuf)> {
+    let t = Topology::new(tag, Wiring::TwoNic, BACKENDS);
+    let nodes: String = (1..=BACKENDS)
+        .map(|i| {
+            format!(
+                "[[port.node]]\nlabel = \"b{i}\"\naddress = \"{}:8080\"\n\n",
+                backend_v4(i)
+            )
+        })
+        .collect();
+    let cfg = t.write_config(&format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\ncheck = \"none\"\n\n{nodes}"
+    ));
+    let text = std::fs::read_to_string(&cfg)?
+        .replace("max_flows = 65536", &format!("max_flows = {max_flows}"));
+    std::fs::write(&cfg, text)?;
+    Ok((t, cfg))
+}
+
+// ---------------------------------------------------------------------------------------------
+// XDP program cost by BPF_PROG_TEST_RUN.
+
+const BPF_PROG_LOAD: u32 = 5;
+const BPF_OBJ_GET: u32 = 7;
+const BPF_PROG_TEST_RUN: u32 = 10;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+
+/// A `union bpf_attr`, filled field by field at the UAPI offsets.
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Attr {
+        Attr([0; 128])
+    }
+    fn u32(&mut self, off: usize, v: u32) -> &mut Attr {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn u64(&mut self, off: usize, v: u64) -> &mut Attr {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn get_u32(&self, off: usize) -> u32 {
+        u32::from_ne_bytes(self.0[off..off + 4].try_into().expect("4 bytes"))
+    }
+    fn call(&mut self, cmd: u32) -> io::Result<i64> {
+        // SAFETY: the attr buffer is 128 bytes, at least as large as every command's part of
+        // `union bpf_attr` used here; pointers stored in it outlive the call (the callers keep
+        // the pointed-to buffers alive across it).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd as libc::c_long,
+                self.0.as_mut_ptr(),
+                self.0.len() as libc::c_long,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+}
+
+/// An owned BPF file descriptor.
+struct Fd(i32);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: the fd is ours and closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// The smallest XDP program: `r0 = XDP_PASS; exit`. The floor every XDP program pays.
+fn load_empty_xdp() -> io::Result<Fd> {
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 2, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = c"GPL";
+    let fd = Attr::new()
+        .u32(0, BPF_PROG_TYPE_XDP)
+        .u32(4, 2)
+        .u64(8, insns.as_ptr() as u64)
+        .u64(16, license.as_ptr() as u64)
+        .call(BPF_PROG_LOAD)?;
+    Ok(Fd(fd as i32))
+}
+
+fn obj_get(path: &Path) -> io::Result<Fd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let fd = Attr::new().u64(0, c.as_ptr() as u64).call(BPF_OBJ_GET)?;
+    Ok(Fd(fd as i32))
+}
+
+/// One BPF_PROG_TEST_RUN of `frame` arriving on `ifindex`, `repeat` times: (action, mean ns
+/// per run as the kernel measured it).
+fn test_run(prog: &Fd, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<(u32, u32)> {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut a = Attr::new();
+    a.u32(0, prog.0 as u32)
+        .u32(8, frame.len() as u32)
+        .u32(12, out.len() as u32)
+        .u64(16, frame.as_ptr() as u64)
+        .u64(24, out.as_mut_ptr() as u64)
+        .u32(32, repeat)
+        .u32(40, ctx.len() as u32)
+        .u64(48, ctx.as_ptr() as u64);
+    a.call(BPF_PROG_TEST_RUN)?;
+    Ok((a.get_u32(4), a.get_u32(36)))
+}
+
+struct XdpCase {
+    name: &'static str,
+    ns_per_packet: f64,
+    action: u32,
+}
+
+const RUNS: u32 = 1_000_000;
+
+fn xdp(out: &Path) -> Result<()> {
+    println!("== XDP program cost (BPF_PROG_TEST_RUN, {RUNS} runs per case)");
+    let (t, cfg) = topology("bx", 262_144)?;
+    let _agent = Agent::start(&t, &cfg);
+    // Resolve the backends' MACs, as traffic would on a live balancer: otherwise every run
+    // measures the first-packet path that hands the frame to the kernel.
+    for i in 1..=BACKENDS {
+        t.lb.sh(&format!("ping -c 1 -W 2 {} >/dev/null", backend_v4(i)));
+    }
+    let pin = t.pin_path.join("nb_xdp");
+    let ifindex: u32 =
+        t.lb.sh("cat /sys/class/net/pub0/ifindex")
+            .trim()
+            .parse()
+            .context("pub0 ifindex")?;
+    let cases = t.lb.enter(move || -> io::Result<Vec<XdpCase>> {
+        let nb = obj_get(&pin)?;
+        let empty = load_empty_xdp()?;
+        let syn = |ip: Ipv4Addr, port: u16| {
+            let mut f = Frame::v4((ip, port), (VIP, 80), SYN);
+            f.tcp.options = vec![2, 4, 5, 0xb4];
+            f
+        };
+        let mut data = Frame::v4((CLIENT, 40000), (VIP, 80), ACK | PSH);
+        data.tcp.payload = vec![b'x'; 64];
+        let data = data.build();
+        let mut pass = syn(CLIENT, 40001);
+        pass.tcp.dport = 22;
+        let pass = pass.build();
+
+        // The packet is not restored between repeats of one test run, so a program that
+        // rewrites it would see its own output from the second repeat on. Every case is
+        // therefore RUNS separate runs of a fresh copy, each timed by the kernel, and the
+        // empty program is measured the same way.
+        let mean = |f: &mut dyn FnMut(u32) -> io::Result<(u32, u32)>| -> io::Result<(f64, u32)> {
+            let mut total = 0u64;
+            let mut action = 0;
+            for i in 0..RUNS {
+                let (a, ns) = f(i)?;
+                total += ns as u64;
+                action = a;
+            }
+            Ok((total as f64 / RUNS as f64, action))
+        };
+        let mut cases = Vec::new();
+        let (ns, action) = mean(&mut |_| test_run(&empty, &pass, ifindex, 1))?;
+        cases.push(XdpCase {
+            name: "empty XDP program",
+            ns_per_packet: ns,
+            action,
+        });
+        let (ns, action) = mean(&mut |_| test_run(&nb, &pass, ifindex, 1))?;
+        cases.push(XdpCase {
+            name: "nb: pass (TCP, not a service)",
+            ns_per_packet: ns,
+            action,
+        });
+        test_run(&nb, &syn(CLIENT, 40000).build(), ifindex, 1)?;
+        let (ns, action) = mean(&mut |_| test_run(&nb, &data, ifindex, 1))?;
+        cases.push(XdpCase {
+            name: "nb: established flow",
+            ns_per_packet: ns,
+            action,
+        });
+        // New connections over 16384 client ports; a RST (not timed) closes each flow so
+        // that the next SYN on that port is a new connection again.
+        let syns: Vec<(Vec<u8>, Vec<u8>)> = (0..16384u16)
+            .map(|p| {
+                let s = syn(Ipv4Addr::new(198, 18, 0, 3), 1024 + p);
+                let mut r = s.clone();
+                r.tcp.flags = RST | ACK;
+                (s.build(), r.build())
+            })
+            .collect();
+        let (ns, action) = mean(&mut |i| {
+            let (s, r) = &syns[(i % 16384) as usize];
+            let res = test_run(&nb, s, ifindex, 1)?;
+            test_run(&nb, r, ifindex, 1)?;
+            Ok(res)
+        })?;
+        cases.push(XdpCase {
+            name: "nb: new connection (SYN)",
+            ns_per_packet: ns,
+            action,
+        });
+        Ok(cases)
+    })?;
+    let empty = cases[0].ns_per_packet;
+    let mut json = String::from("{\n  \"runs\": ");
+    let _ = write!(json, "{RUNS},\n  \"cases\": [\n");
+    println!(
+        "   {:<34} {:>10} {:>12} {:>7}",
+        "case", "ns/packet", "x empty", "action"
+    );
+    for (i, c) in cases.iter().enumerate() {
+        let ratio = c.ns_per_packet / empty;
+        println!(
+            "   {:<34} {:>10.1} {:>12.2} {:>7}",
+            c.name,
+            c.ns_per_packet,
+            ratio,
+            action_name(c.action)
+        );
+        let _ = writeln!(
+            json,
+            "    {{\"case\": \"{}\", \"ns_per_packet\": {:.1}, \"ratio_to_empty\": {:.3}, \"action\": \"{}\"}}{}",
+            c.name,
+            c.ns_per_packet,
+            ratio,
+            action_name(c.action),
+            if i + 1 < cases.len() { "," } else { "" }
+        );
+    }
+    json.push_str("  ]\n}\n");
+    std::fs::write(out.join("xdp.json"), json)?;
+    drop(t);
+    Ok(())
+}
+
+fn action_name(a: u32) -> &'static str {
+    match a {
+        0 => "ABORTED",
+        1 => "DROP",
+        2 => "PASS",
+        3 => "TX",
+        4 => "REDIRECT",
+        _ => "?",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// L4: nb's XDP path vs nftables DNAT + masquerade vs HAProxy in TCP mode.
+
+struct Load {
+    rps: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+struct L4Row {
+    name: &'static str,
+    keepalive: Load,
+    new_conns: Load,
+    host_cpu: f64,
+    lb_process_cpu: Option<f64>,
+}
+
+const SECONDS: u64 = 8;
+
+fn l4(out: &Path) -> Result<()> {
+    for tool in ["wrk", "nginx", "haproxy", "nft"] {
+        ensure!(
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false),
+            "`{tool}` is missing: apt-get install wrk nginx-light haproxy nftables"
+        );
+    }
+    println!(
+        "== L4: kept-alive requests and new connections through each balancer ({SECONDS} s each)"
+    );
+    let (t, cfg) = topology("bl", 262_144)?;
+    let dir = t.dir.clone();
+    start_nginx(&t.backends, &dir)?;
+    let mut rows = Vec::new();
+
+    // nb: the XDP program.
+    {
+        let agent = Agent::start(&t, &cfg);
+        connectable(&t)?;
+        let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
+        rows.push(L4Row {
+            name: "nb (XDP)",
+            keepalive,
+            new_conns,
+            host_cpu,
+            lb_process_cpu: None,
+        });
+        drop(agent);
+        // Unpinning the links detaches the program: the port is the kernel's again.
+        std::fs::remove_dir_all(&t.pin_path)?;
+    }
+
+    // The kernel's own NAT.
+    {
+        let nft = dir.join("nat.nft");
+        let servers: Vec<String> = (1..=BACKENDS)
+            .map(|i| format!("{} : {}", i - 1, backend_v4(i)))
+            .collect();
+        std::fs::write(
+            &nft,
+            format!(
+                "table ip nbbench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    \
+                 ip daddr {VIP} tcp dport 80 dnat to numgen inc mod {BACKENDS} map {{ {} }} : 8080\n  }}\n  \
+                 chain post {{\n    type nat hook postrouting priority srcnat;\n    \
+                 ip daddr 198.19.0.0/24 masquerade\n  }}\n}}\n",
+                servers.join(", ")
+            ),
+        )?;
+        let xdp = t.lb.sh("ip link show pub0; ip link show priv0");
+        ensure!(
+            !xdp.contains("xdp"),
+            "XDP still attached after nb stopped:\n{xdp}"
+        );
+        t.lb.sh(&format!(
+            "sysctl -qw net.ipv4.ip_forward=1 && nft -f {}",
+            nft.display()
+        ));
+        connectable(&t)?;
+        let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
+        rows.push(L4Row {
+            name: "nftables DNAT+masquerade",
+            keepalive,
+            new_conns,
+            host_cpu,
+            lb_process_cpu: None,
+        });
+        t.lb.sh("nft delete table ip nbbench");
+    }
+
+    // HAProxy in TCP mode, as many threads as CPUs.
+    {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let conf = dir.join("haproxy.cfg");
+        let servers: String = (1..=BACKENDS)
+            .map(|i| format!("  server b{i} {}:8080\n", backend_v4(i)))
+            .collect();
+        std::fs::write(
+            &conf,
+            format!(
+                "global\n  nbthread {cpus}\n  maxconn 8000\n\ndefaults\n  mode tcp\n  \
+                 timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\n\
+                 frontend f\n  bind {VIP}:80\n  default_backend b\n\nbackend b\n  balance roundrobin\n{servers}"
+            ),
+        )?;
+        let pid = t.lb.spawn(
+            "haproxy",
+            &["-db", "-f", conf.to_str().context("path")?],
+            Some(&dir.join("haproxy.log")),
+        );
+        connectable(&t)?;
+        let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
+        let lb_process_cpu = keepalive_cpu(pid);
+        rows.push(L4Row {
+            name: "HAProxy (tcp mode)",
+            keepalive,
+            new_conns,
+            host_cpu,
+            lb_process_cpu,
+        });
+    }
+
+    let nb = &rows[0];
+    println!(
+        "   {:<26} {:>11} {:>7} {:>10} {:>7} {:>8} {:>11} {:>7} {:>8}",
+        "balancer",
+        "req/s (ka)",
+        "p99 ms",
+        "new conn/s",
+        "p99 ms",
+        "CPU (ka)",
+        "req/CPU-s",
+        "nb x ka",
+        "nb x new"
+    );
+    let mut json = String::from("{\n  \"seconds\": ");
+    let _ = write!(json, "{SECONDS},\n  \"rows\": [\n");
+    for (i, r) in rows.iter().enumerate() {
+        let ka_ratio = nb.keepalive.rps / r.keepalive.rps;
+        let new_ratio = nb.new_conns.rps / r.new_conns.rps;
+        println!(
+            "   {:<26} {:>11.0} {:>7.2} {:>10.0} {:>7.2} {:>7.0}% {:>11.0} {:>7.2} {:>8.2}",
+            r.name,
+            r.keepalive.rps,
+            r.keepalive.p99_ms,
+            r.new_conns.rps,
+            r.new_conns.p99_ms,
+            r.host_cpu * 100.0,
+            per_cpu(r),
+            ka_ratio,
+            new_ratio
+        );
+        let _ = writeln!(
+            json,
+            "    {{\"balancer\": \"{}\", \"keepalive_rps\": {:.0}, \"keepalive_p99_ms\": {:.3}, \
+             \"keepalive_errors\": {}, \"new_conn_per_s\": {:.0}, \"new_conn_p99_ms\": {:.3}, \
+             \"new_conn_errors\": {}, \"host_cpu_busy\": {:.3}, \"balancer_process_cpu\": {}, \
+             \"nb_ratio_keepalive\": {:.3}, \"nb_ratio_new_conn\": {:.3}}}{}",
+            r.name,
+            r.keepalive.rps,
+            r.keepalive.p99_ms,
+            r.keepalive.errors,
+            r.new_conns.rps,
+            r.new_conns.p99_ms,
+            r.new_conns.errors,
+            r.host_cpu,
+            r.lb_process_cpu
+                .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "null".into()),
+            ka_ratio,
+            new_ratio,
+            if i + 1 < rows.len() { "," } else { "" }
+        );
+    }
+    json.push_str("  ]\n}\n");
+    std::fs::write(out.join("l4.json"), json)?;
+    if let Some(c) = rows[2].lb_process_cpu {
+        println!(
+            "   HAProxy process CPU over both loads: {:.0}% of one core; nb and nftables work \
+             in the kernel's softirq, which on veth is not separable from the client's",
+            c * 100.0
+        );
+    }
+    let errors: u64 = rows
+        .iter()
+        .map(|r| r.keepalive.errors + r.new_conns.errors)
+        .sum();
+    if errors > 0 {
+        println!("   note: {errors} socket errors reported by wrk (see target/bench/l4.json)");
+    }
+    drop(t);
+    Ok(())
+}
+
+/// Waits until the client reaches the public port; on failure, says what the balancer's
+/// namespace looks like.
+fn connectable(t: &Topology) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let vip = SocketAddr::new(VIP.into(), 80);
+    while connect_in(&t.client, vip, Duration::from_millis(500)).is_err() {
+        if Instant::now() > deadline {
+            let lb = t.lb.sh(
+                "ip -d link show pub0; ip -d link show priv0; nft list ruleset; ip neigh; \
+                 sysctl net.ipv4.ip_forward; ss -tlnp",
+            );
+            bail!("{vip} not connectable from the client after 10 s; balancer:\n{lb}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Kept-alive requests per second of busy host CPU (client, balancer and backends together):
+/// the same work done with less CPU shows here even when the client is the bottleneck.
+fn per_cpu(r: &L4Row) -> f64 {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    r.keepalive.rps / (r.host_cpu * cpus).max(1e-9)
+}
+
+/// nginx on every backend address answering a small body.
+fn start_nginx(ns: &Netns, dir: &Path) -> Result<()> {
+    let servers: String = (1..=BACKENDS)
+        .map(|i| {
+            format!(
+                "  server {{ listen {}:8080 reuseport; location / {{ return 200 \"b{i}\\n\"; }} }}\n",
+                backend_v4(i)
+            )
+        })
+        .collect();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/nginx-error.log;\n\
+             events {{ worker_connections 65536; }}\nhttp {{\n  access_log off;\n  \
+             keepalive_requests 1000000;\n{servers}}}\n",
+            dir.display()
+        ),
+    )?;
+    ns.spawn(
+        "nginx",
+        &["-c", conf.to_str().context("path")?, "-g", "daemon off;"],
+        Some(&dir.join("nginx.log")),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first = SocketAddr::new(backend_v4(1).into(), 8080);
+    while connect_in(ns, first, Duration::from_millis(200)).is_err() {
+        ensure!(
+            Instant::now() < deadline,
+            "nginx did not start: see {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Kept-alive load, then new-connection load, from the client: (keep-alive, new connections,
+/// host CPU busy fraction during the kept-alive load).
+fn measure(client: &Netns) -> Result<(Load, Load, f64)> {
+    let cpu0 = host_cpu_ticks()?;
+    let keepalive = wrk(client, &[])?;
+    let cpu1 = host_cpu_ticks()?;
+    let new_conns = wrk(client, &["-H", "Connection: close"])?;
+    let busy = (cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1)) as f64;
+    Ok((keepalive, new_conns, busy))
+}
+
+fn wrk(client: &Netns, extra: &[&str]) -> Result<Load> {
+    let mut args = vec![
+        "-t2".to_string(),
+        "-c64".to_string(),
+        format!("-d{SECONDS}s"),
+        "--latency".to_string(),
+    ];
+    args.extend(extra.iter().map(|s| format!("'{s}'")));
+    args.push(format!("http://{}/", IpAddr::V4(VIP)));
+    let text = client.sh(&format!("wrk {}", args.join(" ")));
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))?;
+    let p99_ms = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| parse_wrk_time(v.trim()))
+        .with_context(|| format!("no 99% latency in wrk output:\n{text}"))?;
+    let errors = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+        .map(|v| {
+            v.split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(Load {
+        rps,
+        p99_ms,
+        errors,
+    })
+}
+
+/// wrk prints latencies as `812.00us`, `1.20ms` or `2.01s`.
+fn parse_wrk_time(v: &str) -> f64 {
+    let num = |s: &str| s.parse::<f64>().unwrap_or(f64::NAN);
+    if let Some(x) = v.strip_suffix("us") {
+        num(x) / 1000.0
+    } else if let Some(x) = v.strip_suffix("ms") {
+        num(x)
+    } else if let Some(x) = v.strip_suffix('m') {
+        num(x) * 60_000.0
+    } else if let Some(x) = v.strip_suffix('s') {
+        num(x) * 1000.0
+    } else {
+        f64::NAN
+    }
+}
+
+/// (busy ticks, total ticks) of all CPUs from /proc/stat.
+fn host_cpu_ticks() -> Result<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat")?;
+    let line = s.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    ensure!(v.len() >= 5, "unexpected /proc/stat: {line}");
+    let idle = v[3] + v[4];
+    let total: u64 = v.iter().take(8).sum();
+    Ok((total - idle, total))
+}
+
+/// A process's CPU time over its life, as a fraction of one core over the two loads.
+fn keepalive_cpu(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz / (2 * SECONDS) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_times_parse() {
+        assert_eq!(parse_wrk_time("812.00us"), 0.812);
+        assert_eq!(parse_wrk_time("1.50ms"), 1.5);
+        assert_eq!(parse_wrk_time("2.00s"), 2000.0);
+        assert_eq!(parse_wrk_time("1.00m"), 60_000.0);
+    }
 }
