@@ -74,6 +74,8 @@ pub enum DataplaneError {
     },
     #[error("too many {what} (at most {max})")]
     Full { what: &'static str, max: u32 },
+    #[error("parsing the embedded XDP object: {0}")]
+    Object(#[source] Box<aya_obj::ParseError>),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -242,6 +244,7 @@ impl Dataplane {
     /// previous agent) are adopted with their flows, so a restart moves no connection.
     pub fn load(pin_dir: &Path, max_flows: u32) -> Result<Self> {
         mount_bpffs(pin_dir)?;
+        let migrations = reconcile_pins(pin_dir, max_flows)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(maps::FLOWS, max_flows)
@@ -271,8 +274,29 @@ impl Dataplane {
             keys: BTreeMap::new(),
             backends: HashMap::new(),
         };
+        for m in migrations {
+            dp.migrate(m)?;
+        }
         dp.recover()?;
         Ok(dp)
+    }
+
+    /// Copies the flows of a connection table pinned with another size into the new one, then
+    /// drops the old table.
+    fn migrate(&mut self, m: Migration) -> Result<()> {
+        let old = m.old;
+        let copied = match m.name {
+            maps::FLOWS => copy_entries::<FlowValue>(old, self.map_mut(maps::FLOWS)?, m.name)?,
+            maps::REV_FLOWS => {
+                copy_entries::<RevValue>(old, self.map_mut(maps::REV_FLOWS)?, m.name)?
+            }
+            _ => 0,
+        };
+        info!(
+            "map {}: {copied} entries carried over into the resized table",
+            m.name
+        );
+        Ok(())
     }
 
     /// The program, for tests that run it with BPF_PROG_TEST_RUN.
@@ -867,4 +891,109 @@ pub fn driver_name(iface: &str) -> Option<String> {
     }
     let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// A pinned connection table whose size changed: its entries move into the new table.
+struct Migration {
+    name: &'static str,
+    /// The old table, held open by its fd: its pin is removed so the loader creates the new
+    /// one (bpffs cannot rename).
+    old: MapData,
+}
+
+/// Compares every map pinned by an earlier agent with the layout this binary's program
+/// expects (key size, value size, entries, flags). A map that matches is adopted as it is. A
+/// connection table that differs only in size is set aside and its entries copied into the
+/// new one after loading, so established flows keep their backends. Any other difference
+/// (an upgrade changed a type) cannot be read safely: that map is unpinned and created anew,
+/// with a warning; for the connection tables this means established flows are re-balanced by
+/// the Maglev hash of their 5-tuple instead of their recorded backend.
+fn reconcile_pins(pin_dir: &Path, max_flows: u32) -> Result<Vec<Migration>> {
+    let obj =
+        aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| DataplaneError::Object(Box::new(e)))?;
+    let mut migrations = Vec::new();
+    for (name, def) in &obj.maps {
+        let pin = pin_dir.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let table = [maps::FLOWS, maps::REV_FLOWS]
+            .into_iter()
+            .find(|t| *t == name.as_str());
+        let want_entries = if table.is_some() {
+            max_flows
+        } else {
+            def.max_entries()
+        };
+        let info = match aya::maps::MapInfo::from_pin(&pin) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!("map {name}: pinned object unreadable ({e}); creating it anew");
+                let _ = fs::remove_file(&pin);
+                continue;
+            }
+        };
+        let same_types = info.key_size() == def.key_size()
+            && info.value_size() == def.value_size()
+            && info.map_flags() == def.map_flags();
+        if same_types && info.max_entries() == want_entries {
+            continue;
+        }
+        let was = format!(
+            "key {} B, value {} B, {} entries, flags {:#x}",
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags()
+        );
+        let now = format!(
+            "key {} B, value {} B, {} entries, flags {:#x}",
+            def.key_size(),
+            def.value_size(),
+            want_entries,
+            def.map_flags()
+        );
+        match table {
+            Some(t) if same_types => {
+                let old = MapData::from_pin(&pin).map_err(map_err(t))?;
+                fs::remove_file(&pin).map_err(|source| DataplaneError::Io {
+                    path: pin.clone(),
+                    source,
+                })?;
+                info!("map {name}: resized ({was} -> {now}); carrying its entries over");
+                migrations.push(Migration { name: t, old });
+            }
+            _ => {
+                warn!(
+                    "map {name}: pinned layout ({was}) differs from this program's ({now}); \
+                     creating it anew, its old entries are not carried over"
+                );
+                fs::remove_file(&pin).map_err(|source| DataplaneError::Io {
+                    path: pin.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
+    Ok(migrations)
+}
+
+/// Copies every entry of `old` (an LRU hash of `FlowKey` -> `V`) into `new`; returns how many.
+fn copy_entries<V: aya::Pod>(
+    old: MapData,
+    new: &mut aya::maps::Map,
+    name: &'static str,
+) -> Result<usize> {
+    let old = aya::maps::Map::LruHashMap(old);
+    let old: BpfHashMap<MapData, FlowKey, V> = BpfHashMap::try_from(old).map_err(map_err(name))?;
+    let mut new: BpfHashMap<&mut MapData, FlowKey, V> =
+        BpfHashMap::try_from(new).map_err(map_err(name))?;
+    let mut n = 0;
+    for item in old.iter() {
+        let Ok((k, v)) = item else { continue };
+        if new.insert(k, v, 0).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
