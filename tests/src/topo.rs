@@ -171,6 +171,11 @@ impl Agent {
     /// Starts `nb-agent run --config` in `topo.lb` and waits until it has attached its program
     /// (the pinned link exists for every interface).
     pub fn start(topo: &Topology, config: &Path) -> Agent {
+        Agent::start_with_env(topo, config, &[])
+    }
+
+    /// As [`Agent::start`], with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(topo: &Topology, config: &Path, env: &[(&str, &str)]) -> Agent {
         let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");
         let child = topo
@@ -179,6 +184,7 @@ impl Agent {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()

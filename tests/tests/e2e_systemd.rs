@@ -1,0 +1,98 @@
+//! The agent under systemd's notify protocol: READY once serving, WATCHDOG while alive,
+//! RELOADING/READY around a reload, STOPPING on SIGTERM; and `cargo xtask install` lays out
+//! the binary, config and unit.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    time::{Duration, Instant},
+};
+
+use nb_tests::{
+    netns::unique_suffix,
+    require_root,
+    topo::{Agent, Topology, Wiring, backend_v4},
+};
+
+fn messages(sock: &UnixDatagram, until: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    while !until(&got) {
+        assert!(Instant::now() < deadline, "notifications so far: {got:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+#[test]
+fn notifies_systemd_ready_watchdog_reload_and_stop() {
+    require_root();
+    let t = Topology::new("y1", Wiring::TwoNic, 1);
+    let cfg = t.write_config(&format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n\
+         [[port.node]]\nlabel = \"b1\"\naddress = \"{}:8080\"\n",
+        backend_v4(1)
+    ));
+    let path = t.dir.join(format!("notify-{}.sock", unique_suffix()));
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let p = path.to_str().expect("utf-8 path").to_string();
+    let mut agent = Agent::start_with_env(&t, &cfg, &[("NOTIFY_SOCKET", p.as_str())]);
+    let got = messages(&sock, |m| {
+        m.iter().any(|s| s.contains("READY=1")) && m.iter().any(|s| s.contains("WATCHDOG=1"))
+    });
+    assert!(
+        agent.log_text().contains("serving"),
+        "READY only once serving: {got:?}"
+    );
+    agent.signal(libc::SIGHUP);
+    let got = messages(&sock, |m| {
+        m.iter().any(|s| s.contains("RELOADING=1")) && m.iter().any(|s| s.contains("READY=1"))
+    });
+    assert!(got.iter().any(|s| s.contains("RELOADING=1")), "{got:?}");
+    let status = agent.stop().expect("agent was running");
+    assert!(status.success(), "SIGTERM exits cleanly: {status}");
+    let got = messages(&sock, |m| m.iter().any(|s| s.contains("STOPPING=1")));
+    assert!(got.iter().any(|s| s.contains("STOPPING=1")));
+}
+
+/// `cargo xtask install --root DIR` puts the binary, a default config and the unit in place,
+/// and the installed config passes `nb-agent check`.
+#[test]
+fn xtask_install_lays_out_binary_config_and_unit() {
+    let root = std::env::temp_dir().join(format!("nb-install-{}", unique_suffix()));
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("cargo")
+        .current_dir(&ws)
+        .args(["xtask", "install", "--root"])
+        .arg(&root)
+        .output()
+        .expect("run cargo xtask install");
+    assert!(
+        out.status.success(),
+        "install failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = root.join("usr/local/bin/nb-agent");
+    let unit = root.join("etc/systemd/system/nb-agent.service");
+    let config = root.join("etc/nb/nb.toml");
+    for f in [&bin, &unit, &config] {
+        assert!(f.exists(), "{} installed", f.display());
+    }
+    let unit_text = std::fs::read_to_string(&unit).expect("unit");
+    assert!(unit_text.contains("Type=notify") && unit_text.contains("WatchdogSec="));
+    let check = std::process::Command::new(&bin)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run installed nb-agent check");
+    assert!(
+        check.status.success(),
+        "installed config is valid: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
