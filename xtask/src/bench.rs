@@ -130,6 +130,38 @@ fn load_empty_xdp() -> io::Result<Fd> {
     Ok(Fd(fd as i32))
 }
 
+const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
+const BPF_LINK_CREATE: u32 = 28;
+const BPF_XDP: u32 = 37;
+
+/// Attaches `prog` to the interface `ifindex` of the calling thread's namespace; detached
+/// when the returned link is closed.
+fn link_xdp(prog: &Fd, ifindex: u32) -> io::Result<Fd> {
+    let fd = Attr::new()
+        .u32(0, prog.0 as u32)
+        .u32(4, ifindex)
+        .u32(8, BPF_XDP)
+        .call(BPF_LINK_CREATE)?;
+    Ok(Fd(fd as i32))
+}
+
+/// (run_time_ns, run_cnt) of a program, counted while `kernel.bpf_stats_enabled` is 1.
+fn prog_run_stats(prog: &Fd) -> io::Result<(u64, u64)> {
+    // struct bpf_prog_info: type at 0, run_time_ns at 192, run_cnt at 200.
+    let mut info = [0u8; 256];
+    Attr::new()
+        .u32(0, prog.0 as u32)
+        .u32(4, info.len() as u32)
+        .u64(8, info.as_mut_ptr() as u64)
+        .call(BPF_OBJ_GET_INFO_BY_FD)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_ne_bytes(info[o..o + 8].try_into().expect("8 bytes"));
+    if u32_at(0) != BPF_PROG_TYPE_XDP {
+        return Err(io::Error::other("bpf_prog_info layout not as expected"));
+    }
+    Ok((u64_at(192), u64_at(200)))
+}
+
 fn obj_get(path: &Path) -> io::Result<Fd> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -333,11 +365,41 @@ fn l4(out: &Path) -> Result<()> {
     start_nginx(&t.backends, &dir)?;
     let mut rows = Vec::new();
 
+    // The per-packet cost of nb's program under this load, by the kernel's own run-time
+    // statistics, beside an empty program on the backends' interface (it sees the forward
+    // half of the same traffic). Attached for all three runs, so every run has the same
+    // interfaces.
+    let bk0: u32 = t
+        .backends
+        .sh("cat /sys/class/net/bk0/ifindex")
+        .trim()
+        .parse()
+        .context("bk0 ifindex")?;
+    let (empty, _empty_link) = t.backends.enter(move || -> io::Result<(Fd, Fd)> {
+        let p = load_empty_xdp()?;
+        let l = link_xdp(&p, bk0)?;
+        Ok((p, l))
+    })?;
+    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
+    let stats_before = std::fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
+    std::fs::write(stats_path, "1").context("enable bpf_stats")?;
+
+    let live: Option<(f64, u64, f64, u64)>;
     // nb: the XDP program.
     {
         let agent = Agent::start(&t, &cfg);
         connectable(&t)?;
-        let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
+        let nb_prog = obj_get(&t.pin_path.join("nb_xdp"))?;
+        let (nb0, e0) = (prog_run_stats(&nb_prog)?, prog_run_stats(&empty)?);
+        let cpu0 = host_cpu_ticks()?;
+        let keepalive = wrk(&t.client, &[])?;
+        let cpu1 = host_cpu_ticks()?;
+        // Kept-alive traffic only: new connections cost more per packet (SYN path).
+        let (nb1, e1) = (prog_run_stats(&nb_prog)?, prog_run_stats(&empty)?);
+        let new_conns = wrk(&t.client, &["-H", "Connection: close"])?;
+        let host_cpu = (cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1)) as f64;
+        let per = |a: (u64, u64), b: (u64, u64)| (b.0 - a.0) as f64 / ((b.1 - a.1).max(1)) as f64;
+        live = Some((per(nb0, nb1), nb1.1 - nb0.1, per(e0, e1), e1.1 - e0.1));
         rows.push(L4Row {
             name: "nb (XDP)",
             keepalive,
@@ -421,6 +483,7 @@ fn l4(out: &Path) -> Result<()> {
         });
     }
 
+    let _ = std::fs::write(stats_path, stats_before.trim());
     let nb = &rows[0];
     println!(
         "   {:<26} {:>11} {:>7} {:>10} {:>7} {:>8} {:>11} {:>7} {:>8}",
@@ -473,7 +536,20 @@ fn l4(out: &Path) -> Result<()> {
             if i + 1 < rows.len() { "," } else { "" }
         );
     }
-    json.push_str("  ]\n}\n");
+    json.push_str("  ],\n");
+    if let Some((nb_ns, nb_n, e_ns, e_n)) = live {
+        println!(
+            "   XDP cost under the kept-alive load (kernel bpf_stats): nb {nb_ns:.1} ns/packet over \
+             {nb_n} packets; empty program {e_ns:.1} ns/packet over {e_n} ({:.2}x)",
+            nb_ns / e_ns
+        );
+        let _ = writeln!(
+            json,
+            "  \"xdp_live\": {{\"nb_ns_per_packet\": {nb_ns:.1}, \"nb_packets\": {nb_n}, \
+             \"empty_ns_per_packet\": {e_ns:.1}, \"empty_packets\": {e_n}}}"
+        );
+    }
+    json.push_str("}\n");
     std::fs::write(out.join("l4.json"), json)?;
     if let Some(c) = rows[2].lb_process_cpu {
         println!(
