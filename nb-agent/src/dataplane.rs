@@ -164,7 +164,13 @@ pub struct SweepReport {
     pub expired: u64,
     /// Live (not closing) flows per backend key `(service port, node key)`.
     pub active: HashMap<(u16, String), u64>,
+    /// Connections first seen unanswered by their backend at this sweep (SYN sent more than
+    /// `UNANSWERED_AFTER_SECS` ago, no reply yet), per backend key: passive checks.
+    pub unanswered: HashMap<(u16, String), u64>,
 }
+
+/// A SYN forwarded this long ago without any reply counts as a failed connection.
+pub const UNANSWERED_AFTER_SECS: u64 = 3;
 
 /// Idle timeouts of the flow tables, as the sweep applies them.
 #[derive(Debug, Clone, Copy)]
@@ -201,6 +207,8 @@ pub struct Dataplane {
     seqs: HashMap<u32, Vec<u32>>,
     keys: BTreeMap<ServiceKey, u32>,
     backends: HashMap<u32, Backend>,
+    /// Reply entries already counted as unanswered (passive checks).
+    unanswered_seen: std::collections::HashSet<FlowKey>,
 }
 
 fn mount_bpffs(dir: &Path) -> Result<()> {
@@ -214,7 +222,7 @@ fn mount_bpffs(dir: &Path) -> Result<()> {
     let is_bpffs = unsafe {
         let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default();
         let mut s: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == 0xcafe4a11_u32 as _
+        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as u32 == 0xcafe4a11_u32
     };
     if !is_bpffs {
         let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default();
@@ -273,6 +281,7 @@ impl Dataplane {
             seqs: HashMap::new(),
             keys: BTreeMap::new(),
             backends: HashMap::new(),
+            unanswered_seen: std::collections::HashSet::new(),
         };
         for m in migrations {
             dp.migrate(m)?;
@@ -718,6 +727,8 @@ impl Dataplane {
                 s.packets_out += c.packets_out;
                 s.bytes_out += c.bytes_out;
                 s.new_conns += c.new_conns;
+                s.refused += c.refused;
+                s.answered += c.answered;
             }
             let a = active.get(id, 0).map_err(map_err(maps::ACTIVE))?;
             out.insert(
@@ -740,6 +751,8 @@ impl Dataplane {
         let mut expired_fwd = Vec::new();
         let mut expired_rev = Vec::new();
         let mut active_by_id: HashMap<u32, u64> = HashMap::new();
+        let mut unanswered_by_id: HashMap<u32, u64> = HashMap::new();
+        let mut still_unanswered = std::collections::HashSet::new();
         {
             let rev: BpfHashMap<&MapData, FlowKey, RevValue> =
                 BpfHashMap::try_from(self.map(maps::REV_FLOWS)?)
@@ -761,6 +774,12 @@ impl Dataplane {
                 };
                 rev_state.insert(fk, (v.flags, v.last_seen));
                 let idle = now.saturating_sub(v.last_seen) / sec;
+                if v.flags & REV_REPLIED == 0 && idle >= UNANSWERED_AFTER_SECS {
+                    if !self.unanswered_seen.contains(&k) {
+                        *unanswered_by_id.entry(v.backend_id).or_default() += 1;
+                    }
+                    still_unanswered.insert(k);
+                }
                 let limit = if v.flags & REV_CLOSING != 0 {
                     t.closing_secs
                 } else if v.flags & REV_REPLIED == 0 {
@@ -823,7 +842,12 @@ impl Dataplane {
                 (*port, key.clone()),
                 active_by_id.get(id).copied().unwrap_or(0),
             );
+            if let Some(n) = unanswered_by_id.get(id) {
+                *report.unanswered.entry((*port, key.clone())).or_default() += n;
+            }
         }
+        // Each unanswered connection counts once, however many sweeps it stays.
+        self.unanswered_seen = still_unanswered;
         Ok(report)
     }
 }

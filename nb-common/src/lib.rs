@@ -276,8 +276,12 @@ pub struct BackendStats {
     pub bytes_out: u64,
     /// New connections (SYNs) sent to the backend.
     pub new_conns: u64,
+    /// Connections whose first answer from the backend was a RST (refused): passive checks.
+    pub refused: u64,
+    /// Connections the backend answered with anything but a RST first: passive checks.
+    pub answered: u64,
 }
-const _: () = assert!(size_of::<BackendStats>() == 40);
+const _: () = assert!(size_of::<BackendStats>() == 56);
 
 /// Token bucket of one client address (`THROTTLE`).
 #[repr(C)]

@@ -384,7 +384,9 @@ fn reply(ctx: &XdpContext, pkt: &Packet, r: &mut RevValue) -> Result<u32, Skip> 
         r.last_seen = t;
     }
     let mut flags = r.flags;
-    if flags & REV_REPLIED == 0 && pkt.flags & TCP_RST != 0 {
+    let first = flags & REV_REPLIED == 0;
+    let refused = first && pkt.flags & TCP_RST != 0;
+    if refused {
         flags |= REV_REFUSED;
     }
     flags |= REV_REPLIED;
@@ -405,6 +407,11 @@ fn reply(ctx: &XdpContext, pkt: &Packet, r: &mut RevValue) -> Result<u32, Skip> 
     backend_stats(r.backend_id, |s| {
         s.packets_out += 1;
         s.bytes_out += pkt.len;
+        if refused {
+            s.refused += 1;
+        } else if first {
+            s.answered += 1;
+        }
     });
     count(stat::REPLY);
     nat::send(ctx, &r.dmac, &r.smac, r.ifindex)
