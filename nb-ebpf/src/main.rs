@@ -93,7 +93,8 @@ fn now() -> u64 {
 fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
     let key = flow_key(pkt);
     let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(fv) = FLOWS.get_ptr_mut(&key) {
+    let existing = FLOWS.get_ptr_mut(&key);
+    if let Some(fv) = existing {
         // SAFETY: valid for this run; see `try_nb_xdp`.
         let f = unsafe { &mut *fv };
         // A SYN on the entry of a connection that is over is the client reusing its port: a
@@ -117,7 +118,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
         return match backend {
             Some(id) => {
                 count(stat::FLOW_MISS);
-                new_flow(ctx, pkt, &key, svc, id, false)
+                new_flow(ctx, pkt, &key, svc, id, false, None)
             }
             None => {
                 count(stat::PASS_NO_FLOW);
@@ -130,7 +131,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
         return Ok(xdp_action::XDP_DROP);
     }
     match select::for_new(svc, info, pkt) {
-        Some(id) => new_flow(ctx, pkt, &key, svc, id, true),
+        Some(id) => new_flow(ctx, pkt, &key, svc, id, true, existing),
         None => nat::refuse(ctx, pkt),
     }
 }
@@ -258,6 +259,7 @@ fn new_flow(
     svc: u32,
     id: u32,
     syn: bool,
+    existing: Option<*mut FlowValue>,
 ) -> Result<u32, Skip> {
     let Some(b) = BACKENDS.get(id) else {
         count(stat::ABORTED);
@@ -312,20 +314,30 @@ fn new_flow(
             proto: PROTO_TCP,
             _pad: [0; 2],
         };
-        if REV_FLOWS.insert(&rkey, &rv, BPF_NOEXIST as u64).is_ok() {
-            snat_port = port;
-            break;
-        }
-        // SAFETY: the value is copied field by field at once.
-        if let Some(old) = unsafe { REV_FLOWS.get(&rkey) } {
-            let ours = old.client_addr == rv.client_addr
-                && old.client_port == rv.client_port
-                && old.vip_addr == rv.vip_addr
-                && old.vip_port == rv.vip_port;
-            if ours {
-                let _ = REV_FLOWS.insert(&rkey, &rv, BPF_ANY as u64);
-                snat_port = port;
-                break;
+        // Look before inserting: an update of an LRU map takes a free node (and the LRU
+        // lock) even when it fails or replaces, which made a SYN several times dearer.
+        match REV_FLOWS.get_ptr_mut(&rkey) {
+            Some(old) => {
+                // SAFETY: the value stays valid for this program run.
+                let old = unsafe { &mut *old };
+                let ours = old.client_addr == rv.client_addr
+                    && old.client_port == rv.client_port
+                    && old.vip_addr == rv.vip_addr
+                    && old.vip_port == rv.vip_port;
+                if ours {
+                    // The same client connection again (its port reused after a close):
+                    // rewritten in place. Only this flow's packets read this entry, and they
+                    // come after this SYN.
+                    *old = rv;
+                    snat_port = port;
+                    break;
+                }
+            }
+            None => {
+                if REV_FLOWS.insert(&rkey, &rv, BPF_NOEXIST as u64).is_ok() {
+                    snat_port = port;
+                    break;
+                }
             }
         }
     }
@@ -347,9 +359,16 @@ fn new_flow(
         flags: 0,
         svc_id: svc,
     };
-    if FLOWS.insert(key, &fv, BPF_ANY as u64).is_err() {
-        count(stat::ABORTED);
-        return Ok(xdp_action::XDP_ABORTED);
+    match existing {
+        // SAFETY: the entry stays valid for this program run; it is this flow's own entry,
+        // rewritten by its own SYN (see `forward`).
+        Some(f) => unsafe { *f = fv },
+        None => {
+            if FLOWS.insert(key, &fv, BPF_ANY as u64).is_err() {
+                count(stat::ABORTED);
+                return Ok(xdp_action::XDP_ABORTED);
+            }
+        }
     }
     if let Some(a) = ACTIVE.get_ptr_mut(id) {
         // SAFETY: the slot is a valid, aligned u64 for the map's lifetime. The bpfel target has
