@@ -44,10 +44,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, detach_xdp } => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
+            // `workers` sizes the runtime that serves http/https ports (0: one per CPU). A
+            // config that does not load is reported by `agent::run` below.
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Ok(c) = config::load(&config)
+                && c.balancer.workers > 0
             {
+                builder.worker_threads(c.balancer.workers as usize);
+            }
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tokio runtime: {e}");

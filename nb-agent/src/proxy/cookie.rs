@@ -1,0 +1,251 @@
+//! The `NB_SRVID` stickiness cookie: a node label signed with HMAC-SHA256 under a 32-byte
+//! secret kept in `state_dir`, so a client cannot steer itself to a node it picks, and every
+//! balancer that shares the secret file honours the same cookies.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use thiserror::Error;
+
+/// The cookie's name (SPEC §3).
+pub const COOKIE_NAME: &str = "NB_SRVID";
+/// The secret's file name inside `state_dir`.
+pub const KEY_FILE: &str = "stickiness.key";
+/// Bytes of the MAC kept in the cookie: 128 bits are far beyond guessing and keep it short.
+const TAG_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why the stickiness secret could not be read or made.
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("stickiness secret {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "stickiness secret {path}: {len} bytes, expected {KEY_LEN}; remove it to make a new one"
+    )]
+    Length { path: PathBuf, len: usize },
+}
+
+/// The secret that signs and checks `NB_SRVID` cookies.
+#[derive(Clone)]
+pub struct CookieKey {
+    key: [u8; KEY_LEN],
+}
+
+impl std::fmt::Debug for CookieKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CookieKey(..)")
+    }
+}
+
+impl CookieKey {
+    /// A key from raw bytes (tests, and balancers handed the secret some other way).
+    pub fn from_bytes(key: [u8; KEY_LEN]) -> CookieKey {
+        CookieKey { key }
+    }
+
+    /// Reads `state_dir/stickiness.key`, or creates it (mode 0600, from the kernel's random
+    /// source) when it does not exist yet: the same file on every restart keeps cookies valid.
+    pub fn load_or_create(state_dir: &Path) -> Result<CookieKey, KeyError> {
+        let path = state_dir.join(KEY_FILE);
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        if !state_dir.exists() {
+            fs::create_dir_all(state_dir).map_err(io)?;
+            fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                let mut key = [0u8; KEY_LEN];
+                fs::File::open("/dev/urandom")
+                    .and_then(|mut r| r.read_exact(&mut key))
+                    .map_err(io)?;
+                f.write_all(&key).and_then(|_| f.sync_all()).map_err(io)?;
+                Ok(CookieKey { key })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let bytes = fs::read(&path).map_err(io)?;
+                let key: [u8; KEY_LEN] =
+                    bytes.as_slice().try_into().map_err(|_| KeyError::Length {
+                        path: path.clone(),
+                        len: bytes.len(),
+                    })?;
+                Ok(CookieKey { key })
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    fn mac(&self, port: u16, label: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(&port.to_be_bytes());
+        mac.update(label.as_bytes());
+        mac
+    }
+
+    /// The cookie value naming `label` on `port`: `LABEL.HEXTAG`. The port is signed too, so a
+    /// cookie of one port never steers another port's traffic.
+    pub fn sign(&self, port: u16, label: &str) -> String {
+        let tag = self.mac(port, label).finalize().into_bytes();
+        let mut out = String::with_capacity(label.len() + 1 + 2 * TAG_LEN);
+        out.push_str(label);
+        out.push('.');
+        for b in &tag[..TAG_LEN] {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out
+    }
+
+    /// The label a cookie value names, if its signature is ours for `port`; `None` for
+    /// anything else (forged, stale key, malformed), which callers treat as no cookie.
+    pub fn verify<'a>(&self, port: u16, value: &'a str) -> Option<&'a str> {
+        let (label, hex) = value.rsplit_once('.')?;
+        if hex.len() != 2 * TAG_LEN || label.is_empty() {
+            return None;
+        }
+        let mut tag = [0u8; TAG_LEN];
+        for (i, b) in tag.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        self.mac(port, label)
+            .verify_truncated_left(&tag)
+            .ok()
+            .map(|_| label)
+    }
+}
+
+/// The `NB_SRVID` values in the `Cookie` header values `headers` (several when an HTTP/2
+/// client splits them).
+pub fn find<'a>(headers: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    headers
+        .flat_map(|h| h.split(';'))
+        .filter_map(|c| {
+            let (name, value) = c.trim().split_once('=')?;
+            (name.trim() == COOKIE_NAME).then(|| value.trim().trim_matches('"'))
+        })
+        .collect()
+}
+
+/// A `Cookie` header value without `NB_SRVID` (backends never see the balancer's cookie),
+/// or `None` when nothing is left.
+pub fn strip(header: &str) -> Option<String> {
+    let kept: Vec<&str> = header
+        .split(';')
+        .map(str::trim)
+        .filter(|c| {
+            !c.is_empty()
+                && c.split_once('=')
+                    .is_none_or(|(name, _)| name.trim() != COOKIE_NAME)
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
+/// The `Set-Cookie` value that sticks a client to the node `value` names.
+pub fn set_cookie(value: &str, secure: bool) -> String {
+    let mut s = format!("{COOKIE_NAME}={value}; Path=/; HttpOnly; SameSite=Lax");
+    if secure {
+        s.push_str("; Secure");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> CookieKey {
+        CookieKey::from_bytes([b; KEY_LEN])
+    }
+
+    #[test]
+    fn signed_value_verifies_and_names_the_label() {
+        let k = key(7);
+        let v = k.sign(80, "web.1-a");
+        assert!(v.starts_with("web.1-a."), "{v}");
+        assert_eq!(k.verify(80, &v), Some("web.1-a"));
+    }
+
+    #[test]
+    fn forged_or_foreign_values_are_ignored() {
+        let k = key(7);
+        let v = k.sign(80, "web1");
+        // Another label with web1's tag.
+        let forged = v.replacen("web1", "web2", 1);
+        assert_eq!(k.verify(80, &forged), None);
+        // One flipped hex digit.
+        let mut flipped = v.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(k.verify(80, std::str::from_utf8(&flipped).unwrap()), None);
+        // Another key (a stale secret), another port.
+        assert_eq!(key(8).verify(80, &v), None);
+        assert_eq!(k.verify(81, &v), None);
+        // Malformed values never panic.
+        for bad in [
+            "",
+            ".",
+            "web1",
+            "web1.",
+            "web1.zz",
+            ".00112233445566778899aabbccddeeff",
+        ] {
+            assert_eq!(k.verify(80, bad), None, "{bad:?}");
+        }
+        let non_ascii = format!("web1.{}", "é".repeat(16));
+        assert_eq!(k.verify(80, &non_ascii), None);
+    }
+
+    #[test]
+    fn key_file_is_created_0600_and_reused() {
+        let dir = std::env::temp_dir().join(format!("nb-cookie-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let a = CookieKey::load_or_create(&dir).expect("create");
+        let mode = fs::metadata(dir.join(KEY_FILE))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let b = CookieKey::load_or_create(&dir).expect("reuse");
+        assert_eq!(a.key, b.key, "the same secret after a restart");
+        assert_eq!(b.verify(80, &a.sign(80, "n1")), Some("n1"));
+        fs::write(dir.join(KEY_FILE), b"short").expect("write");
+        assert!(matches!(
+            CookieKey::load_or_create(&dir),
+            Err(KeyError::Length { len: 5, .. })
+        ));
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn cookie_header_parsing_and_stripping() {
+        let h = ["a=1; NB_SRVID=x.y; b=2", "NB_SRVID=\"q\""];
+        assert_eq!(find(h.iter().copied()), vec!["x.y", "q"]);
+        assert_eq!(strip("a=1; NB_SRVID=x.y; b=2").as_deref(), Some("a=1; b=2"));
+        assert_eq!(strip("NB_SRVID=x.y"), None);
+        assert_eq!(
+            set_cookie("v", true),
+            "NB_SRVID=v; Path=/; HttpOnly; SameSite=Lax; Secure"
+        );
+        assert!(!set_cookie("v", false).contains("Secure"));
+    }
+}

@@ -1,0 +1,358 @@
+//! One request through the proxy: pick the node (stickiness first, then the algorithm),
+//! rewrite the headers, send it on a pooled connection, and stream the answer back; Upgrade
+//! (WebSocket) becomes a byte tunnel. Failures become 502/503/504 answers and passive checks.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{self, CONNECTION, COOKIE, HOST, SET_COOKIE, UPGRADE},
+    uri::PathAndQuery,
+};
+use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use log::{debug, warn};
+
+use crate::{
+    config::Stickiness,
+    proxy::{
+        PortRuntime,
+        balance::ActiveGuard,
+        cookie,
+        pool::{BackendBody, ForwardError},
+    },
+};
+
+/// What the proxy answers clients with.
+pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// A short plain-text answer made by the balancer itself.
+fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let reason = status.canonical_reason().unwrap_or("");
+    let body = format!("{} {reason}\n\n{text}\n", status.as_u16());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Removes hop-by-hop headers, and those the `Connection` header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(*n);
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to, if it asks.
+fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    wants.then(|| req.headers().get(UPGRADE).cloned()).flatten()
+}
+
+/// Rewrites a client's request for a node: Host kept (made from `:authority` for HTTP/2),
+/// X-Forwarded-* added, hop-by-hop headers and the balancer's cookie removed, origin-form
+/// target, HTTP/1.1.
+fn rewrite_request(
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    secure: bool,
+    upgrade: Option<HeaderValue>,
+) {
+    let authority = req.uri().authority().cloned();
+    let target = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(target);
+    *req.version_mut() = Version::HTTP_11;
+    let h = req.headers_mut();
+    strip_hop_by_hop(h);
+    if let Some(up) = upgrade {
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(UPGRADE, up);
+    }
+    if !h.contains_key(HOST)
+        && let Some(a) = authority
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        h.insert(HOST, v);
+    }
+    let client = peer.ip().to_canonical().to_string();
+    let prior: Vec<String> = h
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect();
+    let xff = if prior.is_empty() {
+        client
+    } else {
+        format!("{}, {client}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    h.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if secure { "https" } else { "http" }),
+    );
+    h.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(local.port()));
+    let cookies: Vec<String> = h
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(cookie::strip)
+        .collect();
+    h.remove(COOKIE);
+    if !cookies.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+    {
+        h.insert(COOKIE, v);
+    }
+}
+
+/// Serves one client request; never fails (errors become answers). Every answer is counted
+/// in `nb_port_requests_total`.
+pub async fn handle(
+    rt: Arc<PortRuntime>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    secure: bool,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let resp = serve(rt, req, peer, local, secure).await;
+    crate::metrics::count_request(local.port(), resp.status().as_u16());
+    Ok(resp)
+}
+
+async fn serve(
+    rt: Arc<PortRuntime>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    secure: bool,
+) -> Response<ProxyBody> {
+    let view = rt.view();
+    let port = &view.port;
+    let client = peer.ip().to_canonical();
+    let now = Instant::now();
+
+    // Where the client's stickiness points, if anywhere valid.
+    let mut cookie_label = None;
+    let mut table_label = None;
+    match port.stickiness {
+        Stickiness::HttpCookie => {
+            if let Some(key) = &view.key {
+                let values = req.headers().get_all(COOKIE);
+                let found = cookie::find(values.iter().filter_map(|v| v.to_str().ok()));
+                cookie_label = found
+                    .into_iter()
+                    .find_map(|v| key.verify(port.port, v))
+                    .map(str::to_string);
+            }
+        }
+        Stickiness::Table => {
+            table_label = rt.table.lock().expect("table lock").get(client, now);
+        }
+        Stickiness::None => {}
+    }
+    let sticky = cookie_label.as_deref().or(table_label.as_deref());
+    let mut idx = sticky.and_then(|l| {
+        view.nodes
+            .iter()
+            .position(|n| n.label == l && n.takes_sticky())
+    });
+    if idx.is_none() {
+        idx = pick(&rt, &view, client, None);
+    }
+    let Some(mut idx) = idx else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "No server is available to handle this request.",
+        );
+    };
+
+    let upgrade = upgrade_of(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let is_upgrade = upgrade.is_some();
+    rewrite_request(&mut req, peer, local, secure, upgrade);
+
+    let connect_timeout = std::time::Duration::from_secs(port.timeout_connect as u64);
+    let server_timeout = std::time::Duration::from_secs(port.timeout_server as u64);
+    let mut retried = false;
+    let (resp, sender, guard) = loop {
+        let node = &view.nodes[idx];
+        let guard = ActiveGuard::new(&node.active);
+        match node.pool.send(req, connect_timeout, server_timeout).await {
+            Ok((resp, sender)) => break (resp, sender, guard),
+            Err((e, back)) => {
+                node.passive_failure(format!("passive: {e}"));
+                match (back, e.is_connect() && !retried) {
+                    (Some(r), true) => {
+                        warn!(
+                            "port {}: node {}: {e}; retrying on another node",
+                            port.port, node.label
+                        );
+                        retried = true;
+                        req = r;
+                        match pick(&rt, &view, client, Some(&node.label)) {
+                            Some(i) => idx = i,
+                            None => {
+                                return plain(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "No server is available to handle this request.",
+                                );
+                            }
+                        }
+                    }
+                    _ => {
+                        warn!("port {}: node {}: {e}", port.port, node.label);
+                        return match e {
+                            ForwardError::ResponseTimeout { .. } => plain(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "The server did not answer in time.",
+                            ),
+                            ForwardError::Connect { .. } | ForwardError::ConnectTimeout { .. } => {
+                                plain(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "No server is available to handle this request.",
+                                )
+                            }
+                            ForwardError::Protocol { .. } => plain(
+                                StatusCode::BAD_GATEWAY,
+                                "The server sent an invalid response.",
+                            ),
+                        };
+                    }
+                }
+            }
+        }
+    };
+    let node = &view.nodes[idx];
+    let status = resp.status();
+    if status.is_server_error()
+        && status != StatusCode::NOT_IMPLEMENTED
+        && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED
+    {
+        node.passive_failure(format!("passive: HTTP {}", status.as_u16()));
+    }
+
+    let mut resp = resp;
+    let mut out = if status == StatusCode::SWITCHING_PROTOCOLS && is_upgrade {
+        // The node agreed to switch: from now on the two connections are one byte pipe.
+        let backend_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut parts, _empty) = resp.into_parts();
+        let client_upgrade = client_upgrade.expect("upgrade request");
+        let label = node.label.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match tokio::try_join!(client_upgrade, backend_upgrade) {
+                Ok((c, b)) => {
+                    let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut b).await {
+                        debug!("upgraded tunnel to {label}: {e}");
+                    }
+                }
+                Err(e) => debug!("upgrade to {label}: {e}"),
+            }
+        });
+        drop(sender);
+        let upgrade = parts.headers.get(UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(u) = upgrade {
+            parts.headers.insert(UPGRADE, u);
+        }
+        Response::from_parts(
+            parts,
+            Empty::new().map_err(|never| match never {}).boxed_unsync(),
+        )
+    } else {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = BackendBody::new(body, node.pool.clone(), Some(sender), guard);
+        Response::from_parts(parts, body.boxed_unsync())
+    };
+
+    match port.stickiness {
+        Stickiness::HttpCookie if cookie_label.as_deref() != Some(node.label.as_str()) => {
+            if let Some(key) = &view.key {
+                let v = cookie::set_cookie(&key.sign(port.port, &node.label), secure);
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    out.headers_mut().append(SET_COOKIE, v);
+                }
+            }
+        }
+        Stickiness::Table if table_label.as_deref() != Some(node.label.as_str()) => {
+            rt.table
+                .lock()
+                .expect("table lock")
+                .put(client, &node.label, now);
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The node index the port's algorithm picks, not counting `exclude`.
+fn pick(
+    rt: &PortRuntime,
+    view: &super::PortView,
+    client: std::net::IpAddr,
+    exclude: Option<&str>,
+) -> Option<usize> {
+    let mut b = rt.balancer.lock().expect("balancer lock");
+    let n = b.pick(view.port.algorithm, &view.nodes, client, exclude)?;
+    view.nodes.iter().position(|x| std::ptr::eq(x, n))
+}

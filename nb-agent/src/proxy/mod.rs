@@ -1,0 +1,464 @@
+//! The http/https proxy: listeners on the public addresses of every http/https port, TLS,
+//! and the per-port state (node views, algorithm state, stickiness table) that requests read.
+//!
+//! A reload is two steps, so a bad config changes nothing: [`Proxy::prepare`] reads
+//! certificates and binds new listeners (any failure refuses the reload), then
+//! [`Proxy::commit`] swaps them in. A listener whose address and port stay keeps its socket,
+//! so no connection is dropped; removed listeners stop accepting while their connections
+//! finish. Health changes reach the proxy through [`Proxy::refresh`].
+
+pub mod balance;
+pub mod cookie;
+mod forward;
+pub mod pool;
+pub mod tls;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use log::{debug, info, warn};
+use thiserror::Error;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::mpsc,
+    task::JoinHandle,
+};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{
+    config::{Config, NodeMode, Port, Protocol, Stickiness},
+    health::Health,
+    proxy::{
+        balance::{Balancer, NodeView, StickTable},
+        cookie::{CookieKey, KeyError},
+        pool::NodePool,
+        tls::TlsError,
+    },
+};
+
+/// Stickiness table entries live this long from creation (SPEC §3).
+const TABLE_TTL: Duration = Duration::from_secs(30 * 60);
+/// Clients remembered per port by `stickiness = "table"`.
+const TABLE_CAPACITY: usize = 1 << 20;
+/// HTTP/2 streams a client may have open at once on one connection.
+const H2_MAX_STREAMS: u32 = 100;
+
+/// Why the proxy cannot serve a config.
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("port {port}: listen on {addr}: {source}")]
+    Listen {
+        port: u16,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a port serves with at one moment; swapped whole on reloads and health changes.
+pub struct PortView {
+    pub port: Port,
+    pub tls: Option<TlsAcceptor>,
+    pub key: Option<Arc<CookieKey>>,
+    pub nodes: Vec<NodeView>,
+}
+
+/// What a node keeps across views: its connection pool and its in-flight count.
+type NodeShared = (Arc<NodePool>, Arc<AtomicUsize>);
+
+/// A port's state that outlives reloads: its current view, the algorithm's memory, the
+/// stickiness table, and its nodes' connection pools.
+pub struct PortRuntime {
+    view: RwLock<Arc<PortView>>,
+    balancer: Mutex<Balancer>,
+    table: Mutex<StickTable>,
+    /// Pool and in-flight counter per (label, address): a node that keeps both keeps them.
+    pools: Mutex<HashMap<(String, SocketAddr), NodeShared>>,
+    /// Client connections open on all the port's addresses, against `max_connections`.
+    open: Arc<AtomicUsize>,
+}
+
+impl PortRuntime {
+    /// The view requests read; cheap (one Arc clone).
+    pub fn view(&self) -> Arc<PortView> {
+        self.view.read().expect("view lock").clone()
+    }
+
+    fn set_view(&self, v: PortView) {
+        *self.view.write().expect("view lock") = Arc::new(v);
+    }
+}
+
+struct Listener {
+    handle: JoinHandle<()>,
+}
+
+/// The proxy side of the agent: every http/https listener and port.
+#[derive(Default)]
+pub struct Proxy {
+    ports: HashMap<u16, Arc<PortRuntime>>,
+    listeners: HashMap<SocketAddr, Listener>,
+}
+
+/// A checked config, ready to swap in (see the module docs).
+pub struct Prepared {
+    ports: Vec<(Port, Option<TlsAcceptor>)>,
+    bound: HashMap<SocketAddr, (u16, std::net::TcpListener)>,
+    wanted: HashSet<SocketAddr>,
+    key: Option<Arc<CookieKey>>,
+}
+
+/// The node set a node-state lookup gives: health, and where passive failures go.
+pub type NodeState = (Health, Option<mpsc::UnboundedSender<String>>);
+
+fn bind(addr: SocketAddr, port: u16) -> Result<std::net::TcpListener, ProxyError> {
+    let err = |source| ProxyError::Listen { port, addr, source };
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    sock.set_reuseaddr(true).map_err(err)?;
+    // IP_FREEBIND: a public address may arrive after the agent (keepalived, a cloud
+    // floating IP); the listener is there when it does.
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is the open socket `sock` owns; the option value is a live c_int whose
+    // size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_IP,
+            libc::IP_FREEBIND,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    sock.bind(addr).map_err(err)?;
+    let l = sock.listen(1024).map_err(err)?;
+    l.into_std().map_err(err)
+}
+
+impl Proxy {
+    pub fn new() -> Proxy {
+        Proxy::default()
+    }
+
+    /// Requests in flight (and upgraded tunnels) on a node of an http/https port, for the
+    /// status API's active connections; `None` for a port or node the proxy does not serve.
+    pub fn active(&self, port: u16, label: &str) -> Option<usize> {
+        let view = self.ports.get(&port)?.view();
+        let n = view.nodes.iter().find(|n| n.label == label)?;
+        Some(n.active.load(Ordering::Relaxed))
+    }
+
+    /// Checks what `cfg` needs from the proxy and gets it ready: TLS acceptors, the
+    /// stickiness secret, sockets for listeners that do not exist yet. Changes nothing live.
+    pub fn prepare(&self, cfg: &Config, public: &[IpAddr]) -> Result<Prepared, ProxyError> {
+        let mut ports = Vec::new();
+        let mut bound = HashMap::new();
+        let mut wanted = HashSet::new();
+        let mut key = None;
+        for p in cfg.ports.iter().filter(|p| p.protocol != Protocol::Tcp) {
+            let tls = match p.protocol {
+                Protocol::Https => Some(tls::acceptor(p)?),
+                _ => None,
+            };
+            if p.stickiness == Stickiness::HttpCookie && key.is_none() {
+                key = Some(Arc::new(CookieKey::load_or_create(
+                    &cfg.balancer.state_dir,
+                )?));
+            }
+            let ips = if p.addresses.is_empty() {
+                public
+            } else {
+                &p.addresses[..]
+            };
+            for ip in ips {
+                let addr = SocketAddr::new(*ip, p.port);
+                wanted.insert(addr);
+                if !self.listeners.contains_key(&addr) && !bound.contains_key(&addr) {
+                    bound.insert(addr, (p.port, bind(addr, p.port)?));
+                }
+            }
+            ports.push((p.clone(), tls));
+        }
+        Ok(Prepared {
+            ports,
+            bound,
+            wanted,
+            key,
+        })
+    }
+
+    /// Swaps a prepared config in. Node sets start with every node's health unknown until the
+    /// next [`Proxy::refresh`], which the agent calls right after.
+    pub fn commit(&mut self, p: Prepared) {
+        let numbers: HashSet<u16> = p.ports.iter().map(|(port, _)| port.port).collect();
+        self.ports.retain(|n, _| numbers.contains(n));
+        for (port, tls) in p.ports {
+            let number = port.port;
+            let view = PortView {
+                port,
+                tls,
+                key: p.key.clone(),
+                nodes: Vec::new(),
+            };
+            match self.ports.get(&number) {
+                Some(rt) => {
+                    let old = rt.view();
+                    let nodes = old.nodes.clone();
+                    rt.set_view(PortView { nodes, ..view });
+                }
+                None => {
+                    let rt = Arc::new(PortRuntime {
+                        view: RwLock::new(Arc::new(view)),
+                        balancer: Mutex::new(Balancer::default()),
+                        table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
+                        pools: Mutex::new(HashMap::new()),
+                        open: Arc::new(AtomicUsize::new(0)),
+                    });
+                    self.ports.insert(number, rt);
+                }
+            }
+        }
+        self.listeners.retain(|addr, l| {
+            let keep = p.wanted.contains(addr);
+            if !keep {
+                info!("{addr}: no longer served, listener closed");
+                l.handle.abort();
+            }
+            keep
+        });
+        for (addr, (number, std_listener)) in p.bound {
+            let Some(rt) = self.ports.get(&number).cloned() else {
+                continue;
+            };
+            let listener = match std_listener
+                .set_nonblocking(true)
+                .and_then(|_| TcpListener::from_std(std_listener))
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!("{addr}: {e}");
+                    continue;
+                }
+            };
+            info!("{addr}: serving {}", rt.view().port.protocol);
+            let handle = tokio::spawn(accept_loop(rt, listener, addr));
+            self.listeners.insert(addr, Listener { handle });
+        }
+    }
+
+    /// Rebuilds every port's node set from `cfg` and the nodes' states; `state` gives a
+    /// node's health (and its passive-check channel) by (port, label).
+    pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(u16, &str) -> NodeState) {
+        for p in cfg.ports.iter().filter(|p| p.protocol != Protocol::Tcp) {
+            let Some(rt) = self.ports.get(&p.port) else {
+                continue;
+            };
+            let states: Vec<NodeState> = p.nodes.iter().map(|n| state(p.port, &n.label)).collect();
+            let up = |h: Health| h != Health::Down;
+            let any_accept_up = p
+                .nodes
+                .iter()
+                .zip(&states)
+                .any(|(n, (h, _))| n.mode == NodeMode::Accept && up(*h));
+            let mut pools = rt.pools.lock().expect("pools lock");
+            let mut keep = HashSet::new();
+            let mut nodes = Vec::new();
+            for (n, (health, passive)) in p.nodes.iter().zip(states) {
+                let key = (n.label.clone(), n.address);
+                let (pool, active) = pools
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        (
+                            Arc::new(NodePool::new(n.address)),
+                            Arc::new(AtomicUsize::new(0)),
+                        )
+                    })
+                    .clone();
+                keep.insert(key);
+                nodes.push(NodeView {
+                    label: n.label.clone(),
+                    addr: n.address,
+                    weight: n.weight as u32,
+                    mode: n.mode,
+                    health,
+                    eligible: crate::agent::takes_new_connections(
+                        n.mode,
+                        up(health),
+                        any_accept_up,
+                    ),
+                    passive: if p.check_passive { passive } else { None },
+                    pool,
+                    active,
+                });
+            }
+            pools.retain(|k, (pool, _)| {
+                let k_keep = keep.contains(k);
+                if !k_keep {
+                    pool.clear();
+                }
+                k_keep
+            });
+            drop(pools);
+            let labels: Vec<&str> = nodes.iter().map(|n| n.label.as_str()).collect();
+            rt.balancer.lock().expect("balancer lock").retain(&labels);
+            rt.table.lock().expect("table lock").retain_nodes(|l| {
+                nodes
+                    .iter()
+                    .any(|n| n.label == l && n.health != Health::Down)
+            });
+            let old = rt.view();
+            rt.set_view(PortView {
+                port: p.clone(),
+                tls: old.tls.clone(),
+                key: old.key.clone(),
+                nodes,
+            });
+        }
+    }
+}
+
+/// Accepts connections on one address until the listener is closed by a reload.
+async fn accept_loop(rt: Arc<PortRuntime>, listener: TcpListener, addr: SocketAddr) {
+    let open = rt.open.clone();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!("{addr}: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let view = rt.view();
+        if open.load(Ordering::Relaxed) >= view.port.max_connections as usize {
+            debug!("{addr}: {peer} refused, max_connections reached");
+            let tls = view.tls.is_some();
+            if !tls {
+                crate::metrics::count_request(addr.port(), 503);
+            }
+            tokio::spawn(refuse_full(stream, tls));
+            continue;
+        }
+        let guard = ConnGuard::new(&open);
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            serve_connection(rt, view, stream, peer, addr).await;
+            drop(guard);
+        });
+    }
+}
+
+/// Counts a client connection against `max_connections`.
+struct ConnGuard(Arc<AtomicUsize>);
+
+impl ConnGuard {
+    fn new(c: &Arc<AtomicUsize>) -> ConnGuard {
+        c.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(c.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The answer when a port is full: a plain 503 on http (a client sees why), a close on https
+/// (answering would cost the handshake the limit is there to save).
+async fn refuse_full(mut stream: TcpStream, tls: bool) {
+    if !tls {
+        let body = "503 Service Unavailable\n\nToo many connections, try again later.\n";
+        let resp = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n{body}",
+            body.len()
+        );
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), stream.write_all(resp.as_bytes())).await;
+    }
+}
+
+async fn serve_connection(
+    rt: Arc<PortRuntime>,
+    view: Arc<PortView>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let port = &view.port;
+    let header_timeout = Duration::from_secs(port.timeout_header as u64);
+    let max_header = port.max_header_size as usize;
+    let secure = view.tls.is_some();
+    let service = {
+        let rt = rt.clone();
+        service_fn(move |req| forward::handle(rt.clone(), req, peer, local, secure))
+    };
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_header_size(max_header)
+        .keep_alive(true);
+    let result = match &view.tls {
+        None => {
+            h1.serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await
+        }
+        Some(acceptor) => {
+            let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!("{peer} -> {local}: TLS handshake: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!("{peer} -> {local}: TLS handshake timed out");
+                    return;
+                }
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                let mut b = http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new())
+                    .max_concurrent_streams(H2_MAX_STREAMS)
+                    .max_header_list_size(max_header as u32)
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(10));
+                b.serve_connection(TokioIo::new(tls), service).await
+            } else {
+                h1.serve_connection(TokioIo::new(tls), service)
+                    .with_upgrades()
+                    .await
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!("{peer} -> {local}: {e}");
+    }
+}

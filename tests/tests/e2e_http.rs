@@ -1,0 +1,1272 @@
+//! End to end, http and https ports: the real nb-agent proxying between a client namespace and
+//! real HTTP backends (hyper servers started in the backends namespace), driven by curl and by
+//! a small raw HTTP/1.1 client written here.
+//!
+//! What is checked: the headers a backend sees, the spread, cookie and table stickiness
+//! (forgery, redispatch when the node dies), 503 when all are down, 502/504 on bad or slow
+//! backends, passive checks, HTTP/2 by ALPN, TLS versions and SNI, certificate reloads, 100 MB
+//! streams both ways with the agent's memory measured, WebSocket-style Upgrade, slow clients,
+//! and the connection limit.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Frame, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use nb_agent::proxy::cookie::CookieKey;
+use nb_tests::{
+    netns::{Netns, connect_in},
+    require_root,
+    topo::{Agent, Topology, VIP, Wiring, agent_bin, backend_v4, vip, vip6},
+};
+
+/// Backends listen here.
+const BACKEND_PORT: u16 = 8080;
+
+// ---------------------------------------------------------------------------------------
+// A real HTTP backend.
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).boxed()
+}
+
+/// An HTTP/1.1 server (hyper) in the backends namespace. Every answer names the backend
+/// (`X-Backend` and the first body line). Paths:
+/// - `/echo` (and anything else): the request line and headers, one per line;
+/// - `/download?n=N`: N bytes, streamed in 64 KiB chunks;
+/// - `/upload`: reads the body as it comes and answers `bytes=N`;
+/// - `/ws`: answers an Upgrade with 101 and then echoes bytes;
+/// - `/status/NNN`: that status; `/slow?ms=N`: answers after N ms.
+struct HttpBackend {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl HttpBackend {
+    fn start(ns: &Netns, label: &str, addr: SocketAddr) -> HttpBackend {
+        let listener = ns
+            .enter(move || {
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(l)
+            })
+            .unwrap_or_else(|e| panic!("backend {label} bind {addr}: {e}"));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let label = label.to_string();
+        let thread = {
+            let (peers, accepted) = (peers.clone(), accepted.clone());
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("backend runtime");
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+                    loop {
+                        tokio::select! {
+                            _ = &mut rx => break,
+                            r = l.accept() => {
+                                let Ok((s, peer)) = r else { continue };
+                                accepted.fetch_add(1, Ordering::Relaxed);
+                                peers.lock().expect("peers").push(peer);
+                                let label = label.clone();
+                                tokio::spawn(async move {
+                                    let svc = service_fn(move |req| answer(label.clone(), req));
+                                    let _ = hyper::server::conn::http1::Builder::new()
+                                        .serve_connection(TokioIo::new(s), svc)
+                                        .with_upgrades()
+                                        .await;
+                                });
+                            }
+                        }
+                    }
+                });
+                // Dropping the runtime closes the listener and every open connection.
+                rt.shutdown_timeout(Duration::from_millis(100));
+            })
+        };
+        HttpBackend {
+            stop: Some(tx),
+            thread: Some(thread),
+            peers,
+            accepted,
+        }
+    }
+
+    /// Closes the listener and every connection: the backend is gone.
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().expect("peers").clone()
+    }
+
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn answer(label: String, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let mut resp = if path == "/download" {
+        let n = query_num(&req, "n");
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        Response::new(GenBody { left: n, chunk }.boxed())
+    } else if path == "/upload" {
+        let mut body = req.into_body();
+        let mut n = 0u64;
+        while let Some(f) = body.frame().await {
+            match f {
+                Ok(f) => n += f.data_ref().map(|d| d.len() as u64).unwrap_or(0),
+                Err(_) => break,
+            }
+        }
+        Response::new(full(format!("{label}\nbytes={n}\n")))
+    } else if path == "/ws" && req.headers().contains_key("upgrade") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().expect("hv"));
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().expect("hv"));
+        r
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(full(format!("{label}\nstatus {code}\n")));
+        *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).expect("status");
+        r
+    } else {
+        if path == "/slow" {
+            tokio::time::sleep(Duration::from_millis(query_num(&req, "ms"))).await;
+        }
+        let mut text = format!(
+            "{label}\n{} {} {:?}\n",
+            req.method(),
+            req.uri(),
+            req.version()
+        );
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        Response::new(full(text))
+    };
+    resp.headers_mut()
+        .insert("x-backend", label.parse().expect("label"));
+    Ok(resp)
+}
+
+/// `n` bytes in `chunk`-sized frames, made as the reader asks for them (nothing buffered).
+struct GenBody {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl hyper::body::Body for GenBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if this.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = this.left.min(this.chunk.len() as u64) as usize;
+        this.left -= n as u64;
+        std::task::Poll::Ready(Some(Ok(Frame::data(this.chunk.slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A raw HTTP/1.1 client (keep-alive under the test's control) and curl.
+
+/// One HTTP response as the client got it.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The backend that answered (`X-Backend`), or "" for an answer made by the balancer.
+    fn backend(&self) -> String {
+        self.header("x-backend").unwrap_or("").to_string()
+    }
+
+    /// The `NB_SRVID` value of a `Set-Cookie`, with the whole header.
+    fn srvid(&self) -> Option<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .find_map(|(_, v)| {
+                let first = v.split(';').next()?;
+                let val = first.strip_prefix("NB_SRVID=")?;
+                Some((val.to_string(), v.clone()))
+            })
+    }
+}
+
+/// A kept-alive client connection from the client namespace.
+struct Client {
+    r: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn connect(t: &Topology, addr: SocketAddr) -> Client {
+        let s = connect_in(&t.client, addr, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        Client {
+            r: BufReader::new(s),
+        }
+    }
+
+    /// Sends a request (Host: example.test unless given) and reads the whole answer.
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<Resp> {
+        let mut req = format!("{method} {path} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str("Host: example.test\r\n");
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.r.get_mut().write_all(req.as_bytes())?;
+        read_response(&mut self.r)
+    }
+
+    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        self.request("GET", path, headers)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+}
+
+fn read_line(r: &mut impl BufRead) -> std::io::Result<String> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, Vec<(String, String)>)> {
+    let status_line = read_line(r)?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let l = read_line(r)?;
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    Ok((status, headers))
+}
+
+fn read_response(r: &mut impl BufRead) -> std::io::Result<Resp> {
+    let (status, headers) = read_head(r)?;
+    let mut resp = Resp {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    if let Some(n) = resp.header("content-length") {
+        let n: usize = n.parse().map_err(std::io::Error::other)?;
+        resp.body = vec![0; n];
+        r.read_exact(&mut resp.body)?;
+    } else if resp
+        .header("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        loop {
+            let size =
+                usize::from_str_radix(read_line(r)?.trim(), 16).map_err(std::io::Error::other)?;
+            let mut chunk = vec![0; size];
+            r.read_exact(&mut chunk)?;
+            read_line(r)?;
+            if size == 0 {
+                break;
+            }
+            resp.body.extend_from_slice(&chunk);
+        }
+    } else if status != 101 && status != 204 && status != 304 {
+        r.read_to_end(&mut resp.body)?;
+    }
+    Ok(resp)
+}
+
+/// One GET on a new connection.
+fn get(t: &Topology, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
+    Client::connect(t, addr).get(path, headers)
+}
+
+/// Runs curl in the client namespace; returns its output, panics if it fails.
+fn curl(t: &Topology, args: &str) -> String {
+    t.client.sh(&format!("curl -sS --max-time 60 {args}"))
+}
+
+/// Runs curl in the client namespace; true if it exited 0.
+fn curl_ok(t: &Topology, args: &str) -> bool {
+    t.client.sh_ok(&format!("curl -sS --max-time 20 {args}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Configs, waiting, and the agent's memory.
+
+fn backend_addr(i: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(backend_v4(i)), BACKEND_PORT)
+}
+
+fn start_backends(t: &Topology, n: u8) -> Vec<HttpBackend> {
+    (1..=n)
+        .map(|i| HttpBackend::start(&t.backends, &format!("b{i}"), backend_addr(i)))
+        .collect()
+}
+
+fn node(i: u8, mode: &str) -> String {
+    format!(
+        "[[port.node]]\nlabel = \"b{i}\"\naddress = \"{}\"\nmode = \"{mode}\"\n\n",
+        backend_addr(i)
+    )
+}
+
+fn accept_nodes(n: u8) -> String {
+    (1..=n).map(|i| node(i, "accept")).collect()
+}
+
+/// An http(s) port checked by `GET /echo` every 2 s; `extra` goes into the `[[port]]` table.
+fn port_toml(port: u16, protocol: &str, extra: &str, nodes: &str) -> String {
+    format!(
+        "[[port]]\nport = {port}\nprotocol = \"{protocol}\"\ncheck = \"http\"\n\
+         check_interval = 2\ncheck_timeout = 1\ncheck_attempts = 2\ncheck_path = \"/echo\"\n\
+         {extra}\n\n{nodes}"
+    )
+}
+
+fn wait_until(what: &str, agent: &Agent, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_log(agent: &Agent, needle: &str, count: usize, timeout: Duration) {
+    wait_until(
+        &format!("{count} x {needle:?} in the log"),
+        agent,
+        timeout,
+        || agent.log_text().matches(needle).count() >= count,
+    );
+}
+
+fn wait_up(agent: &Agent, port: u16, labels: &[&str]) {
+    for l in labels {
+        wait_log(
+            agent,
+            &format!("port {port} node {l} is UP"),
+            1,
+            Duration::from_secs(8),
+        );
+    }
+}
+
+fn reload(agent: &Agent, outcome: &str, count: usize) {
+    agent.signal(libc::SIGHUP);
+    wait_log(agent, outcome, count, Duration::from_secs(5));
+}
+
+/// The agent's resident memory in KiB.
+fn rss_kib(agent: &Agent) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Samples the agent's RSS every 20 ms while `f` runs; returns f's result and the peak.
+fn peak_rss_during<R>(agent: &Agent, f: impl FnOnce() -> R) -> (R, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let pid = agent.pid();
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    && let Some(kb) = s
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next())
+                        .and_then(|v| v.parse::<u64>().ok())
+                {
+                    peak = peak.max(kb);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let r = f();
+    stop.store(true, Ordering::Relaxed);
+    (r, sampler.join().expect("sampler"))
+}
+
+/// Writes a self-signed certificate and key for `name` into `dir`.
+fn make_cert(dir: &Path, name: &str, tag: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("rcgen");
+    let cert = dir.join(format!("{name}{tag}.crt"));
+    let key = dir.join(format!("{name}{tag}.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
+    (cert, key)
+}
+
+// ---------------------------------------------------------------------------------------
+// The tests.
+
+/// Headers as the backend sees them, the round-robin spread over one kept-alive client
+/// connection, kept-alive backend connections from the private address, IPv6, a reload that
+/// drops no connection, and 503 once every node is gone.
+#[test]
+fn http_headers_spread_keepalive_reload_and_503() {
+    require_root();
+    let t = Topology::new("h1", Wiring::TwoNic, 3);
+    let mut backends = start_backends(&t, 3);
+    let cfg = t.write_config(&port_toml(80, "http", "", &accept_nodes(3)));
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1", "b2", "b3"]);
+
+    let mut c = Client::connect(&t, vip(80));
+    let r = c.get(
+        "/echo?x=1",
+        &[
+            ("Host", "shop.example.test:80"),
+            ("X-Forwarded-For", "203.0.113.7"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "secret"),
+            ("Keep-Alive", "timeout=5"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = r.text();
+    println!("backend saw:\n{seen}");
+    assert!(seen.contains("GET /echo?x=1 HTTP/1.1"), "{seen}");
+    assert!(
+        seen.contains("host: shop.example.test:80\n"),
+        "Host untouched: {seen}"
+    );
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.7, 198.18.0.2\n"),
+        "XFF appended: {seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-port: 80\n"), "{seen}");
+    assert!(
+        !seen.contains("x-hop"),
+        "Connection-named header removed: {seen}"
+    );
+    assert!(!seen.contains("keep-alive"), "hop-by-hop removed: {seen}");
+
+    // Round robin over one kept-alive client connection: every request is balanced.
+    let before: usize = backends.iter().map(|b| b.connections()).sum();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for _ in 0..60 {
+        let r = c.get("/echo", &[]);
+        assert_eq!(r.status, 200);
+        *count.entry(r.backend()).or_default() += 1;
+    }
+    let after: usize = backends.iter().map(|b| b.connections()).sum();
+    println!(
+        "spread of 60 requests: {count:?}; new backend connections: {}",
+        after - before
+    );
+    for l in ["b1", "b2", "b3"] {
+        assert_eq!(count.get(l), Some(&20), "even spread: {count:?}");
+    }
+    // Backend connections are kept alive: far fewer than requests (health checks add a few).
+    assert!(
+        after - before < 15,
+        "{} new backend connections for 60 requests",
+        after - before
+    );
+    for b in &backends {
+        for p in b.peers() {
+            assert_eq!(
+                p.ip(),
+                IpAddr::from([198, 19, 0, 1]),
+                "from the private address"
+            );
+        }
+    }
+
+    // IPv6 public address.
+    let r = get(&t, vip6(80), "/echo", &[]);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("x-forwarded-for: 2001:db8:1::2\n"),
+        "{}",
+        r.text()
+    );
+    // curl, too.
+    let out = curl(&t, &format!("http://{VIP}/echo -H 'Host: c.test'"));
+    assert!(out.contains("host: c.test\n"), "{out}");
+
+    // A reload (b1's weight changes, a port is added) drops no open connection.
+    let text = std::fs::read_to_string(&cfg).expect("cfg");
+    let text = text.replacen("mode = \"accept\"", "mode = \"accept\"\nweight = 200", 1)
+        + &port_toml(8081, "http", "", &accept_nodes(1));
+    std::fs::write(&cfg, text).expect("rewrite");
+    reload(&agent, "reloaded", 1);
+    for _ in 0..6 {
+        assert_eq!(
+            c.get("/echo", &[]).status,
+            200,
+            "kept connection after reload"
+        );
+    }
+    wait_up(&agent, 8081, &["b1"]);
+    let r = get(&t, SocketAddr::new(IpAddr::V4(VIP), 8081), "/echo", &[]);
+    assert_eq!((r.status, r.backend().as_str()), (200, "b1"));
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for _ in 0..40 {
+        *count.entry(c.get("/echo", &[]).backend()).or_default() += 1;
+    }
+    let b1 = count.get("b1").copied().unwrap_or(0);
+    assert!((19..=21).contains(&b1), "weight 200 of 400: {count:?}");
+
+    // Every node gone: a short plain 503 at once (connects are refused), then also once the
+    // checks have marked them DOWN.
+    for b in &mut backends {
+        b.stop();
+    }
+    let r = get(&t, vip(80), "/echo", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(
+        r.header("content-type")
+            .unwrap_or("")
+            .starts_with("text/plain")
+    );
+    assert!(r.text().contains("503 Service Unavailable"), "{}", r.text());
+    for l in ["b1", "b2", "b3"] {
+        wait_log(
+            &agent,
+            &format!("port 80 node {l} is DOWN"),
+            1,
+            Duration::from_secs(8),
+        );
+    }
+    let r = get(&t, vip(80), "/echo", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.len() < 200, "short page");
+}
+
+/// Cookie stickiness: set with the right attributes and signed under the secret in state_dir,
+/// holds for 100 requests, hidden from backends; a forged cookie is ignored (and replaced);
+/// drain keeps sticky clients only; a dead sticky node sends its clients elsewhere with a new
+/// cookie.
+#[test]
+fn cookie_stickiness_forgery_drain_and_redispatch() {
+    require_root();
+    let t = Topology::new("h2", Wiring::TwoNic, 3);
+    let mut backends = start_backends(&t, 3);
+    let cfg = t.write_config(&port_toml(
+        80,
+        "http",
+        "stickiness = \"http_cookie\"",
+        &accept_nodes(3),
+    ));
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1", "b2", "b3"]);
+
+    let key_path = t.dir.join("state").join("stickiness.key");
+    let meta = std::fs::metadata(&key_path).expect("secret created in state_dir");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let key: [u8; 32] = std::fs::read(&key_path)
+        .expect("read secret")
+        .try_into()
+        .expect("32 bytes");
+    let key = CookieKey::from_bytes(key);
+
+    let first = get(&t, vip(80), "/echo", &[("Cookie", "a=1")]);
+    let sticky = first.backend();
+    let (value, header) = first.srvid().expect("Set-Cookie NB_SRVID");
+    println!("Set-Cookie: {header}");
+    for attr in ["Path=/", "HttpOnly", "SameSite=Lax"] {
+        assert!(header.contains(attr), "{attr} in {header}");
+    }
+    assert!(!header.contains("Secure"), "no Secure on http: {header}");
+    assert_eq!(
+        key.verify(80, &value),
+        Some(sticky.as_str()),
+        "signed with the secret"
+    );
+
+    let cookie = format!("a=1; NB_SRVID={value}");
+    let mut c = Client::connect(&t, vip(80));
+    for i in 0..100 {
+        let r = c.get("/echo", &[("Cookie", &cookie)]);
+        assert_eq!(r.backend(), sticky, "request {i} left the sticky node");
+        assert!(r.srvid().is_none(), "no new cookie while it holds");
+        assert!(
+            r.text().contains("cookie: a=1\n"),
+            "backend sees its cookies only: {}",
+            r.text()
+        );
+    }
+
+    // Forged: another node's label with this MAC, and garbage. Balanced normally, re-set.
+    let other = if sticky == "b1" { "b2" } else { "b1" };
+    let forged = value.replacen(&sticky, other, 1);
+    let mut went = HashMap::<String, usize>::new();
+    for v in [
+        forged.as_str(),
+        "garbage",
+        "b1.00000000000000000000000000000000",
+    ] {
+        for _ in 0..6 {
+            let r = get(
+                &t,
+                vip(80),
+                "/echo",
+                &[("Cookie", &format!("NB_SRVID={v}"))],
+            );
+            assert_eq!(r.status, 200, "a bad cookie is never an error");
+            let (nv, _) = r.srvid().expect("a bad cookie is replaced");
+            assert_eq!(key.verify(80, &nv), Some(r.backend().as_str()));
+            *went.entry(r.backend()).or_default() += 1;
+        }
+    }
+    assert_eq!(went.len(), 3, "forged cookies steer nothing: {went:?}");
+
+    // Drain the sticky node: its sticky client stays, new clients never go there.
+    let text = std::fs::read_to_string(&cfg).expect("cfg");
+    let drained = text.replacen(
+        &format!(
+            "label = \"{sticky}\"\naddress = \"{}\"\nmode = \"accept\"",
+            backend_addr(sticky[1..].parse().unwrap())
+        ),
+        &format!(
+            "label = \"{sticky}\"\naddress = \"{}\"\nmode = \"drain\"",
+            backend_addr(sticky[1..].parse().unwrap())
+        ),
+        1,
+    );
+    assert_ne!(drained, text);
+    std::fs::write(&cfg, drained).expect("rewrite");
+    reload(&agent, "reloaded", 1);
+    for _ in 0..20 {
+        assert_eq!(
+            c.get("/echo", &[("Cookie", &cookie)]).backend(),
+            sticky,
+            "drain keeps sticky"
+        );
+        let fresh = get(&t, vip(80), "/echo", &[]);
+        assert_ne!(fresh.backend(), sticky, "drain takes no new client");
+    }
+    std::fs::write(&cfg, text).expect("restore");
+    reload(&agent, "reloaded", 2);
+
+    // The sticky node dies: at once (its connect is refused) its clients go elsewhere and get
+    // a new cookie, which then holds.
+    let i: usize = sticky[1..].parse().unwrap();
+    backends[i - 1].stop();
+    let r = get(&t, vip(80), "/echo", &[("Cookie", &cookie)]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_ne!(r.backend(), sticky);
+    let (nv, _) = r.srvid().expect("cookie re-set after redispatch");
+    assert_eq!(key.verify(80, &nv), Some(r.backend().as_str()));
+    let moved = r.backend();
+    let new_cookie = format!("NB_SRVID={nv}");
+    for _ in 0..20 {
+        let r = c.get("/echo", &[("Cookie", &new_cookie)]);
+        assert_eq!(r.backend(), moved);
+    }
+    // Also after the checks marked it DOWN.
+    wait_log(
+        &agent,
+        &format!("port 80 node {sticky} is DOWN"),
+        1,
+        Duration::from_secs(8),
+    );
+    let r = get(&t, vip(80), "/echo", &[("Cookie", &cookie)]);
+    assert_ne!(r.backend(), sticky);
+    assert!(r.srvid().is_some());
+}
+
+/// `stickiness = "table"`: a client address keeps its node on new connections;
+/// `algorithm = "source"` does the same without state; leastconn spreads an idle port; a
+/// `backup` node takes traffic only once the `accept` node is DOWN.
+#[test]
+fn table_source_leastconn_and_backup() {
+    require_root();
+    let t = Topology::new("h3", Wiring::TwoNic, 3);
+    let mut backends = start_backends(&t, 3);
+    let cfg = t.write_config(
+        &(port_toml(80, "http", "stickiness = \"table\"", &accept_nodes(3))
+            + &port_toml(81, "http", "algorithm = \"source\"", &accept_nodes(3))
+            + &port_toml(82, "http", "algorithm = \"leastconn\"", &accept_nodes(3))
+            + &port_toml(83, "http", "", &(node(1, "accept") + &node(2, "backup")))),
+    );
+    let agent = Agent::start(&t, &cfg);
+    for p in [80, 81, 82] {
+        wait_up(&agent, p, &["b1", "b2", "b3"]);
+    }
+    for p in [80, 81] {
+        let addr = SocketAddr::new(IpAddr::V4(VIP), p);
+        let first = get(&t, addr, "/echo", &[]).backend();
+        for _ in 0..20 {
+            assert_eq!(get(&t, addr, "/echo", &[]).backend(), first, "port {p}");
+        }
+    }
+    let mut seen = HashMap::<String, usize>::new();
+    for _ in 0..30 {
+        *seen
+            .entry(get(&t, SocketAddr::new(IpAddr::V4(VIP), 82), "/echo", &[]).backend())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "leastconn spreads: {seen:?}");
+
+    let p83 = SocketAddr::new(IpAddr::V4(VIP), 83);
+    wait_up(&agent, 83, &["b1", "b2"]);
+    for _ in 0..10 {
+        assert_eq!(get(&t, p83, "/echo", &[]).backend(), "b1", "backup idle");
+    }
+    backends[0].stop();
+    wait_log(&agent, "port 83 node b1 is DOWN", 1, Duration::from_secs(8));
+    for _ in 0..10 {
+        assert_eq!(
+            get(&t, p83, "/echo", &[]).backend(),
+            "b2",
+            "backup took over"
+        );
+    }
+}
+
+/// https: HTTP/2 by ALPN and HTTP/1.1, the certificate chosen by SNI, TLS 1.1 refused and 1.2
+/// and 1.3 served, `Secure` cookies, certificates reloaded by SIGHUP, and a reload with a key
+/// that does not match its certificate refused while the old certificate keeps serving.
+#[test]
+fn https_h2_sni_tls_versions_and_cert_reload() {
+    require_root();
+    let t = Topology::new("h4", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2);
+    let (a_crt, a_key) = make_cert(&t.dir, "a.test", "");
+    let (b_crt, b_key) = make_cert(&t.dir, "b.test", "");
+    let extra = format!(
+        "stickiness = \"http_cookie\"\nssl_cert = [\"{}\", \"{}\"]\nssl_key = [\"{}\", \"{}\"]",
+        a_crt.display(),
+        b_crt.display(),
+        a_key.display(),
+        b_key.display()
+    );
+    let cfg = t.write_config(&port_toml(443, "https", &extra, &accept_nodes(2)));
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 443, &["b1", "b2"]);
+    let resolve = format!("--resolve a.test:443:{VIP} --resolve b.test:443:{VIP}");
+    let ca = |p: &Path| format!("--cacert {}", p.display());
+
+    let out = curl(
+        &t,
+        &format!(
+            "{resolve} {} --http2 -D - https://a.test/echo -w '\\nversion=%{{http_version}}'",
+            ca(&a_crt)
+        ),
+    );
+    println!("{out}");
+    assert!(out.contains("version=2"), "HTTP/2 by ALPN: {out}");
+    assert!(out.contains("x-forwarded-proto: https\n"), "{out}");
+    assert!(out.contains("x-forwarded-port: 443\n"), "{out}");
+    assert!(
+        out.contains("host: a.test\n"),
+        "Host from :authority: {out}"
+    );
+    assert!(
+        out.contains("GET /echo HTTP/1.1"),
+        "HTTP/1.1 to the backend: {out}"
+    );
+    let cookie_line = out
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie: nb_srvid="))
+        .unwrap_or_else(|| panic!("cookie: {out}"));
+    assert!(
+        cookie_line.contains("Secure"),
+        "Secure on https: {cookie_line}"
+    );
+
+    let out = curl(
+        &t,
+        &format!(
+            "{resolve} {} --http1.1 https://a.test/echo -w '\\nversion=%{{http_version}}'",
+            ca(&a_crt)
+        ),
+    );
+    assert!(out.contains("version=1.1"), "{out}");
+    // SNI: b.test gets b's certificate (it verifies against b's alone), a.test a's.
+    assert!(curl_ok(
+        &t,
+        &format!("{resolve} {} https://b.test/echo", ca(&b_crt))
+    ));
+    // Protocol versions.
+    assert!(
+        !curl_ok(
+            &t,
+            &format!(
+                "{resolve} {} --tlsv1.1 --tls-max 1.1 --ciphers 'DEFAULT@SECLEVEL=0' https://a.test/echo",
+                ca(&a_crt)
+            )
+        ),
+        "TLS 1.1 refused (by the balancer: the client here allows it)"
+    );
+    assert!(
+        !curl_ok(
+            &t,
+            &format!(
+                "{resolve} {} --tls-max 1.2 --ciphers AES128-GCM-SHA256 https://a.test/echo",
+                ca(&a_crt)
+            )
+        ),
+        "TLS 1.2 without ECDHE refused"
+    );
+    assert!(curl_ok(
+        &t,
+        &format!(
+            "{resolve} {} --tlsv1.2 --tls-max 1.2 https://a.test/echo",
+            ca(&a_crt)
+        )
+    ));
+    assert!(curl_ok(
+        &t,
+        &format!("{resolve} {} --tlsv1.3 https://a.test/echo", ca(&a_crt))
+    ));
+
+    // A renewed certificate in the same files, then SIGHUP.
+    let old_crt = t.dir.join("a.test-old.crt");
+    std::fs::copy(&a_crt, &old_crt).expect("copy");
+    let (n_crt, n_key) = make_cert(&t.dir, "a.test", "-new");
+    std::fs::copy(&n_crt, &a_crt).expect("copy");
+    std::fs::copy(&n_key, &a_key).expect("copy");
+    let served_by = |ca_file: &Path| {
+        curl_ok(
+            &t,
+            &format!(
+                "{resolve} --cacert {} https://a.test/echo",
+                ca_file.display()
+            ),
+        )
+    };
+    assert!(!served_by(&n_crt), "not before the reload");
+    assert!(served_by(&old_crt));
+    reload(&agent, "reloaded", 1);
+    assert!(served_by(&n_crt), "new cert served after SIGHUP");
+    assert!(!served_by(&old_crt), "old cert gone");
+
+    // A key that does not match: the reload is refused with the reason, the old cert serves.
+    std::fs::copy(&b_key, &a_key).expect("copy");
+    reload(&agent, "reload refused", 1);
+    assert!(
+        agent.log_text().contains("does not match the certificate"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        curl_ok(&t, &format!("{resolve} {} https://a.test/echo", ca(&n_crt))),
+        "still served"
+    );
+}
+
+/// A start with a missing certificate file or an encrypted key fails with a clear message.
+#[test]
+fn start_refuses_missing_and_encrypted_tls_files() {
+    require_root();
+    let t = Topology::new("h5", Wiring::TwoNic, 1);
+    let (crt, key) = make_cert(&t.dir, "a.test", "");
+    let enc = t.dir.join("enc.key");
+    t.lb.sh(&format!(
+        "openssl pkcs8 -topk8 -in {} -passout pass:secret -out {}",
+        key.display(),
+        enc.display()
+    ));
+    let missing = t.dir.join("missing.crt");
+    for (cert, key, expect) in [
+        (&missing, &key, format!("{}", missing.display())),
+        (&crt, &enc, "encrypted".to_string()),
+    ] {
+        let extra = format!(
+            "ssl_cert = \"{}\"\nssl_key = \"{}\"",
+            cert.display(),
+            key.display()
+        );
+        let text =
+            t.balancer_toml()
+                .replacen("[balancer]\n", "[balancer]\nxdp_mode = \"off\"\n", 1)
+                + &port_toml(443, "https", &extra, &accept_nodes(1));
+        let path = t.dir.join("bad.toml");
+        std::fs::write(&path, text).expect("write");
+        let out =
+            t.lb.command(agent_bin())
+                .args(["run", "--config"])
+                .arg(&path)
+                .output()
+                .expect("run agent");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "must not start: {err}");
+        assert!(err.contains(&expect), "{expect:?} in:\n{err}");
+        println!("refused as expected: {}", err.lines().last().unwrap_or(""));
+    }
+}
+
+/// 100 MB down and 100 MB up through the proxy (http, and https with HTTP/2) stream through
+/// without the agent's memory growing by more than a few MB.
+#[test]
+fn large_streams_keep_memory_flat() {
+    require_root();
+    const SIZE: u64 = 100 * 1024 * 1024;
+    const MAX_GROWTH_KIB: u64 = 8 * 1024;
+    let t = Topology::new("h6", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let (crt, key) = make_cert(&t.dir, "a.test", "");
+    let extra = format!(
+        "ssl_cert = \"{}\"\nssl_key = \"{}\"",
+        crt.display(),
+        key.display()
+    );
+    let cfg = t.write_config(
+        &(port_toml(80, "http", "", &accept_nodes(1))
+            + &port_toml(443, "https", &extra, &accept_nodes(1))),
+    );
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    wait_up(&agent, 443, &["b1"]);
+    // Warm up both paths (TLS, pools, buffers), then take the baseline.
+    assert_eq!(
+        get(&t, vip(80), "/download?n=1000000", &[]).body.len(),
+        1_000_000
+    );
+    let tls = format!("--resolve a.test:443:{VIP} --cacert {}", crt.display());
+    curl(
+        &t,
+        &format!("{tls} --http2 -o /dev/null https://a.test/download?n=1000000"),
+    );
+    let base = rss_kib(&agent);
+    let cases = [
+        (
+            "http download",
+            format!("-o /dev/null -w '%{{size_download}}' 'http://{VIP}/download?n={SIZE}'"),
+        ),
+        ("http upload", format!("-T - http://{VIP}/upload")),
+        (
+            "https h2 download",
+            format!(
+                "{tls} --http2 -o /dev/null -w '%{{size_download}}' 'https://a.test/download?n={SIZE}'"
+            ),
+        ),
+        (
+            "https h2 upload",
+            format!("{tls} --http2 -T - https://a.test/upload"),
+        ),
+    ];
+    for (what, args) in cases {
+        let cmd = if what.ends_with("upload") {
+            format!("head -c {SIZE} /dev/zero | curl -sS --max-time 120 {args}")
+        } else {
+            format!("curl -sS --max-time 120 {args}")
+        };
+        let started = Instant::now();
+        let (out, peak) = peak_rss_during(&agent, || t.client.sh(&cmd));
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{what}: {SIZE} bytes in {secs:.2} s ({:.0} MB/s); agent RSS {base} KiB before, peak {peak} KiB (+{} KiB)",
+            SIZE as f64 / secs / 1e6,
+            peak.saturating_sub(base)
+        );
+        if what.ends_with("upload") {
+            assert!(out.contains(&format!("bytes={SIZE}")), "{what}: {out}");
+        } else {
+            assert_eq!(out.trim(), SIZE.to_string(), "{what}");
+        }
+        assert!(
+            peak.saturating_sub(base) < MAX_GROWTH_KIB,
+            "{what}: RSS grew {} KiB (from {base} to {peak})",
+            peak - base
+        );
+    }
+}
+
+/// Upgrade (WebSocket-style) passes through as a byte tunnel; a client that sends its header
+/// too slowly, or sits idle, is cut off at timeout_header; the connection limit answers 503.
+#[test]
+fn upgrade_slow_client_and_connection_limit() {
+    require_root();
+    let t = Topology::new("h7", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let cfg = t.write_config(
+        &(port_toml(80, "http", "timeout_header = 2", &accept_nodes(1))
+            + &port_toml(81, "http", "max_connections = 2", &accept_nodes(1))),
+    );
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    wait_up(&agent, 81, &["b1"]);
+
+    // Upgrade: 101 through, then bytes both ways.
+    let s = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut r = BufReader::new(s);
+    r.get_mut()
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .expect("write");
+    let (status, headers) = read_head(&mut r).expect("101");
+    assert_eq!(status, 101, "{headers:?}");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("upgrade") && v == "websocket"),
+        "{headers:?}"
+    );
+    for msg in [&b"hello through nb"[..], &[0u8, 1, 2, 255, 254][..]] {
+        r.get_mut().write_all(msg).expect("write");
+        let mut back = vec![0; msg.len()];
+        r.read_exact(&mut back).expect("echo");
+        assert_eq!(back, msg);
+    }
+
+    // A header larger than max_header_size (64 KiB by default): 431.
+    let big = "x".repeat(70 * 1024);
+    let r = get(&t, vip(80), "/echo", &[("X-Big", &big)]);
+    assert_eq!(r.status, 431, "{:?}", (r.status, &r.headers));
+
+    // Slowloris: half a header, then nothing. Cut off at 2 s (plus a margin).
+    let mut slow = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let started = Instant::now();
+    slow.write_all(b"GET /echo HTTP/1.1\r\nHost: slow.test\r\nX-Slow: 1")
+        .expect("write");
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    let took = started.elapsed();
+    println!(
+        "slow client cut off after {took:?}: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(4),
+        "slow client cut off after {took:?}"
+    );
+    // An idle kept-alive connection goes the same way.
+    let mut c = Client::connect(&t, vip(80));
+    assert_eq!(c.get("/echo", &[]).status, 200);
+    let started = Instant::now();
+    let mut buf = [0u8; 1];
+    let n = c.r.get_mut().read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "idle connection closed after {took:?}"
+    );
+
+    // max_connections = 2 on port 81: the third connection is answered 503, until one closes.
+    let p81 = SocketAddr::new(IpAddr::V4(VIP), 81);
+    let mut c1 = Client::connect(&t, p81);
+    let mut c2 = Client::connect(&t, p81);
+    assert_eq!(c1.get("/echo", &[]).status, 200);
+    assert_eq!(c2.get("/echo", &[]).status, 200);
+    let r = get(&t, p81, "/echo", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.text().contains("Too many connections"), "{}", r.text());
+    drop(c1);
+    wait_until("a slot frees", &agent, Duration::from_secs(3), || {
+        get(&t, p81, "/echo", &[]).status == 200
+    });
+    assert_eq!(c2.get("/echo", &[]).status, 200);
+}
+
+/// 504 when a node answers too late, 502 when it does not speak HTTP, and passive checks:
+/// 5xx answers (not 501) mark a node DOWN without waiting for an active check.
+#[test]
+fn gateway_errors_and_passive_checks() {
+    require_root();
+    let t = Topology::new("h8", Wiring::TwoNic, 2);
+    let _b1 = HttpBackend::start(&t.backends, "b1", backend_addr(1));
+    // b2 answers every connection with garbage.
+    let garbage = t
+        .backends
+        .enter(|| std::net::TcpListener::bind(backend_addr(2)))
+        .expect("bind garbage");
+    std::thread::spawn(move || {
+        for s in garbage.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n");
+        }
+    });
+    let no_check = "check = \"none\"\ntimeout_server = 1";
+    let cfg = t.write_config(
+        &(port_toml(80, "http", no_check, &node(1, "accept")).replace("check = \"http\"\n", "")
+            + &port_toml(81, "http", no_check, &node(2, "accept"))
+                .replace("check = \"http\"\n", "")
+            + &port_toml(
+                82,
+                "http",
+                "check_interval = 60\ncheck_timeout = 5",
+                &node(1, "accept"),
+            )
+            .replace("check_interval = 2\ncheck_timeout = 1\n", "")),
+    );
+    let agent = Agent::start(&t, &cfg);
+
+    let started = Instant::now();
+    let r = get(&t, vip(80), "/slow?ms=2500", &[]);
+    assert_eq!(r.status, 504, "{r:?}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2000),
+        "504 after timeout_server (1 s), took {took:?}"
+    );
+    assert_eq!(get(&t, vip(80), "/slow?ms=10", &[]).status, 200);
+
+    let r = get(&t, SocketAddr::new(IpAddr::V4(VIP), 81), "/echo", &[]);
+    assert_eq!(r.status, 502, "{r:?}");
+
+    // Port 82: active checks every 60 s; passive ones count at once. 501 is not a failure.
+    let p82 = SocketAddr::new(IpAddr::V4(VIP), 82);
+    for _ in 0..3 {
+        let r = get(&t, p82, "/status/501", &[]);
+        assert_eq!((r.status, r.backend().as_str()), (501, "b1"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !agent.log_text().contains("port 82 node b1 is DOWN"),
+        "501 counted"
+    );
+    // check_attempts = 2: two 500s in a row. (The first active check comes within 12 s and
+    // resets the count if it lands between them: then a third one does it.)
+    let needle = "port 82 node b1 is DOWN (passive: HTTP 500)";
+    let mut sent = 0;
+    while !agent.log_text().contains(needle) {
+        assert!(
+            sent < 4,
+            "not DOWN after {sent} 500s:\n{}",
+            agent.log_text()
+        );
+        let r = get(&t, p82, "/status/500", &[]);
+        assert_eq!(
+            (r.status, r.backend().as_str()),
+            (500, "b1"),
+            "the node's own 500 passes"
+        );
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        sent >= 2,
+        "DOWN after {sent} failure(s), check_attempts is 2"
+    );
+    let r = get(&t, p82, "/echo", &[]);
+    assert_eq!(
+        (r.status, r.backend().as_str()),
+        (503, ""),
+        "DOWN by passive checks: {r:?}"
+    );
+}
