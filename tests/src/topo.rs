@@ -56,6 +56,9 @@ pub struct Topology {
     pub pin_path: PathBuf,
     /// A scratch directory for config, state and logs.
     pub dir: PathBuf,
+    /// `[admin] listen`: a port free on the balancer namespace's loopback, so tests (and
+    /// nbctl, which reads it from the config) know where the API is.
+    pub admin: SocketAddr,
 }
 
 impl Topology {
@@ -108,6 +111,10 @@ impl Topology {
             cmds.push(format!("ip -6 addr add {}/64 dev bk0 nodad", backend_v6(i)));
         }
         backends.sh(&cmds.join(" && "));
+        // Nothing else runs in the new namespace, so the port stays free until the agent binds.
+        let admin = lb
+            .enter(|| std::net::TcpListener::bind("127.0.0.1:0")?.local_addr())
+            .expect("a free port for the admin API");
         let suffix = unique_suffix();
         let dir = std::env::temp_dir().join(format!("nb-{tag}-{suffix}"));
         fs::create_dir_all(&dir).expect("scratch dir");
@@ -120,6 +127,7 @@ impl Topology {
             interfaces,
             pin_path: PathBuf::from(format!("/sys/fs/bpf/nb-{tag}-{suffix}")),
             dir,
+            admin,
         }
     }
 
@@ -129,10 +137,11 @@ impl Topology {
         format!(
             "[balancer]\ninterfaces = [{}]\naddresses = [\"{VIP}\", \"{VIP6}\"]\n\
              state_dir = \"{}\"\nbpf_pin_path = \"{}\"\nmax_flows = 65536\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n",
+             [admin]\nlisten = \"{}\"\ntoken_file = \"{}\"\n\n",
             ifaces.join(", "),
             self.dir.join("state").display(),
             self.pin_path.display(),
+            self.admin,
             self.dir.join("admin.token").display(),
         )
     }

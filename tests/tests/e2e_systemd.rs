@@ -77,9 +77,10 @@ fn xtask_install_lays_out_binary_config_and_unit() {
         String::from_utf8_lossy(&out.stderr)
     );
     let bin = root.join("usr/local/bin/nb-agent");
+    let nbctl = root.join("usr/local/bin/nbctl");
     let unit = root.join("etc/systemd/system/nb-agent.service");
     let config = root.join("etc/nb/nb.toml");
-    for f in [&bin, &unit, &config] {
+    for f in [&bin, &nbctl, &unit, &config] {
         assert!(f.exists(), "{} installed", f.display());
     }
     let unit_text = std::fs::read_to_string(&unit).expect("unit");

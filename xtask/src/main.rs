@@ -174,9 +174,12 @@ fn install(root: &Path) -> Result<()> {
     for d in [&bin, &etc, &unit_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let from = ws.join("target/release/nb-agent");
-    let to = bin.join("nb-agent");
-    std::fs::copy(&from, &to).with_context(|| format!("{} -> {}", from.display(), to.display()))?;
+    for b in ["nb-agent", "nbctl"] {
+        let from = ws.join("target/release").join(b);
+        let to = bin.join(b);
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("{} -> {}", from.display(), to.display()))?;
+    }
     let config = etc.join("nb.toml");
     if !config.exists() {
         std::fs::copy(ws.join("packaging/nb.toml"), &config)

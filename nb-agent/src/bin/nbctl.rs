@@ -1,0 +1,451 @@
+//! `nbctl`: the admin API from a shell (SPEC §1, §4). Reads the API address and the token from
+//! the agent's config, prints tables (or the API's JSON with `--json`), and exits with a code
+//! scripts can act on: 0 done, 1 the API refused (reason printed), 2 the agent cannot be
+//! reached or the command line is wrong.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use nb_agent::config;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(name = "nbctl", version, about = "nb load balancer: admin API client")]
+struct Cli {
+    /// The agent's config file: where the API listens and which token file guards it.
+    #[arg(long, global = true, default_value = "/etc/nb/nb.toml")]
+    config: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Every port with its nodes: address, weight, mode, health, active connections.
+    Status,
+    /// The nodes of one port.
+    Nodes { port: u16 },
+    /// Add, change or remove a node.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Counters per node and of the XDP program.
+    Stats,
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Add a node to a port.
+    Add {
+        port: u16,
+        label: String,
+        /// IP:port (IPv6 as [addr]:port).
+        address: String,
+        #[arg(long)]
+        weight: Option<i64>,
+        /// accept | reject | drain | backup
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Change a node's weight and/or mode.
+    Set {
+        port: u16,
+        label: String,
+        #[arg(long)]
+        weight: Option<i64>,
+        #[arg(long)]
+        mode: Option<String>,
+    },
+    /// Remove a node from a port.
+    Rm { port: u16, label: String },
+}
+
+/// How a command failed, which decides the exit code.
+enum Failure {
+    /// The API answered with an error (exit 1).
+    Refused { status: u16, message: String },
+    /// No answer, or a command line or config problem (exit 2).
+    Unreachable(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::Unreachable(e)
+    }
+}
+
+/// Where to reach the API and with what token.
+struct Target {
+    addr: SocketAddr,
+    token: Option<String>,
+}
+
+impl Target {
+    fn from_config(path: &std::path::Path) -> anyhow::Result<Target> {
+        let cfg = config::load(path).map_err(|e| anyhow!("{e}"))?;
+        let mut addr = cfg.admin.listen;
+        // An agent listening on every address is reached on loopback.
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        let token = std::fs::read_to_string(&cfg.admin.token_file)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
+        Ok(Target { addr, token })
+    }
+
+    /// One HTTP/1.1 request; the parsed JSON answer, or the API's refusal.
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
+        let timeout = Duration::from_secs(10);
+        let mut s = TcpStream::connect_timeout(&self.addr, timeout)
+            .with_context(|| format!("cannot reach the agent's API at {}", self.addr))?;
+        s.set_read_timeout(Some(timeout))
+            .and_then(|_| s.set_write_timeout(Some(timeout)))
+            .context("socket")?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
+            self.addr
+        );
+        if method != "GET" {
+            if let Some(t) = &self.token {
+                req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+            }
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(&body);
+        s.write_all(req.as_bytes())
+            .with_context(|| format!("sending to {}", self.addr))?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)
+            .with_context(|| format!("reading the answer from {}", self.addr))?;
+        let (status, body) = parse_response(&raw)?;
+        let value: Value = serde_json::from_slice(&body)
+            .with_context(|| format!("the API answered {status} with something not JSON"))?;
+        if status >= 400 {
+            let message = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            return Err(Failure::Refused { status, message });
+        }
+        Ok(value)
+    }
+}
+
+/// Status and body of an HTTP/1.1 answer read to its end (Content-Length or chunked).
+fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("incomplete HTTP answer"))?;
+    let head = std::str::from_utf8(&raw[..end]).context("HTTP header")?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("not an HTTP answer"))?;
+    let mut chunked = false;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':')
+            && k.trim().eq_ignore_ascii_case("transfer-encoding")
+            && v.trim().eq_ignore_ascii_case("chunked")
+        {
+            chunked = true;
+        }
+    }
+    let mut body = raw[end + 4..].to_vec();
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| anyhow!("bad chunk"))?;
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl])?.trim(), 16)?;
+            rest = &rest[nl + 2..];
+            if size == 0 {
+                break;
+            }
+            if rest.len() < size + 2 {
+                bail!("truncated chunk");
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        body = out;
+    }
+    Ok((status, body))
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        s.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// A JSON field as a table cell: strings bare, null as "-".
+fn cell(v: &Value, key: &str) -> String {
+    match v.get(key) {
+        None | Some(Value::Null) => "-".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_f64() => format!("{:.4}", n.as_f64().unwrap_or(0.0)),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn node_rows(port: &Value, with_port: bool) -> Vec<Vec<String>> {
+    let empty = Vec::new();
+    let nodes = port
+        .get("nodes")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    nodes
+        .iter()
+        .map(|n| {
+            let mut r = Vec::new();
+            if with_port {
+                r.push(format!("{}/{}", cell(port, "port"), cell(port, "protocol")));
+            }
+            for k in [
+                "label",
+                "address",
+                "weight",
+                "mode",
+                "status",
+                "active_connections",
+            ] {
+                r.push(cell(n, k));
+            }
+            r
+        })
+        .collect()
+}
+
+const NODE_HEADER: [&str; 6] = ["LABEL", "ADDRESS", "WEIGHT", "MODE", "STATUS", "ACTIVE"];
+
+fn run(cli: &Cli) -> Result<String, Failure> {
+    let t = Target::from_config(&cli.config)?;
+    let out = match &cli.command {
+        Command::Status => {
+            let v = t.call("GET", "/v1/status", None)?;
+            if cli.json {
+                return Ok(pretty(&v));
+            }
+            let empty = Vec::new();
+            let ports = v.get("ports").and_then(Value::as_array).unwrap_or(&empty);
+            let rows: Vec<Vec<String>> = ports.iter().flat_map(|p| node_rows(p, true)).collect();
+            let mut h = vec!["PORT"];
+            h.extend(NODE_HEADER);
+            table(&h, &rows)
+        }
+        Command::Nodes { port } => {
+            let v = t.call("GET", "/v1/status", None)?;
+            let empty = Vec::new();
+            let p = v
+                .get("ports")
+                .and_then(Value::as_array)
+                .unwrap_or(&empty)
+                .iter()
+                .find(|p| p.get("port").and_then(Value::as_u64) == Some(u64::from(*port)))
+                .ok_or_else(|| Failure::Refused {
+                    status: 404,
+                    message: format!("no port {port}"),
+                })?;
+            if cli.json {
+                return Ok(pretty(p.get("nodes").unwrap_or(&Value::Null)));
+            }
+            table(&NODE_HEADER, &node_rows(p, false))
+        }
+        Command::Node { command } => {
+            let (method, path, body) = match command {
+                NodeCommand::Add {
+                    port,
+                    label,
+                    address,
+                    weight,
+                    mode,
+                } => {
+                    let mut b = json!({ "label": label, "address": address });
+                    if let Some(w) = weight {
+                        b["weight"] = json!(w);
+                    }
+                    if let Some(m) = mode {
+                        b["mode"] = json!(m);
+                    }
+                    ("POST", format!("/v1/ports/{port}/nodes"), Some(b))
+                }
+                NodeCommand::Set {
+                    port,
+                    label,
+                    weight,
+                    mode,
+                } => {
+                    if weight.is_none() && mode.is_none() {
+                        return Err(Failure::Unreachable(anyhow!(
+                            "node set: give --weight and/or --mode"
+                        )));
+                    }
+                    let mut b = json!({});
+                    if let Some(w) = weight {
+                        b["weight"] = json!(w);
+                    }
+                    if let Some(m) = mode {
+                        b["mode"] = json!(m);
+                    }
+                    ("PUT", format!("/v1/ports/{port}/nodes/{label}"), Some(b))
+                }
+                NodeCommand::Rm { port, label } => {
+                    ("DELETE", format!("/v1/ports/{port}/nodes/{label}"), None)
+                }
+            };
+            let v = t.call(method, &path, body.as_ref())?;
+            if cli.json {
+                return Ok(pretty(&v));
+            }
+            match (v.get("node"), v.get("removed")) {
+                (Some(n), _) => format!(
+                    "port {}: node {} {} weight {} mode {}\n",
+                    cell(&v, "port"),
+                    cell(n, "label"),
+                    cell(n, "address"),
+                    cell(n, "weight"),
+                    cell(n, "mode")
+                ),
+                (None, Some(l)) => format!(
+                    "port {}: node {} removed\n",
+                    cell(&v, "port"),
+                    l.as_str().unwrap_or("?")
+                ),
+                _ => pretty(&v),
+            }
+        }
+        Command::Stats => {
+            let v = t.call("GET", "/v1/stats", None)?;
+            if cli.json {
+                return Ok(pretty(&v));
+            }
+            let empty = Vec::new();
+            let rows: Vec<Vec<String>> = v
+                .get("nodes")
+                .and_then(Value::as_array)
+                .unwrap_or(&empty)
+                .iter()
+                .map(|n| {
+                    [
+                        "port",
+                        "node",
+                        "up",
+                        "connections_total",
+                        "active_connections",
+                        "bytes_in",
+                        "bytes_out",
+                        "health_checks",
+                        "health_check_mean_seconds",
+                    ]
+                    .iter()
+                    .map(|k| cell(n, k))
+                    .collect()
+                })
+                .collect();
+            let mut out = table(
+                &[
+                    "PORT",
+                    "NODE",
+                    "UP",
+                    "CONNECTIONS",
+                    "ACTIVE",
+                    "BYTES_IN",
+                    "BYTES_OUT",
+                    "CHECKS",
+                    "CHECK_MEAN_S",
+                ],
+                &rows,
+            );
+            if let Some(x) = v.get("xdp_packets").and_then(Value::as_object)
+                && !x.is_empty()
+            {
+                out.push('\n');
+                let rows: Vec<Vec<String>> = x
+                    .iter()
+                    .map(|(k, n)| vec![k.clone(), n.to_string()])
+                    .collect();
+                out.push_str(&table(&["XDP_ACTION", "PACKETS"], &rows));
+            }
+            out
+        }
+    };
+    Ok(out)
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version are not errors.
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(&cli) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Refused { status, message }) => {
+            eprintln!("nbctl: refused ({status}): {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Unreachable(e)) => {
+            eprintln!("nbctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

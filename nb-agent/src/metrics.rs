@@ -1,0 +1,382 @@
+//! Prometheus metrics (SPEC §5): the process-wide counters that code outside the agent loop
+//! records into (health check durations, config reloads, http requests), and the text format
+//! renderer that joins them with what the loop reads from the data path at scrape time.
+//!
+//! The recorders are global, as in every Prometheus client library: a health check task or a
+//! proxy connection records without holding any reference to the agent, and a scrape never
+//! waits for them.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt::Write,
+    sync::{
+        LazyLock, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+/// Upper bounds (seconds) of the health check histogram: from a LAN connect (sub-millisecond)
+/// to the largest `check_timeout` the config allows (30 s).
+pub const CHECK_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0,
+];
+
+/// One histogram series: cumulative counts are computed at render time from these.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations per bucket of [`CHECK_BUCKETS`] (not cumulative); the last slot is +Inf.
+    pub buckets: [u64; CHECK_BUCKETS.len() + 1],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Adds one observation.
+    pub fn observe(&mut self, seconds: f64) {
+        let i = CHECK_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(CHECK_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+/// What is recorded outside the agent loop.
+#[derive(Default)]
+struct Recorders {
+    checks: Mutex<HashMap<(u16, String), Histogram>>,
+    requests: Mutex<BTreeMap<(u16, u16), u64>>,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+}
+
+static RECORDERS: LazyLock<Recorders> = LazyLock::new(Recorders::default);
+
+/// Records how long one active health check probe of a node took (success or failure).
+pub fn observe_check(port: u16, node: &str, took: Duration) {
+    let mut m = RECORDERS.checks.lock().unwrap_or_else(|e| e.into_inner());
+    m.entry((port, node.to_string()))
+        .or_default()
+        .observe(took.as_secs_f64());
+}
+
+/// Records one answer of an http/https port with its status code (`nb_port_requests_total`);
+/// for the proxy to call once per response it sends.
+pub fn count_request(port: u16, code: u16) {
+    let mut m = RECORDERS.requests.lock().unwrap_or_else(|e| e.into_inner());
+    *m.entry((port, code)).or_default() += 1;
+}
+
+/// Records the outcome of one config reload (SIGHUP).
+pub fn count_reload(ok: bool) {
+    let c = if ok {
+        &RECORDERS.reloads_ok
+    } else {
+        &RECORDERS.reloads_failed
+    };
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The health check histogram of a node, if it was ever probed (tests, `nbctl stats`).
+pub fn check_histogram(port: u16, node: &str) -> Option<Histogram> {
+    let m = RECORDERS.checks.lock().unwrap_or_else(|e| e.into_inner());
+    m.get(&(port, node.to_string())).cloned()
+}
+
+/// One node as the agent loop sees it at scrape time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSample {
+    pub port: u16,
+    pub node: String,
+    /// Not DOWN: the node takes traffic as far as health goes (UP, or no result yet).
+    pub up: bool,
+    /// Data-path counters; `None` where the data path does not carry the port (http/https,
+    /// or `xdp_mode = "off"`).
+    pub counters: Option<NodeCounters>,
+}
+
+/// Data-path counters of one node, summed over address families and CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    pub connections: u64,
+    pub active: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// What the agent loop contributes to a scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeSample>,
+    /// `(action, packets)` of the XDP program, summed over CPUs; empty without a data path.
+    pub xdp: Vec<(&'static str, u64)>,
+}
+
+/// Escapes a label value for the text format (backslash, quote, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Renders every SPEC §5 metric in the Prometheus text format (version 0.0.4). Every family is
+/// announced (HELP and TYPE) even when it has no series yet, so a scraper sees the full set.
+/// Health check histograms are limited to the nodes in `snap`, so a removed node's series go.
+pub fn render(snap: &Snapshot) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "nb_node_up",
+        "gauge",
+        "1 when the node is not DOWN (UP, or not checked yet), 0 when DOWN.",
+    );
+    for n in &snap.nodes {
+        let _ = writeln!(
+            out,
+            "nb_node_up{{port=\"{}\",node=\"{}\"}} {}",
+            n.port,
+            esc(&n.node),
+            u8::from(n.up)
+        );
+    }
+    family(
+        &mut out,
+        "nb_node_connections_total",
+        "counter",
+        "New connections sent to the node (tcp ports, XDP data path).",
+    );
+    for n in &snap.nodes {
+        if let Some(c) = n.counters {
+            let _ = writeln!(
+                out,
+                "nb_node_connections_total{{port=\"{}\",node=\"{}\"}} {}",
+                n.port,
+                esc(&n.node),
+                c.connections
+            );
+        }
+    }
+    family(
+        &mut out,
+        "nb_node_active_connections",
+        "gauge",
+        "Open connections to the node (tcp ports, XDP data path).",
+    );
+    for n in &snap.nodes {
+        if let Some(c) = n.counters {
+            let _ = writeln!(
+                out,
+                "nb_node_active_connections{{port=\"{}\",node=\"{}\"}} {}",
+                n.port,
+                esc(&n.node),
+                c.active
+            );
+        }
+    }
+    family(
+        &mut out,
+        "nb_node_bytes_total",
+        "counter",
+        "Bytes (whole frames) to the node (direction=\"in\") and from it (\"out\").",
+    );
+    for n in &snap.nodes {
+        if let Some(c) = n.counters {
+            for (dir, v) in [("in", c.bytes_in), ("out", c.bytes_out)] {
+                let _ = writeln!(
+                    out,
+                    "nb_node_bytes_total{{port=\"{}\",node=\"{}\",direction=\"{dir}\"}} {v}",
+                    n.port,
+                    esc(&n.node)
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "nb_port_requests_total",
+        "counter",
+        "Responses sent by http/https ports, by status code.",
+    );
+    {
+        let m = RECORDERS.requests.lock().unwrap_or_else(|e| e.into_inner());
+        for ((port, code), v) in m.iter() {
+            let _ = writeln!(
+                out,
+                "nb_port_requests_total{{port=\"{port}\",code=\"{code}\"}} {v}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "nb_xdp_packets_total",
+        "counter",
+        "Packets seen by the XDP program, by what it did with them.",
+    );
+    for (action, v) in &snap.xdp {
+        let _ = writeln!(out, "nb_xdp_packets_total{{action=\"{action}\"}} {v}");
+    }
+    family(
+        &mut out,
+        "nb_health_check_seconds",
+        "histogram",
+        "Duration of active health check probes, failed ones included.",
+    );
+    {
+        let m = RECORDERS.checks.lock().unwrap_or_else(|e| e.into_inner());
+        for n in &snap.nodes {
+            let Some(h) = m.get(&(n.port, n.node.clone())) else {
+                continue;
+            };
+            let labels = format!("port=\"{}\",node=\"{}\"", n.port, esc(&n.node));
+            let mut cumulative = 0;
+            for (i, le) in CHECK_BUCKETS.iter().enumerate() {
+                cumulative += h.buckets[i];
+                let _ = writeln!(
+                    out,
+                    "nb_health_check_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "nb_health_check_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "nb_health_check_seconds_sum{{{labels}}} {}", h.sum);
+            let _ = writeln!(out, "nb_health_check_seconds_count{{{labels}}} {}", h.count);
+        }
+    }
+    family(
+        &mut out,
+        "nb_config_reloads_total",
+        "counter",
+        "Config reloads (SIGHUP), by result: \"success\" or \"failure\" (refused, config unchanged).",
+    );
+    for (result, c) in [
+        ("success", &RECORDERS.reloads_ok),
+        ("failure", &RECORDERS.reloads_failed),
+    ] {
+        let _ = writeln!(
+            out,
+            "nb_config_reloads_total{{result=\"{result}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_when_rendered() {
+        // Ports no other test uses: the recorders are process-wide.
+        observe_check(60001, "a", Duration::from_micros(300));
+        observe_check(60001, "a", Duration::from_millis(40));
+        observe_check(60001, "a", Duration::from_secs(40));
+        let snap = Snapshot {
+            nodes: vec![NodeSample {
+                port: 60001,
+                node: "a".into(),
+                up: true,
+                counters: None,
+            }],
+            xdp: vec![],
+        };
+        let text = render(&snap);
+        let line = |le: &str| {
+            let prefix =
+                format!("nb_health_check_seconds_bucket{{port=\"60001\",node=\"a\",le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no bucket {le} in\n{text}"))
+                .to_string()
+        };
+        assert_eq!(line("0.0005"), "1");
+        assert_eq!(line("0.025"), "1");
+        assert_eq!(line("0.05"), "2");
+        assert_eq!(line("30"), "2");
+        assert_eq!(line("+Inf"), "3");
+        assert!(text.contains("nb_health_check_seconds_count{port=\"60001\",node=\"a\"} 3"));
+        let h = check_histogram(60001, "a").expect("recorded");
+        assert!((h.sum - 40.0403).abs() < 1e-9, "{}", h.sum);
+    }
+
+    #[test]
+    fn removed_nodes_have_no_histogram_and_http_nodes_no_counters() {
+        observe_check(60002, "gone", Duration::from_millis(1));
+        let snap = Snapshot {
+            nodes: vec![NodeSample {
+                port: 60003,
+                node: "web\"1".into(),
+                up: false,
+                counters: None,
+            }],
+            xdp: vec![("rx", 7)],
+        };
+        let text = render(&snap);
+        assert!(!text.contains("node=\"gone\""), "{text}");
+        assert!(
+            text.contains("nb_node_up{port=\"60003\",node=\"web\\\"1\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("nb_node_connections_total{"), "{text}");
+        assert!(
+            text.contains("nb_xdp_packets_total{action=\"rx\"} 7"),
+            "{text}"
+        );
+        for name in [
+            "nb_node_up",
+            "nb_node_connections_total",
+            "nb_node_active_connections",
+            "nb_node_bytes_total",
+            "nb_port_requests_total",
+            "nb_xdp_packets_total",
+            "nb_health_check_seconds",
+            "nb_config_reloads_total",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn counters_render_per_node_and_direction() {
+        count_request(60004, 503);
+        count_request(60004, 503);
+        let snap = Snapshot {
+            nodes: vec![NodeSample {
+                port: 80,
+                node: "b1".into(),
+                up: true,
+                counters: Some(NodeCounters {
+                    connections: 3,
+                    active: 1,
+                    bytes_in: 100,
+                    bytes_out: 2000,
+                }),
+            }],
+            xdp: vec![],
+        };
+        let text = render(&snap);
+        for want in [
+            "nb_node_connections_total{port=\"80\",node=\"b1\"} 3",
+            "nb_node_active_connections{port=\"80\",node=\"b1\"} 1",
+            "nb_node_bytes_total{port=\"80\",node=\"b1\",direction=\"in\"} 100",
+            "nb_node_bytes_total{port=\"80\",node=\"b1\",direction=\"out\"} 2000",
+            "nb_port_requests_total{port=\"60004\",code=\"503\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+        }
+    }
+}
