@@ -17,9 +17,14 @@ use tokio::{
 };
 
 use crate::{
+    api,
     config::{self, Algorithm, Config, NodeMode, Protocol, XdpMode},
-    dataplane::{AttachMode, BackendSpec, Dataplane, DataplaneError, FlowTimeouts, ServiceSpec},
+    dataplane::{
+        AttachMode, BackendSpec, Dataplane, DataplaneError, FlowTimeouts, ServiceSpec, SweepReport,
+    },
     health::{self, CheckEvent, CheckSpec, Health},
+    metrics,
+    proxy::{Proxy, ProxyError},
 };
 
 /// Errors that stop the agent from starting.
@@ -29,6 +34,10 @@ pub enum AgentError {
     Config(#[from] config::LoadError),
     #[error("{0}")]
     Dataplane(#[from] DataplaneError),
+    #[error("{0}")]
+    Proxy(#[from] ProxyError),
+    #[error("{0}")]
+    Api(#[from] crate::api::ApiError),
     #[error("interface {0} not found")]
     NoInterface(String),
     #[error("no public address: set [balancer] addresses or give {0:?} an address")]
@@ -90,6 +99,17 @@ pub fn source_address_towards(backend: SocketAddr) -> std::io::Result<IpAddr> {
     Ok(s.local_addr()?.ip())
 }
 
+/// Whether a node takes new clients (those without stickiness to it), the same rule for tcp
+/// ports (XDP) and http/https ports (proxy): `accept` while not DOWN, `backup` only while no
+/// `accept` node is up, `drain` and `reject` never.
+pub fn takes_new_connections(mode: NodeMode, up: bool, any_accept_up: bool) -> bool {
+    up && match mode {
+        NodeMode::Accept => true,
+        NodeMode::Backup => !any_accept_up,
+        NodeMode::Reject | NodeMode::Drain => false,
+    }
+}
+
 /// Builds the data-path services of the config's tcp ports: one per port and address family.
 /// `health` gives each node's state by (port, label).
 pub fn tcp_services(
@@ -132,12 +152,7 @@ pub fn tcp_services(
                         continue;
                     }
                 };
-                let eligible = up(n)
-                    && match n.mode {
-                        NodeMode::Accept => true,
-                        NodeMode::Backup => !any_accept_up,
-                        NodeMode::Reject | NodeMode::Drain => false,
-                    };
+                let eligible = takes_new_connections(n.mode, up(n), any_accept_up);
                 backends.push(BackendSpec {
                     key: n.label.clone(),
                     addr: n.address.ip(),
@@ -226,6 +241,8 @@ struct CheckTask {
     addr: SocketAddr,
     spec: CheckSpec,
     handle: JoinHandle<()>,
+    /// Passive check failures from the proxy go to the task's state machine through here.
+    passive: mpsc::UnboundedSender<String>,
 }
 
 /// The running agent's state.
@@ -237,6 +254,11 @@ pub struct Agent {
     pub health: HashMap<(u16, String), Health>,
     checks: HashMap<(u16, String), CheckTask>,
     events_tx: mpsc::UnboundedSender<CheckEvent>,
+    /// Refused and answered connection counts per (port, node) at the last sweep: the
+    /// difference is what passive checks judge.
+    passive_last: HashMap<(u16, String), (u64, u64)>,
+    /// The http/https ports.
+    pub proxy: Proxy,
 }
 
 impl Agent {
@@ -274,8 +296,13 @@ impl Agent {
             health: HashMap::new(),
             checks: HashMap::new(),
             events_tx,
+            passive_last: HashMap::new(),
+            proxy: Proxy::new(),
         };
         agent.sync_checks();
+        let prepared = agent.proxy.prepare(&agent.config, &agent.public)?;
+        agent.proxy.commit(prepared);
+        agent.program()?;
         Ok((agent, events_rx))
     }
 
@@ -298,6 +325,12 @@ impl Agent {
         if let Some(dp) = self.dataplane.as_mut() {
             dp.apply(&services)?;
         }
+        let checks = &self.checks;
+        self.proxy.refresh(&self.config, &|port, label| {
+            let key = (port, label.to_string());
+            let h = health.get(&key).copied().unwrap_or_default();
+            (h, checks.get(&key).map(|t| t.passive.clone()))
+        });
         Ok(())
     }
 
@@ -339,6 +372,7 @@ impl Agent {
                 continue;
             }
             let source = source_address_towards(addr).ok();
+            let (passive, passive_rx) = mpsc::unbounded_channel();
             let handle = tokio::spawn(health::run_node(
                 k.0,
                 k.1.clone(),
@@ -346,8 +380,17 @@ impl Agent {
                 source,
                 spec.clone(),
                 self.events_tx.clone(),
+                passive_rx,
             ));
-            self.checks.insert(k, CheckTask { addr, spec, handle });
+            self.checks.insert(
+                k,
+                CheckTask {
+                    addr,
+                    spec,
+                    handle,
+                    passive,
+                },
+            );
         }
     }
 
@@ -376,10 +419,81 @@ impl Agent {
         }
     }
 
+    /// Expires idle flows, then runs the passive checks of tcp ports on what the XDP program
+    /// saw since the last sweep.
+    pub fn sweep(&mut self) {
+        let Some(dp) = self.dataplane.as_mut() else {
+            return;
+        };
+        match dp.sweep(FlowTimeouts::default()) {
+            Ok(report) => self.passive_checks(&report),
+            Err(e) => warn!("flow sweep: {e}"),
+        }
+    }
+
+    /// Passive checks for tcp ports: a node whose new connections in the last sweep period
+    /// were all refused (RST first) or left unanswered, with none answered, has failed one
+    /// check. The failure goes to the node's check task, so `check_attempts` of them in a row
+    /// mark it DOWN and only an active check brings it back (nodes without active checks are
+    /// left alone: nothing could bring them back).
+    fn passive_checks(&mut self, report: &SweepReport) {
+        let Some(dp) = self.dataplane.as_ref() else {
+            return;
+        };
+        let counters = match dp.backend_counters() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("passive checks: {e}");
+                return;
+            }
+        };
+        for p in &self.config.ports {
+            if p.protocol != Protocol::Tcp || !p.check_passive {
+                continue;
+            }
+            for n in &p.nodes {
+                let family = if n.address.is_ipv4() {
+                    FAMILY_V4
+                } else {
+                    FAMILY_V6
+                };
+                let Some(c) = counters.get(&(family, p.port, n.label.clone())) else {
+                    continue;
+                };
+                let key = (p.port, n.label.clone());
+                let now = (c.stats.refused, c.stats.answered);
+                let Some(last) = self.passive_last.insert(key.clone(), now) else {
+                    continue;
+                };
+                let refused = now.0.saturating_sub(last.0);
+                let answered = now.1.saturating_sub(last.1);
+                let unanswered = report.unanswered.get(&key).copied().unwrap_or(0);
+                if refused + unanswered > 0
+                    && answered == 0
+                    && let Some(task) = self.checks.get(&key)
+                {
+                    let _ = task.passive.send(format!(
+                        "passive: {refused} connection(s) refused and {unanswered} unanswered, \
+                         none answered"
+                    ));
+                }
+            }
+        }
+    }
+
     /// Re-reads the config file; applies it only if all of it is valid.
     pub fn reload(&mut self) -> Result<(), AgentError> {
         let new = config::load(&self.config.path)?;
+        self.apply(new)
+    }
+
+    /// Makes `new` the running config, whole or not at all: the one path of SIGHUP reloads
+    /// and admin API writes.
+    pub fn apply(&mut self, new: Config) -> Result<(), AgentError> {
         let public = public_addresses(&new)?;
+        // Certificates, the stickiness secret and new listeners first: a failure here leaves
+        // everything running as it was.
+        let prepared = self.proxy.prepare(&new, &public)?;
         if new.balancer.bpf_pin_path != self.config.balancer.bpf_pin_path
             || new.balancer.max_flows != self.config.balancer.max_flows
             || new.balancer.interfaces != self.config.balancer.interfaces
@@ -402,6 +516,7 @@ impl Agent {
             dp.set_throttle(self.config.balancer.client_conn_throttle)?;
         }
         self.sync_checks();
+        self.proxy.commit(prepared);
         self.program()?;
         Ok(())
     }
@@ -410,7 +525,11 @@ impl Agent {
 /// `nb-agent run`: start, then serve until SIGTERM/SIGINT, reloading on SIGHUP.
 pub async fn run(config_path: &Path) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
+    // The admin listener first: a taken address stops the start before the data path changes.
+    let api_listener = api::bind(&config.admin).await?;
+    let (mut admin, config) = api::Admin::open(config)?;
     let (mut agent, mut checks) = Agent::start(config)?;
+    let mut api_calls = api::serve(api_listener);
     info!(
         "serving {} port(s) on {:?}",
         agent.config.ports.len(),
@@ -431,21 +550,21 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 sd_notify("RELOADING=1");
-                match agent.reload() {
+                // The file, then the API's changes over it (see `api`).
+                let result = admin.reload(&mut agent);
+                metrics::count_reload(result.is_ok());
+                match result {
                     Ok(()) => info!("reloaded {}", agent.config.path.display()),
                     Err(e) => error!("reload refused, running config unchanged:\n{e}"),
                 }
                 sd_notify("READY=1");
             }
             Some(e) = checks.recv() => agent.on_check(e),
+            Some(call) = api_calls.recv() => admin.handle(&mut agent, call),
             _ = sweep.tick() => {
                 // The loop turning is what the watchdog (WatchdogSec=) checks.
                 sd_notify("WATCHDOG=1");
-                if let Some(dp) = agent.dataplane.as_mut()
-                    && let Err(e) = dp.sweep(FlowTimeouts::default())
-                {
-                    warn!("flow sweep: {e}");
-                }
+                agent.sweep();
             }
         }
     }

@@ -94,6 +94,17 @@ pub struct Port {
     /// One key per entry of `ssl_cert`, in the same order.
     pub ssl_key: Vec<PathBuf>,
     pub cipher_suite: CipherSuite,
+    /// http/https: seconds a client has to send a request's whole header (slowloris), which
+    /// in HTTP/1 is also how long a kept-alive connection may sit idle between requests.
+    pub timeout_header: u32,
+    /// http/https: seconds to connect to a node before trying another.
+    pub timeout_connect: u32,
+    /// http/https: seconds a node has to answer a request (504 after).
+    pub timeout_server: u32,
+    /// http/https: client connections open at once on the port; more are refused (503).
+    pub max_connections: u32,
+    /// http/https: bytes of request line and header a client may send (431 above).
+    pub max_header_size: u32,
     pub nodes: Vec<Node>,
 }
 
@@ -118,6 +129,11 @@ impl Port {
             ssl_cert: Vec::new(),
             ssl_key: Vec::new(),
             cipher_suite: CipherSuite::Recommended,
+            timeout_header: 10,
+            timeout_connect: 5,
+            timeout_server: 60,
+            max_connections: 10_000,
+            max_header_size: 65_536,
             nodes: Vec::new(),
         }
     }
@@ -394,6 +410,22 @@ pub fn validate_port(port: &Port) -> Vec<String> {
         .collect()
 }
 
+/// A node weight as the file reads it (1-255), with the file's message when out of range;
+/// for the admin API, whose JSON numbers may be anything.
+pub fn node_weight(value: i64) -> Result<u8, String> {
+    match range_message("weight", value, &WEIGHT) {
+        Some(m) => Err(m),
+        None => u8::try_from(value).map_err(|_| format!("weight ({value}) is out of range")),
+    }
+}
+
+/// A node address as the file reads it (`IP:port`, IPv6 as `[addr]:port`), with the file's
+/// message; for the admin API.
+pub fn node_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("address: '{text}' is not an IP:port address (IPv6 as [addr]:port)"))
+}
+
 impl Config {
     /// Every rule on ports, both per port and between ports (shared addresses and port
     /// numbers), so the admin API can check a changed config before it applies it.
@@ -420,6 +452,11 @@ const CHECK_INTERVAL: RangeInclusive<i64> = 2..=3600;
 const CHECK_TIMEOUT: RangeInclusive<i64> = 1..=30;
 const CHECK_ATTEMPTS: RangeInclusive<i64> = 1..=30;
 const WEIGHT: RangeInclusive<i64> = 1..=255;
+const TIMEOUT_HEADER: RangeInclusive<i64> = 1..=3600;
+const TIMEOUT_CONNECT: RangeInclusive<i64> = 1..=60;
+const TIMEOUT_SERVER: RangeInclusive<i64> = 1..=86_400;
+const MAX_CONNECTIONS: RangeInclusive<i64> = 1..=1_000_000;
+const MAX_HEADER_SIZE: RangeInclusive<i64> = 8192..=1_048_576;
 
 const ROOT_KEYS: &[&str] = &["balancer", "admin", "port"];
 const BALANCER_KEYS: &[&str] = &[
@@ -450,6 +487,11 @@ const PORT_KEYS: &[&str] = &[
     "ssl_cert",
     "ssl_key",
     "cipher_suite",
+    "timeout_header",
+    "timeout_connect",
+    "timeout_server",
+    "max_connections",
+    "max_header_size",
     "node",
 ];
 const NODE_KEYS: &[&str] = &["label", "address", "weight", "mode"];
@@ -1040,11 +1082,11 @@ impl<'a> Sec<'a> {
 
     fn socket_addr(&mut self, cx: &mut Cx, key: &'static str) -> Option<SocketAddr> {
         let s = self.string(cx, key)?;
-        match s.parse() {
+        match node_address(&s) {
             Ok(a) => Some(a),
-            Err(_) => {
+            Err(m) => {
                 let line = self.key_line(key);
-                let m = format!("{key}: '{s}' is not an IP:port address (IPv6 as [addr]:port)");
+                let m = m.replacen("address", key, 1);
                 self.err(cx, key, line, m);
                 None
             }
@@ -1337,6 +1379,21 @@ fn parse_port(cx: &mut Cx, t: &dyn TableLike, line: usize, index: usize) -> (Por
         ssl_cert: paths(&mut s, cx, "ssl_cert"),
         ssl_key: paths(&mut s, cx, "ssl_key"),
         cipher_suite: s.choice(cx, "cipher_suite").unwrap_or(d.cipher_suite),
+        timeout_header: s
+            .int(cx, "timeout_header", &TIMEOUT_HEADER)
+            .unwrap_or(d.timeout_header),
+        timeout_connect: s
+            .int(cx, "timeout_connect", &TIMEOUT_CONNECT)
+            .unwrap_or(d.timeout_connect),
+        timeout_server: s
+            .int(cx, "timeout_server", &TIMEOUT_SERVER)
+            .unwrap_or(d.timeout_server),
+        max_connections: s
+            .int(cx, "max_connections", &MAX_CONNECTIONS)
+            .unwrap_or(d.max_connections),
+        max_header_size: s
+            .int(cx, "max_header_size", &MAX_HEADER_SIZE)
+            .unwrap_or(d.max_header_size),
         ..d
     };
     let mut node_locs = Vec::new();
@@ -1586,6 +1643,49 @@ proxy_protocol = "v2"
         assert_eq!(c.ports[2].check, CheckKind::Http);
         assert_eq!(c.ports[2].ssl_cert, [PathBuf::from("/c")]);
         assert_eq!(c.ports[2].cipher_suite, CipherSuite::Recommended);
+    }
+
+    #[test]
+    fn proxy_limits_parse_default_and_check_ranges() {
+        let c = ok(&port80(
+            "http",
+            "timeout_header = 7\ntimeout_connect = 2\ntimeout_server = 90\n\
+             max_connections = 500\nmax_header_size = 16384\n",
+        ));
+        let p = &c.ports[0];
+        assert_eq!(
+            (
+                p.timeout_header,
+                p.timeout_connect,
+                p.timeout_server,
+                p.max_connections,
+                p.max_header_size
+            ),
+            (7, 2, 90, 500, 16384)
+        );
+        let d = Port::new(80, Protocol::Http);
+        assert_eq!(
+            (d.timeout_header, d.timeout_connect, d.timeout_server),
+            (10, 5, 60)
+        );
+        for (line, needle) in [
+            (
+                "timeout_header = 0",
+                "timeout_header (0) must be between 1 and 3600",
+            ),
+            (
+                "timeout_connect = 61",
+                "timeout_connect (61) must be between 1 and 60",
+            ),
+            ("timeout_server = 0", "timeout_server (0)"),
+            ("max_connections = 0", "max_connections (0)"),
+            (
+                "max_header_size = 100",
+                "max_header_size (100) must be between 8192",
+            ),
+        ] {
+            one_error(&port80("http", &format!("\n{line}\n")), 7, needle);
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpSocket,
     sync::mpsc,
-    time::{Instant, sleep, timeout},
+    time::{Instant, timeout},
 };
 
 use crate::config::{CheckKind, Port};
@@ -251,6 +251,10 @@ fn jitter_source(seed: u64) -> impl FnMut() -> f64 {
 
 /// Runs the checks of one node until the task is aborted: the first after a random part of the
 /// interval, then every interval +-10%, so that checks of many nodes never align.
+///
+/// `passive` brings failures seen by real traffic (the proxy's connect failures, timeouts and
+/// 5xx answers, each with its reason): they count in the same state machine as failed probes,
+/// so `check_attempts` of them in a row (with no successful probe between) mark the node DOWN.
 pub async fn run_node(
     port: u16,
     label: String,
@@ -258,6 +262,7 @@ pub async fn run_node(
     source: Option<IpAddr>,
     spec: CheckSpec,
     events: mpsc::UnboundedSender<CheckEvent>,
+    mut passive: mpsc::UnboundedReceiver<String>,
 ) {
     let seed = label
         .bytes()
@@ -271,13 +276,43 @@ pub async fn run_node(
             .unwrap_or(0);
     let mut rand = jitter_source(seed);
     let mut sm = StateMachine::new(spec.attempts);
+    // Waits until `deadline`, recording passive failures meanwhile; false when the agent is gone.
+    let mut wait = async |deadline: Instant, sm: &mut StateMachine| -> bool {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return true,
+                Some(why) = passive.recv() => {
+                    let changed = sm.record(false);
+                    let event = CheckEvent {
+                        port,
+                        label: label.clone(),
+                        changed,
+                        ok: false,
+                        latency: Duration::ZERO,
+                        error: Some(why),
+                    };
+                    if events.send(event).is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    };
     // The first check soon (within a fifth of the interval), so a start or a new node is known
     // quickly; the spread still keeps nodes apart.
-    sleep(spec.interval.mul_f64(rand() * 0.2)).await;
+    if !wait(
+        Instant::now() + spec.interval.mul_f64(rand() * 0.2),
+        &mut sm,
+    )
+    .await
+    {
+        return;
+    }
     loop {
         let started = Instant::now();
         let result = probe(&spec, addr, source).await;
         let latency = started.elapsed();
+        crate::metrics::observe_check(port, &label, latency);
         let ok = result.is_ok();
         let changed = sm.record(ok);
         let event = CheckEvent {
@@ -292,14 +327,16 @@ pub async fn run_node(
             return;
         }
         let next = spec.interval.mul_f64(0.9 + 0.2 * rand());
-        sleep(next.saturating_sub(latency)).await;
+        if !wait(Instant::now() + next.saturating_sub(latency), &mut sm).await {
+            return;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::{net::TcpListener, time::sleep};
 
     #[test]
     fn down_after_attempts_consecutive_failures_up_after_one_success() {
@@ -426,7 +463,8 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         let (tx, mut rx) = mpsc::unbounded_channel();
         let s = spec(CheckKind::Connection, None);
-        let task = tokio::spawn(run_node(80, "n1".into(), addr, None, s, tx));
+        let (_passive_tx, passive_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run_node(80, "n1".into(), addr, None, s, tx, passive_rx));
         let first = rx.recv().await.expect("event");
         assert_eq!(first.changed, Some(Health::Up));
         drop(l);
@@ -447,6 +485,38 @@ mod tests {
                 break;
             }
         }
+        drop(l);
+        task.abort();
+    }
+
+    /// Passive failures (from the proxy) count in the same state machine as probes: with
+    /// `attempts` = 2, two of them mark a node DOWN long before its next probe, and the next
+    /// successful probe brings it back UP.
+    #[tokio::test(start_paused = true)]
+    async fn passive_failures_count_like_failed_probes() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (passive_tx, passive_rx) = mpsc::unbounded_channel();
+        let mut s = spec(CheckKind::Connection, None);
+        s.interval = Duration::from_secs(60);
+        let task = tokio::spawn(run_node(80, "n1".into(), addr, None, s, tx, passive_rx));
+        assert_eq!(rx.recv().await.expect("event").changed, Some(Health::Up));
+        let t0 = Instant::now();
+        passive_tx.send("passive: HTTP 500".into()).expect("send");
+        let e = rx.recv().await.expect("event");
+        assert_eq!((e.ok, e.changed), (false, None), "one failure of two");
+        passive_tx.send("passive: HTTP 502".into()).expect("send");
+        let e = rx.recv().await.expect("event");
+        assert_eq!(e.changed, Some(Health::Down));
+        assert_eq!(e.error.as_deref(), Some("passive: HTTP 502"));
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "no probe was waited for"
+        );
+        // The next probe (the node still listens) succeeds: UP again.
+        let e = rx.recv().await.expect("event");
+        assert_eq!(e.changed, Some(Health::Up));
         drop(l);
         task.abort();
     }

@@ -1,7 +1,10 @@
 //! nb-agent: configuration, the XDP data path from user space, and the daemon around them.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+pub mod metrics;
+pub mod proxy;
 pub mod selection;

@@ -708,3 +708,47 @@ fn agent_crash_and_restart_keep_connections() {
     let seen = spread(&t, 20);
     assert_eq!(seen.len(), 2, "new connections after the restart: {seen:?}");
 }
+
+/// Passive checks on a tcp port: a backend that starts refusing connections is marked DOWN by
+/// the connections real clients make (RST seen by the XDP program), long before its next active
+/// check; no new connection goes to it after that.
+#[test]
+fn passive_checks_mark_a_refusing_backend_down_before_the_active_check() {
+    require_root();
+    let t = Topology::new("o8", Wiring::TwoNic, 2);
+    let mut backends = start_backends(&t, 2);
+    let port = "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\n\
+         check = \"connection\"\ncheck_interval = 60\ncheck_timeout = 1\ncheck_attempts = 2\n\
+         check_passive = true\n\n"
+        .to_string()
+        + &accept_nodes(2);
+    let cfg = t.write_config(&port);
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    // Both UP from their first active check (within a fifth of the interval).
+    wait_log(&agent, "node b1 is UP", 1, Duration::from_secs(15));
+    wait_log(&agent, "node b2 is UP", 1, Duration::from_secs(15));
+    backends[0].stop();
+    let stopped = Instant::now();
+    // Clients keep connecting; about half of them are refused by b1 until nb stops sending any.
+    let down = wait_until(
+        "b1 DOWN by passive checks",
+        &agent,
+        Duration::from_secs(12),
+        || {
+            let _ = which_backend(&t.client, vip(80));
+            agent.log_text().contains("node b1 is DOWN (passive")
+        },
+    );
+    let took = stopped.elapsed();
+    println!("passive failover took {took:?} ({down:?} of polling)");
+    assert!(
+        took < Duration::from_secs(30),
+        "DOWN long before the next active check (60 s): {took:?}"
+    );
+    for i in 0..20 {
+        let label = which_backend(&t.client, vip(80))
+            .unwrap_or_else(|e| panic!("connection {i} after DOWN failed: {e}"));
+        assert_eq!(label, "b2", "connection {i} after DOWN");
+    }
+}
