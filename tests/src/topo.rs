@@ -306,3 +306,63 @@ pub fn vip(port: u16) -> SocketAddr {
 pub fn vip6(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(VIP6), port)
 }
+
+/// Polls `f` every 20 ms until it is true; panics with `what` and the agent's log after
+/// `timeout`. Returns how long it took.
+pub fn wait_until(
+    what: &str,
+    agent: &Agent,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}; agent log:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the agent's log holds `needle` at least `count` times.
+pub fn wait_log(agent: &Agent, needle: &str, count: usize, timeout: Duration) -> Duration {
+    wait_until(
+        &format!("{count} x {needle:?} in the agent log"),
+        agent,
+        timeout,
+        || agent.log_text().matches(needle).count() >= count,
+    )
+}
+
+/// A connection from the client to `addr`, with the greeting line of the backend it reached
+/// (`netns::Backend` greets with its label).
+pub fn open_greeted(t: &Topology, addr: SocketAddr) -> (std::net::TcpStream, String) {
+    let mut s = connect_in(&t.client, addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let mut label = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).expect("read greeting") == 1 && b[0] != b'\n' {
+        label.push(b[0]);
+    }
+    (s, String::from_utf8(label).expect("label"))
+}
+
+/// Sends `msg` on a connection to an echoing backend and reads it back.
+pub fn echo(s: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    s.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)?;
+    if buf != msg {
+        return Err(std::io::Error::other(format!(
+            "echo mismatch: sent {msg:?}, got {buf:?}"
+        )));
+    }
+    Ok(())
+}

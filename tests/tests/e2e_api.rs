@@ -17,9 +17,12 @@ use std::{
 };
 
 use nb_tests::{
-    netns::{Backend, connect_in, which_backend},
+    netns::{Backend, which_backend},
     require_root,
-    topo::{Agent, Topology, Wiring, agent_bin, backend_v4, vip, wait_connectable},
+    topo::{
+        Agent, Topology, Wiring, agent_bin, backend_v4, echo, open_greeted, vip, wait_connectable,
+        wait_until,
+    },
 };
 use serde_json::Value;
 
@@ -134,19 +137,6 @@ fn status_nodes(t: &Topology, port: u16) -> BTreeMap<String, Value> {
         .collect()
 }
 
-/// Polls `f` every 50 ms until true; panics with `what` and the agent's log after `timeout`.
-fn wait_until(what: &str, agent: &Agent, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not within {timeout:?}; agent log:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn wait_status(t: &Topology, agent: &Agent, label: &str, want: &str, timeout: Duration) {
     wait_until(
         &format!("{label} shows {want} in /v1/status"),
@@ -169,27 +159,6 @@ fn spread(t: &Topology, n: usize) -> HashMap<String, usize> {
         *seen.entry(label).or_default() += 1;
     }
     seen
-}
-
-/// A kept-alive connection through the balancer, and the label of the backend it reached.
-fn open(t: &Topology) -> (TcpStream, String) {
-    let mut s = connect_in(&t.client, vip(80), Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    let mut label = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).expect("read greeting") == 1 && b[0] != b'\n' {
-        label.push(b[0]);
-    }
-    (s, String::from_utf8(label).expect("label"))
-}
-
-fn echo(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
-    s.write_all(msg)?;
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf)?;
-    assert_eq!(buf, msg, "echo");
-    Ok(())
 }
 
 /// 1. `/v1/status` lists every node with its address, weight, mode, health and open
@@ -223,7 +192,7 @@ fn status_lists_nodes_with_health_and_active_connections() {
     let idle = nodes["b1"]["active_connections"].as_u64().expect("active");
     let mut conns: Vec<TcpStream> = (0..3)
         .map(|_| {
-            let (s, label) = open(&t);
+            let (s, label) = open_greeted(&t, vip(80));
             assert_eq!(label, "b1");
             s
         })
@@ -585,7 +554,7 @@ fn drain_and_remove_through_the_api() {
     // A kept connection on b2.
     let mut kept = None;
     for _ in 0..20 {
-        let (s, l) = open(&t);
+        let (s, l) = open_greeted(&t, vip(80));
         if l == "b2" {
             kept = Some(s);
             break;
@@ -998,7 +967,7 @@ fn metrics_are_scraped_and_move_with_traffic() {
     };
     let mut open_conns = Vec::new();
     for _ in 0..10 {
-        let (mut s, _) = open(&t);
+        let (mut s, _) = open_greeted(&t, vip(80));
         echo(&mut s, &[b'z'; 1000]).expect("echo");
         open_conns.push(s);
     }

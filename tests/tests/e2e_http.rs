@@ -34,7 +34,7 @@ use nb_agent::proxy::cookie::CookieKey;
 use nb_tests::{
     netns::{Netns, connect_in},
     require_root,
-    topo::{Agent, Topology, VIP, Wiring, agent_bin, backend_v4, vip, vip6},
+    topo::{Agent, Topology, VIP, Wiring, agent_bin, backend_v4, vip, vip6, wait_log, wait_until},
 };
 
 /// Backends listen here.
@@ -431,27 +431,6 @@ fn port_toml(port: u16, protocol: &str, extra: &str, nodes: &str) -> String {
          check_interval = 2\ncheck_timeout = 1\ncheck_attempts = 2\ncheck_path = \"/echo\"\n\
          {extra}\n\n{nodes}"
     )
-}
-
-fn wait_until(what: &str, agent: &Agent, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not within {timeout:?}; agent log:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_log(agent: &Agent, needle: &str, count: usize, timeout: Duration) {
-    wait_until(
-        &format!("{count} x {needle:?} in the log"),
-        agent,
-        timeout,
-        || agent.log_text().matches(needle).count() >= count,
-    );
 }
 
 fn wait_up(agent: &Agent, port: u16, labels: &[&str]) {

@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    io::{Read, Write},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -12,8 +11,8 @@ use nb_tests::{
     netns::{Backend, connect_in, which_backend},
     require_root,
     topo::{
-        Agent, LB_PRIVATE, LB_PRIVATE6, Topology, Wiring, backend_v4, backend_v6, vip, vip6,
-        wait_connectable,
+        Agent, LB_PRIVATE, LB_PRIVATE6, Topology, Wiring, backend_v4, backend_v6, echo,
+        open_greeted, vip, vip6, wait_connectable,
     },
 };
 
@@ -128,23 +127,6 @@ fn ipv6_spreads_with_full_nat() {
     }
 }
 
-/// Sends `msg` on an open connection and reads the echo back.
-fn echo(s: &mut std::net::TcpStream, msg: &[u8]) {
-    s.write_all(msg).expect("write on kept connection");
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf).expect("echo on kept connection");
-    assert_eq!(buf, msg);
-}
-
-fn read_label(s: &mut std::net::TcpStream) -> String {
-    let mut label = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).expect("read label") == 1 && b[0] != b'\n' {
-        label.push(b[0]);
-    }
-    String::from_utf8(label).expect("label")
-}
-
 /// One connection stays on its backend while backends are added and removed around it (and
 /// even when its own backend leaves the config: existing flows are left alone).
 #[test]
@@ -155,11 +137,8 @@ fn connection_keeps_its_backend_while_backends_change() {
     let cfg = t.write_config(&tcp_port(80, "source", &nodes_toml(3, 8080, false)));
     let agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
-    let mut conn = connect_in(&t.client, vip(80), Duration::from_secs(2)).expect("connect");
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mine = read_label(&mut conn);
-    echo(&mut conn, b"before");
+    let (mut conn, mine) = open_greeted(&t, vip(80));
+    echo(&mut conn, b"before").expect("echo before");
 
     let reloads = [
         nodes_toml(5, 8080, false),                     // two added
@@ -182,7 +161,8 @@ fn connection_keeps_its_backend_while_backends_change() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        echo(&mut conn, format!("after reload {i}").as_bytes());
+        echo(&mut conn, format!("after reload {i}").as_bytes())
+            .expect("echo on the kept connection");
         // New connections keep working through every change.
         which_backend(&t.client, vip(80)).expect("new connection after reload");
     }

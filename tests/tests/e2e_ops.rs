@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    io::{ErrorKind, Read, Write},
+    io::ErrorKind,
     net::{SocketAddr, TcpStream},
     path::Path,
     sync::{
@@ -23,7 +23,10 @@ use nb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 use nb_tests::{
     netns::{Backend, connect_in, which_backend},
     require_root,
-    topo::{Agent, Topology, Wiring, backend_v4, vip, wait_connectable},
+    topo::{
+        Agent, Topology, Wiring, backend_v4, echo, open_greeted, vip, wait_connectable, wait_log,
+        wait_until,
+    },
 };
 
 /// Backends listen here (the public port is 80).
@@ -99,38 +102,6 @@ fn rewrite(path: &Path, text: &str) {
     std::fs::write(path, text).expect("rewrite config");
 }
 
-/// Polls `f` every 20 ms until it is true; panics with `what` (and the agent's log) after
-/// `timeout`. Returns how long it took.
-fn wait_until(
-    what: &str,
-    agent: &Agent,
-    timeout: Duration,
-    mut f: impl FnMut() -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        if f() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not within {timeout:?}; agent log:\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits until the agent's log holds `needle` at least `count` times.
-fn wait_log(agent: &Agent, needle: &str, count: usize, timeout: Duration) -> Duration {
-    wait_until(
-        &format!("{count} x {needle:?} in the agent log"),
-        agent,
-        timeout,
-        || agent.log_text().matches(needle).count() >= count,
-    )
-}
-
 /// Sends SIGHUP and waits for the agent to log the outcome: `"reloaded"` or
 /// `"reload refused"`, which must then appear `count` times in all.
 fn reload(agent: &Agent, outcome: &str, count: usize) {
@@ -195,34 +166,6 @@ fn settle(
             agent.log_text()
         );
     }
-}
-
-/// A kept-alive connection through the balancer: the backend's label, then echoes.
-fn open(t: &Topology) -> (TcpStream, String) {
-    let mut s = connect_in(&t.client, vip(80), Duration::from_secs(2)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    let mut label = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).expect("read greeting") == 1 && b[0] != b'\n' {
-        label.push(b[0]);
-    }
-    (s, String::from_utf8(label).expect("label"))
-}
-
-/// Sends `msg` and reads the echo back.
-fn echo(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
-    s.write_all(msg)?;
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf)?;
-    if buf != msg {
-        return Err(std::io::Error::other(format!(
-            "echo {:?} came back as {:?}",
-            String::from_utf8_lossy(msg),
-            String::from_utf8_lossy(&buf)
-        )));
-    }
-    Ok(())
 }
 
 /// 1. A backend that dies is out of rotation within check_interval x check_attempts: after
@@ -311,7 +254,7 @@ fn drain_keeps_open_connections_and_takes_no_new_ones() {
     let cfg = t.write_config(&checked_port(1, &accept_nodes(2)));
     let agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
-    let (mut conn, mine) = open(&t);
+    let (mut conn, mine) = open_greeted(&t, vip(80));
     echo(&mut conn, b"before drain").expect("echo before drain");
     let i: u8 = mine
         .strip_prefix('b')
@@ -629,7 +572,7 @@ fn agent_crash_and_restart_keep_connections() {
     let cfg = t.write_config(&checked_port(2, &accept_nodes(2)));
     let mut agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
-    let (mut conn, mine) = open(&t);
+    let (mut conn, mine) = open_greeted(&t, vip(80));
     conn.set_read_timeout(Some(Duration::from_secs(3)))
         .expect("read timeout");
 

@@ -1,16 +1,14 @@
 //! Restart safety across changes of the pinned state: a resized connection table keeps its
 //! flows, and a map whose layout changed (an upgrade) is replaced without a crash.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use nb_tests::{
-    netns::{Backend, connect_in, which_backend},
+    netns::{Backend, which_backend},
     require_root,
-    topo::{Agent, Topology, Wiring, backend_v4, vip, wait_connectable},
+    topo::{
+        Agent, Topology, Wiring, backend_v4, echo, open_greeted, vip, wait_connectable, wait_log,
+    },
 };
 
 fn ports() -> String {
@@ -38,35 +36,6 @@ fn backends(t: &Topology) -> Vec<Backend> {
         .collect()
 }
 
-fn echo(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).expect("write on the kept connection");
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf).expect("echo on the kept connection");
-    assert_eq!(buf, msg);
-}
-
-fn kept_connection(t: &Topology) -> TcpStream {
-    let mut c = connect_in(&t.client, vip(80), Duration::from_secs(2)).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    let mut b = [0u8; 3];
-    c.read_exact(&mut b).expect("greeting");
-    echo(&mut c, b"before");
-    c
-}
-
-fn wait_log(agent: &Agent, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !agent.log_text().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "agent never logged \"{needle}\":\n{}",
-            agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `max_flows` changed between two runs: the new agent carries the flows into the bigger
 /// table, and an open connection keeps going to its backend.
 #[test]
@@ -77,7 +46,8 @@ fn resized_connection_table_keeps_its_flows() {
     let cfg = t.write_config(&ports());
     let mut agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
-    let mut conn = kept_connection(&t);
+    let (mut conn, _) = open_greeted(&t, vip(80));
+    echo(&mut conn, b"before").expect("echo before");
     agent.stop();
     let text = std::fs::read_to_string(&cfg).expect("read config");
     std::fs::write(
@@ -86,8 +56,8 @@ fn resized_connection_table_keeps_its_flows() {
     )
     .expect("rewrite config");
     let agent = Agent::start(&t, &cfg);
-    wait_log(&agent, "entries carried over");
-    echo(&mut conn, b"after the resize");
+    wait_log(&agent, "entries carried over", 1, Duration::from_secs(10));
+    echo(&mut conn, b"after the resize").expect("echo on the kept connection");
     for _ in 0..10 {
         which_backend(&t.client, vip(80)).expect("new connection after the resize");
     }
@@ -119,7 +89,8 @@ fn changed_map_layout_is_replaced_without_a_crash() {
     let cfg = t.write_config(&ports());
     let mut agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
-    let mut conn = kept_connection(&t);
+    let (mut conn, _) = open_greeted(&t, vip(80));
+    echo(&mut conn, b"before").expect("echo before");
     agent.stop();
     // A counters map as an older or newer program might have laid it out.
     let stats = t.pin_path.join("NB_STATS");
@@ -147,8 +118,13 @@ fn changed_map_layout_is_replaced_without_a_crash() {
         String::from_utf8_lossy(&out.stderr)
     );
     let agent = Agent::start(&t, &cfg);
-    wait_log(&agent, "map NB_STATS: pinned layout");
-    echo(&mut conn, b"after the upgrade");
+    wait_log(
+        &agent,
+        "map NB_STATS: pinned layout",
+        1,
+        Duration::from_secs(10),
+    );
+    echo(&mut conn, b"after the upgrade").expect("echo on the kept connection");
     for _ in 0..10 {
         which_backend(&t.client, vip(80)).expect("new connection after the upgrade");
     }
