@@ -360,42 +360,26 @@ fn l4(out: &Path) -> Result<()> {
     println!(
         "== L4: kept-alive requests and new connections through each balancer ({SECONDS} s each)"
     );
-    let (t, cfg) = topology("bl", 262_144)?;
-    let dir = t.dir.clone();
-    start_nginx(&t.backends, &dir)?;
     let mut rows = Vec::new();
-
-    // The per-packet cost of nb's program under this load, by the kernel's own run-time
-    // statistics, beside an empty program on the backends' interface (it sees the forward
-    // half of the same traffic). Attached for all three runs, so every run has the same
-    // interfaces.
-    let bk0: u32 = t
-        .backends
-        .sh("cat /sys/class/net/bk0/ifindex")
-        .trim()
-        .parse()
-        .context("bk0 ifindex")?;
-    let (empty, _empty_link) = t.backends.enter(move || -> io::Result<(Fd, Fd)> {
-        let p = load_empty_xdp()?;
-        let l = link_xdp(&p, bk0)?;
-        Ok((p, l))
-    })?;
     let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
     let stats_before = std::fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
     std::fs::write(stats_path, "1").context("enable bpf_stats")?;
 
     let live: Option<(f64, u64, f64, u64)>;
-    // nb: the XDP program.
+    // nb: the XDP program. Each contender gets a network of its own, so none inherits
+    // another's sockets, neighbours or TIME_WAIT state.
     {
-        let agent = Agent::start(&t, &cfg);
-        connectable(&t)?;
+        let rig = L4Rig::new("bn")?;
+        let (t, empty) = (&rig.t, &rig.empty);
+        let agent = Agent::start(t, &rig.cfg);
+        connectable(t)?;
         let nb_prog = obj_get(&t.pin_path.join("nb_xdp"))?;
-        let (nb0, e0) = (prog_run_stats(&nb_prog)?, prog_run_stats(&empty)?);
+        let (nb0, e0) = (prog_run_stats(&nb_prog)?, prog_run_stats(empty)?);
         let cpu0 = host_cpu_ticks()?;
         let keepalive = wrk(&t.client, &[])?;
         let cpu1 = host_cpu_ticks()?;
         // Kept-alive traffic only: new connections cost more per packet (SYN path).
-        let (nb1, e1) = (prog_run_stats(&nb_prog)?, prog_run_stats(&empty)?);
+        let (nb1, e1) = (prog_run_stats(&nb_prog)?, prog_run_stats(empty)?);
         let new_conns = wrk(&t.client, &["-H", "Connection: close"])?;
         let host_cpu = (cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1)) as f64;
         let per = |a: (u64, u64), b: (u64, u64)| (b.0 - a.0) as f64 / ((b.1 - a.1).max(1)) as f64;
@@ -408,13 +392,13 @@ fn l4(out: &Path) -> Result<()> {
             lb_process_cpu: None,
         });
         drop(agent);
-        // Unpinning the links detaches the program: the port is the kernel's again.
-        std::fs::remove_dir_all(&t.pin_path)?;
     }
 
     // The kernel's own NAT.
     {
-        let nft = dir.join("nat.nft");
+        let rig = L4Rig::new("bf")?;
+        let t = &rig.t;
+        let nft = t.dir.join("nat.nft");
         let servers: Vec<String> = (1..=BACKENDS)
             .map(|i| format!("{} : {}", i - 1, backend_v4(i)))
             .collect();
@@ -428,16 +412,11 @@ fn l4(out: &Path) -> Result<()> {
                 servers.join(", ")
             ),
         )?;
-        let xdp = t.lb.sh("ip link show pub0; ip link show priv0");
-        ensure!(
-            !xdp.contains("xdp"),
-            "XDP still attached after nb stopped:\n{xdp}"
-        );
         t.lb.sh(&format!(
             "sysctl -qw net.ipv4.ip_forward=1 && nft -f {}",
             nft.display()
         ));
-        connectable(&t)?;
+        connectable(t)?;
         let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
         rows.push(L4Row {
             name: "nftables DNAT+masquerade",
@@ -446,11 +425,13 @@ fn l4(out: &Path) -> Result<()> {
             host_cpu,
             lb_process_cpu: None,
         });
-        t.lb.sh("nft delete table ip nbbench");
     }
 
     // HAProxy in TCP mode, as many threads as CPUs.
     {
+        let rig = L4Rig::new("bh")?;
+        let t = &rig.t;
+        let dir = t.dir.clone();
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -471,7 +452,7 @@ fn l4(out: &Path) -> Result<()> {
             &["-db", "-f", conf.to_str().context("path")?],
             Some(&dir.join("haproxy.log")),
         );
-        connectable(&t)?;
+        connectable(t)?;
         let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
         let lb_process_cpu = keepalive_cpu(pid);
         rows.push(L4Row {
@@ -565,8 +546,42 @@ fn l4(out: &Path) -> Result<()> {
     if errors > 0 {
         println!("   note: {errors} socket errors reported by wrk (see target/bench/l4.json)");
     }
-    drop(t);
     Ok(())
+}
+
+/// One contender's network: the topology with nginx on the backends, the agent's config,
+/// and an empty XDP program on the backends' interface whose run-time statistics are the
+/// floor for nb's (it sees the forward half of the same traffic; attached in every run so
+/// that every contender has the same interfaces).
+struct L4Rig {
+    t: Topology,
+    cfg: std::path::PathBuf,
+    empty: Fd,
+    _empty_link: Fd,
+}
+
+impl L4Rig {
+    fn new(tag: &str) -> Result<L4Rig> {
+        let (t, cfg) = topology(tag, 262_144)?;
+        start_nginx(&t.backends, &t.dir)?;
+        let bk0: u32 = t
+            .backends
+            .sh("cat /sys/class/net/bk0/ifindex")
+            .trim()
+            .parse()
+            .context("bk0 ifindex")?;
+        let (empty, link) = t.backends.enter(move || -> io::Result<(Fd, Fd)> {
+            let p = load_empty_xdp()?;
+            let l = link_xdp(&p, bk0)?;
+            Ok((p, l))
+        })?;
+        Ok(L4Rig {
+            t,
+            cfg,
+            empty,
+            _empty_link: link,
+        })
+    }
 }
 
 /// Waits until the client reaches the public port; on failure, says what the balancer's
