@@ -18,13 +18,13 @@ use tokio::{
 
 use crate::{
     api,
-    config::{self, Algorithm, Config, NodeMode, Protocol, XdpMode},
+    config::{self, Algorithm, Config, NodeMode, Protocol, ProxyProtocol, XdpMode},
     dataplane::{
         AttachMode, BackendSpec, Dataplane, DataplaneError, FlowTimeouts, ServiceSpec, SweepReport,
     },
     health::{self, CheckEvent, CheckSpec, Health},
     metrics,
-    proxy::{Proxy, ProxyError},
+    proxy::{Proxy, ProxyError, tcp::TcpProxy},
 };
 
 /// Errors that stop the agent from starting.
@@ -111,14 +111,19 @@ pub fn takes_new_connections(mode: NodeMode, up: bool, any_accept_up: bool) -> b
 }
 
 /// Builds the data-path services of the config's tcp ports: one per port and address family.
-/// `health` gives each node's state by (port, label).
+/// `health` gives each node's state by (port, label). Ports with a PROXY protocol header are
+/// left out: their packets pass to the kernel and the agent's user-space tcp path serves them.
 pub fn tcp_services(
     cfg: &Config,
     public: &[IpAddr],
     health: &dyn Fn(u16, &str) -> Health,
 ) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
-    for p in cfg.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+    for p in cfg
+        .ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Tcp && p.proxy_protocol == ProxyProtocol::None)
+    {
         let vips: Vec<IpAddr> = if p.addresses.is_empty() {
             public.to_vec()
         } else {
@@ -259,6 +264,8 @@ pub struct Agent {
     passive_last: HashMap<(u16, String), (u64, u64)>,
     /// The http/https ports.
     pub proxy: Proxy,
+    /// The tcp ports served in user space (PROXY header, or no XDP).
+    pub tcp: TcpProxy,
 }
 
 impl Agent {
@@ -271,23 +278,15 @@ impl Agent {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut dataplane = None;
         if let Some(mode) = attach_mode(config.balancer.xdp_mode) {
-            let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
-            dp.set_throttle(config.balancer.client_conn_throttle)?;
-            dp.apply(&tcp_services(&config, &public, &|_, _| Health::Unknown))?;
-            let veth = config
-                .balancer
-                .interfaces
-                .iter()
-                .any(|i| crate::dataplane::driver_name(i).as_deref() == Some("veth"));
-            // Set before attaching, so that no frame is sent by XDP_TX into a veth.
-            dp.set_tx_by_redirect(veth)?;
-            for iface in &config.balancer.interfaces {
-                enable_forwarding(iface);
-                dp.attach(iface, mode)?;
+            match start_dataplane(&config, &public, mode) {
+                Ok(dp) => dataplane = Some(dp),
+                Err(e) if mode == AttachMode::Auto => {
+                    warn!("XDP unavailable ({e}): tcp ports are served in user space");
+                }
+                Err(e) => return Err(e),
             }
-            dataplane = Some(dp);
         } else {
-            warn!("xdp_mode = \"off\": tcp ports are not served by XDP");
+            warn!("xdp_mode = \"off\": tcp ports are served in user space, not by XDP");
         }
         let mut agent = Agent {
             config,
@@ -298,10 +297,14 @@ impl Agent {
             events_tx,
             passive_last: HashMap::new(),
             proxy: Proxy::new(),
+            tcp: TcpProxy::new(),
         };
         agent.sync_checks();
         let prepared = agent.proxy.prepare(&agent.config, &agent.public)?;
+        let xdp = agent.dataplane.is_some();
+        let tcp_prepared = agent.tcp.prepare(&agent.config, &agent.public, xdp)?;
         agent.proxy.commit(prepared);
+        agent.tcp.commit(tcp_prepared);
         agent.program()?;
         Ok((agent, events_rx))
     }
@@ -326,11 +329,13 @@ impl Agent {
             dp.apply(&services)?;
         }
         let checks = &self.checks;
-        self.proxy.refresh(&self.config, &|port, label| {
+        let state = |port, label: &str| {
             let key = (port, label.to_string());
             let h = health.get(&key).copied().unwrap_or_default();
             (h, checks.get(&key).map(|t| t.passive.clone()))
-        });
+        };
+        self.proxy.refresh(&self.config, &state);
+        self.tcp.refresh(&self.config, &state);
         Ok(())
     }
 
@@ -494,6 +499,7 @@ impl Agent {
         // Certificates, the stickiness secret and new listeners first: a failure here leaves
         // everything running as it was.
         let prepared = self.proxy.prepare(&new, &public)?;
+        let tcp_prepared = self.tcp.prepare(&new, &public, self.dataplane.is_some())?;
         if new.balancer.bpf_pin_path != self.config.balancer.bpf_pin_path
             || new.balancer.max_flows != self.config.balancer.max_flows
             || new.balancer.interfaces != self.config.balancer.interfaces
@@ -517,9 +523,43 @@ impl Agent {
         }
         self.sync_checks();
         self.proxy.commit(prepared);
+        self.tcp.commit(tcp_prepared);
         self.program()?;
         Ok(())
     }
+}
+
+/// Loads, programs and attaches the XDP data path on every interface. On a failure, the
+/// interfaces it already attached to are detached again, so nothing half-attached stays.
+fn start_dataplane(
+    config: &Config,
+    public: &[IpAddr],
+    mode: AttachMode,
+) -> Result<Dataplane, AgentError> {
+    let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
+    dp.set_throttle(config.balancer.client_conn_throttle)?;
+    dp.apply(&tcp_services(config, public, &|_, _| Health::Unknown))?;
+    let veth = config
+        .balancer
+        .interfaces
+        .iter()
+        .any(|i| crate::dataplane::driver_name(i).as_deref() == Some("veth"));
+    // Set before attaching, so that no frame is sent by XDP_TX into a veth.
+    dp.set_tx_by_redirect(veth)?;
+    let mut attached = Vec::new();
+    for iface in &config.balancer.interfaces {
+        enable_forwarding(iface);
+        if let Err(e) = dp.attach(iface, mode) {
+            for done in attached {
+                if let Err(d) = Dataplane::detach(&config.balancer.bpf_pin_path, done) {
+                    warn!("{done}: detaching after a failed attach: {d}");
+                }
+            }
+            return Err(e.into());
+        }
+        attached.push(iface);
+    }
+    Ok(dp)
 }
 
 /// `nb-agent run`: start, then serve until SIGTERM/SIGINT, reloading on SIGHUP.

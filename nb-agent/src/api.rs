@@ -961,8 +961,13 @@ impl Admin {
                     .map(|n| {
                         let key = (p.port, n.label.clone());
                         let health = agent.health.get(&key).copied().unwrap_or_default();
-                        let active = (p.protocol == Protocol::Tcp && agent.dataplane.is_some())
-                            .then(|| counters.get(&key).map(|c| c.active).unwrap_or(0));
+                        let active = if agent.tcp.serves(p.port) {
+                            // Served in user space: the XDP counters know nothing of it.
+                            agent.tcp.active(p.port, &n.label).map(|a| a as u64)
+                        } else {
+                            (p.protocol == Protocol::Tcp && agent.dataplane.is_some())
+                                .then(|| counters.get(&key).map(|c| c.active).unwrap_or(0))
+                        };
                         let mut v = node_json(n);
                         v["status"] = json!(health.as_str());
                         v["active_connections"] = json!(active);

@@ -185,6 +185,16 @@ impl Agent {
 
     /// As [`Agent::start`], with extra environment variables (e.g. `NOTIFY_SOCKET`).
     pub fn start_with_env(topo: &Topology, config: &Path, env: &[(&str, &str)]) -> Agent {
+        Agent::launch(topo, config, env, true)
+    }
+
+    /// Starts an agent that attaches no XDP program (`xdp_mode = "off"`): waits only until it
+    /// says it is serving.
+    pub fn start_without_xdp(topo: &Topology, config: &Path) -> Agent {
+        Agent::launch(topo, config, &[], false)
+    }
+
+    fn launch(topo: &Topology, config: &Path, env: &[(&str, &str)], xdp: bool) -> Agent {
         let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");
         let child = topo
@@ -204,10 +214,11 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let attached = topo
-                .interfaces
-                .iter()
-                .all(|i| topo.pin_path.join(format!("link_{i}")).exists());
+            let attached = !xdp
+                || topo
+                    .interfaces
+                    .iter()
+                    .all(|i| topo.pin_path.join(format!("link_{i}")).exists());
             let ready = a.log_text().contains("serving");
             if attached && ready {
                 break;

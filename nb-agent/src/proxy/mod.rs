@@ -11,6 +11,7 @@ pub mod balance;
 pub mod cookie;
 mod forward;
 pub mod pool;
+pub mod tcp;
 pub mod tls;
 
 use std::{

@@ -1,0 +1,482 @@
+//! The user-space tcp path: tcp ports the XDP program does not forward. These are ports with
+//! `proxy_protocol = "v1"` or `"v2"` (a header has to be written into the stream, which the
+//! XDP program cannot do), and every tcp port when the agent runs without XDP
+//! (`xdp_mode = "off"`, or attaching failed in `auto` mode).
+//!
+//! Each connection is accepted on a public address, given a node by the same rules as the
+//! http proxy (the algorithms of [`Balancer`], the `table` stickiness, the mode/health
+//! eligibility of [`crate::agent::takes_new_connections`]), connected to it (a failed connect
+//! is a passive check failure and is retried once on another node), preceded by the PROXY
+//! protocol header when the port asks for one, and then copied both ways until both sides
+//! have closed. With no node to take it, the client gets a TCP RST (SPEC §3).
+//!
+//! Reloads follow the http proxy's two steps ([`TcpProxy::prepare`], [`TcpProxy::commit`]):
+//! listeners that stay keep their socket, removed ones stop accepting, and connections
+//! already copying are never touched. Health changes arrive through [`TcpProxy::refresh`].
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use log::{debug, info, warn};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+
+use crate::{
+    config::{Config, NodeMode, Port, Protocol, ProxyProtocol, Stickiness},
+    health::Health,
+    proxy::{
+        NodeState, ProxyError, TABLE_CAPACITY, TABLE_TTL,
+        balance::{ActiveGuard, Balancer, NodeView, StickTable},
+        bind,
+        pool::NodePool,
+    },
+};
+
+/// The PROXY protocol v2 signature (HAProxy's proxy-protocol.txt, section 2.2).
+pub const PP2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Whether tcp port `p` is served in user space: always with a PROXY header to send, and
+/// every tcp port when `xdp` (the XDP data path serves tcp ports) is false.
+pub fn in_user_space(p: &Port, xdp: bool) -> bool {
+    p.protocol == Protocol::Tcp && (!xdp || p.proxy_protocol != ProxyProtocol::None)
+}
+
+/// The PROXY protocol header that tells a node about a client connection from `src` to
+/// `dst` (the public address it reached); empty for [`ProxyProtocol::None`].
+pub fn proxy_header(version: ProxyProtocol, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    // A v4 client on a dual-stack socket shows as ::ffff:a.b.c.d; the header says TCP4.
+    let (s, d) = (src.ip().to_canonical(), dst.ip().to_canonical());
+    match version {
+        ProxyProtocol::None => Vec::new(),
+        ProxyProtocol::V1 => {
+            let proto = match (s, d) {
+                (IpAddr::V4(_), IpAddr::V4(_)) => "TCP4",
+                (IpAddr::V6(_), IpAddr::V6(_)) => "TCP6",
+                // Mixed families cannot be told in v1; the spec's answer is UNKNOWN.
+                _ => return b"PROXY UNKNOWN\r\n".to_vec(),
+            };
+            format!("PROXY {proto} {s} {d} {} {}\r\n", src.port(), dst.port()).into_bytes()
+        }
+        ProxyProtocol::V2 => {
+            let mut h = PP2_SIGNATURE.to_vec();
+            // Version 2, command PROXY.
+            h.push(0x21);
+            match (s, d) {
+                (IpAddr::V4(a), IpAddr::V4(b)) => {
+                    h.push(0x11); // AF_INET, STREAM
+                    h.extend_from_slice(&12u16.to_be_bytes());
+                    h.extend_from_slice(&a.octets());
+                    h.extend_from_slice(&b.octets());
+                }
+                (IpAddr::V6(a), IpAddr::V6(b)) => {
+                    h.push(0x21); // AF_INET6, STREAM
+                    h.extend_from_slice(&36u16.to_be_bytes());
+                    h.extend_from_slice(&a.octets());
+                    h.extend_from_slice(&b.octets());
+                }
+                _ => {
+                    h.push(0x00); // AF_UNSPEC: the receiver uses the real connection's ends.
+                    h.extend_from_slice(&0u16.to_be_bytes());
+                    return h;
+                }
+            }
+            h.extend_from_slice(&src.port().to_be_bytes());
+            h.extend_from_slice(&dst.port().to_be_bytes());
+            h
+        }
+    }
+}
+
+/// What a user-space tcp port serves with at one moment; swapped whole on reloads and
+/// health changes.
+struct TcpView {
+    port: Port,
+    nodes: Vec<NodeView>,
+}
+
+/// What a node keeps across views: its (unused here) pool, required by [`NodeView`], and its
+/// open connection count for leastconn.
+type NodeShared = (Arc<NodePool>, Arc<AtomicUsize>);
+
+/// A user-space tcp port's state that outlives reloads.
+struct TcpPort {
+    view: RwLock<Arc<TcpView>>,
+    balancer: Mutex<Balancer>,
+    table: Mutex<StickTable>,
+    shared: Mutex<HashMap<(String, SocketAddr), NodeShared>>,
+    open: Arc<AtomicUsize>,
+}
+
+impl TcpPort {
+    fn view(&self) -> Arc<TcpView> {
+        self.view.read().expect("view lock").clone()
+    }
+
+    fn set_view(&self, v: TcpView) {
+        *self.view.write().expect("view lock") = Arc::new(v);
+    }
+
+    fn pick(&self, view: &TcpView, client: IpAddr, exclude: Option<&str>) -> Option<NodeView> {
+        let mut b = self.balancer.lock().expect("balancer lock");
+        b.pick(view.port.algorithm, &view.nodes, client, exclude)
+            .cloned()
+    }
+}
+
+/// Every user-space tcp port and listener of the agent.
+#[derive(Default)]
+pub struct TcpProxy {
+    ports: HashMap<u16, Arc<TcpPort>>,
+    listeners: HashMap<SocketAddr, JoinHandle<()>>,
+}
+
+/// A checked config for [`TcpProxy::commit`]: the ports it serves and sockets already bound
+/// for listeners that do not exist yet.
+pub struct TcpPrepared {
+    ports: Vec<Port>,
+    bound: HashMap<SocketAddr, (u16, std::net::TcpListener)>,
+    wanted: HashSet<SocketAddr>,
+}
+
+impl TcpProxy {
+    /// An empty proxy: no port, no listener.
+    pub fn new() -> TcpProxy {
+        TcpProxy::default()
+    }
+
+    /// Whether `port` is served here.
+    pub fn serves(&self, port: u16) -> bool {
+        self.ports.contains_key(&port)
+    }
+
+    /// Connections open to a node of a user-space tcp port; `None` for a port or node not
+    /// served here.
+    pub fn active(&self, port: u16, label: &str) -> Option<usize> {
+        let view = self.ports.get(&port)?.view();
+        let n = view.nodes.iter().find(|n| n.label == label)?;
+        Some(n.active.load(Ordering::Relaxed))
+    }
+
+    /// Binds the listeners `cfg` needs that do not exist yet; `xdp` tells whether the XDP
+    /// path serves the tcp ports without a PROXY header. Changes nothing live.
+    pub fn prepare(
+        &self,
+        cfg: &Config,
+        public: &[IpAddr],
+        xdp: bool,
+    ) -> Result<TcpPrepared, ProxyError> {
+        let mut ports = Vec::new();
+        let mut bound = HashMap::new();
+        let mut wanted = HashSet::new();
+        for p in cfg.ports.iter().filter(|p| in_user_space(p, xdp)) {
+            let ips = if p.addresses.is_empty() {
+                public
+            } else {
+                &p.addresses[..]
+            };
+            for ip in ips {
+                let addr = SocketAddr::new(*ip, p.port);
+                wanted.insert(addr);
+                if !self.listeners.contains_key(&addr) && !bound.contains_key(&addr) {
+                    bound.insert(addr, (p.port, bind(addr, p.port)?));
+                }
+            }
+            ports.push(p.clone());
+        }
+        Ok(TcpPrepared {
+            ports,
+            bound,
+            wanted,
+        })
+    }
+
+    /// Swaps a prepared config in: ports gone are forgotten, listeners gone stop accepting
+    /// (their connections go on), new listeners start. Node sets keep their last state until
+    /// the next [`TcpProxy::refresh`].
+    pub fn commit(&mut self, p: TcpPrepared) {
+        let numbers: HashSet<u16> = p.ports.iter().map(|port| port.port).collect();
+        self.ports.retain(|n, _| numbers.contains(n));
+        for port in p.ports {
+            let number = port.port;
+            match self.ports.get(&number) {
+                Some(rt) => {
+                    let nodes = rt.view().nodes.clone();
+                    rt.set_view(TcpView { port, nodes });
+                }
+                None => {
+                    let rt = Arc::new(TcpPort {
+                        view: RwLock::new(Arc::new(TcpView {
+                            port,
+                            nodes: Vec::new(),
+                        })),
+                        balancer: Mutex::new(Balancer::default()),
+                        table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
+                        shared: Mutex::new(HashMap::new()),
+                        open: Arc::new(AtomicUsize::new(0)),
+                    });
+                    self.ports.insert(number, rt);
+                }
+            }
+        }
+        self.listeners.retain(|addr, handle| {
+            let keep = p.wanted.contains(addr);
+            if !keep {
+                info!("{addr}: no longer served, tcp listener closed");
+                handle.abort();
+            }
+            keep
+        });
+        for (addr, (number, std_listener)) in p.bound {
+            let Some(rt) = self.ports.get(&number).cloned() else {
+                continue;
+            };
+            let listener = match std_listener
+                .set_nonblocking(true)
+                .and_then(|_| TcpListener::from_std(std_listener))
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!("{addr}: {e}");
+                    continue;
+                }
+            };
+            let pp = rt.view().port.proxy_protocol;
+            info!("{addr}: serving tcp in user space (proxy_protocol {pp})");
+            self.listeners
+                .insert(addr, tokio::spawn(accept_loop(rt, listener, addr)));
+        }
+    }
+
+    /// Rebuilds every port's node set from `cfg` and the nodes' states, as the http proxy
+    /// does: `state` gives a node's health and passive-check channel by (port, label).
+    pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(u16, &str) -> NodeState) {
+        for p in cfg.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+            let Some(rt) = self.ports.get(&p.port) else {
+                continue;
+            };
+            let states: Vec<NodeState> = p.nodes.iter().map(|n| state(p.port, &n.label)).collect();
+            let up = |h: Health| h != Health::Down;
+            let any_accept_up = p
+                .nodes
+                .iter()
+                .zip(&states)
+                .any(|(n, (h, _))| n.mode == NodeMode::Accept && up(*h));
+            let mut shared = rt.shared.lock().expect("shared lock");
+            let mut keep = HashSet::new();
+            let mut nodes = Vec::new();
+            for (n, (health, passive)) in p.nodes.iter().zip(states) {
+                let key = (n.label.clone(), n.address);
+                let (pool, active) = shared
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        (
+                            Arc::new(NodePool::new(n.address)),
+                            Arc::new(AtomicUsize::new(0)),
+                        )
+                    })
+                    .clone();
+                keep.insert(key);
+                nodes.push(NodeView {
+                    label: n.label.clone(),
+                    addr: n.address,
+                    weight: n.weight as u32,
+                    mode: n.mode,
+                    health,
+                    eligible: crate::agent::takes_new_connections(
+                        n.mode,
+                        up(health),
+                        any_accept_up,
+                    ),
+                    passive: if p.check_passive { passive } else { None },
+                    pool,
+                    active,
+                });
+            }
+            shared.retain(|k, _| keep.contains(k));
+            drop(shared);
+            let labels: Vec<&str> = nodes.iter().map(|n| n.label.as_str()).collect();
+            rt.balancer.lock().expect("balancer lock").retain(&labels);
+            rt.table.lock().expect("table lock").retain_nodes(|l| {
+                nodes
+                    .iter()
+                    .any(|n| n.label == l && n.health != Health::Down)
+            });
+            rt.set_view(TcpView {
+                port: p.clone(),
+                nodes,
+            });
+        }
+    }
+}
+
+/// Accepts connections on one address until a reload closes the listener.
+async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!("{addr}: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let view = rt.view();
+        if rt.open.load(Ordering::Relaxed) >= view.port.max_connections as usize {
+            debug!("{addr}: {peer} refused, max_connections reached");
+            reset(stream);
+            continue;
+        }
+        rt.open.fetch_add(1, Ordering::Relaxed);
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let local = stream.local_addr().unwrap_or(addr);
+            serve(&rt, &view, stream, peer, local).await;
+            rt.open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Closes a client connection with a RST: the answer when no node can take it.
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// One client connection, from the node choice to the end of the copy.
+async fn serve(
+    rt: &TcpPort,
+    view: &TcpView,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
+    let port = &view.port;
+    let client_ip = peer.ip().to_canonical();
+    let now = Instant::now();
+    let sticky = match port.stickiness {
+        Stickiness::Table => rt.table.lock().expect("table lock").get(client_ip, now),
+        _ => None,
+    };
+    let mut node = sticky
+        .and_then(|l| view.nodes.iter().find(|n| n.label == l && n.takes_sticky()))
+        .cloned()
+        .or_else(|| rt.pick(view, client_ip, None));
+    let connect_timeout = Duration::from_secs(port.timeout_connect as u64);
+    let mut retried = false;
+    let (n, mut backend) = loop {
+        let Some(n) = node else {
+            debug!("port {}: {peer}: no node available, reset", port.port);
+            reset(client);
+            return;
+        };
+        let err = match tokio::time::timeout(connect_timeout, TcpStream::connect(n.addr)).await {
+            Ok(Ok(s)) => break (n, s),
+            Ok(Err(e)) => format!("connect {}: {e}", n.addr),
+            Err(_) => format!("connect {}: timed out after {connect_timeout:?}", n.addr),
+        };
+        n.passive_failure(format!("passive: {err}"));
+        if retried {
+            warn!("port {}: node {}: {err}", port.port, n.label);
+            reset(client);
+            return;
+        }
+        warn!(
+            "port {}: node {}: {err}; retrying on another node",
+            port.port, n.label
+        );
+        retried = true;
+        node = rt.pick(view, client_ip, Some(&n.label));
+    };
+    if port.stickiness == Stickiness::Table {
+        rt.table
+            .lock()
+            .expect("table lock")
+            .put(client_ip, &n.label, now);
+    }
+    let _active = ActiveGuard::new(&n.active);
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+    let header = proxy_header(port.proxy_protocol, peer, local);
+    if !header.is_empty()
+        && let Err(e) = backend.write_all(&header).await
+    {
+        debug!("port {}: node {}: PROXY header: {e}", port.port, n.label);
+        reset(client);
+        return;
+    }
+    let mut client = client;
+    // Both directions with bounded buffers; an EOF on one side is passed on as a shutdown
+    // of the other's write half, and the copy ends once both directions have.
+    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+        Ok((up, down)) => debug!(
+            "port {}: {peer} <-> {} ({}): {up} bytes up, {down} down",
+            port.port, n.label, n.addr
+        ),
+        Err(e) => debug!("port {}: {peer} <-> {}: {e}", port.port, n.label),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn v1_header_is_the_text_line() {
+        let h = proxy_header(
+            ProxyProtocol::V1,
+            sa("198.18.0.2:40000"),
+            sa("198.18.0.10:80"),
+        );
+        assert_eq!(h, b"PROXY TCP4 198.18.0.2 198.18.0.10 40000 80\r\n");
+        let h = proxy_header(
+            ProxyProtocol::V1,
+            sa("[2001:db8::2]:1234"),
+            sa("[2001:db8::10]:443"),
+        );
+        assert_eq!(h, b"PROXY TCP6 2001:db8::2 2001:db8::10 1234 443\r\n");
+        let h = proxy_header(
+            ProxyProtocol::V1,
+            sa("[::ffff:10.0.0.1]:5"),
+            sa("[::ffff:10.0.0.2]:6"),
+        );
+        assert_eq!(h, b"PROXY TCP4 10.0.0.1 10.0.0.2 5 6\r\n");
+    }
+
+    #[test]
+    fn v2_header_is_binary() {
+        let h = proxy_header(
+            ProxyProtocol::V2,
+            sa("198.18.0.2:40000"),
+            sa("198.18.0.10:80"),
+        );
+        assert_eq!(&h[..12], &PP2_SIGNATURE);
+        assert_eq!(h[12], 0x21);
+        assert_eq!(h[13], 0x11);
+        assert_eq!(u16::from_be_bytes([h[14], h[15]]), 12);
+        assert_eq!(&h[16..20], &[198, 18, 0, 2]);
+        assert_eq!(&h[20..24], &[198, 18, 0, 10]);
+        assert_eq!(u16::from_be_bytes([h[24], h[25]]), 40000);
+        assert_eq!(u16::from_be_bytes([h[26], h[27]]), 80);
+        assert_eq!(h.len(), 28);
+        let h = proxy_header(ProxyProtocol::V2, sa("[2001:db8::2]:1"), sa("[::1]:2"));
+        assert_eq!(h[13], 0x21);
+        assert_eq!(u16::from_be_bytes([h[14], h[15]]), 36);
+        assert_eq!(h.len(), 16 + 36);
+        assert!(proxy_header(ProxyProtocol::None, sa("1.1.1.1:1"), sa("2.2.2.2:2")).is_empty());
+    }
+}
