@@ -57,11 +57,27 @@ pub fn run(agent_bin: &std::path::Path) -> Result<()> {
             )
         })
         .collect();
+    let http_nodes: String = (1..=3)
+        .map(|i| {
+            format!(
+                "[[port.node]]\nlabel = \"w{i}\"\naddress = \"{}:8081\"\n\n",
+                backend_v4(i)
+            )
+        })
+        .collect();
     let config = t.write_config(&format!(
         "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\n\
          check = \"connection\"\ncheck_interval = {INTERVAL}\ncheck_timeout = 1\n\
-         check_attempts = {ATTEMPTS}\n\n{nodes}"
+         check_attempts = {ATTEMPTS}\n\n{nodes}\
+         [[port]]\nport = 8000\nprotocol = \"http\"\nalgorithm = \"roundrobin\"\n\
+         stickiness = \"http_cookie\"\ncheck = \"http\"\ncheck_interval = {INTERVAL}\n\
+         check_timeout = 1\ncheck_attempts = {ATTEMPTS}\n\n{http_nodes}"
     ));
+    let token = "demo-token";
+    std::fs::write(t.dir.join("admin.token"), token)?;
+    let _web: Vec<WebBackend> = (1..=3u8)
+        .map(|i| WebBackend::start(&t, i))
+        .collect::<Result<_>>()?;
     println!("   config: {}", config.display());
     println!("== starting nb-agent on the balancer (XDP on pub0 and priv0)");
     let agent = Agent::start(&t, &config);
@@ -130,6 +146,45 @@ pub fn run(agent_bin: &std::path::Path) -> Result<()> {
     ensure!(seen.len() == 3, "b2 must get traffic again: {seen:?}");
     println!("   b2 is UP and takes its share again");
 
+    println!("== http port 8000 with cookie stickiness (NB_SRVID)");
+    let (first, cookie) = http_get(&t, None)?;
+    let cookie = cookie.ok_or_else(|| anyhow::anyhow!("no NB_SRVID cookie set"))?;
+    println!("   first request answered by {first}; cookie {cookie}");
+    for _ in 0..20 {
+        check_interrupt()?;
+        let (who, _) = http_get(&t, Some(&cookie))?;
+        ensure!(who == first, "sticky request went to {who}, not {first}");
+    }
+    println!("   20 more requests with the cookie: all answered by {first}");
+    let mut fresh = BTreeMap::new();
+    for _ in 0..15 {
+        let (who, _) = http_get(&t, None)?;
+        *fresh.entry(who).or_insert(0usize) += 1;
+    }
+    print_spread(&fresh);
+    ensure!(
+        fresh.len() == 3,
+        "new clients spread over the nodes: {fresh:?}"
+    );
+    println!("   clients without a cookie are spread over all three nodes");
+
+    println!("== nbctl status (the admin API)");
+    let nbctl = agent_bin.with_file_name("nbctl");
+    let out =
+        t.lb.command(&nbctl)
+            .arg("--config")
+            .arg(&config)
+            .arg("status")
+            .output()?;
+    ensure!(
+        out.status.success(),
+        "nbctl status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("   {line}");
+    }
+
     println!("== tearing the network down");
     drop(agent);
     drop(backends);
@@ -181,4 +236,112 @@ fn wait_log_n(agent: &Agent, needle: &str, times: usize, timeout: Duration) -> R
 
 fn wait_log(agent: &Agent, needle: &str, timeout: Duration) -> Result<()> {
     wait_log_n(agent, needle, 1, timeout)
+}
+
+/// A small real HTTP/1.1 server on a backend address, answering every request with its label.
+struct WebBackend {
+    stop: std::sync::Arc<AtomicBool>,
+}
+
+impl WebBackend {
+    fn start(t: &Topology, i: u8) -> Result<WebBackend> {
+        let addr = SocketAddr::new(backend_v4(i).into(), 8081);
+        let listener = t
+            .backends
+            .enter(move || -> std::io::Result<std::net::TcpListener> {
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let label = format!("w{i}");
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let label = label.clone();
+                        std::thread::spawn(move || serve_http(s, &label));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(WebBackend { stop })
+    }
+}
+
+impl Drop for WebBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Answers requests on one kept-alive connection until the peer closes it.
+fn serve_http(s: std::net::TcpStream, label: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let _ = s.set_nonblocking(false);
+    let Ok(mut w) = s.try_clone() else { return };
+    let mut r = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        let mut close = false;
+        let mut first = true;
+        // Request line and headers up to the blank line; GETs carry no body.
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {
+                    let l = line.to_ascii_lowercase();
+                    if (first && l.trim_end().ends_with("http/1.0"))
+                        || l.starts_with("connection: close")
+                    {
+                        close = true;
+                    }
+                    first = false;
+                }
+            }
+        }
+        let body = format!("{label}\n");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        if w.write_all(resp.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// One GET / to the http port from the client, with `cookie` if given: (the node that
+/// answered, the NB_SRVID cookie the balancer set, if any).
+fn http_get(t: &Topology, cookie: Option<&str>) -> Result<(String, Option<String>)> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::new(nb_tests::topo::VIP.into(), 8000);
+    let mut s = nb_tests::netns::connect_in(&t.client, addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let cookie_line = cookie
+        .map(|c| format!("Cookie: {c}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: demo\r\n{cookie_line}Connection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("malformed answer: {text:?}"))?;
+    ensure!(head.starts_with("HTTP/1.1 200"), "answer: {head}");
+    let set = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        if !name.eq_ignore_ascii_case("set-cookie") {
+            return None;
+        }
+        let pair = value.trim().split(';').next()?.trim();
+        pair.starts_with("NB_SRVID=").then(|| pair.to_string())
+    });
+    Ok((body.trim().to_string(), set))
 }
