@@ -82,7 +82,7 @@ pub struct PortView {
 }
 
 /// What a node keeps across views: its connection pool and its in-flight count.
-type NodeShared = (Arc<NodePool>, Arc<AtomicUsize>);
+pub(crate) type NodeShared = (Arc<NodePool>, Arc<AtomicUsize>);
 
 /// A port's state that outlives reloads: its current view, the algorithm's memory, the
 /// stickiness table, and its nodes' connection pools.
@@ -278,59 +278,7 @@ impl Proxy {
             let Some(rt) = self.ports.get(&p.port) else {
                 continue;
             };
-            let states: Vec<NodeState> = p.nodes.iter().map(|n| state(p.port, &n.label)).collect();
-            let up = |h: Health| h != Health::Down;
-            let any_accept_up = p
-                .nodes
-                .iter()
-                .zip(&states)
-                .any(|(n, (h, _))| n.mode == NodeMode::Accept && up(*h));
-            let mut pools = rt.pools.lock().expect("pools lock");
-            let mut keep = HashSet::new();
-            let mut nodes = Vec::new();
-            for (n, (health, passive)) in p.nodes.iter().zip(states) {
-                let key = (n.label.clone(), n.address);
-                let (pool, active) = pools
-                    .entry(key.clone())
-                    .or_insert_with(|| {
-                        (
-                            Arc::new(NodePool::new(n.address)),
-                            Arc::new(AtomicUsize::new(0)),
-                        )
-                    })
-                    .clone();
-                keep.insert(key);
-                nodes.push(NodeView {
-                    label: n.label.clone(),
-                    addr: n.address,
-                    weight: n.weight as u32,
-                    mode: n.mode,
-                    health,
-                    eligible: crate::agent::takes_new_connections(
-                        n.mode,
-                        up(health),
-                        any_accept_up,
-                    ),
-                    passive: if p.check_passive { passive } else { None },
-                    pool,
-                    active,
-                });
-            }
-            pools.retain(|k, (pool, _)| {
-                let k_keep = keep.contains(k);
-                if !k_keep {
-                    pool.clear();
-                }
-                k_keep
-            });
-            drop(pools);
-            let labels: Vec<&str> = nodes.iter().map(|n| n.label.as_str()).collect();
-            rt.balancer.lock().expect("balancer lock").retain(&labels);
-            rt.table.lock().expect("table lock").retain_nodes(|l| {
-                nodes
-                    .iter()
-                    .any(|n| n.label == l && n.health != Health::Down)
-            });
+            let nodes = node_views(p, state, &rt.pools, &rt.balancer, &rt.table);
             let old = rt.view();
             rt.set_view(PortView {
                 port: p.clone(),
@@ -340,6 +288,70 @@ impl Proxy {
             });
         }
     }
+}
+
+/// A port's node set as requests see it, from the config and the nodes' states (`state` gives
+/// health and the passive-check channel by (port, label)). Each node keeps its pool and
+/// in-flight counter across refreshes; those of nodes that left are dropped (pools
+/// emptied), and the balancer's and stick table's memory is trimmed to the nodes left.
+/// The http and the user-space tcp paths share it, so both apply the same eligibility.
+pub(crate) fn node_views(
+    p: &Port,
+    state: &dyn Fn(u16, &str) -> NodeState,
+    shared: &Mutex<HashMap<(String, SocketAddr), NodeShared>>,
+    balancer: &Mutex<Balancer>,
+    table: &Mutex<StickTable>,
+) -> Vec<NodeView> {
+    let states: Vec<NodeState> = p.nodes.iter().map(|n| state(p.port, &n.label)).collect();
+    let up = |h: Health| h != Health::Down;
+    let any_accept_up = p
+        .nodes
+        .iter()
+        .zip(&states)
+        .any(|(n, (h, _))| n.mode == NodeMode::Accept && up(*h));
+    let mut shared = shared.lock().expect("node state lock");
+    let mut keep = HashSet::new();
+    let mut nodes = Vec::new();
+    for (n, (health, passive)) in p.nodes.iter().zip(states) {
+        let key = (n.label.clone(), n.address);
+        let (pool, active) = shared
+            .entry(key.clone())
+            .or_insert_with(|| {
+                (
+                    Arc::new(NodePool::new(n.address)),
+                    Arc::new(AtomicUsize::new(0)),
+                )
+            })
+            .clone();
+        keep.insert(key);
+        nodes.push(NodeView {
+            label: n.label.clone(),
+            addr: n.address,
+            weight: n.weight as u32,
+            mode: n.mode,
+            health,
+            eligible: crate::agent::takes_new_connections(n.mode, up(health), any_accept_up),
+            passive: if p.check_passive { passive } else { None },
+            pool,
+            active,
+        });
+    }
+    shared.retain(|k, (pool, _)| {
+        let k_keep = keep.contains(k);
+        if !k_keep {
+            pool.clear();
+        }
+        k_keep
+    });
+    drop(shared);
+    let labels: Vec<&str> = nodes.iter().map(|n| n.label.as_str()).collect();
+    balancer.lock().expect("balancer lock").retain(&labels);
+    table.lock().expect("table lock").retain_nodes(|l| {
+        nodes
+            .iter()
+            .any(|n| n.label == l && n.health != Health::Down)
+    });
+    nodes
 }
 
 /// Accepts connections on one address until the listener is closed by a reload.

@@ -32,13 +32,11 @@ use tokio::{
 };
 
 use crate::{
-    config::{Config, NodeMode, Port, Protocol, ProxyProtocol, Stickiness},
-    health::Health,
+    config::{Config, Port, Protocol, ProxyProtocol, Stickiness},
     proxy::{
-        NodeState, ProxyError, TABLE_CAPACITY, TABLE_TTL,
+        NodeShared, NodeState, ProxyError, TABLE_CAPACITY, TABLE_TTL,
         balance::{ActiveGuard, Balancer, NodeView, StickTable},
-        bind,
-        pool::NodePool,
+        bind, node_views,
     },
 };
 
@@ -103,10 +101,6 @@ struct TcpView {
     port: Port,
     nodes: Vec<NodeView>,
 }
-
-/// What a node keeps across views: its (unused here) pool, required by [`NodeView`], and its
-/// open connection count for leastconn.
-type NodeShared = (Arc<NodePool>, Arc<AtomicUsize>);
 
 /// A user-space tcp port's state that outlives reloads.
 struct TcpPort {
@@ -264,53 +258,7 @@ impl TcpProxy {
             let Some(rt) = self.ports.get(&p.port) else {
                 continue;
             };
-            let states: Vec<NodeState> = p.nodes.iter().map(|n| state(p.port, &n.label)).collect();
-            let up = |h: Health| h != Health::Down;
-            let any_accept_up = p
-                .nodes
-                .iter()
-                .zip(&states)
-                .any(|(n, (h, _))| n.mode == NodeMode::Accept && up(*h));
-            let mut shared = rt.shared.lock().expect("shared lock");
-            let mut keep = HashSet::new();
-            let mut nodes = Vec::new();
-            for (n, (health, passive)) in p.nodes.iter().zip(states) {
-                let key = (n.label.clone(), n.address);
-                let (pool, active) = shared
-                    .entry(key.clone())
-                    .or_insert_with(|| {
-                        (
-                            Arc::new(NodePool::new(n.address)),
-                            Arc::new(AtomicUsize::new(0)),
-                        )
-                    })
-                    .clone();
-                keep.insert(key);
-                nodes.push(NodeView {
-                    label: n.label.clone(),
-                    addr: n.address,
-                    weight: n.weight as u32,
-                    mode: n.mode,
-                    health,
-                    eligible: crate::agent::takes_new_connections(
-                        n.mode,
-                        up(health),
-                        any_accept_up,
-                    ),
-                    passive: if p.check_passive { passive } else { None },
-                    pool,
-                    active,
-                });
-            }
-            shared.retain(|k, _| keep.contains(k));
-            drop(shared);
-            let labels: Vec<&str> = nodes.iter().map(|n| n.label.as_str()).collect();
-            rt.balancer.lock().expect("balancer lock").retain(&labels);
-            rt.table.lock().expect("table lock").retain_nodes(|l| {
-                nodes
-                    .iter()
-                    .any(|n| n.label == l && n.health != Health::Down)
-            });
+            let nodes = node_views(p, state, &rt.shared, &rt.balancer, &rt.table);
             rt.set_view(TcpView {
                 port: p.clone(),
                 nodes,
