@@ -829,8 +829,17 @@ impl Dataplane {
         }
         report.expired = expired_fwd.len() as u64;
         {
+            // Only ids the program can have counted for: written backends, released ones
+            // still carried by flows, and whatever the flows name (not all 4096 slots).
+            let ids: std::collections::BTreeSet<u32> = self
+                .backends
+                .keys()
+                .chain(&self.released)
+                .chain(active_by_id.keys())
+                .copied()
+                .collect();
             let mut a = self.array_mut::<u64>(maps::ACTIVE)?;
-            for id in 1..MAX_BACKENDS {
+            for id in ids {
                 let want = active_by_id.get(&id).copied().unwrap_or(0);
                 if a.get(&id, 0).map_err(map_err(maps::ACTIVE))? != want {
                     a.set(id, want, 0).map_err(map_err(maps::ACTIVE))?;
