@@ -65,13 +65,20 @@ pub fn run(agent_bin: &std::path::Path) -> Result<()> {
             )
         })
         .collect();
+    let tls = DemoTls::create(&t.dir)?;
     let config = t.write_config(&format!(
         "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\n\
          check = \"connection\"\ncheck_interval = {INTERVAL}\ncheck_timeout = 1\n\
          check_attempts = {ATTEMPTS}\n\n{nodes}\
          [[port]]\nport = 8000\nprotocol = \"http\"\nalgorithm = \"roundrobin\"\n\
          stickiness = \"http_cookie\"\ncheck = \"http\"\ncheck_interval = {INTERVAL}\n\
-         check_timeout = 1\ncheck_attempts = {ATTEMPTS}\n\n{http_nodes}"
+         check_timeout = 1\ncheck_attempts = {ATTEMPTS}\n\n{http_nodes}\
+         [[port]]\nport = 8443\nprotocol = \"https\"\nalgorithm = \"roundrobin\"\n\
+         stickiness = \"http_cookie\"\ncheck = \"http\"\ncheck_interval = {INTERVAL}\n\
+         check_timeout = 1\ncheck_attempts = {ATTEMPTS}\nssl_cert = \"{}\"\nssl_key = \"{}\"\n\n{}",
+        tls.cert_path.display(),
+        tls.key_path.display(),
+        http_nodes.replace("label = \"w", "label = \"s")
     ));
     let token = "demo-token";
     std::fs::write(t.dir.join("admin.token"), token)?;
@@ -168,6 +175,29 @@ pub fn run(agent_bin: &std::path::Path) -> Result<()> {
     );
     println!("   clients without a cookie are spread over all three nodes");
 
+    println!("== https port 8443: TLS ends at nb, cookie stickiness as on http");
+    let (first, cookie, info) = https_get(&t, &tls, None)?;
+    let cookie = cookie.ok_or_else(|| anyhow::anyhow!("no NB_SRVID cookie set over https"))?;
+    println!("   {info}; first request answered by {first}");
+    println!("   Set-Cookie: {cookie}");
+    ensure!(
+        cookie.contains("Secure") && cookie.contains("HttpOnly"),
+        "the https cookie must be Secure and HttpOnly: {cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap_or_default().to_string();
+    for _ in 0..10 {
+        check_interrupt()?;
+        let (who, _, _) = https_get(&t, &tls, Some(&pair))?;
+        ensure!(
+            who == first,
+            "sticky https request went to {who}, not {first}"
+        );
+    }
+    println!("   10 more requests with the cookie: all answered by {first}");
+
+    // ACTIVE for tcp ports is bumped by XDP on each new flow and recounted by the agent's
+    // sweep every 2 s: wait for one so closed demo connections no longer count.
+    std::thread::sleep(Duration::from_millis(2500));
     println!("== nbctl status (the admin API)");
     let nbctl = agent_bin.with_file_name("nbctl");
     let out =
@@ -318,16 +348,34 @@ fn serve_http(s: std::net::TcpStream, label: &str) {
 /// One GET / to the http port from the client, with `cookie` if given: (the node that
 /// answered, the NB_SRVID cookie the balancer set, if any).
 fn http_get(t: &Topology, cookie: Option<&str>) -> Result<(String, Option<String>)> {
-    use std::io::{Read, Write};
-    let addr = SocketAddr::new(nb_tests::topo::VIP.into(), 8000);
-    let mut s = nb_tests::netns::connect_in(&t.client, addr, Duration::from_secs(2))?;
+    let mut s = demo_connect(t, 8000)?;
+    let (who, set) = exchange(&mut s, cookie)?;
+    Ok((
+        who,
+        set.map(|c| c.split(';').next().unwrap_or_default().trim().to_string()),
+    ))
+}
+
+/// A TCP connection from the client namespace to the balancer's public address.
+fn demo_connect(t: &Topology, port: u16) -> Result<std::net::TcpStream> {
+    let addr = SocketAddr::new(nb_tests::topo::VIP.into(), port);
+    let s = nb_tests::netns::connect_in(&t.client, addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// Sends one `GET /` with `Connection: close` and reads the answer: (the body, i.e. the node
+/// that answered; the whole NB_SRVID Set-Cookie value, attributes included, if any).
+fn exchange(
+    s: &mut (impl std::io::Read + std::io::Write),
+    cookie: Option<&str>,
+) -> Result<(String, Option<String>)> {
     let cookie_line = cookie
         .map(|c| format!("Cookie: {c}\r\n"))
         .unwrap_or_default();
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: demo\r\n{cookie_line}Connection: close\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: {DEMO_HOST}\r\n{cookie_line}Connection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
@@ -340,8 +388,65 @@ fn http_get(t: &Topology, cookie: Option<&str>) -> Result<(String, Option<String
         if !name.eq_ignore_ascii_case("set-cookie") {
             return None;
         }
-        let pair = value.trim().split(';').next()?.trim();
-        pair.starts_with("NB_SRVID=").then(|| pair.to_string())
+        let value = value.trim();
+        value.starts_with("NB_SRVID=").then(|| value.to_string())
     });
     Ok((body.trim().to_string(), set))
+}
+
+/// The https port's certificate, made for the demo, and a client configuration that trusts
+/// exactly that certificate (so the demo checks the chain and the name like a browser would).
+struct DemoTls {
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+    client: std::sync::Arc<rustls::ClientConfig>,
+}
+
+/// The name the demo's certificate is issued for and the client asks for by SNI.
+const DEMO_HOST: &str = "demo.nb.test";
+
+impl DemoTls {
+    fn create(dir: &std::path::Path) -> Result<DemoTls> {
+        let ck = rcgen::generate_simple_self_signed(vec![DEMO_HOST.to_string()])?;
+        let cert_path = dir.join("demo.crt");
+        let key_path = dir.join("demo.key");
+        std::fs::write(&cert_path, ck.cert.pem())?;
+        std::fs::write(&key_path, ck.signing_key.serialize_pem())?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone())?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(DemoTls {
+            cert_path,
+            key_path,
+            client: std::sync::Arc::new(client),
+        })
+    }
+}
+
+/// One GET / over TLS to the https port: (node that answered, the NB_SRVID Set-Cookie value
+/// with its attributes, the negotiated TLS version and cipher suite).
+fn https_get(
+    t: &Topology,
+    tls: &DemoTls,
+    cookie: Option<&str>,
+) -> Result<(String, Option<String>, String)> {
+    let name = rustls_pki_types::ServerName::try_from(DEMO_HOST)?;
+    let conn = rustls::ClientConnection::new(tls.client.clone(), name)?;
+    let mut s = rustls::StreamOwned::new(conn, demo_connect(t, 8443)?);
+    let (who, set) = exchange(&mut s, cookie)?;
+    let info = format!(
+        "{:?} {:?}",
+        s.conn
+            .protocol_version()
+            .ok_or_else(|| anyhow::anyhow!("no TLS version"))?,
+        s.conn
+            .negotiated_cipher_suite()
+            .map(|c| c.suite())
+            .ok_or_else(|| anyhow::anyhow!("no cipher suite"))?
+    );
+    Ok((who, set, info))
 }
