@@ -792,22 +792,42 @@ fn dataplane_counters(agent: &Agent) -> HashMap<(u16, String), NodeCounters> {
     out
 }
 
+/// A node's counters from the path that serves its port: the user-space tcp proxy, the http
+/// proxy, or the XDP program (`dp`, from [`dataplane_counters`]). `None` only for a tcp port
+/// nothing serves.
+fn node_counters(
+    agent: &Agent,
+    dp: &HashMap<(u16, String), NodeCounters>,
+    p: &Port,
+    label: &str,
+) -> Option<NodeCounters> {
+    if agent.tcp.serves(p.port) {
+        // Served in user space: the XDP counters know nothing of it.
+        Some(agent.tcp.counters(p.port, label).unwrap_or_default())
+    } else if p.protocol != Protocol::Tcp {
+        Some(agent.proxy.counters(p.port, label).unwrap_or_default())
+    } else {
+        agent.dataplane.is_some().then(|| {
+            dp.get(&(p.port, label.to_string()))
+                .copied()
+                .unwrap_or_default()
+        })
+    }
+}
+
 /// What a scrape or `GET /v1/stats` shows of the running agent.
 pub fn snapshot(agent: &Agent) -> Snapshot {
-    let counters = dataplane_counters(agent);
-    let xdp_serves = agent.dataplane.is_some();
+    let dp = dataplane_counters(agent);
     let mut nodes = Vec::new();
     for p in &agent.config.ports {
         for n in &p.nodes {
             let key = (p.port, n.label.clone());
             let health = agent.health.get(&key).copied().unwrap_or_default();
-            let counters = (p.protocol == Protocol::Tcp && xdp_serves)
-                .then(|| counters.get(&key).copied().unwrap_or_default());
             nodes.push(NodeSample {
                 port: p.port,
                 node: n.label.clone(),
                 up: health != Health::Down,
-                counters,
+                counters: node_counters(agent, &dp, p, &n.label),
             });
         }
     }
@@ -949,7 +969,7 @@ impl Admin {
     }
 
     fn status(&self, agent: &Agent) -> Value {
-        let counters = dataplane_counters(agent);
+        let dp = dataplane_counters(agent);
         let ports: Vec<Value> = agent
             .config
             .ports
@@ -961,13 +981,7 @@ impl Admin {
                     .map(|n| {
                         let key = (p.port, n.label.clone());
                         let health = agent.health.get(&key).copied().unwrap_or_default();
-                        let active = if agent.tcp.serves(p.port) {
-                            // Served in user space: the XDP counters know nothing of it.
-                            agent.tcp.active(p.port, &n.label).map(|a| a as u64)
-                        } else {
-                            (p.protocol == Protocol::Tcp && agent.dataplane.is_some())
-                                .then(|| counters.get(&key).map(|c| c.active).unwrap_or(0))
-                        };
+                        let active = node_counters(agent, &dp, p, &n.label).map(|c| c.active);
                         let mut v = node_json(n);
                         v["status"] = json!(health.as_str());
                         v["active_connections"] = json!(active);

@@ -93,17 +93,23 @@ pub struct NodeSample {
     pub node: String,
     /// Not DOWN: the node takes traffic as far as health goes (UP, or no result yet).
     pub up: bool,
-    /// Data-path counters; `None` where the data path does not carry the port (http/https,
-    /// or `xdp_mode = "off"`).
+    /// Traffic counters from the path that serves the port (XDP, user-space tcp, http
+    /// proxy); `None` where nothing serves it.
     pub counters: Option<NodeCounters>,
 }
 
-/// Data-path counters of one node, summed over address families and CPUs.
+/// Traffic counters of one node. On the XDP path they are summed over address families and
+/// CPUs and count whole frames; on the user-space paths they count stream bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeCounters {
+    /// tcp ports: connections forwarded to the node; http/https: requests forwarded to it.
     pub connections: u64,
+    /// tcp ports: connections open to the node; http/https: requests in flight to it
+    /// (upgraded tunnels included).
     pub active: u64,
+    /// Bytes to the node.
     pub bytes_in: u64,
+    /// Bytes from the node.
     pub bytes_out: u64,
 }
 
@@ -151,7 +157,7 @@ pub fn render(snap: &Snapshot) -> String {
         &mut out,
         "nb_node_connections_total",
         "counter",
-        "New connections sent to the node (tcp ports, XDP data path).",
+        "Connections forwarded to the node (tcp ports); requests forwarded to it (http/https).",
     );
     for n in &snap.nodes {
         if let Some(c) = n.counters {
@@ -168,7 +174,7 @@ pub fn render(snap: &Snapshot) -> String {
         &mut out,
         "nb_node_active_connections",
         "gauge",
-        "Open connections to the node (tcp ports, XDP data path).",
+        "Open connections to the node (tcp ports); requests in flight to it (http/https).",
     );
     for n in &snap.nodes {
         if let Some(c) = n.counters {
@@ -185,7 +191,7 @@ pub fn render(snap: &Snapshot) -> String {
         &mut out,
         "nb_node_bytes_total",
         "counter",
-        "Bytes (whole frames) to the node (direction=\"in\") and from it (\"out\").",
+        "Bytes to the node (direction=\"in\") and from it (\"out\"): whole frames on the XDP path, stream bytes when served in user space.",
     );
     for n in &snap.nodes {
         if let Some(c) = n.counters {
@@ -311,7 +317,7 @@ mod tests {
     }
 
     #[test]
-    fn removed_nodes_have_no_histogram_and_http_nodes_no_counters() {
+    fn removed_nodes_have_no_histogram_and_unserved_nodes_no_counters() {
         observe_check(60002, "gone", Duration::from_millis(1));
         let snap = Snapshot {
             nodes: vec![NodeSample {

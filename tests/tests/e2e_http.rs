@@ -1249,3 +1249,330 @@ fn gateway_errors_and_passive_checks() {
         "DOWN by passive checks: {r:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Node counters (metrics, status, nbctl) for http ports and user-space tcp ports.
+
+/// A GET to the admin API from inside the balancer namespace: status and body.
+fn admin_get(t: &Topology, path: &str) -> (u16, String) {
+    let addr = t.admin;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let raw =
+        t.lb.enter(move || {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(req.as_bytes())?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw)?;
+            Ok::<_, std::io::Error>(raw)
+        })
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+    let text = String::from_utf8(raw).expect("utf-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line of {head}"));
+    (status, body.to_string())
+}
+
+/// The `nb_node_*` samples of a `/metrics` scrape, by (metric with its labels as scraped).
+fn node_metrics(t: &Topology) -> HashMap<String, f64> {
+    let (status, body) = admin_get(t, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| l.starts_with("nb_node_"))
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("line {l}"));
+            (k.to_string(), v.parse().unwrap_or_else(|_| panic!("{l}")))
+        })
+        .collect()
+}
+
+/// A node counter from [`node_metrics`]; panics naming the scrape when the series is absent.
+fn node_metric(m: &HashMap<String, f64>, name: &str, port: u16, node: &str, dir: &str) -> f64 {
+    let key = if dir.is_empty() {
+        format!("{name}{{port=\"{port}\",node=\"{node}\"}}")
+    } else {
+        format!("{name}{{port=\"{port}\",node=\"{node}\",direction=\"{dir}\"}}")
+    };
+    *m.get(&key)
+        .unwrap_or_else(|| panic!("{key} not scraped; have {:?}", m.keys()))
+}
+
+/// The sums over `nodes` of port `port`: (connections, active, bytes in, bytes out).
+fn node_sums(m: &HashMap<String, f64>, port: u16, nodes: &[&str]) -> (f64, f64, f64, f64) {
+    let sum = |name: &str, dir: &str| -> f64 {
+        nodes
+            .iter()
+            .map(|n| node_metric(m, name, port, n, dir))
+            .sum()
+    };
+    (
+        sum("nb_node_connections_total", ""),
+        sum("nb_node_active_connections", ""),
+        sum("nb_node_bytes_total", "in"),
+        sum("nb_node_bytes_total", "out"),
+    )
+}
+
+/// `active_connections` of every node of `port` in `/v1/status`, summed.
+fn status_active(t: &Topology, port: u16) -> u64 {
+    let (status, body) = admin_get(t, "/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    let p = v["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["port"] == port)
+        .unwrap_or_else(|| panic!("port {port} in {body}"));
+    p["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            n["active_connections"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("active_connections of {n}"))
+        })
+        .sum()
+}
+
+/// Every port type carries the node counters: on an http port, requests forwarded (exactly
+/// one per request, whether kept alive or not), requests in flight and bytes each way; on a
+/// user-space tcp port (`xdp_mode = "off"`), connections forwarded, open and bytes, shown
+/// while the connections are still open. `/v1/status` and `nbctl stats` show the same. The
+/// counts survive a reload that keeps the node and go with a removed node.
+#[test]
+fn node_counters_on_http_and_user_space_tcp_ports() {
+    require_root();
+    let t = Topology::new("h9", Wiring::TwoNic, 2);
+    let _http = start_backends(&t, 2);
+    let mut tcp_backends: Vec<nb_tests::netns::Backend> = (1..=2)
+        .map(|i| {
+            nb_tests::netns::Backend::start(
+                &t.backends,
+                &format!("t{i}"),
+                SocketAddr::new(IpAddr::V4(backend_v4(i)), 9000),
+            )
+        })
+        .collect();
+    let tcp_nodes: String = (1..=2)
+        .map(|i| {
+            format!(
+                "[[port.node]]\nlabel = \"t{i}\"\naddress = \"{}:9000\"\n\n",
+                backend_v4(i)
+            )
+        })
+        .collect();
+    let ports = |http_nodes: &str, b1_weight: u8| {
+        port_toml(
+            80,
+            "http",
+            "",
+            &http_nodes.replace(
+                "label = \"b1\"\n",
+                &format!("label = \"b1\"\nweight = {b1_weight}\n"),
+            ),
+        ) + &format!("[[port]]\nport = 90\nprotocol = \"tcp\"\ncheck = \"none\"\n\n{tcp_nodes}")
+    };
+    let write = |ports: String| {
+        let balancer = t
+            .balancer_toml()
+            .replace("[balancer]\n", "[balancer]\nxdp_mode = \"off\"\n");
+        let path = t.dir.join("nb.toml");
+        std::fs::write(&path, balancer + &ports).expect("write config");
+        path
+    };
+    let cfg = write(ports(&accept_nodes(2), 100));
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    wait_up(&agent, 80, &["b1", "b2"]);
+    let http = ["b1", "b2"];
+    let tcp = ["t1", "t2"];
+
+    // http: N requests, some on one kept-alive connection, some on a connection each.
+    let before = node_metrics(&t);
+    let (c0, a0, in0, out0) = node_sums(&before, 80, &http);
+    assert_eq!(a0, 0.0, "nothing in flight yet");
+    const N: usize = 12;
+    let mut kept = Client::connect(&t, vip(80));
+    for i in 0..N {
+        let r = if i % 2 == 0 {
+            kept.get("/echo", &[])
+        } else {
+            get(&t, vip(80), "/echo", &[])
+        };
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let after = node_metrics(&t);
+    let (c1, a1, in1, out1) = node_sums(&after, 80, &http);
+    println!(
+        "http: {N} requests: connections +{}, bytes in +{}, out +{}",
+        c1 - c0,
+        in1 - in0,
+        out1 - out0
+    );
+    assert_eq!(c1 - c0, N as f64, "one per request forwarded");
+    for n in http {
+        assert!(
+            node_metric(&after, "nb_node_connections_total", 80, n, "")
+                > node_metric(&before, "nb_node_connections_total", 80, n, ""),
+            "round robin: {n} got requests"
+        );
+    }
+    assert_eq!(a1, 0.0, "all answered");
+    // Each request head is over 60 bytes, each answer (the echo of the headers) more.
+    assert!(
+        in1 - in0 >= (N * 60) as f64,
+        "bytes to the nodes: {}",
+        in1 - in0
+    );
+    assert!(
+        out1 - out0 > in1 - in0,
+        "bytes from the nodes: {}",
+        out1 - out0
+    );
+
+    // A request in flight is active, in the metrics and in the status, until it is answered.
+    let slow = {
+        let addr = vip(80);
+        let client = t.client.name().to_string();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &client, "curl", "-sS", "--max-time", "20"])
+                .arg(format!("http://{addr}/slow?ms=2000"))
+                .output()
+                .expect("curl");
+            assert!(out.status.success(), "{out:?}");
+        })
+    };
+    wait_until(
+        "one request in flight",
+        &agent,
+        Duration::from_secs(2),
+        || node_sums(&node_metrics(&t), 80, &http).1 == 1.0,
+    );
+    assert_eq!(status_active(&t, 80), 1);
+    slow.join().expect("slow request");
+    wait_until("nothing in flight", &agent, Duration::from_secs(2), || {
+        node_sums(&node_metrics(&t), 80, &http).1 == 0.0
+    });
+    assert_eq!(status_active(&t, 80), 0);
+
+    // User-space tcp: M connections with data both ways, counted while they are open.
+    const M: usize = 6;
+    let p90 = SocketAddr::new(IpAddr::V4(VIP), 90);
+    let before = node_metrics(&t);
+    let (c0, _, in0, out0) = node_sums(&before, 90, &tcp);
+    let mut open = Vec::new();
+    for _ in 0..M {
+        let (mut s, label) = nb_tests::topo::open_greeted(&t, p90);
+        assert!(label.starts_with('t'), "{label}");
+        nb_tests::topo::echo(&mut s, &[b'q'; 1000]).expect("echo");
+        open.push(s);
+    }
+    let mid = node_metrics(&t);
+    let (c1, a1, in1, out1) = node_sums(&mid, 90, &tcp);
+    println!(
+        "tcp: {M} connections: connections +{}, active {a1}, bytes in +{}, out +{}",
+        c1 - c0,
+        in1 - in0,
+        out1 - out0
+    );
+    assert_eq!(c1 - c0, M as f64, "one per connection");
+    assert_eq!(a1, M as f64, "all open");
+    assert_eq!(status_active(&t, 90), M as u64);
+    assert_eq!(in1 - in0, (M * 1000) as f64, "exactly what the client sent");
+    assert_eq!(
+        out1 - out0,
+        (M * (1000 + 3)) as f64,
+        "the echo and the greeting \"tN\\n\""
+    );
+    for n in tcp {
+        assert!(
+            node_metric(&mid, "nb_node_active_connections", 90, n, "") > 0.0,
+            "{n}"
+        );
+    }
+    // The test backend keeps its side open after the client's FIN (it holds a clone of each
+    // socket), so the connections end when the backends close them.
+    drop(open);
+    for b in &mut tcp_backends {
+        b.stop();
+    }
+    wait_until(
+        "tcp connections closed",
+        &agent,
+        Duration::from_secs(3),
+        || node_sums(&node_metrics(&t), 90, &tcp).1 == 0.0,
+    );
+
+    // nbctl stats shows the counters of both kinds of port.
+    let o =
+        t.lb.command(agent_bin().with_file_name("nbctl"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("stats")
+            .output()
+            .expect("nbctl");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let row = |port: &str, node: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|c| c.len() > 6 && c[0] == port && c[1] == node)
+            .unwrap_or_else(|| panic!("row {port} {node} in\n{text}"))
+    };
+    for (port, node) in [("80", "b1"), ("90", "t1")] {
+        let r = row(port, node);
+        for (i, col) in ["CONNECTIONS", "ACTIVE", "BYTES_IN", "BYTES_OUT"]
+            .iter()
+            .enumerate()
+        {
+            assert!(
+                r[3 + i].parse::<u64>().is_ok(),
+                "{col} of {port} {node}: {r:?}\n{text}"
+            );
+        }
+    }
+
+    // A reload that keeps the nodes (b1's weight changes) keeps their counts; removing b2
+    // removes its series.
+    let kept_counts = node_metrics(&t);
+    let cfg = write(ports(&accept_nodes(2), 50));
+    reload(&agent, "reloaded", 1);
+    let same = node_metrics(&t);
+    for (port, n) in [(80, "b1"), (80, "b2"), (90, "t1"), (90, "t2")] {
+        for (name, dir) in [
+            ("nb_node_connections_total", ""),
+            ("nb_node_bytes_total", "in"),
+            ("nb_node_bytes_total", "out"),
+        ] {
+            assert_eq!(
+                node_metric(&same, name, port, n, dir),
+                node_metric(&kept_counts, name, port, n, dir),
+                "{name} {port} {n} {dir} across the reload"
+            );
+        }
+    }
+    let _ = write(ports(&node(1, "accept"), 50));
+    reload(&agent, "reloaded", 2);
+    let gone = node_metrics(&t);
+    assert!(
+        !gone.keys().any(|k| k.contains("node=\"b2\"")),
+        "b2 removed: {:?}",
+        gone.keys()
+    );
+    assert_eq!(
+        node_metric(&gone, "nb_node_connections_total", 80, "b1", ""),
+        node_metric(&kept_counts, "nb_node_connections_total", 80, "b1", "")
+    );
+    drop(cfg);
+    drop(tcp_backends);
+}

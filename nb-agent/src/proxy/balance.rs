@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::{Algorithm, NodeMode},
     health::Health,
+    metrics::NodeCounters,
     proxy::pool::NodePool,
 };
 
@@ -33,11 +34,46 @@ pub struct NodeView {
     pub passive: Option<mpsc::UnboundedSender<String>>,
     /// Kept-alive connections to the node; survives reloads and health changes.
     pub pool: Arc<NodePool>,
-    /// Requests in flight (leastconn).
+    /// Requests in flight (http/https) or connections open (tcp): what leastconn weighs, and
+    /// the node's active connections in the status API and metrics.
     pub active: Arc<AtomicUsize>,
+    /// What the node was sent and answered since it joined the port; survives reloads.
+    pub stats: Arc<NodeStats>,
+}
+
+/// Traffic of one node of a port served in user space, for `nb_node_connections_total` and
+/// `nb_node_bytes_total`. One instance lives as long as the node stays configured (by label,
+/// as the XDP path keys its counters), so a reload or a health change keeps the counts and a
+/// removed node's series go with it.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// tcp: connections forwarded to the node; http/https: requests forwarded to it, as
+    /// HAProxy's per-server `stot` counts them (a kept-alive client connection carries many).
+    pub forwarded: AtomicU64,
+    /// Bytes written to the node: direction "in", as on the XDP path (towards the backend).
+    pub bytes_in: AtomicU64,
+    /// Bytes read from the node: direction "out" (from the backend back to clients).
+    pub bytes_out: AtomicU64,
+}
+
+impl NodeStats {
+    /// The counters as the metrics and the status API show them, with `active` beside them.
+    pub fn snapshot(&self, active: usize) -> NodeCounters {
+        NodeCounters {
+            connections: self.forwarded.load(Ordering::Relaxed),
+            active: active as u64,
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl NodeView {
+    /// The node's counters now, in-flight count included.
+    pub fn counters(&self) -> NodeCounters {
+        self.stats.snapshot(self.active.load(Ordering::Relaxed))
+    }
+
     /// May keep a client whose stickiness points here: anything not DOWN that still takes
     /// traffic, and `drain` nodes, which take only such clients.
     pub fn takes_sticky(&self) -> bool {
@@ -231,8 +267,9 @@ mod tests {
             health: Health::Up,
             eligible,
             passive: None,
-            pool: Arc::new(NodePool::new(addr)),
+            pool: Arc::new(NodePool::new(addr, Arc::default())),
             active: Arc::new(AtomicUsize::new(0)),
+            stats: Arc::default(),
         }
     }
 

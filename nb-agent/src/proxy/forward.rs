@@ -2,7 +2,12 @@
 //! rewrite the headers, send it on a pooled connection, and stream the answer back; Upgrade
 //! (WebSocket) becomes a byte tunnel. Failures become 502/503/504 answers and passive checks.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{
@@ -232,7 +237,13 @@ async fn serve(
     let (resp, sender, guard) = loop {
         let node = &view.nodes[idx];
         let guard = ActiveGuard::new(&node.active);
-        match node.pool.send(req, connect_timeout, server_timeout).await {
+        let sent = node.pool.send(req, connect_timeout, server_timeout).await;
+        // Forwarded = the request left for the node (answered or not); a failed connect
+        // forwarded nothing, and its retry counts on the node that takes it.
+        if !matches!(&sent, Err((e, _)) if e.is_connect()) {
+            node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok((resp, sender)) => break (resp, sender, guard),
             Err((e, back)) => {
                 node.passive_failure(format!("passive: {e}"));

@@ -10,6 +10,7 @@
 pub mod balance;
 pub mod cookie;
 mod forward;
+pub mod io;
 pub mod pool;
 pub mod tcp;
 pub mod tls;
@@ -42,8 +43,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::{Config, NodeMode, Port, Protocol, Stickiness},
     health::Health,
+    metrics::NodeCounters,
     proxy::{
-        balance::{Balancer, NodeView, StickTable},
+        balance::{Balancer, NodeStats, NodeView, StickTable},
         cookie::{CookieKey, KeyError},
         pool::NodePool,
         tls::TlsError,
@@ -81,8 +83,18 @@ pub struct PortView {
     pub nodes: Vec<NodeView>,
 }
 
-/// What a node keeps across views: its connection pool and its in-flight count.
-pub(crate) type NodeShared = (Arc<NodePool>, Arc<AtomicUsize>);
+/// What a node keeps across views, by label: its connection pool (replaced when its address
+/// changes), its in-flight count and its traffic counters (kept while the label stays, as the
+/// XDP path keeps a node's counters).
+pub(crate) struct NodeShared {
+    addr: SocketAddr,
+    pool: Arc<NodePool>,
+    active: Arc<AtomicUsize>,
+    stats: Arc<NodeStats>,
+}
+
+/// The [`NodeShared`] of every node of a port, by label.
+pub(crate) type SharedNodes = Mutex<HashMap<String, NodeShared>>;
 
 /// A port's state that outlives reloads: its current view, the algorithm's memory, the
 /// stickiness table, and its nodes' connection pools.
@@ -90,13 +102,24 @@ pub struct PortRuntime {
     view: RwLock<Arc<PortView>>,
     balancer: Mutex<Balancer>,
     table: Mutex<StickTable>,
-    /// Pool and in-flight counter per (label, address): a node that keeps both keeps them.
-    pools: Mutex<HashMap<(String, SocketAddr), NodeShared>>,
+    /// What each node keeps across reloads and health changes.
+    pools: SharedNodes,
     /// Client connections open on all the port's addresses, against `max_connections`.
     open: Arc<AtomicUsize>,
 }
 
 impl PortRuntime {
+    /// A port's state as a new port starts: no algorithm memory, no stickiness, no pools.
+    fn new(view: PortView) -> PortRuntime {
+        PortRuntime {
+            view: RwLock::new(Arc::new(view)),
+            balancer: Mutex::new(Balancer::default()),
+            table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
+            pools: Mutex::new(HashMap::new()),
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
     /// The view requests read; cheap (one Arc clone).
     pub fn view(&self) -> Arc<PortView> {
         self.view.read().expect("view lock").clone()
@@ -165,12 +188,13 @@ impl Proxy {
         Proxy::default()
     }
 
-    /// Requests in flight (and upgraded tunnels) on a node of an http/https port, for the
-    /// status API's active connections; `None` for a port or node the proxy does not serve.
-    pub fn active(&self, port: u16, label: &str) -> Option<usize> {
+    /// The counters of a node of an http/https port: requests forwarded, requests in flight
+    /// (upgraded tunnels included), bytes each way; `None` for a port or node the proxy does
+    /// not serve.
+    pub fn counters(&self, port: u16, label: &str) -> Option<NodeCounters> {
         let view = self.ports.get(&port)?.view();
         let n = view.nodes.iter().find(|n| n.label == label)?;
-        Some(n.active.load(Ordering::Relaxed))
+        Some(n.counters())
     }
 
     /// Checks what `cfg` needs from the proxy and gets it ready: TLS acceptors, the
@@ -232,14 +256,7 @@ impl Proxy {
                     rt.set_view(PortView { nodes, ..view });
                 }
                 None => {
-                    let rt = Arc::new(PortRuntime {
-                        view: RwLock::new(Arc::new(view)),
-                        balancer: Mutex::new(Balancer::default()),
-                        table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
-                        pools: Mutex::new(HashMap::new()),
-                        open: Arc::new(AtomicUsize::new(0)),
-                    });
-                    self.ports.insert(number, rt);
+                    self.ports.insert(number, Arc::new(PortRuntime::new(view)));
                 }
             }
         }
@@ -291,14 +308,15 @@ impl Proxy {
 }
 
 /// A port's node set as requests see it, from the config and the nodes' states (`state` gives
-/// health and the passive-check channel by (port, label)). Each node keeps its pool and
-/// in-flight counter across refreshes; those of nodes that left are dropped (pools
-/// emptied), and the balancer's and stick table's memory is trimmed to the nodes left.
+/// health and the passive-check channel by (port, label)). Each node keeps its pool,
+/// in-flight count and counters across refreshes (a changed address gets a new pool, the
+/// old one emptied); those of nodes that left are dropped (pools emptied), and the
+/// balancer's and stick table's memory is trimmed to the nodes left.
 /// The http and the user-space tcp paths share it, so both apply the same eligibility.
 pub(crate) fn node_views(
     p: &Port,
     state: &dyn Fn(u16, &str) -> NodeState,
-    shared: &Mutex<HashMap<(String, SocketAddr), NodeShared>>,
+    shared: &SharedNodes,
     balancer: &Mutex<Balancer>,
     table: &Mutex<StickTable>,
 ) -> Vec<NodeView> {
@@ -313,17 +331,22 @@ pub(crate) fn node_views(
     let mut keep = HashSet::new();
     let mut nodes = Vec::new();
     for (n, (health, passive)) in p.nodes.iter().zip(states) {
-        let key = (n.label.clone(), n.address);
-        let (pool, active) = shared
-            .entry(key.clone())
-            .or_insert_with(|| {
-                (
-                    Arc::new(NodePool::new(n.address)),
-                    Arc::new(AtomicUsize::new(0)),
-                )
-            })
-            .clone();
-        keep.insert(key);
+        let e = shared.entry(n.label.clone()).or_insert_with(|| {
+            let stats = Arc::new(NodeStats::default());
+            NodeShared {
+                addr: n.address,
+                pool: Arc::new(NodePool::new(n.address, stats.clone())),
+                active: Arc::new(AtomicUsize::new(0)),
+                stats,
+            }
+        });
+        if e.addr != n.address {
+            // Moved: connections to the old address are not reused, the counts go on.
+            e.pool.clear();
+            e.pool = Arc::new(NodePool::new(n.address, e.stats.clone()));
+            e.addr = n.address;
+        }
+        keep.insert(n.label.clone());
         nodes.push(NodeView {
             label: n.label.clone(),
             addr: n.address,
@@ -332,14 +355,15 @@ pub(crate) fn node_views(
             health,
             eligible: crate::agent::takes_new_connections(n.mode, up(health), any_accept_up),
             passive: if p.check_passive { passive } else { None },
-            pool,
-            active,
+            pool: e.pool.clone(),
+            active: e.active.clone(),
+            stats: e.stats.clone(),
         });
     }
-    shared.retain(|k, (pool, _)| {
-        let k_keep = keep.contains(k);
+    shared.retain(|label, e| {
+        let k_keep = keep.contains(label);
         if !k_keep {
-            pool.clear();
+            e.pool.clear();
         }
         k_keep
     });
@@ -473,5 +497,170 @@ async fn serve_connection(
     };
     if let Err(e) = result {
         debug!("{peer} -> {local}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::Node, proxy::balance::ActiveGuard};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::{Request, Response, body::Incoming};
+
+    fn up(_: u16, _: &str) -> NodeState {
+        (Health::Up, None)
+    }
+
+    fn http_port(nodes: Vec<Node>) -> Port {
+        let mut p = Port::new(8000, Protocol::Http);
+        p.nodes = nodes;
+        p
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn node_counters_follow_the_label_across_refreshes() {
+        let shared: SharedNodes = Mutex::new(HashMap::new());
+        let (b, t) = (
+            Mutex::new(Balancer::default()),
+            Mutex::new(StickTable::new(16, TABLE_TTL)),
+        );
+        let p = http_port(vec![
+            Node::new("a", sa("127.0.0.1:1")),
+            Node::new("b", sa("127.0.0.1:2")),
+        ]);
+        let v1 = node_views(&p, &up, &shared, &b, &t);
+        v1[0].stats.forwarded.store(7, Ordering::Relaxed);
+        v1[0].stats.bytes_in.store(100, Ordering::Relaxed);
+        let _in_flight = ActiveGuard::new(&v1[0].active);
+
+        // Weight changed and node moved: same counters, new pool.
+        let mut p2 = p.clone();
+        p2.nodes[0].weight = 5;
+        p2.nodes[0].address = sa("127.0.0.1:3");
+        let v2 = node_views(&p2, &up, &shared, &b, &t);
+        assert!(Arc::ptr_eq(&v1[0].stats, &v2[0].stats));
+        assert!(
+            !Arc::ptr_eq(&v1[0].pool, &v2[0].pool),
+            "a moved node's pool is new"
+        );
+        assert_eq!(v2[0].pool.addr(), sa("127.0.0.1:3"));
+        let c = v2[0].counters();
+        assert_eq!((c.connections, c.active, c.bytes_in), (7, 1, 100));
+
+        // Removed, then added again: it starts from zero.
+        let p3 = http_port(vec![p.nodes[1].clone()]);
+        let v3 = node_views(&p3, &up, &shared, &b, &t);
+        assert_eq!(v3.len(), 1);
+        let v4 = node_views(&p, &up, &shared, &b, &t);
+        assert!(!Arc::ptr_eq(&v1[0].stats, &v4[0].stats));
+        assert_eq!(v4[0].counters(), NodeCounters::default());
+        assert!(
+            Arc::ptr_eq(&v1[1].stats, &v4[1].stats),
+            "b stayed throughout"
+        );
+    }
+
+    /// An HTTP/1.1 backend on loopback that answers every request with its body's length,
+    /// and counts the bytes on its own sockets into the returned counters (what it read is
+    /// what the proxy sent it).
+    async fn counting_backend() -> (SocketAddr, Arc<NodeStats>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(NodeStats::default());
+        let stats = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let io = TokioIo::new(io::Counted::new(s, stats.clone(), None));
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let n = req.into_body().collect().await?.to_bytes().len();
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(format!(
+                            "got {n} bytes\n"
+                        )))))
+                    });
+                    let _ = http1::Builder::new().serve_connection(io, svc).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Serves `port` on a loopback listener with every node UP; the runtime and the address.
+    async fn serve(port: Port) -> (Arc<PortRuntime>, SocketAddr) {
+        let rt = Arc::new(PortRuntime::new(PortView {
+            port: port.clone(),
+            tls: None,
+            key: None,
+            nodes: Vec::new(),
+        }));
+        let nodes = node_views(&port, &up, &rt.pools, &rt.balancer, &rt.table);
+        rt.set_view(PortView {
+            port,
+            tls: None,
+            key: None,
+            nodes,
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(accept_loop(rt.clone(), l, addr));
+        (rt, addr)
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: not within 2 s");
+    }
+
+    #[tokio::test]
+    async fn http_requests_and_bytes_are_counted_per_node() {
+        let (backend, seen) = counting_backend().await;
+        let (rt, addr) = serve(http_port(vec![Node::new("b1", backend)])).await;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        const N: usize = 5;
+        for i in 0..N {
+            let req = Request::post("/up")
+                .header("host", "example.test")
+                .body(Full::new(Bytes::from(vec![b'x'; 1000 + i])))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, format!("got {} bytes\n", 1000 + i));
+        }
+        let node = rt.view().nodes[0].clone();
+        eventually("no request in flight", || {
+            node.active.load(Ordering::Relaxed) == 0
+        })
+        .await;
+        let c = node.counters();
+        assert_eq!(
+            c.connections, N as u64,
+            "one per request, on one client connection"
+        );
+        // What the proxy counted sending is what the backend read, and the other way round.
+        eventually("byte counts agree with the backend's", || {
+            let c = node.counters();
+            c.bytes_in == seen.bytes_out.load(Ordering::Relaxed)
+                && c.bytes_out == seen.bytes_in.load(Ordering::Relaxed)
+        })
+        .await;
+        let c = node.counters();
+        assert!(c.bytes_in > (N * 1000) as u64, "bodies and heads: {c:?}");
+        assert!(c.bytes_out > (N * "got 1000 bytes\n".len()) as u64, "{c:?}");
     }
 }

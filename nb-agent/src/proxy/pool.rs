@@ -20,7 +20,10 @@ use log::debug;
 use thiserror::Error;
 use tokio::{net::TcpStream, time::timeout};
 
-use crate::proxy::balance::ActiveGuard;
+use crate::proxy::{
+    balance::{ActiveGuard, NodeStats},
+    io::Counted,
+};
 
 /// Idle connections kept per node; more are closed after their response.
 const MAX_IDLE: usize = 64;
@@ -67,14 +70,23 @@ type Sender = http1::SendRequest<Incoming>;
 pub struct NodePool {
     addr: SocketAddr,
     idle: Mutex<Vec<(Sender, Instant)>>,
+    /// Where the connections count their bytes: the node's counters.
+    stats: Arc<NodeStats>,
 }
 
 impl NodePool {
-    pub fn new(addr: SocketAddr) -> NodePool {
+    /// An empty pool for the node at `addr`, whose connections count into `stats`.
+    pub fn new(addr: SocketAddr, stats: Arc<NodeStats>) -> NodePool {
         NodePool {
             addr,
             idle: Mutex::new(Vec::new()),
+            stats,
         }
+    }
+
+    /// Where the pool's connections go.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// A ready idle connection, newest first; stale ones are dropped on the way.
@@ -101,6 +113,7 @@ impl NodePool {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        let stream = Counted::new(stream, self.stats.clone(), None);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await

@@ -8,7 +8,8 @@
 //! eligibility of [`crate::agent::takes_new_connections`]), connected to it (a failed connect
 //! is a passive check failure and is retried once on another node), preceded by the PROXY
 //! protocol header when the port asks for one, and then copied both ways until both sides
-//! have closed. With no node to take it, the client gets a TCP RST (SPEC §3).
+//! have closed. With no node to take it, the client gets a TCP RST (SPEC §3). The node's
+//! counters (connections, open connections, bytes each way) move as the connection does.
 //!
 //! Reloads follow the http proxy's two steps ([`TcpProxy::prepare`], [`TcpProxy::commit`]):
 //! listeners that stay keep their socket, removed ones stop accepting, and connections
@@ -33,10 +34,13 @@ use tokio::{
 
 use crate::{
     config::{Config, Port, Protocol, ProxyProtocol, Stickiness},
+    metrics::NodeCounters,
     proxy::{
-        NodeShared, NodeState, ProxyError, TABLE_CAPACITY, TABLE_TTL,
+        NodeState, ProxyError, SharedNodes, TABLE_CAPACITY, TABLE_TTL,
         balance::{ActiveGuard, Balancer, NodeView, StickTable},
-        bind, node_views,
+        bind,
+        io::Counted,
+        node_views,
     },
 };
 
@@ -107,11 +111,25 @@ struct TcpPort {
     view: RwLock<Arc<TcpView>>,
     balancer: Mutex<Balancer>,
     table: Mutex<StickTable>,
-    shared: Mutex<HashMap<(String, SocketAddr), NodeShared>>,
+    shared: SharedNodes,
     open: Arc<AtomicUsize>,
 }
 
 impl TcpPort {
+    /// A new port's state: no nodes until the first refresh, no algorithm memory.
+    fn new(port: Port) -> TcpPort {
+        TcpPort {
+            view: RwLock::new(Arc::new(TcpView {
+                port,
+                nodes: Vec::new(),
+            })),
+            balancer: Mutex::new(Balancer::default()),
+            table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
+            shared: Mutex::new(HashMap::new()),
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
     fn view(&self) -> Arc<TcpView> {
         self.view.read().expect("view lock").clone()
     }
@@ -153,12 +171,13 @@ impl TcpProxy {
         self.ports.contains_key(&port)
     }
 
-    /// Connections open to a node of a user-space tcp port; `None` for a port or node not
+    /// The counters of a node of a user-space tcp port: connections forwarded, connections
+    /// open, bytes each way so far (open connections included); `None` for a port or node not
     /// served here.
-    pub fn active(&self, port: u16, label: &str) -> Option<usize> {
+    pub fn counters(&self, port: u16, label: &str) -> Option<NodeCounters> {
         let view = self.ports.get(&port)?.view();
         let n = view.nodes.iter().find(|n| n.label == label)?;
-        Some(n.active.load(Ordering::Relaxed))
+        Some(n.counters())
     }
 
     /// Binds the listeners `cfg` needs that do not exist yet; `xdp` tells whether the XDP
@@ -208,17 +227,7 @@ impl TcpProxy {
                     rt.set_view(TcpView { port, nodes });
                 }
                 None => {
-                    let rt = Arc::new(TcpPort {
-                        view: RwLock::new(Arc::new(TcpView {
-                            port,
-                            nodes: Vec::new(),
-                        })),
-                        balancer: Mutex::new(Balancer::default()),
-                        table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
-                        shared: Mutex::new(HashMap::new()),
-                        open: Arc::new(AtomicUsize::new(0)),
-                    });
-                    self.ports.insert(number, rt);
+                    self.ports.insert(number, Arc::new(TcpPort::new(port)));
                 }
             }
         }
@@ -322,7 +331,7 @@ async fn serve(
         .or_else(|| rt.pick(view, client_ip, None));
     let connect_timeout = Duration::from_secs(port.timeout_connect as u64);
     let mut retried = false;
-    let (n, mut backend) = loop {
+    let (n, backend) = loop {
         let Some(n) = node else {
             debug!("port {}: {peer}: no node available, reset", port.port);
             reset(client);
@@ -353,8 +362,10 @@ async fn serve(
             .put(client_ip, &n.label, now);
     }
     let _active = ActiveGuard::new(&n.active);
+    n.stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
+    let mut backend = Counted::new(backend, n.stats.clone(), None);
     let header = proxy_header(port.proxy_protocol, peer, local);
     if !header.is_empty()
         && let Err(e) = backend.write_all(&header).await
@@ -365,7 +376,8 @@ async fn serve(
     }
     let mut client = client;
     // Both directions with bounded buffers; an EOF on one side is passed on as a shutdown
-    // of the other's write half, and the copy ends once both directions have.
+    // of the other's write half, and the copy ends once both directions have. The counted
+    // backend stream moves the node's byte counters as data passes.
     match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
         Ok((up, down)) => debug!(
             "port {}: {peer} <-> {} ({}): {up} bytes up, {down} down",
@@ -426,5 +438,77 @@ mod tests {
         assert_eq!(u16::from_be_bytes([h[14], h[15]]), 36);
         assert_eq!(h.len(), 16 + 36);
         assert!(proxy_header(ProxyProtocol::None, sa("1.1.1.1:1"), sa("2.2.2.2:2")).is_empty());
+    }
+
+    /// An echo server on loopback.
+    async fn echo_backend() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Serves a tcp port with the given nodes (all UP) on loopback; the port's state and
+    /// the address to connect to.
+    async fn serve_port(nodes: Vec<crate::config::Node>) -> (Arc<TcpPort>, SocketAddr) {
+        let mut p = Port::new(9000, Protocol::Tcp);
+        p.nodes = nodes;
+        let rt = Arc::new(TcpPort::new(p.clone()));
+        let up = |_: u16, _: &str| (crate::health::Health::Up, None);
+        let nodes = node_views(&p, &up, &rt.shared, &rt.balancer, &rt.table);
+        rt.set_view(TcpView { port: p, nodes });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(accept_loop(rt.clone(), l, addr));
+        (rt, addr)
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..300 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: not within 3 s");
+    }
+
+    #[tokio::test]
+    async fn connections_and_bytes_count_while_the_connection_runs() {
+        use tokio::io::AsyncReadExt;
+        let backend = echo_backend().await;
+        let (rt, addr) = serve_port(vec![crate::config::Node::new("e1", backend)]).await;
+        let node = rt.view().nodes[0].clone();
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let msg = vec![7u8; 3000];
+        c.write_all(&msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        c.read_exact(&mut back).await.unwrap();
+        // Still open: the counts are there already.
+        let c1 = node.counters();
+        assert_eq!((c1.connections, c1.active), (1, 1), "{c1:?}");
+        assert_eq!((c1.bytes_in, c1.bytes_out), (3000, 3000), "{c1:?}");
+        let mut c2 = TcpStream::connect(addr).await.unwrap();
+        c2.write_all(b"ping").await.unwrap();
+        let mut four = [0u8; 4];
+        c2.read_exact(&mut four).await.unwrap();
+        drop(c);
+        drop(c2);
+        eventually("both closed", || node.active.load(Ordering::Relaxed) == 0).await;
+        let end = node.counters();
+        assert_eq!(
+            (end.connections, end.active, end.bytes_in, end.bytes_out),
+            (2, 0, 3004, 3004)
+        );
     }
 }
