@@ -1071,7 +1071,8 @@ fn large_streams_keep_memory_flat() {
 }
 
 /// Upgrade (WebSocket-style) passes through as a byte tunnel; a client that sends its header
-/// too slowly, or sits idle, is cut off at timeout_header; the connection limit answers 503.
+/// too slowly is answered 408 and cut off at timeout_header, one that sits idle is closed
+/// silently; the connection limit answers 503.
 #[test]
 fn upgrade_slow_client_and_connection_limit() {
     require_root();
@@ -1113,7 +1114,8 @@ fn upgrade_slow_client_and_connection_limit() {
     let r = get(&t, vip(80), "/echo", &[("X-Big", &big)]);
     assert_eq!(r.status, 431, "{:?}", (r.status, &r.headers));
 
-    // Slowloris: half a header, then nothing. Cut off at 2 s (plus a margin).
+    // Slowloris: half a header, then nothing. Answered 408 and cut off at 2 s (plus a
+    // margin), as HAProxy does.
     let mut slow = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
     slow.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -1131,7 +1133,11 @@ fn upgrade_slow_client_and_connection_limit() {
         took >= Duration::from_millis(1800) && took < Duration::from_secs(4),
         "slow client cut off after {took:?}"
     );
-    // An idle kept-alive connection goes the same way.
+    let answer = read_response(&mut BufReader::new(&rest[..])).expect("an HTTP answer");
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    assert!(answer.text().contains("Request Timeout"), "{answer:?}");
+    // An idle kept-alive connection is closed without an answer: it asked nothing.
     let mut c = Client::connect(&t, vip(80));
     assert_eq!(c.get("/echo", &[]).status, 200);
     let started = Instant::now();

@@ -33,7 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use log::{debug, info, warn};
 use thiserror::Error;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::mpsc,
     task::JoinHandle,
@@ -440,6 +440,8 @@ async fn refuse_full(mut stream: TcpStream, tls: bool) {
     }
 }
 
+/// Serves one client connection: TLS first on https ports, then HTTP/2 when ALPN chose it,
+/// else HTTP/1.1.
 async fn serve_connection(
     rt: Arc<PortRuntime>,
     view: Arc<PortView>,
@@ -451,22 +453,13 @@ async fn serve_connection(
     let port = &view.port;
     let header_timeout = Duration::from_secs(port.timeout_header as u64);
     let max_header = port.max_header_size as usize;
-    let secure = view.tls.is_some();
-    let service = {
-        let rt = rt.clone();
-        service_fn(move |req| forward::handle(rt.clone(), req, peer, local, secure))
-    };
     let mut h1 = http1::Builder::new();
     h1.timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_header_size(max_header)
         .keep_alive(true);
     let result = match &view.tls {
-        None => {
-            h1.serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await
-        }
+        None => serve_h1(&h1, stream, rt, peer, local, false).await,
         Some(acceptor) => {
             let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
@@ -481,6 +474,8 @@ async fn serve_connection(
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
+                let service =
+                    service_fn(move |req| forward::handle(rt.clone(), req, peer, local, true));
                 let mut b = http2::Builder::new(TokioExecutor::new());
                 b.timer(TokioTimer::new())
                     .max_concurrent_streams(H2_MAX_STREAMS)
@@ -489,15 +484,69 @@ async fn serve_connection(
                     .keep_alive_timeout(Duration::from_secs(10));
                 b.serve_connection(TokioIo::new(tls), service).await
             } else {
-                h1.serve_connection(TokioIo::new(tls), service)
-                    .with_upgrades()
-                    .await
+                serve_h1(&h1, tls, rt, peer, local, true).await
             }
         }
     };
     if let Err(e) = result {
         debug!("{peer} -> {local}: {e}");
     }
+}
+
+/// Serves HTTP/1.1 (Upgrade included) on `io`, plain or TLS. When `timeout_header` runs out
+/// while a client is part way through a request head (slowloris, or a stalled client), it
+/// is answered `408 Request Timeout` before the close, as HAProxy does; hyper would close
+/// silently, leaving the client to guess. A connection that sent nothing (an idle kept-alive
+/// connection, a browser's speculative pre-connect) is closed silently, as with HAProxy's
+/// `option http-ignore-probes`: those clients did not ask anything.
+async fn serve_h1<I>(
+    h1: &http1::Builder,
+    io: I,
+    rt: Arc<PortRuntime>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    secure: bool,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| forward::handle(rt.clone(), req, peer, local, secure));
+    let mut conn = h1
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    match (&mut conn).await {
+        Err(e) if e.is_timeout() => {
+            // The bytes hyper read but could not parse yet: a request head begun.
+            if let Some(parts) = conn.into_parts()
+                && !parts.read_buf.is_empty()
+            {
+                debug!(
+                    "{peer} -> {local}: request head incomplete after the header timeout ({} bytes), 408",
+                    parts.read_buf.len()
+                );
+                request_timeout(parts.io.into_inner(), local.port()).await;
+            }
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Answers `408 Request Timeout` and closes; counted in `nb_port_requests_total`.
+async fn request_timeout<I: AsyncWrite + Unpin>(mut io: I, port: u16) {
+    crate::metrics::count_request(port, 408);
+    let body = "408 Request Timeout\n\nThe request was not received in time.\n";
+    let resp = format!(
+        "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Cache-Control: no-store\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Bounded: a client that does not read its answer does not hold the connection.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(resp.as_bytes()).await?;
+        io.shutdown().await
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -662,5 +711,65 @@ mod tests {
         let c = node.counters();
         assert!(c.bytes_in > (N * 1000) as u64, "bodies and heads: {c:?}");
         assert!(c.bytes_out > (N * "got 1000 bytes\n".len()) as u64, "{c:?}");
+    }
+
+    /// Everything the server sends on `s` until it closes, and how long that took.
+    async fn read_until_closed(mut s: TcpStream) -> (String, Duration) {
+        use tokio::io::AsyncReadExt;
+        let start = tokio::time::Instant::now();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .expect("closed within 5 s")
+            .expect("read");
+        (String::from_utf8_lossy(&got).into_owned(), start.elapsed())
+    }
+
+    #[tokio::test]
+    async fn a_stalled_request_head_gets_408_and_silence_gets_a_close() {
+        let (backend, _) = counting_backend().await;
+        let mut port = http_port(vec![Node::new("b1", backend)]);
+        port.timeout_header = 1;
+        let (rt, addr) = serve(port).await;
+
+        // Half a request head, then nothing.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: slow.test\r\nX-Slow: 1")
+            .await
+            .unwrap();
+        let (text, took) = read_until_closed(s).await;
+        assert!(
+            text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{text:?}"
+        );
+        assert!(text.contains("\r\nConnection: close\r\n"), "{text:?}");
+        assert!(
+            text.ends_with("The request was not received in time.\n"),
+            "{text:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(900),
+            "after the timeout: {took:?}"
+        );
+
+        // Nothing at all: closed without an answer.
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (text, took) = read_until_closed(s).await;
+        assert_eq!(text, "", "a silent client gets no answer");
+        assert!(took >= Duration::from_millis(900), "{took:?}");
+
+        // One whole request, then idle: its answer, then a close with nothing more.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let (text, _) = read_until_closed(s).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+        assert!(!text.contains("408"), "{text:?}");
+        assert_eq!(
+            rt.view().nodes[0].counters().connections,
+            1,
+            "the 408 forwarded nothing"
+        );
     }
 }
