@@ -194,6 +194,16 @@ impl Agent {
         Agent::launch(topo, config, &[], false)
     }
 
+    /// As [`Agent::start_without_xdp`], with extra environment variables (e.g. a test
+    /// override of a timeout).
+    pub fn start_without_xdp_with_env(
+        topo: &Topology,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Agent {
+        Agent::launch(topo, config, env, false)
+    }
+
     fn launch(topo: &Topology, config: &Path, env: &[(&str, &str)], xdp: bool) -> Agent {
         let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");

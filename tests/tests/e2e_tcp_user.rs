@@ -439,3 +439,81 @@ fn failed_attach_in_auto_mode_falls_back_to_user_space() {
     assert_eq!(label, "b1");
     echo(&mut c, b"fallback").expect("echo");
 }
+
+/// Reads from `s` until the balancer closes it (EOF or reset); how long that took from now.
+fn time_to_close(s: &mut TcpStream) -> Duration {
+    let start = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => start.elapsed(),
+        Ok(n) => panic!("unexpected {n} bytes: {:?}", &buf[..n]),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => start.elapsed(),
+        Err(e) => panic!("not closed after {:?}: {e}", start.elapsed()),
+    }
+}
+
+/// A user-space tcp connection with no byte either way for the idle timeout (an hour;
+/// 2 s here through the test override) is closed at both ends: a quiet one, a half-closed one
+/// whose backend never closes its side, but not one that keeps talking.
+#[test]
+fn idle_connections_are_closed_after_the_idle_timeout() {
+    require_root();
+    let t = Topology::new("u7", Wiring::TwoNic, 1);
+    let _b1 = Backend::start(
+        &t.backends,
+        "b1",
+        SocketAddr::new(backend_v4(1).into(), 8080),
+    );
+    let cfg = write_config_no_xdp(&t, &tcp_port(80, "", &nodes_toml(&[1], 8080)));
+    let idle = Duration::from_secs(2);
+    let agent =
+        Agent::start_without_xdp_with_env(&t, &cfg, &[("NB_TEST_TCP_IDLE_TIMEOUT_SECS", "2")]);
+    wait_log(
+        &agent,
+        "idle timeout 2 s (test override)",
+        1,
+        Duration::from_secs(5),
+    );
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+
+    // Quiet after one exchange: closed one timeout after its last byte.
+    let (mut quiet, _) = open_greeted(&t, vip(80));
+    echo(&mut quiet, b"one exchange").expect("echo");
+    // Busy: an exchange every 500 ms for 5 s (2.5 timeouts) keeps it open.
+    let (mut busy, _) = open_greeted(&t, vip(80));
+    // Half-closed: the client's FIN goes through, the backend never closes its side (the
+    // test backend keeps every socket), so only the idle timeout ends it.
+    let (mut half, _) = open_greeted(&t, vip(80));
+    half.shutdown(Shutdown::Write).expect("half-close");
+    let (half_tx, half_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = half_tx.send(time_to_close(&mut half));
+    });
+
+    let took = time_to_close(&mut quiet);
+    println!("quiet connection closed after {took:?}");
+    assert!(
+        took >= idle - Duration::from_millis(200) && took < idle * 2,
+        "quiet connection closed after {took:?}"
+    );
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        echo(&mut busy, b"still here").expect("a busy connection stays open");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let took = time_to_close(&mut busy);
+    assert!(
+        took < idle * 2,
+        "busy connection closed {took:?} after it went quiet"
+    );
+    let took = half_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("half-closed connection ended");
+    println!("half-closed connection closed after {took:?}");
+    assert!(
+        took >= idle - Duration::from_millis(200) && took < idle * 2,
+        "half-closed connection closed after {took:?}"
+    );
+}

@@ -8,8 +8,9 @@
 //! eligibility of [`crate::agent::takes_new_connections`]), connected to it (a failed connect
 //! is a passive check failure and is retried once on another node), preceded by the PROXY
 //! protocol header when the port asks for one, and then copied both ways until both sides
-//! have closed. With no node to take it, the client gets a TCP RST (SPEC §3). The node's
-//! counters (connections, open connections, bytes each way) move as the connection does.
+//! have closed, or until nothing has moved either way for [`idle_timeout`]. With no node to
+//! take it, the client gets a TCP RST (SPEC §3). The node's counters (connections, open
+//! connections, bytes each way) move as the connection does.
 //!
 //! Reloads follow the http proxy's two steps ([`TcpProxy::prepare`], [`TcpProxy::commit`]):
 //! listeners that stay keep their socket, removed ones stop accepting, and connections
@@ -19,7 +20,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex, OnceLock, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -39,10 +40,39 @@ use crate::{
         NodeState, ProxyError, SharedNodes, TABLE_CAPACITY, TABLE_TTL,
         balance::{ActiveGuard, Balancer, NodeView, StickTable},
         bind,
-        io::Counted,
+        io::{Activity, Counted},
         node_views,
     },
 };
+
+/// A connection with no byte either way for this long is closed at both ends (HAProxy's
+/// `timeout client` / `timeout server` in tcp mode). One hour: the time the XDP path keeps an
+/// idle established flow (`FlowTimeouts::established_secs`), so a tcp port times out the same
+/// whichever path serves it. Long enough for quiet database or SSH sessions (which send
+/// keep-alives far more often), short enough that a connection whose peer vanished without
+/// a FIN or RST does not hold two sockets and a `max_connections` slot forever.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Environment variable that replaces [`IDLE_TIMEOUT`] (whole seconds, at least 1): for the
+/// end-to-end tests, which cannot wait an hour. The config has no such field (SPEC §2).
+pub const IDLE_TIMEOUT_ENV: &str = "NB_TEST_TCP_IDLE_TIMEOUT_SECS";
+
+/// The idle timeout in force: [`IDLE_TIMEOUT`], or the test override, read once.
+pub fn idle_timeout() -> Duration {
+    static IDLE: OnceLock<Duration> = OnceLock::new();
+    *IDLE.get_or_init(|| {
+        match std::env::var(IDLE_TIMEOUT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(secs) if secs > 0 => {
+                warn!("{IDLE_TIMEOUT_ENV}: user-space tcp idle timeout {secs} s (test override)");
+                Duration::from_secs(secs)
+            }
+            _ => IDLE_TIMEOUT,
+        }
+    })
+}
 
 /// The PROXY protocol v2 signature (HAProxy's proxy-protocol.txt, section 2.2).
 pub const PP2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -255,8 +285,10 @@ impl TcpProxy {
             };
             let pp = rt.view().port.proxy_protocol;
             info!("{addr}: serving tcp in user space (proxy_protocol {pp})");
-            self.listeners
-                .insert(addr, tokio::spawn(accept_loop(rt, listener, addr)));
+            self.listeners.insert(
+                addr,
+                tokio::spawn(accept_loop(rt, listener, addr, idle_timeout())),
+            );
         }
     }
 
@@ -276,8 +308,9 @@ impl TcpProxy {
     }
 }
 
-/// Accepts connections on one address until a reload closes the listener.
-async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr) {
+/// Accepts connections on one address until a reload closes the listener; each is closed
+/// after `idle` without a byte either way.
+async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr, idle: Duration) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -298,7 +331,7 @@ async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr) 
         let rt = rt.clone();
         tokio::spawn(async move {
             let local = stream.local_addr().unwrap_or(addr);
-            serve(&rt, &view, stream, peer, local).await;
+            serve(&rt, &view, stream, peer, local, idle).await;
             rt.open.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -317,6 +350,7 @@ async fn serve(
     client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    idle: Duration,
 ) {
     let port = &view.port;
     let client_ip = peer.ip().to_canonical();
@@ -365,7 +399,8 @@ async fn serve(
     n.stats.forwarded.fetch_add(1, Ordering::Relaxed);
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
-    let mut backend = Counted::new(backend, n.stats.clone(), None);
+    let activity = Arc::new(Activity::new());
+    let mut backend = Counted::new(backend, n.stats.clone(), Some(activity.clone()));
     let header = proxy_header(port.proxy_protocol, peer, local);
     if !header.is_empty()
         && let Err(e) = backend.write_all(&header).await
@@ -376,14 +411,20 @@ async fn serve(
     }
     let mut client = client;
     // Both directions with bounded buffers; an EOF on one side is passed on as a shutdown
-    // of the other's write half, and the copy ends once both directions have. The counted
-    // backend stream moves the node's byte counters as data passes.
-    match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        Ok((up, down)) => debug!(
-            "port {}: {peer} <-> {} ({}): {up} bytes up, {down} down",
-            port.port, n.label, n.addr
+    // of the other's write half, and the copy ends once both directions have. Every byte
+    // either way passes the counted backend stream, so its activity is the connection's.
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut backend) => match r {
+            Ok((up, down)) => debug!(
+                "port {}: {peer} <-> {} ({}): {up} bytes up, {down} down",
+                port.port, n.label, n.addr
+            ),
+            Err(e) => debug!("port {}: {peer} <-> {}: {e}", port.port, n.label),
+        },
+        _ = activity.idle_for(idle) => debug!(
+            "port {}: {peer} <-> {}: idle for {idle:?}, closed",
+            port.port, n.label
         ),
-        Err(e) => debug!("port {}: {peer} <-> {}: {e}", port.port, n.label),
     }
 }
 
@@ -460,7 +501,10 @@ mod tests {
 
     /// Serves a tcp port with the given nodes (all UP) on loopback; the port's state and
     /// the address to connect to.
-    async fn serve_port(nodes: Vec<crate::config::Node>) -> (Arc<TcpPort>, SocketAddr) {
+    async fn serve_port(
+        nodes: Vec<crate::config::Node>,
+        idle: Duration,
+    ) -> (Arc<TcpPort>, SocketAddr) {
         let mut p = Port::new(9000, Protocol::Tcp);
         p.nodes = nodes;
         let rt = Arc::new(TcpPort::new(p.clone()));
@@ -469,7 +513,7 @@ mod tests {
         rt.set_view(TcpView { port: p, nodes });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        tokio::spawn(accept_loop(rt.clone(), l, addr));
+        tokio::spawn(accept_loop(rt.clone(), l, addr, idle));
         (rt, addr)
     }
 
@@ -487,7 +531,11 @@ mod tests {
     async fn connections_and_bytes_count_while_the_connection_runs() {
         use tokio::io::AsyncReadExt;
         let backend = echo_backend().await;
-        let (rt, addr) = serve_port(vec![crate::config::Node::new("e1", backend)]).await;
+        let (rt, addr) = serve_port(
+            vec![crate::config::Node::new("e1", backend)],
+            Duration::from_secs(60),
+        )
+        .await;
         let node = rt.view().nodes[0].clone();
         let mut c = TcpStream::connect(addr).await.unwrap();
         let msg = vec![7u8; 3000];
@@ -510,5 +558,49 @@ mod tests {
             (end.connections, end.active, end.bytes_in, end.bytes_out),
             (2, 0, 3004, 3004)
         );
+    }
+
+    #[test]
+    fn idle_timeout_is_the_xdp_paths() {
+        assert_eq!(
+            IDLE_TIMEOUT.as_secs(),
+            crate::dataplane::FlowTimeouts::default().established_secs,
+            "a tcp port times out the same on either path"
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_busy_ones_kept() {
+        use tokio::io::AsyncReadExt;
+        let backend = echo_backend().await;
+        let idle = Duration::from_millis(400);
+        let (rt, addr) = serve_port(vec![crate::config::Node::new("e1", backend)], idle).await;
+        let node = rt.view().nodes[0].clone();
+
+        // Busy: a byte every 150 ms for 1.2 s (three idle timeouts) keeps it open.
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut one = [0u8; 1];
+        while start.elapsed() < Duration::from_millis(1200) {
+            busy.write_all(b"b").await.unwrap();
+            busy.read_exact(&mut one).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        // Then quiet: closed (EOF) one timeout after the last byte.
+        let quiet = tokio::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(3), busy.read(&mut one))
+            .await
+            .expect("closed within 3 s")
+            .expect("read");
+        assert_eq!(n, 0, "closed by the balancer");
+        let took = quiet.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_millis(1000),
+            "closed {took:?} after the last byte"
+        );
+        eventually("the connection is gone from the node", || {
+            node.active.load(Ordering::Relaxed) == 0
+        })
+        .await;
     }
 }
