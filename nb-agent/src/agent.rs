@@ -24,7 +24,7 @@ use crate::{
     },
     health::{self, CheckEvent, CheckSpec, Health},
     metrics,
-    proxy::{Proxy, ProxyError, tcp::TcpProxy},
+    proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
 };
 
 /// Errors that stop the agent from starting.
@@ -562,7 +562,9 @@ fn start_dataplane(
     Ok(dp)
 }
 
-/// `nb-agent run`: start, then serve until SIGTERM/SIGINT, reloading on SIGHUP.
+/// `nb-agent run`: start, then serve until SIGTERM/SIGINT, reloading on SIGHUP; on the way
+/// out, stop accepting and let http/https requests in flight finish (up to
+/// [`DRAIN_TIMEOUT`], or until a second signal).
 pub async fn run(config_path: &Path) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
     // The admin listener first: a taken address stops the start before the data path changes.
@@ -609,6 +611,18 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
         }
     }
     sd_notify("STOPPING=1");
+    // The API answers "gone" from now on instead of waiting for this loop.
+    drop(api_calls);
+    // No new connections anywhere; http/https requests in flight finish (bounded), while
+    // user-space tcp connections go on until the process exits.
+    agent.tcp.stop_accepting().await;
+    tokio::select! {
+        left = agent.proxy.drain(DRAIN_TIMEOUT) => if left > 0 {
+            warn!("{left} http/https connection(s) still open after {DRAIN_TIMEOUT:?}, cut");
+        },
+        _ = term.recv() => warn!("second signal: not waiting for http/https requests in flight"),
+        _ = int.recv() => warn!("second signal: not waiting for http/https requests in flight"),
+    }
     info!("stopping; the XDP program stays attached and pinned");
     Ok(())
 }

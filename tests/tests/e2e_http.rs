@@ -1582,3 +1582,124 @@ fn node_counters_on_http_and_user_space_tcp_ports() {
     drop(cfg);
     drop(tcp_backends);
 }
+
+/// A reload that removes an http port, and SIGTERM for all of them, drain the listeners: new
+/// connections are refused at once, idle kept-alive ones are closed, requests in flight (a
+/// slow backend) finish and are answered, HTTP/1.1 with `Connection: close` and HTTP/2 after
+/// a GOAWAY, and at SIGTERM the agent exits cleanly once they have.
+#[test]
+fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
+    require_root();
+    let t = Topology::new("ha", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let (crt, key) = make_cert(&t.dir, "a.test", "");
+    let tls = format!(
+        "ssl_cert = \"{}\"\nssl_key = \"{}\"",
+        crt.display(),
+        key.display()
+    );
+    let kept_ports = port_toml(80, "http", "", &accept_nodes(1))
+        + &port_toml(443, "https", &tls, &accept_nodes(1));
+    let cfg = t.write_config(&(kept_ports.clone() + &port_toml(81, "http", "", &accept_nodes(1))));
+    let mut agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    wait_up(&agent, 443, &["b1"]);
+    wait_up(&agent, 81, &["b1"]);
+
+    // Port 81 removed by a reload while one request is in flight and one connection idles.
+    let p81 = SocketAddr::new(IpAddr::V4(VIP), 81);
+    let mut idle = Client::connect(&t, p81);
+    assert_eq!(idle.get("/echo", &[]).status, 200);
+    let slow81 = {
+        let mut c = Client::connect(&t, p81);
+        std::thread::spawn(move || c.get("/slow?ms=2000", &[]))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    t.write_config(&kept_ports);
+    reload(&agent, "reloaded", 1);
+    let e = connect_in(&t.client, p81, Duration::from_secs(2))
+        .expect_err("port 81 is no longer served");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let mut one = [0u8; 1];
+    let started = Instant::now();
+    let n = idle.r.get_mut().read(&mut one).unwrap_or(0);
+    assert_eq!(n, 0, "the idle kept-alive connection is closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed by the reload, not by timeout_header (10 s): {:?}",
+        started.elapsed()
+    );
+    let r = slow81.join().expect("slow request on port 81");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+
+    // Two slow requests in flight: HTTP/1.1 on port 80, HTTP/2 on port 443.
+    let h1 = {
+        let mut c = Client::connect(&t, vip(80));
+        std::thread::spawn(move || c.get("/slow?ms=3000", &[]))
+    };
+    let h2 = {
+        let client = t.client.name().to_string();
+        let (resolve, ca) = (format!("a.test:443:{VIP}"), crt.display().to_string());
+        std::thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &client, "curl", "-sS", "-v", "--http2"])
+                .args(["--max-time", "20", "--resolve", &resolve, "--cacert", &ca])
+                .args(["-w", "\nversion=%{http_version} code=%{http_code}\n"])
+                .arg("https://a.test/slow?ms=3000")
+                .output()
+                .expect("curl")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    let signalled = Instant::now();
+    agent.signal(libc::SIGTERM);
+    wait_log(
+        &agent,
+        "2 http/https connection(s) finishing",
+        1,
+        Duration::from_secs(2),
+    );
+    for addr in [vip(80), vip(443)] {
+        let e = connect_in(&t.client, addr, Duration::from_secs(2))
+            .expect_err("no new connection while stopping");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{addr}: {e}"
+        );
+    }
+
+    let r = h1.join().expect("h1 thread");
+    assert_eq!((r.status, r.backend().as_str()), (200, "b1"), "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    let out = h2.join().expect("h2 thread");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    println!("curl: {stdout}\n{stderr}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("version=2 code=200"), "{stdout}");
+    assert!(stdout.starts_with("b1\n"), "the node's answer: {stdout}");
+    // curl -v logs the frame ("received GOAWAY", spelt "recveived" by some versions).
+    assert!(
+        stderr.contains("GOAWAY"),
+        "HTTP/2 told to go away: {stderr}"
+    );
+
+    wait_log(
+        &agent,
+        "stopping; the XDP program stays",
+        1,
+        Duration::from_secs(3),
+    );
+    let took = signalled.elapsed();
+    println!("agent stopped {took:?} after SIGTERM");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
+        "waited for the requests, not for the 10 s bound: {took:?}"
+    );
+    let status = agent.stop().expect("exit status");
+    assert!(status.success(), "{status:?}\n{}", agent.log_text());
+}

@@ -4,8 +4,9 @@
 //! A reload is two steps, so a bad config changes nothing: [`Proxy::prepare`] reads
 //! certificates and binds new listeners (any failure refuses the reload), then
 //! [`Proxy::commit`] swaps them in. A listener whose address and port stay keeps its socket,
-//! so no connection is dropped; removed listeners stop accepting while their connections
-//! finish. Health changes reach the proxy through [`Proxy::refresh`].
+//! so no connection is dropped; removed listeners stop accepting and ask their connections to
+//! finish (see [`Proxy::drain`], which does the same for every listener at shutdown). Health
+//! changes reach the proxy through [`Proxy::refresh`].
 
 pub mod balance;
 pub mod cookie;
@@ -35,7 +36,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinHandle,
 };
 use tokio_rustls::TlsAcceptor;
@@ -132,7 +133,29 @@ impl PortRuntime {
 
 struct Listener {
     handle: JoinHandle<()>,
+    /// Set to true to ask the listener's connections to finish; every connection holds a
+    /// receiver, so [`watch::Sender::closed`] tells when the last one has gone.
+    stop: watch::Sender<bool>,
 }
+
+impl Listener {
+    /// Stops accepting (the socket closes: new connections are refused) and asks the
+    /// connections to finish: HTTP/1.1 ones close after the response in progress, which
+    /// carries `Connection: close`; HTTP/2 ones get a GOAWAY and finish their open streams.
+    /// Returns the sender, whose `closed()` resolves when the last connection has ended.
+    async fn stop(self) -> watch::Sender<bool> {
+        self.handle.abort();
+        // Wait for the task to be dropped: its socket is closed when this returns.
+        let _ = self.handle.await;
+        let _ = self.stop.send(true);
+        self.stop
+    }
+}
+
+/// How long a stopping agent lets requests in flight finish before it exits: well inside
+/// systemd's stop timeout (90 s by default), long enough for ordinary requests; a longer
+/// download or an upgraded tunnel is cut, as HAProxy's `hard-stop-after` would.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The proxy side of the agent: every http/https listener and port.
 #[derive(Default)]
@@ -260,14 +283,20 @@ impl Proxy {
                 }
             }
         }
-        self.listeners.retain(|addr, l| {
-            let keep = p.wanted.contains(addr);
-            if !keep {
-                info!("{addr}: no longer served, listener closed");
+        let gone: Vec<SocketAddr> = self
+            .listeners
+            .keys()
+            .filter(|a| !p.wanted.contains(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some(l) = self.listeners.remove(&addr) {
+                info!("{addr}: no longer served, listener closed, its connections finishing");
+                // Not awaited: a reload does not wait for connections; they finish on their own.
                 l.handle.abort();
+                let _ = l.stop.send(true);
             }
-            keep
-        });
+        }
         for (addr, (number, std_listener)) in p.bound {
             let Some(rt) = self.ports.get(&number).cloned() else {
                 continue;
@@ -283,8 +312,9 @@ impl Proxy {
                 }
             };
             info!("{addr}: serving {}", rt.view().port.protocol);
-            let handle = tokio::spawn(accept_loop(rt, listener, addr));
-            self.listeners.insert(addr, Listener { handle });
+            let (stop, stop_rx) = watch::channel(false);
+            let handle = tokio::spawn(accept_loop(rt, listener, addr, stop_rx));
+            self.listeners.insert(addr, Listener { handle, stop });
         }
     }
 
@@ -304,6 +334,35 @@ impl Proxy {
                 nodes,
             });
         }
+    }
+}
+
+impl Proxy {
+    /// The agent is stopping: every listener stops accepting and asks its connections to
+    /// finish (see [`Listener::stop`]); returns once all have closed, or after `bound`, with
+    /// the number of client connections still open then (they are cut when the agent exits).
+    pub async fn drain(&mut self, bound: Duration) -> usize {
+        let mut senders = Vec::new();
+        for (_, l) in self.listeners.drain() {
+            senders.push(l.stop().await);
+        }
+        let open = || {
+            self.ports
+                .values()
+                .map(|rt| rt.open.load(Ordering::Relaxed))
+                .sum::<usize>()
+        };
+        let n = open();
+        if n > 0 {
+            info!("stopping: {n} http/https connection(s) finishing (at most {bound:?})");
+        }
+        let all_closed = async {
+            for s in &senders {
+                s.closed().await;
+            }
+        };
+        let _ = tokio::time::timeout(bound, all_closed).await;
+        open()
     }
 }
 
@@ -378,8 +437,14 @@ pub(crate) fn node_views(
     nodes
 }
 
-/// Accepts connections on one address until the listener is closed by a reload.
-async fn accept_loop(rt: Arc<PortRuntime>, listener: TcpListener, addr: SocketAddr) {
+/// Accepts connections on one address until the listener is closed by a reload or the
+/// agent stopping; each connection gets a clone of `stop`, which asks it to finish.
+async fn accept_loop(
+    rt: Arc<PortRuntime>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
     let open = rt.open.clone();
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -403,8 +468,9 @@ async fn accept_loop(rt: Arc<PortRuntime>, listener: TcpListener, addr: SocketAd
         }
         let guard = ConnGuard::new(&open);
         let rt = rt.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
-            serve_connection(rt, view, stream, peer, addr).await;
+            serve_connection(rt, view, stream, peer, addr, stop).await;
             drop(guard);
         });
     }
@@ -448,6 +514,7 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
+    mut stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let port = &view.port;
@@ -459,9 +526,14 @@ async fn serve_connection(
         .max_header_size(max_header)
         .keep_alive(true);
     let result = match &view.tls {
-        None => serve_h1(&h1, stream, rt, peer, local, false).await,
+        None => serve_h1(&h1, stream, rt, peer, local, false, stop).await,
         Some(acceptor) => {
-            let tls = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+            let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
+            let tls = match tokio::select! {
+                r = handshake => r,
+                // Stopping: a client still in its handshake has asked nothing yet.
+                _ = stop_requested(&mut stop) => return,
+            } {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     debug!("{peer} -> {local}: TLS handshake: {e}");
@@ -482,9 +554,18 @@ async fn serve_connection(
                     .max_header_list_size(max_header as u32)
                     .keep_alive_interval(Some(Duration::from_secs(30)))
                     .keep_alive_timeout(Duration::from_secs(10));
-                b.serve_connection(TokioIo::new(tls), service).await
+                let conn = b.serve_connection(TokioIo::new(tls), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop_requested(&mut stop) => {
+                        // GOAWAY: no new streams, the open ones finish.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
             } else {
-                serve_h1(&h1, tls, rt, peer, local, true).await
+                serve_h1(&h1, tls, rt, peer, local, true, stop).await
             }
         }
     };
@@ -498,7 +579,9 @@ async fn serve_connection(
 /// is answered `408 Request Timeout` before the close, as HAProxy does; hyper would close
 /// silently, leaving the client to guess. A connection that sent nothing (an idle kept-alive
 /// connection, a browser's speculative pre-connect) is closed silently, as with HAProxy's
-/// `option http-ignore-probes`: those clients did not ask anything.
+/// `option http-ignore-probes`: those clients did not ask anything. When `stop` asks, the
+/// connection closes after the response in progress (hyper marks it `Connection: close`), or
+/// at once when idle.
 async fn serve_h1<I>(
     h1: &http1::Builder,
     io: I,
@@ -506,6 +589,7 @@ async fn serve_h1<I>(
     peer: SocketAddr,
     local: SocketAddr,
     secure: bool,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -514,7 +598,18 @@ where
     let mut conn = h1
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    match (&mut conn).await {
+    let first = tokio::select! {
+        r = &mut conn => Some(r),
+        _ = stop_requested(&mut stop) => None,
+    };
+    let result = match first {
+        Some(r) => r,
+        None => {
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            (&mut conn).await
+        }
+    };
+    match result {
         Err(e) if e.is_timeout() => {
             // The bytes hyper read but could not parse yet: a request head begun.
             if let Some(parts) = conn.into_parts()
@@ -529,6 +624,14 @@ where
             Ok(())
         }
         r => r,
+    }
+}
+
+/// Resolves once the connection's listener asks its connections to finish; never, if the
+/// listener went without asking.
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -642,6 +745,14 @@ mod tests {
 
     /// Serves `port` on a loopback listener with every node UP; the runtime and the address.
     async fn serve(port: Port) -> (Arc<PortRuntime>, SocketAddr) {
+        // Dropping the proxy leaves the listener running (its stop is never asked for).
+        let (_proxy, rt, addr) = serve_proxy(port).await;
+        (rt, addr)
+    }
+
+    /// As [`serve`], with the [`Proxy`] holding the port and its listener.
+    async fn serve_proxy(port: Port) -> (Proxy, Arc<PortRuntime>, SocketAddr) {
+        let number = port.port;
         let rt = Arc::new(PortRuntime::new(PortView {
             port: port.clone(),
             tls: None,
@@ -657,8 +768,12 @@ mod tests {
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        tokio::spawn(accept_loop(rt.clone(), l, addr));
-        (rt, addr)
+        let (stop, stop_rx) = watch::channel(false);
+        let handle = tokio::spawn(accept_loop(rt.clone(), l, addr, stop_rx));
+        let mut proxy = Proxy::new();
+        proxy.ports.insert(number, rt.clone());
+        proxy.listeners.insert(addr, Listener { handle, stop });
+        (proxy, rt, addr)
     }
 
     async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -770,6 +885,110 @@ mod tests {
             rt.view().nodes[0].counters().connections,
             1,
             "the 408 forwarded nothing"
+        );
+    }
+
+    /// An HTTP/1.1 backend on loopback that answers every request after `delay`.
+    async fn slow_backend(delay: Duration) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from("slow\n"))))
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A kept-alive client connection to `addr` that sends one GET in the background; the
+    /// status, the `Connection` header and the body of the answer.
+    fn get_in_background(
+        addr: SocketAddr,
+    ) -> tokio::task::JoinHandle<(u16, Option<String>, Bytes)> {
+        tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get("/")
+                .header("host", "example.test")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let connection = resp
+                .headers()
+                .get("connection")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, connection, body)
+        })
+    }
+
+    #[tokio::test]
+    async fn drain_refuses_new_connections_and_lets_requests_in_flight_finish() {
+        let backend = slow_backend(Duration::from_millis(600)).await;
+        let (mut proxy, rt, addr) = serve_proxy(http_port(vec![Node::new("b1", backend)])).await;
+        let in_flight = get_in_background(addr);
+        eventually("the request reached the node", || {
+            rt.view().nodes[0].active.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        // A kept-alive connection with nothing in flight closes at once.
+        let idle = TcpStream::connect(addr).await.unwrap();
+        eventually("both connections open", || {
+            rt.open.load(Ordering::Relaxed) == 2
+        })
+        .await;
+
+        let start = tokio::time::Instant::now();
+        let drained = tokio::spawn(async move { proxy.drain(Duration::from_secs(5)).await });
+        let (_, idle_took) = read_until_closed(idle).await;
+        assert!(
+            idle_took < Duration::from_millis(400),
+            "idle closed after {idle_took:?}"
+        );
+        let refused = TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "no new connection while draining");
+
+        let (status, connection, body) = in_flight.await.unwrap();
+        assert_eq!((status, &body[..]), (200, &b"slow\n"[..]));
+        assert_eq!(connection.as_deref(), Some("close"), "told to go away");
+        let left = drained.await.unwrap();
+        let took = start.elapsed();
+        assert_eq!(left, 0, "every connection closed");
+        assert!(
+            took < Duration::from_secs(2),
+            "drained after {took:?}, not at the bound"
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_gives_up_at_its_bound() {
+        let backend = slow_backend(Duration::from_secs(3)).await;
+        let (mut proxy, rt, addr) = serve_proxy(http_port(vec![Node::new("b1", backend)])).await;
+        let _in_flight = get_in_background(addr);
+        eventually("the request reached the node", || {
+            rt.view().nodes[0].active.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        let start = tokio::time::Instant::now();
+        let left = proxy.drain(Duration::from_millis(300)).await;
+        let took = start.elapsed();
+        assert_eq!(left, 1, "the slow request is still open");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(1000),
+            "{took:?}"
         );
     }
 }

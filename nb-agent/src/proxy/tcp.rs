@@ -292,6 +292,16 @@ impl TcpProxy {
         }
     }
 
+    /// The agent is stopping: every listener closes (new connections are refused); the
+    /// connections already copying go on until the agent exits.
+    pub async fn stop_accepting(&mut self) {
+        for (_, handle) in self.listeners.drain() {
+            handle.abort();
+            // The task dropped, its socket closed.
+            let _ = handle.await;
+        }
+    }
+
     /// Rebuilds every port's node set from `cfg` and the nodes' states, as the http proxy
     /// does: `state` gives a node's health and passive-check channel by (port, label).
     pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(u16, &str) -> NodeState) {
