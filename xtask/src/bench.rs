@@ -1,5 +1,5 @@
-//! `cargo xtask bench [xdp|l4]`: side-by-side benchmarks (SPEC §7). Every contender runs in the
-//! same run, on the same namespaces and the same backends; the table reports ratios, because
+//! `cargo xtask bench [xdp|l4]`: side-by-side benchmarks (SPEC §7). Every contender runs in
+//! the same run, on the same namespaces and the same backends; the tables report ratios, because
 //! these machines are shared and an absolute number means little. Results go to
 //! `target/bench/*.json`.
 
@@ -8,6 +8,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -18,12 +19,37 @@ use nb_tests::{
     topo::{Agent, CLIENT, Topology, VIP, Wiring, backend_v4},
 };
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Fails once SIGINT or SIGTERM has arrived, so the caller unwinds and every namespace, agent
+/// and contender is dropped (torn down) on the way out instead of being left behind.
+fn check_interrupt() -> Result<()> {
+    ensure!(
+        !INTERRUPTED.load(Ordering::SeqCst),
+        "interrupted: tearing the benchmark networks down"
+    );
+    Ok(())
+}
+
+/// Runs one part, or all of them (`None` or "all").
 pub fn run(ws: &Path, part: Option<&str>) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     ensure!(
         unsafe { libc::geteuid() } == 0,
         "the benchmarks need root (XDP, network namespaces)"
     );
+    // A Ctrl-C would otherwise kill xtask before its destructors run and leave the namespaces
+    // behind; with the handler the next check unwinds. (The terminal's SIGINT also reaches
+    // wrk and the contenders, which are in the same process group, so the load stops at once.)
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
     // SAFETY: set before any thread that reads the environment is started.
     unsafe { std::env::set_var("NB_AGENT_BIN", ws.join("target/release/nb-agent")) };
     let out = ws.join("target/bench");
@@ -39,19 +65,39 @@ pub fn run(ws: &Path, part: Option<&str>) -> Result<()> {
     }
 }
 
+/// Fails naming the package to install when a tool the benchmark runs is missing.
+fn require_tools(tools: &[&str]) -> Result<()> {
+    for tool in tools {
+        ensure!(
+            std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false),
+            "`{tool}` is missing: apt-get install wrk nginx-light haproxy nftables curl openssl"
+        );
+    }
+    Ok(())
+}
+
 const BACKENDS: u8 = 3;
 
-/// The bench network with the agent serving port 80 over three backends at :8080.
-fn topology(tag: &str, max_flows: u32) -> Result<(Topology, std::path::PathBuf)> {
-    let t = Topology::new(tag, Wiring::TwoNic, BACKENDS);
-    let nodes: String = (1..=BACKENDS)
+/// The `[[port.node]]` tables of the three backends at :8080, for any port.
+fn nodes_toml() -> String {
+    (1..=BACKENDS)
         .map(|i| {
             format!(
                 "[[port.node]]\nlabel = \"b{i}\"\naddress = \"{}:8080\"\n\n",
                 backend_v4(i)
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The bench network with the agent serving port 80 over three backends at :8080.
+fn topology(tag: &str, max_flows: u32) -> Result<(Topology, std::path::PathBuf)> {
+    let t = Topology::new(tag, Wiring::TwoNic, BACKENDS);
+    let nodes = nodes_toml();
     let cfg = t.write_config(&format!(
         "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\ncheck = \"none\"\n\n{nodes}"
     ));
@@ -330,9 +376,11 @@ fn action_name(a: u32) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // L4: nb's XDP path vs nftables DNAT + masquerade vs HAProxy in TCP mode.
 
+/// What wrk measured for one load.
 struct Load {
     rps: f64,
     p99_ms: f64,
+    /// Socket errors and answers other than 2xx/3xx.
     errors: u64,
 }
 
@@ -347,16 +395,7 @@ struct L4Row {
 const SECONDS: u64 = 8;
 
 fn l4(out: &Path) -> Result<()> {
-    for tool in ["wrk", "nginx", "haproxy", "nft"] {
-        ensure!(
-            std::process::Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false),
-            "`{tool}` is missing: apt-get install wrk nginx-light haproxy nftables"
-        );
-    }
+    require_tools(&["wrk", "nginx", "haproxy", "nft"])?;
     println!(
         "== L4: kept-alive requests and new connections through each balancer ({SECONDS} s each)"
     );
@@ -372,7 +411,7 @@ fn l4(out: &Path) -> Result<()> {
         let rig = L4Rig::new("bn")?;
         let (t, empty) = (&rig.t, &rig.empty);
         let agent = Agent::start(t, &rig.cfg);
-        connectable(t)?;
+        connectable(t, 80)?;
         let nb_prog = obj_get(&t.pin_path.join("nb_xdp"))?;
         let (nb0, e0) = (prog_run_stats(&nb_prog)?, prog_run_stats(empty)?);
         let cpu0 = host_cpu_ticks()?;
@@ -416,7 +455,7 @@ fn l4(out: &Path) -> Result<()> {
             "sysctl -qw net.ipv4.ip_forward=1 && nft -f {}",
             nft.display()
         ));
-        connectable(t)?;
+        connectable(t, 80)?;
         let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
         rows.push(L4Row {
             name: "nftables DNAT+masquerade",
@@ -452,7 +491,7 @@ fn l4(out: &Path) -> Result<()> {
             &["-db", "-f", conf.to_str().context("path")?],
             Some(&dir.join("haproxy.log")),
         );
-        connectable(t)?;
+        connectable(t, 80)?;
         let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
         let lb_process_cpu = keepalive_cpu(pid);
         rows.push(L4Row {
@@ -549,10 +588,10 @@ fn l4(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One contender's network: the topology with nginx on the backends, the agent's config,
-/// and an empty XDP program on the backends' interface whose run-time statistics are the
-/// floor for nb's (it sees the forward half of the same traffic; attached in every run so
-/// that every contender has the same interfaces).
+/// One contender's network (L4 and L7): the topology with nginx on the backends, the agent's
+/// tcp config, and an empty XDP program on the backends' interface whose run-time statistics
+/// are the floor for nb's (it sees the forward half of the same traffic; attached in every run
+/// so that every contender has the same interfaces).
 struct L4Rig {
     t: Topology,
     cfg: std::path::PathBuf,
@@ -584,11 +623,11 @@ impl L4Rig {
     }
 }
 
-/// Waits until the client reaches the public port; on failure, says what the balancer's
+/// Waits until the client reaches the public `port`; on failure, says what the balancer's
 /// namespace looks like.
-fn connectable(t: &Topology) -> Result<()> {
+fn connectable(t: &Topology, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let vip = SocketAddr::new(VIP.into(), 80);
+    let vip = SocketAddr::new(VIP.into(), port);
     while connect_in(&t.client, vip, Duration::from_millis(500)).is_err() {
         if Instant::now() > deadline {
             let lb = t.lb.sh(
@@ -660,7 +699,15 @@ fn measure(client: &Netns) -> Result<(Load, Load, f64)> {
     Ok((keepalive, new_conns, busy))
 }
 
+/// wrk from `client` to port 80 of the public address.
 fn wrk(client: &Netns, extra: &[&str]) -> Result<Load> {
+    wrk_at(client, &format!("http://{}/", IpAddr::V4(VIP)), extra, None)
+}
+
+/// wrk from `client` to `url`: 2 threads, 64 connections, SECONDS long, with `extra`
+/// arguments (each quoted for the shell) and, if given, a library preloaded into it.
+fn wrk_at(client: &Netns, url: &str, extra: &[&str], preload: Option<&Path>) -> Result<Load> {
+    check_interrupt()?;
     let mut args = vec![
         "-t2".to_string(),
         "-c64".to_string(),
@@ -668,19 +715,26 @@ fn wrk(client: &Netns, extra: &[&str]) -> Result<Load> {
         "--latency".to_string(),
     ];
     args.extend(extra.iter().map(|s| format!("'{s}'")));
-    args.push(format!("http://{}/", IpAddr::V4(VIP)));
-    let text = client.sh(&format!("wrk {}", args.join(" ")));
+    args.push(url.to_string());
+    let env = preload
+        .map(|p| format!("env LD_PRELOAD='{}' ", p.display()))
+        .unwrap_or_default();
+    // A failed wrk is reported with its output below (no Requests/sec), not as a panic.
+    let text = client.sh(&format!("{env}wrk {} 2>&1 || true", args.join(" ")));
+    // A load cut short by Ctrl-C is no measurement.
+    check_interrupt()?;
     let rps = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))?;
-    let p99_ms = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("99%"))
-        .map(|v| parse_wrk_time(v.trim()))
-        .with_context(|| format!("no 99% latency in wrk output:\n{text}"))?;
-    let errors = text
+    let percentile = |p: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .map(|v| parse_wrk_time(v.trim()))
+            .with_context(|| format!("no {p} latency in wrk output:\n{text}"))
+    };
+    let socket_errors: u64 = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Socket errors:"))
         .map(|v| {
@@ -689,10 +743,16 @@ fn wrk(client: &Netns, extra: &[&str]) -> Result<Load> {
                 .sum()
         })
         .unwrap_or(0);
+    // wrk counts a 502 or 503 as a request served; an error answer must not pass for speed.
+    let bad_status: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
     Ok(Load {
         rps,
-        p99_ms,
-        errors,
+        p99_ms: percentile("99%")?,
+        errors: socket_errors + bad_status,
     })
 }
 
@@ -729,14 +789,24 @@ fn host_cpu_ticks() -> Result<(u64, u64)> {
 
 /// A process's CPU time over its life, as a fraction of one core over the two loads.
 fn keepalive_cpu(pid: u32) -> Option<f64> {
+    Some(cpu_seconds(pid)? / (2 * SECONDS) as f64)
+}
+
+/// The fields of /proc/PID/stat after the command name (state first, then ppid, ...).
+fn proc_stat(pid: u32) -> Option<Vec<String>> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = s.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// CPU time (user + system, all threads) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let f = proc_stat(pid)?;
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / hz / (2 * SECONDS) as f64)
+    Some((utime + stime) / hz)
 }
 
 #[cfg(test)]
