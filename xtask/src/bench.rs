@@ -1,7 +1,11 @@
-//! `cargo xtask bench [xdp|l4]`: side-by-side benchmarks (SPEC §7). Every contender runs in
+//! `cargo xtask bench [xdp|l4|l7]`: side-by-side benchmarks (SPEC §7). Every contender runs in
 //! the same run, on the same namespaces and the same backends; the tables report ratios, because
 //! these machines are shared and an absolute number means little. Results go to
-//! `target/bench/*.json`.
+//! `target/bench/*.json`; a full run ends with one table of every part's key ratios beside their
+//! targets (`target/bench/summary.json`).
+
+mod l7;
+mod summary;
 
 use std::{
     fmt::Write as _,
@@ -19,6 +23,8 @@ use nb_tests::{
     topo::{Agent, CLIENT, Topology, VIP, Wiring, backend_v4},
 };
 
+use summary::{Key, Target};
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -35,8 +41,8 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-/// Runs one part, or all of them (`None` or "all").
-pub fn run(ws: &Path, part: Option<&str>) -> Result<()> {
+/// Runs one part, or all of them (`None` or "all"), with `workers` threads per L7 contender.
+pub fn run(ws: &Path, part: Option<&str>, workers: u32) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     ensure!(
         unsafe { libc::geteuid() } == 0,
@@ -54,15 +60,25 @@ pub fn run(ws: &Path, part: Option<&str>) -> Result<()> {
     unsafe { std::env::set_var("NB_AGENT_BIN", ws.join("target/release/nb-agent")) };
     let out = ws.join("target/bench");
     std::fs::create_dir_all(&out)?;
-    match part {
+    let keys = match part {
         None | Some("all") => {
-            xdp(&out)?;
-            l4(&out)
+            let mut keys = xdp(&out)?;
+            keys.extend(l4(&out)?);
+            keys.extend(l7::run(&out, workers)?);
+            summary::print("Summary: nb / contender, every part", &keys);
+            std::fs::write(
+                out.join("summary.json"),
+                format!("{{\n  \"keys\": {}\n}}\n", summary::json(&keys)),
+            )?;
+            return Ok(());
         }
-        Some("xdp") => xdp(&out),
-        Some("l4") => l4(&out),
-        Some(other) => bail!("unknown benchmark part '{other}': xdp, l4 or all"),
-    }
+        Some("xdp") => xdp(&out)?,
+        Some("l4") => l4(&out)?,
+        Some("l7") => l7::run(&out, workers)?,
+        Some(other) => bail!("unknown benchmark part '{other}': xdp, l4, l7 or all"),
+    };
+    summary::print("Key numbers", &keys);
+    Ok(())
 }
 
 /// Fails naming the package to install when a tool the benchmark runs is missing.
@@ -243,7 +259,7 @@ struct XdpCase {
 
 const RUNS: u32 = 1_000_000;
 
-fn xdp(out: &Path) -> Result<()> {
+fn xdp(out: &Path) -> Result<Vec<Key>> {
     println!("== XDP program cost (BPF_PROG_TEST_RUN, {RUNS} runs per case)");
     let (t, cfg) = topology("bx", 262_144)?;
     let _agent = Agent::start(&t, &cfg);
@@ -359,7 +375,21 @@ fn xdp(out: &Path) -> Result<()> {
     json.push_str("  ]\n}\n");
     std::fs::write(out.join("xdp.json"), json)?;
     drop(t);
-    Ok(())
+    // The empty program is the floor every XDP program pays, not a contender: no target.
+    Ok(cases[2..]
+        .iter()
+        .map(|c| Key {
+            part: "xdp",
+            what: format!(
+                "{} ns/packet vs empty program",
+                c.name.trim_start_matches("nb: ")
+            ),
+            nb: c.ns_per_packet,
+            other: Some(empty),
+            target: Target::None,
+            assumed: false,
+        })
+        .collect())
 }
 
 fn action_name(a: u32) -> &'static str {
@@ -379,6 +409,7 @@ fn action_name(a: u32) -> &'static str {
 /// What wrk measured for one load.
 struct Load {
     rps: f64,
+    p50_ms: f64,
     p99_ms: f64,
     /// Socket errors and answers other than 2xx/3xx.
     errors: u64,
@@ -394,7 +425,7 @@ struct L4Row {
 
 const SECONDS: u64 = 8;
 
-fn l4(out: &Path) -> Result<()> {
+fn l4(out: &Path) -> Result<Vec<Key>> {
     require_tools(&["wrk", "nginx", "haproxy", "nft"])?;
     println!(
         "== L4: kept-alive requests and new connections through each balancer ({SECONDS} s each)"
@@ -585,7 +616,35 @@ fn l4(out: &Path) -> Result<()> {
     if errors > 0 {
         println!("   note: {errors} socket errors reported by wrk (see target/bench/l4.json)");
     }
-    Ok(())
+    // No target was set for L4: an XDP path that forwards at line rate should at least keep
+    // up with the kernel's NAT and a user-space proxy, so parity is the assumed target.
+    let mut keys = Vec::new();
+    for r in &rows[1..] {
+        for (what, nb_v, other) in [
+            ("kept-alive req/s", nb.keepalive.rps, r.keepalive.rps),
+            ("new conn/s", nb.new_conns.rps, r.new_conns.rps),
+        ] {
+            keys.push(Key {
+                part: "l4",
+                what: format!("{what} vs {}", r.name),
+                nb: nb_v,
+                other: Some(other),
+                target: Target::AtLeast(1.0),
+                assumed: true,
+            });
+        }
+    }
+    if let Some((nb_ns, _, e_ns, _)) = live {
+        keys.push(Key {
+            part: "l4",
+            what: "XDP ns/packet under load vs empty program".into(),
+            nb: nb_ns,
+            other: Some(e_ns),
+            target: Target::None,
+            assumed: false,
+        });
+    }
+    Ok(keys)
 }
 
 /// One contender's network (L4 and L7): the topology with nginx on the backends, the agent's
@@ -751,6 +810,7 @@ fn wrk_at(client: &Netns, url: &str, extra: &[&str], preload: Option<&Path>) -> 
         .unwrap_or(0);
     Ok(Load {
         rps,
+        p50_ms: percentile("50%")?,
         p99_ms: percentile("99%")?,
         errors: socket_errors + bad_status,
     })

@@ -29,10 +29,14 @@ enum Cmd {
     },
     /// Build, start a test network with nb in front of three backends, show it working.
     Demo,
-    /// Side-by-side benchmarks (SPEC §7): `l4`, `xdp`, or all.
+    /// Side-by-side benchmarks (SPEC §7): `xdp`, `l4`, `l7`, or all.
     Bench {
-        /// Which part: l4, xdp (default: all).
+        /// Which part: xdp, l4, l7 (default: all, ending with one table of every ratio).
         part: Option<String>,
+        /// Worker threads of each L7 contender (nb `workers`, HAProxy `nbthread`, nginx
+        /// `worker_processes`); 1 leaves the other cores to the client and the backends.
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
     },
     /// Install binaries, config and the systemd unit.
     Install {
@@ -50,9 +54,9 @@ fn main() -> Result<()> {
             build()?;
             demo::run(&workspace().join("target/release/nb-agent"))
         }
-        Cmd::Bench { part } => {
+        Cmd::Bench { part, workers } => {
             build()?;
-            bench::run(&workspace(), part.as_deref())
+            bench::run(&workspace(), part.as_deref(), workers)
         }
         Cmd::Install { root } => {
             build()?;
