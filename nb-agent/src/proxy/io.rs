@@ -90,10 +90,6 @@ impl<S> Counted<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     fn wrote(&self, n: usize) {
         if n > 0 {
             self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
