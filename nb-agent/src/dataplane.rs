@@ -2,7 +2,7 @@
 //! it, writing the selection tables, reading counters, and sweeping idle flows.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -21,7 +21,7 @@ use log::{info, warn};
 use nb_common::{
     Backend, BackendStats, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_SIZE,
     MAX_BACKENDS, MAX_SERVICES, MAX_SVC_BACKENDS, PROTO_TCP, REV_CLOSING, REV_REPLIED, RR_SEQ_LEN,
-    RevValue, ServiceInfo, ServiceKey, SvcBackends, cfg, maps, stat,
+    RevValue, SVC_PORT_WORDS, ServiceInfo, ServiceKey, SvcBackends, cfg, maps, stat,
 };
 use thiserror::Error;
 
@@ -209,6 +209,8 @@ pub struct Dataplane {
     backends: HashMap<u32, Backend>,
     /// Reply entries already counted as unanswered (passive checks).
     unanswered_seen: std::collections::HashSet<FlowKey>,
+    /// The `SVC_PORTS` bitmap as last written.
+    svc_ports: Vec<u64>,
 }
 
 fn mount_bpffs(dir: &Path) -> Result<()> {
@@ -282,6 +284,7 @@ impl Dataplane {
             keys: BTreeMap::new(),
             backends: HashMap::new(),
             unanswered_seen: std::collections::HashSet::new(),
+            svc_ports: vec![0; SVC_PORT_WORDS as usize],
         };
         for m in migrations {
             dp.migrate(m)?;
@@ -377,9 +380,43 @@ impl Dataplane {
         }
         self.svc_ids.extend(svc_ids);
         self.rings = rings;
+        let ports: BTreeSet<u16> = keys.keys().map(|k| u16::from_be(k.port)).collect();
         self.keys = keys;
         self.backends = found;
+        // Before the program is attached: a program of an older agent had no bitmap, and an
+        // empty one would pass every packet of every running connection to the kernel.
+        self.write_svc_ports(&ports)
+    }
+
+    /// Makes the `SVC_PORTS` bitmap hold exactly `ports`, writing only changed words.
+    fn write_svc_ports(&mut self, ports: &BTreeSet<u16>) -> Result<()> {
+        let mut want = vec![0u64; SVC_PORT_WORDS as usize];
+        for p in ports {
+            want[usize::from(p / 64)] |= 1 << (p % 64);
+        }
+        let changed: Vec<(u32, u64)> = want
+            .iter()
+            .zip(&self.svc_ports)
+            .enumerate()
+            .filter(|(_, (w, old))| w != old)
+            .map(|(i, (w, _))| (i as u32, *w))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let mut a = self.array_mut::<u64>(maps::SVC_PORTS)?;
+        for (i, w) in changed {
+            a.set(i, w, 0).map_err(map_err(maps::SVC_PORTS))?;
+        }
+        self.svc_ports = want;
         Ok(())
+    }
+
+    /// Ports whose bit is set now.
+    fn svc_ports_set(&self) -> BTreeSet<u16> {
+        (0..=u16::MAX)
+            .filter(|p| self.svc_ports[usize::from(p / 64)] & (1 << (p % 64)) != 0)
+            .collect()
     }
 
     /// Attaches the program to `iface`, replacing the program of a link pinned by an earlier
@@ -583,6 +620,11 @@ impl Dataplane {
                 );
             }
         }
+        // New ports' bits go in before their service keys; bits of ports that are gone stay
+        // until the sweep sees their last flow end, so those connections run to their end.
+        let mut ports = self.svc_ports_set();
+        ports.extend(want_keys.keys().map(|k| u16::from_be(k.port)));
+        self.write_svc_ports(&ports)?;
         let old_keys = std::mem::take(&mut self.keys);
         {
             let mut m: BpfHashMap<&mut MapData, ServiceKey, u32> =
@@ -753,6 +795,7 @@ impl Dataplane {
         let mut active_by_id: HashMap<u32, u64> = HashMap::new();
         let mut unanswered_by_id: HashMap<u32, u64> = HashMap::new();
         let mut still_unanswered = std::collections::HashSet::new();
+        let mut flow_ports: BTreeSet<u16> = BTreeSet::new();
         {
             let rev: BpfHashMap<&MapData, FlowKey, RevValue> =
                 BpfHashMap::try_from(self.map(maps::REV_FLOWS)?)
@@ -807,7 +850,10 @@ impl Dataplane {
                 };
                 if idle > limit {
                     expired_fwd.push(k);
-                } else if !closing {
+                    continue;
+                }
+                flow_ports.insert(u16::from_be(k.dport));
+                if !closing {
                     *active_by_id.entry(v.backend_id).or_default() += 1;
                 }
             }
@@ -828,10 +874,13 @@ impl Dataplane {
             }
         }
         report.expired = expired_fwd.len() as u64;
+        // Ports of services, and of flows whose service is gone but which still run.
+        flow_ports.extend(self.keys.keys().map(|k| u16::from_be(k.port)));
+        self.write_svc_ports(&flow_ports)?;
         {
             // Only ids the program can have counted for: written backends, released ones
             // still carried by flows, and whatever the flows name (not all 4096 slots).
-            let ids: std::collections::BTreeSet<u32> = self
+            let ids: BTreeSet<u32> = self
                 .backends
                 .keys()
                 .chain(&self.released)

@@ -283,6 +283,27 @@ pub struct BackendStats {
 }
 const _: () = assert!(size_of::<BackendStats>() == 56);
 
+/// The last next hop looked up towards a backend (`NEXT_HOPS`, per CPU, indexed by backend
+/// id): a new connection copies it instead of asking the FIB again, which was a large part of
+/// a SYN's cost. Valid only for the addresses it names and for a short time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopCache {
+    /// Backend address the entry is for, network byte order.
+    pub dst: [u32; 4],
+    /// Source address the entry is for, network byte order.
+    pub src: [u32; 4],
+    /// `bpf_ktime_get_coarse_ns` of the lookup.
+    pub ts: u64,
+    /// Egress interface; 0 = empty entry.
+    pub ifindex: u32,
+    /// Next hop MAC.
+    pub dmac: [u8; 6],
+    /// Our MAC on the egress interface.
+    pub smac: [u8; 6],
+}
+const _: () = assert!(size_of::<NextHopCache>() == 56);
+
 /// Token bucket of one client address (`THROTTLE`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -293,6 +314,9 @@ pub struct ThrottleState {
     pub tokens_milli: u64,
 }
 const _: () = assert!(size_of::<ThrottleState>() == 16);
+
+/// Words of the `SVC_PORTS` bitmap: one bit per TCP port.
+pub const SVC_PORT_WORDS: u32 = 65536 / 64;
 
 /// Names of the maps, as pinned under `bpf_pin_path`.
 pub mod maps {
@@ -320,6 +344,13 @@ pub mod maps {
     pub const STATS: &str = "NB_STATS";
     /// Per-CPU `BackendStats`, indexed by backend id.
     pub const BACKEND_STATS: &str = "NB_BACKEND_STATS";
+    /// Bitmap of destination ports the program looks at (u64 array, `SVC_PORT_WORDS` words, bit
+    /// `port % 64` of word `port / 64`, port in host order): every port of a service, and ports
+    /// whose service is gone while its flows still run. Any other packet passes after one
+    /// array read instead of a hash lookup.
+    pub const SVC_PORTS: &str = "NB_SVC_PORTS";
+    /// Backend id -> `NextHopCache`, per CPU.
+    pub const NEXT_HOPS: &str = "NB_NEXT_HOPS";
     /// Client address -> `ThrottleState`.
     pub const THROTTLE: &str = "NB_THROTTLE";
     /// Load-time settings (u64 array, indexed by `cfg::*`).
@@ -360,4 +391,6 @@ mod pod {
     unsafe impl aya::Pod for BackendStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ThrottleState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NextHopCache {}
 }

@@ -22,7 +22,8 @@ use nb_common::{
 };
 
 use maps::{
-    ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SERVICES, SVC_INFO, THROTTLE, count, setting,
+    ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SERVICES, SVC_INFO, THROTTLE, count,
+    service_port, setting,
 };
 use nat::NextHop;
 use parse::{Packet, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, ptr_at};
@@ -55,6 +56,23 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
             return reply(ctx, &pkt, unsafe { &mut *rv });
         }
     }
+    if !service_port(dport) {
+        return Err(Skip::NotOurs);
+    }
+    // The flow first: an established packet needs nothing else, not even its service (whose
+    // removal lets running connections finish: a reload drops none).
+    let key = flow_key(&pkt);
+    let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let existing = FLOWS.get_ptr_mut(&key);
+    if let Some(fv) = existing {
+        // SAFETY: valid for this run; see above.
+        let f = unsafe { &mut *fv };
+        // A SYN on the entry of a connection that is over is the client reusing its port: a
+        // new connection, balanced afresh (not sent to the old backend, which may be DOWN).
+        if !syn || !(f.flags & FLOW_CLOSING != 0 || reply_side_over(&pkt, f)) {
+            return established(ctx, &pkt, f);
+        }
+    }
     let skey = ServiceKey {
         addr: pkt.dst,
         port: pkt.dport,
@@ -66,7 +84,7 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
         Some(svc) => *svc,
         None => return Err(Skip::NotOurs),
     };
-    forward(ctx, &pkt, svc)
+    forward(ctx, &pkt, svc, &key, syn, existing)
 }
 
 #[inline(always)]
@@ -89,20 +107,17 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// A packet of service `svc` with no usable flow entry: a new connection, or a flow whose
+/// entry was evicted. `existing` is the entry of a finished connection a SYN reuses.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
-    let key = flow_key(pkt);
-    let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let existing = FLOWS.get_ptr_mut(&key);
-    if let Some(fv) = existing {
-        // SAFETY: valid for this run; see `try_nb_xdp`.
-        let f = unsafe { &mut *fv };
-        // A SYN on the entry of a connection that is over is the client reusing its port: a
-        // new connection, balanced afresh (not sent to the old backend, which may be DOWN).
-        if !syn || !(f.flags & FLOW_CLOSING != 0 || reply_side_over(pkt, f)) {
-            return established(ctx, pkt, f);
-        }
-    }
+fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    svc: u32,
+    key: &FlowKey,
+    syn: bool,
+    existing: Option<*mut FlowValue>,
+) -> Result<u32, Skip> {
     let Some(info) = SVC_INFO.get(svc) else {
         count(stat::ABORTED);
         return Ok(xdp_action::XDP_ABORTED);
@@ -118,7 +133,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
         return match backend {
             Some(id) => {
                 count(stat::FLOW_MISS);
-                new_flow(ctx, pkt, &key, svc, id, false, None)
+                new_flow(ctx, pkt, key, svc, id, false, None)
             }
             None => {
                 count(stat::PASS_NO_FLOW);
@@ -131,7 +146,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, svc: u32) -> Result<u32, Skip> {
         return Ok(xdp_action::XDP_DROP);
     }
     match select::for_new(svc, info, pkt) {
-        Some(id) => new_flow(ctx, pkt, &key, svc, id, true, existing),
+        Some(id) => new_flow(ctx, pkt, key, svc, id, true, existing),
         None => nat::refuse(ctx, pkt),
     }
 }
@@ -272,7 +287,8 @@ fn new_flow(
     }
     // An unresolved neighbour still makes a flow (ifindex 0): the translated packet goes to
     // the kernel, which forwards it and resolves the MAC for the packets after it.
-    let (ifindex, smac, dmac) = match nat::fib(ctx, pkt.v6(), &b.snat_addr, &b.addr) {
+    let t = now();
+    let (ifindex, smac, dmac) = match nat::cached_fib(ctx, pkt.v6(), id, &b.snat_addr, &b.addr, t) {
         NextHop::Known(i, s, d) => (i, s, d),
         NextHop::NoNeigh => (0, [0; 6], [0; 6]),
         NextHop::None => {
@@ -287,7 +303,6 @@ fn new_flow(
     client_mac.copy_from_slice(&eth[6..]);
     let mut our_mac = [0u8; 6];
     our_mac.copy_from_slice(&eth[..6]);
-    let t = now();
     let rv = RevValue {
         client_addr: pkt.src,
         vip_addr: pkt.dst,

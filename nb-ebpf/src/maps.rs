@@ -5,13 +5,27 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use nb_common::{
-    Backend, BackendStats, FlowKey, FlowValue, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, RR_SEQ_LEN,
-    RevValue, ServiceInfo, ServiceKey, SvcBackends, ThrottleState, cfg, stat,
+    Backend, BackendStats, FlowKey, FlowValue, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
+    NextHopCache, RR_SEQ_LEN, RevValue, SVC_PORT_WORDS, ServiceInfo, ServiceKey, SvcBackends,
+    ThrottleState, cfg, stat,
 };
 
 /// Public address and port -> service id.
 #[map(name = "NB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, u32> = HashMap::pinned(MAX_SERVICES * 4, 0);
+
+/// Destination ports worth a lookup, one bit each (see `nb_common::maps::SVC_PORTS`).
+#[map(name = "NB_SVC_PORTS")]
+pub static SVC_PORTS: Array<u64> = Array::pinned(SVC_PORT_WORDS, 0);
+
+/// Whether packets to TCP port `port` (host order) may belong to a service or its flows.
+#[inline(always)]
+pub fn service_port(port: u16) -> bool {
+    match SVC_PORTS.get((port >> 6) as u32) {
+        Some(w) => *w & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}
 
 /// Service id -> selection state.
 #[map(name = "NB_SVC_INFO")]
@@ -48,6 +62,10 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(1 << 20, 0
 /// Backend-side flows, for replies.
 #[map(name = "NB_REV_FLOWS")]
 pub static REV_FLOWS: LruHashMap<FlowKey, RevValue> = LruHashMap::pinned(1 << 20, 0);
+
+/// Backend id -> the last next hop towards it, per CPU (see `NextHopCache`).
+#[map(name = "NB_NEXT_HOPS")]
+pub static NEXT_HOPS: PerCpuArray<NextHopCache> = PerCpuArray::pinned(MAX_BACKENDS, 0);
 
 /// Per-CPU packet counters by `stat::*`.
 #[map(name = "NB_STATS")]

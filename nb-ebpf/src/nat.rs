@@ -10,7 +10,7 @@ use nb_common::{cfg, stat};
 
 use crate::{
     csum::Delta,
-    maps::{count, setting},
+    maps::{NEXT_HOPS, count, setting},
     parse::{Packet, Skip, ptr_at},
 };
 
@@ -113,6 +113,47 @@ pub fn fib(ctx: &XdpContext, v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> NextHo
     } else {
         NextHop::None
     }
+}
+
+/// How long a cached next hop towards a backend serves new connections. Established flows
+/// keep their own copy and refresh it every few seconds; a moved MAC is picked up as fast.
+const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+
+/// Next hop towards backend `id` at `dst` from `src`, from this CPU's cache while it is fresh,
+/// else from the FIB (and cached when the neighbour is known).
+#[inline(always)]
+pub fn cached_fib(
+    ctx: &XdpContext,
+    v6: bool,
+    id: u32,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    now: u64,
+) -> NextHop {
+    let slot = NEXT_HOPS.get_ptr_mut(id);
+    if let Some(c) = slot {
+        // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
+        let c = unsafe { &*c };
+        if c.ifindex != 0
+            && c.dst == *dst
+            && c.src == *src
+            && now.wrapping_sub(c.ts) < NEXT_HOP_TTL_NS
+        {
+            return NextHop::Known(c.ifindex, c.smac, c.dmac);
+        }
+    }
+    let hop = fib(ctx, v6, src, dst);
+    if let (Some(c), NextHop::Known(ifindex, smac, dmac)) = (slot, &hop) {
+        // SAFETY: as above.
+        let c = unsafe { &mut *c };
+        c.dst = *dst;
+        c.src = *src;
+        c.ts = now;
+        c.ifindex = *ifindex;
+        c.dmac = *dmac;
+        c.smac = *smac;
+    }
+    hop
 }
 
 /// Sets the Ethernet addresses and sends the frame: back out of the interface it came in on,

@@ -169,6 +169,66 @@ fn connection_keeps_its_backend_while_backends_change() {
     assert!(mine.starts_with('b'), "label {mine}");
 }
 
+/// A reload that removes a tcp port lets the port's running connections finish on their
+/// backends (a reload drops no connection) while new connections to it reach the balancer's
+/// own stack; once the last of them is over, the program stops looking at the port.
+#[test]
+fn removed_port_lets_running_connections_finish() {
+    require_root();
+    let t = Topology::new("e7", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2, 8080, false);
+    let both = format!(
+        "{}{}",
+        tcp_port(80, "roundrobin", &nodes_toml(2, 8080, false)),
+        tcp_port(81, "roundrobin", &nodes_toml(2, 8080, false))
+    );
+    let cfg = t.write_config(&both);
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(81), Duration::from_secs(10));
+    let (mut conn, _) = open_greeted(&t, vip(81));
+    echo(&mut conn, b"before").expect("echo before");
+    assert!(port_bit(&t, 81), "a served port has its bit");
+
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}",
+            t.balancer_toml(),
+            tcp_port(80, "roundrobin", &nodes_toml(2, 8080, false))
+        ),
+    )
+    .expect("rewrite config");
+    agent.signal(libc::SIGHUP);
+    nb_tests::topo::wait_log(&agent, "reloaded", 1, Duration::from_secs(5));
+    for i in 0..5 {
+        echo(&mut conn, format!("after removal {i}").as_bytes())
+            .expect("the running connection of the removed port goes on");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let err = connect_in(&t.client, vip(81), Duration::from_secs(5))
+        .expect_err("nothing listens on the balancer's own port 81");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    which_backend(&t.client, vip(80)).expect("port 80 still served");
+
+    drop(conn);
+    // Closed flows expire after 10 s; the sweep (every 2 s) then clears the bit.
+    nb_tests::topo::wait_until(
+        "port 81's bit cleared",
+        &agent,
+        Duration::from_secs(30),
+        || !port_bit(&t, 81),
+    );
+    assert!(port_bit(&t, 80), "port 80 keeps its bit");
+}
+
+/// Whether the program's port bitmap has `port`.
+fn port_bit(t: &Topology, port: u16) -> bool {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(t.pin_path.join(nb_common::maps::SVC_PORTS)).expect("bitmap pin");
+    let a: Array<MapData, u64> = Array::try_from(Map::Array(data)).expect("bitmap");
+    a.get(&u32::from(port / 64), 0).expect("bitmap word") & (1 << (port % 64)) != 0
+}
+
 /// A port with no usable backend refuses a new connection at once (RST), no timeout.
 #[test]
 fn no_backend_refuses_at_once() {

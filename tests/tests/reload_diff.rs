@@ -137,12 +137,19 @@ fn read(pin: &Path) -> BTreeMap<u16, Seen> {
         Array::try_from(Map::Array(open(maps::MAGLEV))).expect("maglev");
     let backends: Array<MapData, Backend> =
         Array::try_from(Map::Array(open(maps::BACKENDS))).expect("backends");
+    let ports: Array<MapData, u64> =
+        Array::try_from(Map::Array(open(maps::SVC_PORTS))).expect("port bitmap");
     let mut out = BTreeMap::new();
     for item in services.iter() {
         let (k, id) = item.expect("service entry");
         assert_eq!(k.addr, addr_words(VIP.into()), "only the VIP is served");
         assert_eq!(k.proto, PROTO_TCP);
         let port = u16::from_be(k.port);
+        let word = ports.get(&u32::from(port / 64), 0).expect("port bitmap");
+        assert!(
+            word & (1 << (port % 64)) != 0,
+            "port {port} is served but its SVC_PORTS bit is clear: the program would pass it"
+        );
         let slots = (0..MAGLEV_SIZE)
             .map(|i| {
                 let b = ring.get(&(id * MAGLEV_SIZE + i), 0).expect("ring slot");
