@@ -387,3 +387,45 @@ pub fn echo(s: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// One HTTP/1.1 request to the admin API from inside the balancer namespace: status and body.
+pub fn admin_call(
+    t: &Topology,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let addr = t.admin;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(tok) = token {
+        req.push_str(&format!("Authorization: Bearer {tok}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if method != "GET" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    let raw =
+        t.lb.enter(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            std::io::Write::write_all(&mut s, req.as_bytes())?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw)?;
+            Ok::<_, std::io::Error>(raw)
+        })
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"));
+    let text = String::from_utf8(raw).expect("utf-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line of {head}"));
+    (status, body.to_string())
+}

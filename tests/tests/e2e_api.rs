@@ -8,7 +8,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::Output,
@@ -72,38 +71,7 @@ fn call(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
-    let addr = t.admin;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(tok) = token {
-        req.push_str(&format!("Authorization: Bearer {tok}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    if method != "GET" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    let raw =
-        t.lb.enter(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(req.as_bytes())?;
-            let mut raw = Vec::new();
-            s.read_to_end(&mut raw)?;
-            Ok::<_, std::io::Error>(raw)
-        })
-        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"));
-    let text = String::from_utf8(raw).expect("utf-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line of {head}"));
-    (status, body.to_string())
+    nb_tests::topo::admin_call(t, method, path, token, body)
 }
 
 /// A GET that must answer 200 with JSON.

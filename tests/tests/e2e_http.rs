@@ -1261,26 +1261,7 @@ fn gateway_errors_and_passive_checks() {
 
 /// A GET to the admin API from inside the balancer namespace: status and body.
 fn admin_get(t: &Topology, path: &str) -> (u16, String) {
-    let addr = t.admin;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let raw =
-        t.lb.enter(move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            s.write_all(req.as_bytes())?;
-            let mut raw = Vec::new();
-            s.read_to_end(&mut raw)?;
-            Ok::<_, std::io::Error>(raw)
-        })
-        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
-    let text = String::from_utf8(raw).expect("utf-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP answer");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line of {head}"));
-    (status, body.to_string())
+    nb_tests::topo::admin_call(t, "GET", path, None, None)
 }
 
 /// The `nb_node_*` samples of a `/metrics` scrape, by (metric with its labels as scraped).
