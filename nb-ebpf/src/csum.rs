@@ -48,3 +48,17 @@ impl Delta {
         !(s as u16)
     }
 }
+
+/// Whether two addresses are equal. Written as XORs so that LLVM does not merge the word
+/// comparisons into a `bcmp` call, which the BPF target runs as a byte-by-byte loop.
+#[inline(always)]
+pub fn addr_eq(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0
+}
+
+/// A copy of an address, word by word: a plain `*a` of 16 bytes may become a `memmove` call,
+/// a byte-by-byte loop on the BPF target.
+#[inline(always)]
+pub fn addr_copy(a: &[u32; 4]) -> [u32; 4] {
+    [a[0], a[1], a[2], a[3]]
+}

@@ -21,6 +21,7 @@ use nb_common::{
     ThrottleState, cfg, stat,
 };
 
+use csum::{addr_copy, addr_eq};
 use maps::{
     ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SERVICES, SVC_INFO, THROTTLE, count,
     service_port, setting,
@@ -90,8 +91,8 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
 #[inline(always)]
 fn flow_key(pkt: &Packet) -> FlowKey {
     FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
+        src: addr_copy(&pkt.src),
+        dst: addr_copy(&pkt.dst),
         sport: pkt.sport,
         dport: pkt.dport,
         family: pkt.family,
@@ -158,8 +159,8 @@ fn forward(
 #[inline(always)]
 fn reply_side_over(pkt: &Packet, f: &FlowValue) -> bool {
     let rkey = FlowKey {
-        src: f.backend_addr,
-        dst: f.snat_addr,
+        src: addr_copy(&f.backend_addr),
+        dst: addr_copy(&f.snat_addr),
         sport: f.backend_port,
         dport: f.snat_port,
         family: pkt.family,
@@ -170,9 +171,9 @@ fn reply_side_over(pkt: &Packet, f: &FlowValue) -> bool {
     match unsafe { REV_FLOWS.get(&rkey) } {
         Some(r) => {
             r.flags & REV_CLOSING != 0
-                || r.client_addr != pkt.src
+                || !addr_eq(&r.client_addr, &pkt.src)
                 || r.client_port != pkt.sport
-                || r.vip_addr != pkt.dst
+                || !addr_eq(&r.vip_addr, &pkt.dst)
                 || r.vip_port != pkt.dport
         }
         None => true,
@@ -304,8 +305,8 @@ fn new_flow(
     let mut our_mac = [0u8; 6];
     our_mac.copy_from_slice(&eth[..6]);
     let rv = RevValue {
-        client_addr: pkt.src,
-        vip_addr: pkt.dst,
+        client_addr: addr_copy(&pkt.src),
+        vip_addr: addr_copy(&pkt.dst),
         client_port: pkt.sport,
         vip_port: pkt.dport,
         backend_id: id,
@@ -321,8 +322,8 @@ fn new_flow(
     for i in 0..SNAT_PORT_TRIES {
         let port = (SNAT_PORT_MIN + (h.wrapping_add(i.wrapping_mul(7919)) % range) as u16).to_be();
         let rkey = FlowKey {
-            src: b.addr,
-            dst: b.snat_addr,
+            src: addr_copy(&b.addr),
+            dst: addr_copy(&b.snat_addr),
             sport: b.port,
             dport: port,
             family: pkt.family,
@@ -335,9 +336,9 @@ fn new_flow(
             Some(old) => {
                 // SAFETY: the value stays valid for this program run.
                 let old = unsafe { &mut *old };
-                let ours = old.client_addr == rv.client_addr
+                let ours = addr_eq(&old.client_addr, &rv.client_addr)
                     && old.client_port == rv.client_port
-                    && old.vip_addr == rv.vip_addr
+                    && addr_eq(&old.vip_addr, &rv.vip_addr)
                     && old.vip_port == rv.vip_port;
                 if ours {
                     // The same client connection again (its port reused after a close):
@@ -361,8 +362,8 @@ fn new_flow(
         return Ok(xdp_action::XDP_DROP);
     }
     let fv = FlowValue {
-        backend_addr: b.addr,
-        snat_addr: b.snat_addr,
+        backend_addr: addr_copy(&b.addr),
+        snat_addr: addr_copy(&b.snat_addr),
         backend_port: b.port,
         snat_port,
         backend_id: id,

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use nb_common::{cfg, stat};
 
 use crate::{
-    csum::Delta,
+    csum::{Delta, addr_copy, addr_eq},
     maps::{NEXT_HOPS, count, setting},
     parse::{Packet, Skip, ptr_at},
 };
@@ -90,8 +90,8 @@ pub fn fib(ctx: &XdpContext, v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> NextHo
     p.ifindex = ctx.ingress_ifindex() as u32;
     if v6 {
         p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = *src;
-        p.__bindgen_anon_4.ipv6_dst = *dst;
+        p.__bindgen_anon_3.ipv6_src = addr_copy(src);
+        p.__bindgen_anon_4.ipv6_dst = addr_copy(dst);
     } else {
         p.family = AF_INET;
         p.__bindgen_anon_3.ipv4_src = src[0];
@@ -135,8 +135,8 @@ pub fn cached_fib(
         // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
         let c = unsafe { &*c };
         if c.ifindex != 0
-            && c.dst == *dst
-            && c.src == *src
+            && addr_eq(&c.dst, dst)
+            && addr_eq(&c.src, src)
             && now.wrapping_sub(c.ts) < NEXT_HOP_TTL_NS
         {
             return NextHop::Known(c.ifindex, c.smac, c.dmac);
@@ -146,8 +146,8 @@ pub fn cached_fib(
     if let (Some(c), NextHop::Known(ifindex, smac, dmac)) = (slot, &hop) {
         // SAFETY: as above.
         let c = unsafe { &mut *c };
-        c.dst = *dst;
-        c.src = *src;
+        c.dst = addr_copy(dst);
+        c.src = addr_copy(src);
         c.ts = now;
         c.ifindex = *ifindex;
         c.dmac = *dmac;
