@@ -158,7 +158,14 @@ impl Balancer {
         let mut best = 0;
         let mut best_cw = i64::MIN;
         for (i, n) in candidates.iter().enumerate() {
-            let cw = self.current.entry(n.label.clone()).or_insert(0);
+            // Looked up by `&str` first: no label copied but the first time.
+            if !self.current.contains_key(n.label.as_str()) {
+                self.current.insert(n.label.clone(), 0);
+            }
+            let cw = self
+                .current
+                .get_mut(n.label.as_str())
+                .expect("inserted above");
             *cw += n.weight.max(1) as i64;
             if *cw > best_cw {
                 best_cw = *cw;

@@ -34,21 +34,49 @@ use crate::{
 pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// One client connection, as its requests are forwarded: the addresses, and the header
+/// values made from them once per connection rather than once per request.
+#[derive(Debug)]
+pub struct Client {
+    peer: SocketAddr,
+    local: SocketAddr,
+    secure: bool,
+    /// The client's address, as X-Forwarded-For names it.
+    ip: HeaderValue,
+    /// The port the client came to, for X-Forwarded-Port.
+    port: HeaderValue,
+}
+
+impl Client {
+    /// The connection from `peer` to `local` (`secure`: over TLS).
+    pub fn new(peer: SocketAddr, local: SocketAddr, secure: bool) -> Client {
+        let ip = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+            .expect("an address is a valid header value");
+        Client {
+            peer,
+            local,
+            secure,
+            ip,
+            port: HeaderValue::from(local.port()),
+        }
+    }
+}
 
 /// A short plain-text answer made by the balancer itself.
 fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
@@ -71,18 +99,20 @@ fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
 
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if h.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
-        h.remove(*n);
+    for n in &HOP_BY_HOP {
+        h.remove(n);
     }
 }
 
@@ -104,20 +134,17 @@ fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
 /// Rewrites a client's request for a node: Host kept (made from `:authority` for HTTP/2),
 /// X-Forwarded-* added, hop-by-hop headers and the balancer's cookie removed, origin-form
 /// target, HTTP/1.1.
-fn rewrite_request(
-    req: &mut Request<Incoming>,
-    peer: SocketAddr,
-    local: SocketAddr,
-    secure: bool,
-    upgrade: Option<HeaderValue>,
-) {
+fn rewrite_request(req: &mut Request<Incoming>, conn: &Client, upgrade: Option<HeaderValue>) {
     let authority = req.uri().authority().cloned();
-    let target = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(target);
+    // Origin-form already (HTTP/1.1 clients): nothing to rebuild.
+    if authority.is_some() || req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
+        let target = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(target);
+    }
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
     strip_hop_by_hop(h);
@@ -131,37 +158,38 @@ fn rewrite_request(
     {
         h.insert(HOST, v);
     }
-    let client = peer.ip().to_canonical().to_string();
-    let prior: Vec<String> = h
+    let prior: Vec<&str> = h
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(str::to_string)
         .collect();
     let xff = if prior.is_empty() {
-        client
+        Some(conn.ip.clone())
     } else {
-        format!("{}, {client}", prior.join(", "))
+        let client = conn.ip.to_str().expect("an address is visible ASCII");
+        HeaderValue::from_str(&format!("{}, {client}", prior.join(", "))).ok()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(
         X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if secure { "https" } else { "http" }),
+        HeaderValue::from_static(if conn.secure { "https" } else { "http" }),
     );
-    h.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(local.port()));
-    let cookies: Vec<String> = h
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(cookie::strip)
-        .collect();
-    h.remove(COOKIE);
-    if !cookies.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
-    {
-        h.insert(COOKIE, v);
+    h.insert(X_FORWARDED_PORT.clone(), conn.port.clone());
+    if h.contains_key(COOKIE) {
+        let cookies: Vec<String> = h
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(cookie::strip)
+            .collect();
+        h.remove(COOKIE);
+        if !cookies.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&cookies.join("; "))
+        {
+            h.insert(COOKIE, v);
+        }
     }
 }
 
@@ -170,26 +198,18 @@ fn rewrite_request(
 pub async fn handle(
     rt: Arc<PortRuntime>,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    local: SocketAddr,
-    secure: bool,
+    conn: Arc<Client>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let resp = serve(rt, req, peer, local, secure).await;
-    crate::metrics::count_request(local.port(), resp.status().as_u16());
+    let resp = serve(&rt, req, &conn).await;
+    crate::metrics::count_request(conn.local.port(), resp.status().as_u16());
     Ok(resp)
 }
 
-async fn serve(
-    rt: Arc<PortRuntime>,
-    mut req: Request<Incoming>,
-    peer: SocketAddr,
-    local: SocketAddr,
-    secure: bool,
-) -> Response<ProxyBody> {
+async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> Response<ProxyBody> {
     let view = rt.view();
     let port = &view.port;
-    let client = peer.ip().to_canonical();
-    let now = Instant::now();
+    let client = conn.peer.ip().to_canonical();
+    let secure = conn.secure;
 
     // Where the client's stickiness points, if anywhere valid.
     let mut cookie_label = None;
@@ -206,7 +226,11 @@ async fn serve(
             }
         }
         Stickiness::Table => {
-            table_label = rt.table.lock().expect("table lock").get(client, now);
+            table_label = rt
+                .table
+                .lock()
+                .expect("table lock")
+                .get(client, Instant::now());
         }
         Stickiness::None => {}
     }
@@ -217,7 +241,7 @@ async fn serve(
             .position(|n| n.label == l && n.takes_sticky())
     });
     if idx.is_none() {
-        idx = pick(&rt, &view, client, None);
+        idx = pick(rt, &view, client, None);
     }
     let Some(mut idx) = idx else {
         return plain(
@@ -229,7 +253,7 @@ async fn serve(
     let upgrade = upgrade_of(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let is_upgrade = upgrade.is_some();
-    rewrite_request(&mut req, peer, local, secure, upgrade);
+    rewrite_request(&mut req, conn, upgrade);
 
     let connect_timeout = std::time::Duration::from_secs(port.timeout_connect as u64);
     let server_timeout = std::time::Duration::from_secs(port.timeout_server as u64);
@@ -255,7 +279,7 @@ async fn serve(
                         );
                         retried = true;
                         req = r;
-                        match pick(&rt, &view, client, Some(&node.label)) {
+                        match pick(rt, &view, client, Some(&node.label)) {
                             Some(i) => idx = i,
                             None => {
                                 return plain(
@@ -349,7 +373,7 @@ async fn serve(
             rt.table
                 .lock()
                 .expect("table lock")
-                .put(client, &node.label, now);
+                .put(client, &node.label, Instant::now());
         }
         _ => {}
     }

@@ -546,8 +546,8 @@ async fn serve_connection(
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
-                let service =
-                    service_fn(move |req| forward::handle(rt.clone(), req, peer, local, true));
+                let conn = Arc::new(forward::Client::new(peer, local, true));
+                let service = service_fn(move |req| forward::handle(rt.clone(), req, conn.clone()));
                 let mut b = http2::Builder::new(TokioExecutor::new());
                 b.timer(TokioTimer::new())
                     .max_concurrent_streams(H2_MAX_STREAMS)
@@ -594,7 +594,8 @@ async fn serve_h1<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| forward::handle(rt.clone(), req, peer, local, secure));
+    let conn = Arc::new(forward::Client::new(peer, local, secure));
+    let service = service_fn(move |req| forward::handle(rt.clone(), req, conn.clone()));
     let mut conn = h1
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();

@@ -1,10 +1,17 @@
 //! Kept-alive HTTP/1.1 connections to one node: checked out for a request, given back when
 //! the response body has been read to its end, dropped when idle too long.
+//!
+//! A connection goes back at the moment its response body ends, when hyper already has it
+//! ready for the next request (the usual case: the connection task reads the end of the body
+//! and turns idle before the body's reader sees it), so the very next request reuses it; only
+//! a connection not ready yet (a request body still being sent) waits in a task of its own.
+//! The newest idle connection is taken first (the hot one), and a reaper task, running while
+//! the pool holds idle connections, closes those idle longer than the TTL.
 
 use std::{
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -65,11 +72,20 @@ impl ForwardError {
 
 type Sender = http1::SendRequest<Incoming>;
 
+/// The idle connections of a pool, oldest first, and whether a reaper task watches them.
+#[derive(Debug, Default)]
+struct Idle {
+    conns: Vec<(Sender, Instant)>,
+    reaping: bool,
+}
+
 /// The kept-alive connections of one node.
 #[derive(Debug)]
 pub struct NodePool {
     addr: SocketAddr,
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Idle>,
+    /// How long an idle connection is kept.
+    ttl: Duration,
     /// Where the connections count their bytes: the node's counters.
     stats: Arc<NodeStats>,
 }
@@ -77,9 +93,15 @@ pub struct NodePool {
 impl NodePool {
     /// An empty pool for the node at `addr`, whose connections count into `stats`.
     pub fn new(addr: SocketAddr, stats: Arc<NodeStats>) -> NodePool {
+        NodePool::with_ttl(addr, stats, IDLE_TTL)
+    }
+
+    /// As [`NodePool::new`], idle connections kept `ttl`.
+    fn with_ttl(addr: SocketAddr, stats: Arc<NodeStats>, ttl: Duration) -> NodePool {
         NodePool {
             addr,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(Idle::default()),
+            ttl,
             stats,
         }
     }
@@ -92,12 +114,18 @@ impl NodePool {
     /// A ready idle connection, newest first; stale ones are dropped on the way.
     fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().expect("pool lock");
-        while let Some((s, since)) = idle.pop() {
-            if !s.is_closed() && s.is_ready() && since.elapsed() < IDLE_TTL {
+        while let Some((s, since)) = idle.conns.pop() {
+            if !s.is_closed() && s.is_ready() && since.elapsed() < self.ttl {
                 return Some(s);
             }
         }
         None
+    }
+
+    /// Idle connections in the pool (tests).
+    #[cfg(test)]
+    fn idle_len(&self) -> usize {
+        self.idle.lock().expect("pool lock").conns.len()
     }
 
     async fn connect(&self, connect_timeout: Duration) -> Result<Sender, ForwardError> {
@@ -165,24 +193,64 @@ impl NodePool {
         }
     }
 
-    /// Puts a connection back once it can take the next request.
+    /// Puts a connection back: at once when it can take the next request, else (a request
+    /// body still going out) once it can, if that is within a second.
     fn give_back(self: Arc<Self>, mut sender: Sender) {
-        tokio::spawn(async move {
-            if timeout(Duration::from_secs(1), sender.ready())
-                .await
-                .is_ok_and(|r| r.is_ok())
-            {
-                let mut idle = self.idle.lock().expect("pool lock");
-                if idle.len() < MAX_IDLE {
-                    idle.push((sender, Instant::now()));
+        if sender.is_ready() {
+            self.put(sender);
+        } else if !sender.is_closed() {
+            tokio::spawn(async move {
+                if timeout(Duration::from_secs(1), sender.ready())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    self.put(sender);
                 }
-            }
-        });
+            });
+        }
+    }
+
+    /// Adds a ready connection as the newest idle one; starts the reaper if none runs.
+    fn put(self: &Arc<Self>, sender: Sender) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.conns.len() >= MAX_IDLE {
+            return;
+        }
+        idle.conns.push((sender, Instant::now()));
+        if !idle.reaping {
+            idle.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self), self.ttl));
+        }
+    }
+
+    /// Drops the idle connections closed or idle for `ttl`; false once none is left (the
+    /// reaper then stops, and the next connection given back starts another).
+    fn expire(&self) -> bool {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let ttl = self.ttl;
+        idle.conns
+            .retain(|(s, since)| !s.is_closed() && since.elapsed() < ttl);
+        if idle.conns.is_empty() {
+            idle.reaping = false;
+        }
+        idle.reaping
     }
 
     /// Closes every idle connection (the node left the config).
     pub fn clear(&self) {
-        self.idle.lock().expect("pool lock").clear();
+        self.idle.lock().expect("pool lock").conns.clear();
+    }
+}
+
+/// Closes a pool's connections idle too long, every half TTL while it holds any; ends with
+/// the pool.
+async fn reap(pool: Weak<NodePool>, ttl: Duration) {
+    loop {
+        tokio::time::sleep(ttl / 2).await;
+        match pool.upgrade() {
+            Some(p) if p.expire() => {}
+            _ => return,
+        }
     }
 }
 
@@ -249,5 +317,130 @@ impl Body for BackendBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+    use hyper::{server::conn::http1 as server, service::service_fn};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A backend answering "ok"; counts the connections it accepted and those still open.
+    async fn backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (a, o) = (accepted.clone(), open.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = server::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, accepted, open)
+    }
+
+    /// A front server sending every request through `pool`, as the proxy does; its address.
+    async fn front(pool: Arc<NodePool>) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let active = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (pool, active) = (pool.clone(), active.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (pool, active) = (pool.clone(), active.clone());
+                        async move {
+                            let t = Duration::from_secs(5);
+                            let (resp, sender) = pool.send(req, t, t).await.map_err(|e| e.0)?;
+                            let guard = ActiveGuard::new(&active);
+                            let body =
+                                BackendBody::new(resp.into_body(), pool, Some(sender), guard);
+                            let body: UnsyncBoxBody<Bytes, hyper::Error> = body.boxed_unsync();
+                            Ok::<_, ForwardError>(Response::new(body))
+                        }
+                    });
+                    let _ = server::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn client(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = http1::handshake(TokioIo::new(s)).await.unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    async fn get(send: &mut http1::SendRequest<Full<Bytes>>) {
+        let req = Request::get("/")
+            .header("host", "t")
+            .body(Full::default())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_by_the_very_next_request() {
+        let (addr, accepted, _) = backend().await;
+        let pool = Arc::new(NodePool::new(addr, Arc::default()));
+        let front = front(pool.clone()).await;
+        // Two clients taking turns: each request follows the end of the one before.
+        let (mut a, mut b) = (client(front).await, client(front).await);
+        for i in 0..50 {
+            get(if i % 2 == 0 { &mut a } else { &mut b }).await;
+            // The client has read the whole body: the connection is back already.
+            assert_eq!(pool.idle_len(), 1, "request {i}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one backend connection");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_beyond_the_ttl_are_closed() {
+        let (addr, accepted, open) = backend().await;
+        let ttl = Duration::from_millis(200);
+        let pool = Arc::new(NodePool::with_ttl(addr, Arc::default(), ttl));
+        let front = front(pool.clone()).await;
+        let mut c = client(front).await;
+        get(&mut c).await;
+        get(&mut c).await;
+        assert_eq!((pool.idle_len(), accepted.load(Ordering::SeqCst)), (1, 1));
+        // Nobody asks for it: the reaper closes it, and the backend sees the close.
+        tokio::time::sleep(ttl * 2).await;
+        assert_eq!(pool.idle_len(), 0);
+        for _ in 0..100 {
+            if open.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(open.load(Ordering::SeqCst), 0, "closed at the backend");
+        // The next request opens a new connection, and the reaper starts again.
+        get(&mut c).await;
+        assert_eq!((pool.idle_len(), accepted.load(Ordering::SeqCst)), (1, 2));
+        tokio::time::sleep(ttl * 2).await;
+        assert_eq!(pool.idle_len(), 0);
     }
 }
