@@ -304,6 +304,12 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         let mut pass = syn(CLIENT, 40001);
         pass.tcp.dport = 22;
         let pass = pass.build();
+        // A data packet to a service's port on an address that is not a service: the program
+        // pays its two hash lookups (flow table, services; both miss) and passes it, which
+        // shows what a hash lookup costs beside the rest of a packet's path.
+        let mut other = Frame::v4((CLIENT, 40002), (Ipv4Addr::new(198, 18, 0, 99), 80), ACK);
+        other.tcp.payload = vec![b'x'; 64];
+        let other = other.build();
 
         // The packet is not restored between repeats of one test run, so a program that
         // rewrites it would see its own output from the second repeat on. Every case is
@@ -345,6 +351,10 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
             (
                 "nb: pass (TCP, not a service)",
                 Box::new(|_| test_run(&nb, &pass, ifindex, 1)),
+            ),
+            (
+                "nb: 2 hash lookups (misses), pass",
+                Box::new(|_| test_run(&nb, &other, ifindex, 1)),
             ),
             (
                 "nb: established flow",
