@@ -34,7 +34,10 @@ use nb_agent::proxy::cookie::CookieKey;
 use nb_tests::{
     netns::{Netns, connect_in},
     require_root,
-    topo::{Agent, Topology, VIP, Wiring, agent_bin, backend_v4, vip, vip6, wait_log, wait_until},
+    topo::{
+        Agent, LB_PRIVATE6, Topology, VIP, Wiring, agent_bin, backend_v4, backend_v6, vip, vip6,
+        wait_log, wait_until,
+    },
 };
 
 /// Backends listen here.
@@ -641,6 +644,57 @@ fn http_headers_spread_keepalive_reload_and_503() {
 /// holds for 100 requests, hidden from backends; a forged cookie is ignored (and replaced);
 /// drain keeps sticky clients only; a dead sticky node sends its clients elsewhere with a new
 /// cookie.
+/// IPv6 backends behind an http port: health checks over IPv6, requests from IPv4 and IPv6
+/// clients spread over them, the backends see the balancer's private IPv6 address, and the
+/// client's address arrives in X-Forwarded-For.
+#[test]
+fn ipv6_backends_behind_an_http_port() {
+    require_root();
+    let t = Topology::new("h9", Wiring::TwoNic, 2);
+    let backends: Vec<HttpBackend> = (1..=2u8)
+        .map(|i| {
+            let addr = SocketAddr::new(IpAddr::V6(backend_v6(i)), BACKEND_PORT);
+            HttpBackend::start(&t.backends, &format!("b{i}"), addr)
+        })
+        .collect();
+    let nodes: String = (1..=2u8)
+        .map(|i| {
+            format!(
+                "[[port.node]]\nlabel = \"b{i}\"\naddress = \"[{}]:{BACKEND_PORT}\"\n\n",
+                backend_v6(i)
+            )
+        })
+        .collect();
+    let cfg = t.write_config(&port_toml(80, "http", "", &nodes));
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1", "b2"]);
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for (i, addr) in [vip(80), vip6(80)].into_iter().cycle().take(20).enumerate() {
+        let r = get(&t, addr, "/echo", &[]);
+        assert_eq!(r.status, 200, "request {i} to {addr}: {}", r.text());
+        let client = if addr.is_ipv6() {
+            "2001:db8:1::2"
+        } else {
+            "198.18.0.2"
+        };
+        assert!(
+            r.text().contains(&format!("x-forwarded-for: {client}\n")),
+            "{}",
+            r.text()
+        );
+        *count.entry(r.backend()).or_default() += 1;
+    }
+    assert_eq!(count.get("b1"), Some(&10), "spread: {count:?}");
+    assert_eq!(count.get("b2"), Some(&10), "spread: {count:?}");
+    for b in &backends {
+        let peers = b.peers();
+        assert!(!peers.is_empty(), "checks and requests reached the backend");
+        for p in peers {
+            assert_eq!(p.ip(), IpAddr::V6(LB_PRIVATE6), "from the private address");
+        }
+    }
+}
+
 #[test]
 fn cookie_stickiness_forgery_drain_and_redispatch() {
     require_root();
