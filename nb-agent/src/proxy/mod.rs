@@ -547,23 +547,8 @@ async fn serve_connection(
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
                 let conn = Arc::new(forward::Client::new(peer, local, true));
-                let service = service_fn(move |req| forward::handle(rt.clone(), req, conn.clone()));
-                let mut b = http2::Builder::new(TokioExecutor::new());
-                b.timer(TokioTimer::new())
-                    .max_concurrent_streams(H2_MAX_STREAMS)
-                    .max_header_list_size(max_header as u32)
-                    .keep_alive_interval(Some(Duration::from_secs(30)))
-                    .keep_alive_timeout(Duration::from_secs(10));
-                let conn = b.serve_connection(TokioIo::new(tls), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stop_requested(&mut stop) => {
-                        // GOAWAY: no new streams, the open ones finish.
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
+                let handler = move |req| forward::handle(rt.clone(), req, conn.clone());
+                serve_h2(tls, handler, max_header as u32, header_timeout, stop).await
             } else {
                 serve_h1(&h1, tls, rt, peer, local, true, stop).await
             }
@@ -572,6 +557,111 @@ async fn serve_connection(
     if let Err(e) = result {
         debug!("{peer} -> {local}: {e}");
     }
+}
+
+/// When an HTTP/2 connection last had a request open, and how many it has open now.
+#[derive(Debug)]
+struct H2Activity {
+    open: AtomicUsize,
+    last: Mutex<tokio::time::Instant>,
+}
+
+impl H2Activity {
+    fn new() -> H2Activity {
+        H2Activity {
+            open: AtomicUsize::new(0),
+            last: Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+    }
+
+    /// When the connection counts as idle if nothing happens before: `idle` after the last
+    /// request ended, or a full `idle` from now while requests are open.
+    fn idle_at(&self, idle: Duration) -> tokio::time::Instant {
+        if self.open.load(Ordering::Acquire) > 0 {
+            tokio::time::Instant::now() + idle
+        } else {
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) + idle
+        }
+    }
+}
+
+/// One open request of an HTTP/2 connection; also when its stream is reset and the handler
+/// dropped half way.
+struct H2Open(Arc<H2Activity>);
+
+impl H2Open {
+    fn new(a: &Arc<H2Activity>) -> H2Open {
+        a.open.fetch_add(1, Ordering::AcqRel);
+        H2Open(a.clone())
+    }
+}
+
+impl Drop for H2Open {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves HTTP/2 on `io` (TLS, ALPN h2) until the client goes, `stop` asks, or no request has
+/// been open for `idle` (the port's `timeout_header`, its keep-alive idle time). Both end with
+/// GOAWAY: no new streams, the open ones finish. Without the idle limit an HTTP/2 client
+/// that answers keep-alive pings would hold its connection forever; HAProxy closes idle ones
+/// after its client timeout too.
+async fn serve_h2<I, F, Fut>(
+    io: I,
+    handler: F,
+    max_header: u32,
+    idle: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Result<hyper::Response<forward::ProxyBody>, std::convert::Infallible>,
+        > + Send
+        + 'static,
+{
+    let activity = Arc::new(H2Activity::new());
+    let a = activity.clone();
+    let service = service_fn(move |req| {
+        let open = H2Open::new(&a);
+        let handler = handler.clone();
+        async move {
+            let resp = handler(req).await;
+            drop(open);
+            resp
+        }
+    });
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_header_list_size(max_header)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = b.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    loop {
+        let idle_at = activity.idle_at(idle);
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stop_requested(&mut stop) => break,
+            _ = tokio::time::sleep_until(idle_at) => {
+                if activity.open.load(Ordering::Acquire) == 0
+                    && activity.idle_at(idle) <= tokio::time::Instant::now()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
 }
 
 /// Serves HTTP/1.1 (Upgrade included) on `io`, plain or TLS. When `timeout_header` runs out
@@ -991,5 +1081,64 @@ mod tests {
             took >= Duration::from_millis(300) && took < Duration::from_millis(1000),
             "{took:?}"
         );
+    }
+
+    /// An idle HTTP/2 connection gets GOAWAY after the idle time; a request open for longer
+    /// than that is not cut and the idle time counts from its end; a reset stream does not
+    /// hold the connection open.
+    #[tokio::test]
+    async fn idle_http2_connections_are_closed_and_open_requests_finish() {
+        use http_body_util::Empty;
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let handler = |req: Request<Incoming>| async move {
+            let wait = match req.uri().path() {
+                "/slow" => 600,
+                "/stuck" => 60_000,
+                _ => 0,
+            };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            Ok::<_, std::convert::Infallible>(Response::new(
+                Full::new(Bytes::from_static(b"ok"))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ))
+        };
+        let idle = Duration::from_millis(300);
+        let server = tokio::spawn(serve_h2(server_io, handler, 16384, idle, stop_rx));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io))
+                .await
+                .expect("h2 handshake");
+        let client = tokio::spawn(conn);
+        let get = |path: &str| {
+            Request::get(format!("http://nb.test{path}"))
+                .body(Empty::<Bytes>::new())
+                .expect("request")
+        };
+
+        // A request whose client gives up: its stream is reset, the handler dropped.
+        let stuck = send.send_request(get("/stuck"));
+        let _ = tokio::time::timeout(Duration::from_millis(50), stuck).await;
+
+        let start = std::time::Instant::now();
+        let r = send.send_request(get("/slow")).await.expect("slow answer");
+        assert_eq!(r.status(), 200);
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"ok", "the open request finished");
+        let answered = start.elapsed();
+        assert!(answered >= Duration::from_millis(600), "{answered:?}");
+
+        // Ended by the server: cleanly, or with the client's side already gone after GOAWAY.
+        let _served = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the idle connection is closed")
+            .expect("server task");
+        let closed = start.elapsed();
+        assert!(
+            closed >= answered + idle - Duration::from_millis(50),
+            "idle time counts from the last answer: {answered:?} then {closed:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), client).await;
     }
 }
