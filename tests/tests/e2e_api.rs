@@ -19,8 +19,8 @@ use nb_tests::{
     netns::{Backend, which_backend},
     require_root,
     topo::{
-        Agent, Topology, Wiring, agent_bin, backend_v4, echo, open_greeted, vip, wait_connectable,
-        wait_until,
+        Agent, Topology, Wiring, admin_call as call, agent_bin, backend_v4, echo, open_greeted,
+        vip, wait_connectable, wait_until,
     },
 };
 use serde_json::Value;
@@ -61,17 +61,6 @@ fn write_token(t: &Topology) {
 
 fn state_file(t: &Topology) -> PathBuf {
     t.dir.join("state").join("api-changes.json")
-}
-
-/// One HTTP/1.1 request to the admin API from inside the balancer namespace: status and body.
-fn call(
-    t: &Topology,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> (u16, String) {
-    nb_tests::topo::admin_call(t, method, path, token, body)
 }
 
 /// A GET that must answer 200 with JSON.

@@ -650,7 +650,7 @@ fn http_headers_spread_keepalive_reload_and_503() {
 #[test]
 fn ipv6_backends_behind_an_http_port() {
     require_root();
-    let t = Topology::new("h9", Wiring::TwoNic, 2);
+    let t = Topology::new("hv", Wiring::TwoNic, 2);
     let backends: Vec<HttpBackend> = (1..=2u8)
         .map(|i| {
             let addr = SocketAddr::new(IpAddr::V6(backend_v6(i)), BACKEND_PORT);
