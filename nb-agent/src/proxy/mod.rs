@@ -301,15 +301,8 @@ impl Proxy {
             let Some(rt) = self.ports.get(&number).cloned() else {
                 continue;
             };
-            let listener = match std_listener
-                .set_nonblocking(true)
-                .and_then(|_| TcpListener::from_std(std_listener))
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    warn!("{addr}: {e}");
-                    continue;
-                }
+            let Some(listener) = into_tokio(addr, std_listener) else {
+                continue;
             };
             info!("{addr}: serving {}", rt.view().port.protocol);
             let (stop, stop_rx) = watch::channel(false);
@@ -556,6 +549,21 @@ async fn serve_connection(
     };
     if let Err(e) = result {
         debug!("{peer} -> {local}: {e}");
+    }
+}
+
+/// Hands a listener bound while a config was prepared to tokio; `None`, logged, when that
+/// fails (the address is then not served, the rest of the config is).
+pub(crate) fn into_tokio(addr: SocketAddr, l: std::net::TcpListener) -> Option<TcpListener> {
+    match l
+        .set_nonblocking(true)
+        .and_then(|_| TcpListener::from_std(l))
+    {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("{addr}: {e}");
+            None
+        }
     }
 }
 

@@ -273,15 +273,8 @@ impl TcpProxy {
             let Some(rt) = self.ports.get(&number).cloned() else {
                 continue;
             };
-            let listener = match std_listener
-                .set_nonblocking(true)
-                .and_then(|_| TcpListener::from_std(std_listener))
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    warn!("{addr}: {e}");
-                    continue;
-                }
+            let Some(listener) = super::into_tokio(addr, std_listener) else {
+                continue;
             };
             let pp = rt.view().port.proxy_protocol;
             info!("{addr}: serving tcp in user space (proxy_protocol {pp})");
