@@ -429,3 +429,19 @@ pub fn admin_call(
         .unwrap_or_else(|| panic!("status line of {head}"));
     (status, body.to_string())
 }
+
+/// `n` new connections from the client to `addr`; how many landed on each backend label.
+/// Panics on the first that fails.
+pub fn spread(
+    t: &Topology,
+    addr: SocketAddr,
+    n: usize,
+) -> std::collections::HashMap<String, usize> {
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..n {
+        let label = crate::netns::which_backend(&t.client, addr)
+            .unwrap_or_else(|e| panic!("new connection {i} of {n} to {addr} failed: {e}"));
+        *seen.entry(label).or_default() += 1;
+    }
+    seen
+}

@@ -18,6 +18,7 @@ use std::{
 use nb_tests::{
     netns::{Backend, which_backend},
     require_root,
+    topo::spread,
     topo::{
         Agent, Topology, Wiring, admin_call as call, agent_bin, backend_v4, echo, open_greeted,
         vip, wait_connectable, wait_until,
@@ -105,17 +106,6 @@ fn wait_status(t: &Topology, agent: &Agent, label: &str, want: &str, timeout: Du
                 .is_some_and(|n| n["status"] == want)
         },
     );
-}
-
-/// `n` new connections from the client; the count per backend label.
-fn spread(t: &Topology, n: usize) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for i in 0..n {
-        let label = which_backend(&t.client, vip(80))
-            .unwrap_or_else(|e| panic!("new connection {i} of {n} failed: {e}"));
-        *seen.entry(label).or_default() += 1;
-    }
-    seen
 }
 
 /// 1. `/v1/status` lists every node with its address, weight, mode, health and open
@@ -223,7 +213,7 @@ fn writes_without_the_right_token_are_refused_and_change_nothing() {
     }
     assert_eq!(get_json(&t, "/v1/ports"), before, "nothing changed");
     assert!(!state_file(&t).exists(), "nothing recorded");
-    let seen = spread(&t, 10);
+    let seen = spread(&t, vip(80), 10);
     assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["b1"], "{seen:?}");
     // The right token works (so the refusals above were about the token).
     let (status, v) = write(&t, "POST", "/v1/ports/80/nodes", Some(&add));
@@ -424,7 +414,7 @@ fn api_added_node_takes_traffic_and_survives_restart_and_reload() {
     write_token(&t);
     let mut agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
-    let seen = spread(&t, 6);
+    let seen = spread(&t, vip(80), 6);
     assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["b1"], "{seen:?}");
 
     let body = format!(
@@ -442,7 +432,7 @@ fn api_added_node_takes_traffic_and_survives_restart_and_reload() {
         || matches!(which_backend(&t.client, vip(80)), Ok(l) if l == "b2"),
     );
     println!("API-added node took traffic after {:?}", added.elapsed());
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(seen.len(), 2, "b1 and b2 share: {seen:?}");
     wait_status(&t, &agent, "b2", "UP", INTERVAL + MARGIN);
     let record = std::fs::read_to_string(state_file(&t)).expect("recorded");
@@ -490,7 +480,7 @@ fn api_added_node_takes_traffic_and_survives_restart_and_reload() {
         "{nodes:?}"
     );
     wait_until("all three take traffic", &agent, INTERVAL + MARGIN, || {
-        spread(&t, 12).len() == 3
+        spread(&t, vip(80), 12).len() == 3
     });
     agent.stop();
 }
@@ -530,7 +520,7 @@ fn drain_and_remove_through_the_api() {
     assert_eq!(v["node"]["mode"], "drain");
     assert_eq!(v["node"]["weight"], 100, "weight kept");
     assert_eq!(status_nodes(&t, 80)["b2"]["mode"], "drain");
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(
         seen.keys().collect::<Vec<_>>(),
         vec!["b1"],
@@ -548,7 +538,7 @@ fn drain_and_remove_through_the_api() {
     assert_eq!(v["removed"], "b2");
     let nodes = status_nodes(&t, 80);
     assert_eq!(nodes.keys().collect::<Vec<_>>(), vec!["b1"], "{nodes:?}");
-    let seen = spread(&t, 10);
+    let seen = spread(&t, vip(80), 10);
     assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["b1"], "{seen:?}");
     let (status, v) = write(&t, "DELETE", "/v1/ports/80/nodes/b2", None);
     assert_eq!(status, 404, "{v}");

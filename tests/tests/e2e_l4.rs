@@ -10,6 +10,7 @@ use std::{
 use nb_tests::{
     netns::{Backend, connect_in, which_backend},
     require_root,
+    topo::spread,
     topo::{
         Agent, LB_PRIVATE, LB_PRIVATE6, Topology, Wiring, backend_v4, backend_v6, echo,
         open_greeted, vip, vip6, wait_connectable,
@@ -46,17 +47,6 @@ fn tcp_port(port: u16, algorithm: &str, nodes: &str) -> String {
     format!(
         "[[port]]\nport = {port}\nprotocol = \"tcp\"\nalgorithm = \"{algorithm}\"\ncheck = \"none\"\n\n{nodes}"
     )
-}
-
-/// `n` connections from the client; how many landed on each backend label.
-fn spread(t: &Topology, addr: SocketAddr, n: usize) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for _ in 0..n {
-        let label =
-            which_backend(&t.client, addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        *seen.entry(label).or_default() += 1;
-    }
-    seen
 }
 
 fn assert_even(seen: &HashMap<String, usize>, backends: usize, total: usize) {

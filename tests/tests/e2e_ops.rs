@@ -7,7 +7,6 @@
 //! and a deadline is the contract (check_interval x check_attempts, plus a margin).
 
 use std::{
-    collections::HashMap,
     io::ErrorKind,
     net::{SocketAddr, TcpStream},
     path::Path,
@@ -23,6 +22,7 @@ use nb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 use nb_tests::{
     netns::{Backend, connect_in, which_backend},
     require_root,
+    topo::spread,
     topo::{
         Agent, Topology, Wiring, backend_v4, echo, open_greeted, vip, wait_connectable, wait_log,
         wait_until,
@@ -118,17 +118,6 @@ fn agent_alive(agent: &Agent) -> bool {
         .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
-/// `n` new connections from the client; panics on any failure. The count per label.
-fn spread(t: &Topology, n: usize) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for i in 0..n {
-        let label = which_backend(&t.client, vip(80))
-            .unwrap_or_else(|e| panic!("new connection {i} of {n} failed: {e}"));
-        *seen.entry(label).or_default() += 1;
-    }
-    seen
-}
-
 /// Makes new connections until `run` consecutive ones all succeed and `ok` accepts every
 /// label; returns when the first of them started (measured from `since`). Panics after
 /// `timeout` (from `since`).
@@ -183,7 +172,7 @@ fn dead_backend_leaves_rotation_in_time_and_comes_back() {
     for i in 1..=3 {
         wait_log(&agent, &format!("port 80 node b{i} is UP"), 1, up_window());
     }
-    let seen = spread(&t, 30);
+    let seen = spread(&t, vip(80), 30);
     assert_eq!(seen.len(), 3, "all three take traffic: {seen:?}");
 
     let stopped = Instant::now();
@@ -215,7 +204,7 @@ fn dead_backend_leaves_rotation_in_time_and_comes_back() {
     if let Some(rest) = window.checked_sub(stopped.elapsed()) {
         std::thread::sleep(rest);
     }
-    let after = spread(&t, 60);
+    let after = spread(&t, vip(80), 60);
     assert!(
         !after.contains_key("b2"),
         "the dead b2 got connections: {after:?}"
@@ -236,7 +225,7 @@ fn dead_backend_leaves_rotation_in_time_and_comes_back() {
         "recovery after the backend returned: {:?}",
         restarted.elapsed()
     );
-    let seen = spread(&t, 30);
+    let seen = spread(&t, vip(80), 30);
     assert_eq!(seen.len(), 3, "all three take traffic again: {seen:?}");
     assert!(
         client_conns(&backends[1]) >= 5,
@@ -303,7 +292,7 @@ fn backup_takes_over_only_while_the_accept_node_is_down() {
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
     wait_log(&agent, "port 80 node b1 is UP", 1, up_window());
     wait_log(&agent, "port 80 node b2 is UP", 1, up_window());
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(
         seen.get("b1"),
         Some(&20),
@@ -326,7 +315,7 @@ fn backup_takes_over_only_while_the_accept_node_is_down() {
         took <= window,
         "backup took over after {took:?}, not within {window:?}"
     );
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(seen.get("b2"), Some(&20), "all to the backup: {seen:?}");
 
     let restarted = Instant::now();
@@ -345,7 +334,7 @@ fn backup_takes_over_only_while_the_accept_node_is_down() {
         took <= window,
         "b1 back after {took:?}, not within {window:?}"
     );
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(
         seen.get("b1"),
         Some(&20),
@@ -394,7 +383,7 @@ fn all_nodes_down_refuses_at_once() {
     wait_log(&agent, "port 80 node b1 is UP (was DOWN)", 1, up_window());
     wait_log(&agent, "port 80 node b2 is UP (was DOWN)", 1, up_window());
     wait_connectable(&t.client, vip(80), MARGIN);
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(seen.len(), 2, "both back in rotation: {seen:?}");
 }
 
@@ -484,7 +473,7 @@ fn broken_reload_changes_nothing() {
     let cfg = t.write_config(&good);
     let agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(seen.len(), 2, "both nodes serve: {seen:?}");
 
     let bad_files = [
@@ -523,7 +512,7 @@ fn broken_reload_changes_nothing() {
             agent.log_text()
         );
         // Round robin runs per CPU, so allow some skew; a rejected b1 would get none.
-        let seen = spread(&t, 20);
+        let seen = spread(&t, vip(80), 20);
         assert!(
             seen.get("b1").is_some_and(|n| *n >= 5) && seen.get("b2").is_some_and(|n| *n >= 5),
             "after a refused reload ({what}) both nodes serve as before: {seen:?}"
@@ -546,7 +535,7 @@ fn broken_reload_changes_nothing() {
         ),
     );
     reload(&agent, "reloaded", 1);
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(
         seen.get("b2"),
         Some(&20),
@@ -648,7 +637,7 @@ fn agent_crash_and_restart_keep_connections() {
         "the new agent adopted the pinned link:\n{}",
         restarted.log_text()
     );
-    let seen = spread(&t, 20);
+    let seen = spread(&t, vip(80), 20);
     assert_eq!(seen.len(), 2, "new connections after the restart: {seen:?}");
 }
 

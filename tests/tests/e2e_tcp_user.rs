@@ -3,7 +3,6 @@
 //! the kernel even when it is attached).
 
 use std::{
-    collections::HashMap,
     io::{self, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::mpsc,
@@ -14,6 +13,7 @@ use std::{
 use nb_tests::{
     netns::{Backend, connect_in, which_backend},
     require_root,
+    topo::spread,
     topo::{
         Agent, CLIENT, LB_PRIVATE, Topology, VIP, Wiring, backend_v4, echo, open_greeted, vip,
         wait_connectable, wait_log,
@@ -45,17 +45,6 @@ fn write_config_no_xdp(t: &Topology, ports: &str) -> std::path::PathBuf {
     assert!(balancer.contains("xdp_mode = \"off\""));
     std::fs::write(&path, format!("{balancer}{ports}")).expect("write config");
     path
-}
-
-/// `n` connections from the client; how many landed on each backend label.
-fn spread(t: &Topology, addr: SocketAddr, n: usize) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for _ in 0..n {
-        let label =
-            which_backend(&t.client, addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        *seen.entry(label).or_default() += 1;
-    }
-    seen
 }
 
 fn reload(agent: &Agent, cfg: &std::path::Path, contents: String, n: usize) {
