@@ -1269,7 +1269,10 @@ fn gateway_errors_and_passive_checks() {
     assert_eq!(r.status, 502, "{r:?}");
 
     // Port 82: active checks every 60 s; passive ones count at once. 501 is not a failure.
+    // The first active check comes within 12 s of the start; waiting for it keeps it from
+    // landing just after the passive DOWN below and bringing the node straight back UP.
     let p82 = SocketAddr::new(IpAddr::V4(VIP), 82);
+    wait_log(&agent, "port 82 node b1 is UP", 1, Duration::from_secs(15));
     for _ in 0..3 {
         let r = get(&t, p82, "/status/501", &[]);
         assert_eq!((r.status, r.backend().as_str()), (501, "b1"));
