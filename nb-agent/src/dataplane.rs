@@ -6,6 +6,12 @@ use std::{
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
 };
 
 use aya::{
@@ -211,6 +217,67 @@ pub struct Dataplane {
     unanswered_seen: std::collections::HashSet<FlowKey>,
     /// The `SVC_PORTS` bitmap as last written.
     svc_ports: Vec<u64>,
+    /// Keeps the program's clock (`cfg::CLOCK_NS`) current while the agent runs.
+    _clock: Clock,
+}
+
+/// How often `Clock` writes the time. Flow stamps lag the real time by at most this; the
+/// timeouts they serve count in seconds.
+const CLOCK_TICK: Duration = Duration::from_millis(100);
+
+/// A thread writing `CLOCK_MONOTONIC_COARSE` into `cfg::CLOCK_NS` every `CLOCK_TICK`: the
+/// program reads its time from there instead of calling a clock helper per packet. A thread
+/// of its own, so a busy runtime cannot hold the clock back (a stale clock would age flows).
+struct Clock {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Clock {
+    fn start(pin_dir: &Path) -> Result<Clock> {
+        let data = MapData::from_pin(pin_dir.join(maps::CONFIG)).map_err(map_err(maps::CONFIG))?;
+        let mut config: Array<MapData, u64> =
+            Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(maps::CONFIG))?;
+        // Written once before the thread starts, so the program never stamps a flow with a
+        // time older than the agent's start.
+        config
+            .set(cfg::CLOCK_NS, coarse_now_ns(), 0)
+            .map_err(map_err(maps::CONFIG))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("nb-clock".into())
+            .spawn(move || {
+                let mut warned = false;
+                while !stopped.load(Ordering::Relaxed) {
+                    if let Err(e) = config.set(cfg::CLOCK_NS, coarse_now_ns(), 0)
+                        && !warned
+                    {
+                        warn!("writing the XDP program's clock: {e}");
+                        warned = true;
+                    }
+                    std::thread::park_timeout(CLOCK_TICK);
+                }
+            })
+            .map_err(|source| DataplaneError::Io {
+                path: pin_dir.join(maps::CONFIG),
+                source,
+            })?;
+        Ok(Clock {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Clock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 fn mount_bpffs(dir: &Path) -> Result<()> {
@@ -285,6 +352,7 @@ impl Dataplane {
             backends: HashMap::new(),
             unanswered_seen: std::collections::HashSet::new(),
             svc_ports: vec![0; SVC_PORT_WORDS as usize],
+            _clock: Clock::start(pin_dir)?,
         };
         for m in migrations {
             dp.migrate(m)?;

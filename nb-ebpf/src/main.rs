@@ -101,11 +101,14 @@ fn flow_key(pkt: &Packet) -> FlowKey {
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in ns, as the agent last wrote it (see `cfg::CLOCK_NS`).
 #[inline(always)]
 fn now() -> u64 {
-    // SAFETY: plain helper call. The coarse clock is enough for second-scale timeouts and
-    // much cheaper per packet than the precise one.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    match setting(cfg::CLOCK_NS) {
+        // SAFETY: plain helper call; only until the agent writes its clock.
+        0 => unsafe { bpf_ktime_get_coarse_ns() },
+        t => t,
+    }
 }
 
 /// A packet of service `svc` with no usable flow entry: a new connection, or a flow whose

@@ -9,9 +9,15 @@ use std::{
     sync::Arc,
 };
 
-use aya::{TestRun, TestRunOptions};
-use nb_agent::dataplane::{BackendSpec, Dataplane, ServiceSpec};
-use nb_common::{ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, SNAT_PORT_MAX, SNAT_PORT_MIN};
+use aya::{
+    TestRun, TestRunOptions,
+    maps::{Array, HashMap as BpfHashMap, Map, MapData},
+};
+use nb_agent::dataplane::{BackendSpec, Dataplane, FlowTimeouts, ServiceSpec, coarse_now_ns};
+use nb_common::{
+    ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, SNAT_PORT_MAX, SNAT_PORT_MIN, cfg,
+    maps,
+};
 use nb_tests::{
     netns::{Netns, veth},
     packet::{self, ACK, FIN, Frame, Ip, PSH, RST, SYN},
@@ -326,6 +332,58 @@ fn syn_established_reply_and_close() {
             ),
             snat
         );
+    });
+}
+
+/// The program stamps flows with the clock the agent writes into its config map (an array
+/// read) instead of calling a clock helper per packet; the clock moves, and the sweep ages
+/// flows by it.
+#[test]
+fn flows_are_stamped_with_the_agents_clock() {
+    let rig = Rig::new("pk8");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    rig.with(one_backend(), move |r| {
+        let open = |name: &str| MapData::from_pin(pin.join(name)).expect("pinned map");
+        let config: Array<MapData, u64> =
+            Array::try_from(Map::Array(open(maps::CONFIG))).expect("config map");
+        let clock = || config.get(&cfg::CLOCK_NS, 0).expect("clock");
+        let c0 = clock();
+        let real = coarse_now_ns();
+        assert!(
+            c0 > 0 && c0 <= real && real - c0 < 1_000_000_000,
+            "the clock is written at load and current: {c0} vs {real}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let c1 = clock();
+        assert!(
+            c1 >= c0 + 200_000_000,
+            "the clock moves (100 ms ticks): {c0} then {c1} 400 ms later"
+        );
+        // A SYN between two equal readings of the clock must carry exactly that time (the
+        // kernel's own clock would differ in the nanoseconds).
+        let mut stamped = None;
+        for port in 40100..40110 {
+            let before = clock();
+            let (act, _) = r.run(&syn(lb_mac, port).build());
+            assert_eq!(act, XDP_TX);
+            if clock() == before {
+                stamped = Some((port, before));
+                break;
+            }
+        }
+        let (port, at) = stamped.expect("ten SYNs all straddled a clock tick");
+        let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(Map::LruHashMap(open(maps::FLOWS))).expect("flow map");
+        let stamp = flows
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(k, _)| u16::from_be(k.sport) == port)
+            .map(|(_, v)| v.last_seen)
+            .expect("the SYN's flow");
+        assert_eq!(stamp, at, "the flow carries the agent's clock");
+        let report = r.dp.sweep(FlowTimeouts::default()).expect("sweep");
+        assert_eq!(report.expired, 0, "fresh flows are not idle");
     });
 }
 
