@@ -59,6 +59,8 @@ pub struct Topology {
     /// `[admin] listen`: a port free on the balancer namespace's loopback, so tests (and
     /// nbctl, which reads it from the config) know where the API is.
     pub admin: SocketAddr,
+    /// `[balancer] workers`, written when not 0.
+    pub workers: u32,
 }
 
 impl Topology {
@@ -128,6 +130,7 @@ impl Topology {
             pin_path: PathBuf::from(format!("/sys/fs/bpf/nb-{tag}-{suffix}")),
             dir,
             admin,
+            workers: 0,
         }
     }
 
@@ -137,10 +140,15 @@ impl Topology {
         format!(
             "[balancer]\ninterfaces = [{}]\naddresses = [\"{VIP}\", \"{VIP6}\"]\n\
              state_dir = \"{}\"\nbpf_pin_path = \"{}\"\nmax_flows = 65536\n\n\
-             [admin]\nlisten = \"{}\"\ntoken_file = \"{}\"\n\n",
+             {}[admin]\nlisten = \"{}\"\ntoken_file = \"{}\"\n\n",
             ifaces.join(", "),
             self.dir.join("state").display(),
             self.pin_path.display(),
+            if self.workers > 0 {
+                format!("workers = {}\n\n", self.workers)
+            } else {
+                String::new()
+            },
             self.admin,
             self.dir.join("admin.token").display(),
         )

@@ -48,6 +48,14 @@ const BACKEND_PORT: u16 = 8080;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// The http suite runs with `workers = 1`: a single-threaded serving runtime (the one the L7
+/// benchmark measures); the user-space tcp suite keeps the multi-thread default.
+fn one_worker(tag: &str, wiring: Wiring, n: u8) -> Topology {
+    let mut t = Topology::new(tag, wiring, n);
+    t.workers = 1;
+    t
+}
+
 fn full(s: impl Into<Bytes>) -> Body {
     Full::new(s.into()).boxed()
 }
@@ -510,7 +518,7 @@ fn make_cert(dir: &Path, name: &str, tag: &str) -> (PathBuf, PathBuf) {
 #[test]
 fn http_headers_spread_keepalive_reload_and_503() {
     require_root();
-    let t = Topology::new("h1", Wiring::TwoNic, 3);
+    let t = one_worker("h1", Wiring::TwoNic, 3);
     let mut backends = start_backends(&t, 3);
     let cfg = t.write_config(&port_toml(80, "http", "", &accept_nodes(3)));
     let agent = Agent::start(&t, &cfg);
@@ -650,7 +658,7 @@ fn http_headers_spread_keepalive_reload_and_503() {
 #[test]
 fn ipv6_backends_behind_an_http_port() {
     require_root();
-    let t = Topology::new("hv", Wiring::TwoNic, 2);
+    let t = one_worker("hv", Wiring::TwoNic, 2);
     let backends: Vec<HttpBackend> = (1..=2u8)
         .map(|i| {
             let addr = SocketAddr::new(IpAddr::V6(backend_v6(i)), BACKEND_PORT);
@@ -698,7 +706,7 @@ fn ipv6_backends_behind_an_http_port() {
 #[test]
 fn cookie_stickiness_forgery_drain_and_redispatch() {
     require_root();
-    let t = Topology::new("h2", Wiring::TwoNic, 3);
+    let t = one_worker("h2", Wiring::TwoNic, 3);
     let mut backends = start_backends(&t, 3);
     let cfg = t.write_config(&port_toml(
         80,
@@ -831,7 +839,7 @@ fn cookie_stickiness_forgery_drain_and_redispatch() {
 #[test]
 fn table_source_leastconn_and_backup() {
     require_root();
-    let t = Topology::new("h3", Wiring::TwoNic, 3);
+    let t = one_worker("h3", Wiring::TwoNic, 3);
     let mut backends = start_backends(&t, 3);
     let cfg = t.write_config(
         &(port_toml(80, "http", "stickiness = \"table\"", &accept_nodes(3))
@@ -880,7 +888,7 @@ fn table_source_leastconn_and_backup() {
 #[test]
 fn https_h2_sni_tls_versions_and_cert_reload() {
     require_root();
-    let t = Topology::new("h4", Wiring::TwoNic, 2);
+    let t = one_worker("h4", Wiring::TwoNic, 2);
     let _backends = start_backends(&t, 2);
     let (a_crt, a_key) = make_cert(&t.dir, "a.test", "");
     let (b_crt, b_key) = make_cert(&t.dir, "b.test", "");
@@ -1010,7 +1018,7 @@ fn https_h2_sni_tls_versions_and_cert_reload() {
 #[test]
 fn start_refuses_missing_and_encrypted_tls_files() {
     require_root();
-    let t = Topology::new("h5", Wiring::TwoNic, 1);
+    let t = one_worker("h5", Wiring::TwoNic, 1);
     let (crt, key) = make_cert(&t.dir, "a.test", "");
     let enc = t.dir.join("enc.key");
     t.lb.sh(&format!(
@@ -1054,7 +1062,7 @@ fn large_streams_keep_memory_flat() {
     require_root();
     const SIZE: u64 = 100 * 1024 * 1024;
     const MAX_GROWTH_KIB: u64 = 8 * 1024;
-    let t = Topology::new("h6", Wiring::TwoNic, 1);
+    let t = one_worker("h6", Wiring::TwoNic, 1);
     let _backends = start_backends(&t, 1);
     let (crt, key) = make_cert(&t.dir, "a.test", "");
     let extra = format!(
@@ -1130,7 +1138,7 @@ fn large_streams_keep_memory_flat() {
 #[test]
 fn upgrade_slow_client_and_connection_limit() {
     require_root();
-    let t = Topology::new("h7", Wiring::TwoNic, 1);
+    let t = one_worker("h7", Wiring::TwoNic, 1);
     let _backends = start_backends(&t, 1);
     let cfg = t.write_config(
         &(port_toml(80, "http", "timeout_header = 2", &accept_nodes(1))
@@ -1225,7 +1233,7 @@ fn upgrade_slow_client_and_connection_limit() {
 #[test]
 fn gateway_errors_and_passive_checks() {
     require_root();
-    let t = Topology::new("h8", Wiring::TwoNic, 2);
+    let t = one_worker("h8", Wiring::TwoNic, 2);
     let _b1 = HttpBackend::start(&t.backends, "b1", backend_addr(1));
     // b2 answers every connection with garbage.
     let garbage = t
@@ -1392,7 +1400,7 @@ fn status_active(t: &Topology, port: u16) -> u64 {
 #[test]
 fn node_counters_on_http_and_user_space_tcp_ports() {
     require_root();
-    let t = Topology::new("h9", Wiring::TwoNic, 2);
+    let t = one_worker("h9", Wiring::TwoNic, 2);
     let _http = start_backends(&t, 2);
     let mut tcp_backends: Vec<nb_tests::netns::Backend> = (1..=2)
         .map(|i| {
@@ -1628,7 +1636,7 @@ fn node_counters_on_http_and_user_space_tcp_ports() {
 #[test]
 fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
     require_root();
-    let t = Topology::new("ha", Wiring::TwoNic, 1);
+    let t = one_worker("ha", Wiring::TwoNic, 1);
     let _backends = start_backends(&t, 1);
     let (crt, key) = make_cert(&t.dir, "a.test", "");
     let tls = format!(

@@ -273,15 +273,14 @@ impl TcpProxy {
             let Some(rt) = self.ports.get(&number).cloned() else {
                 continue;
             };
-            let Some(listener) = super::into_tokio(addr, std_listener) else {
+            let pp = rt.view().port.proxy_protocol;
+            let Some(handle) = super::serve_listener(addr, std_listener, |l| {
+                accept_loop(rt, l, addr, idle_timeout())
+            }) else {
                 continue;
             };
-            let pp = rt.view().port.proxy_protocol;
             info!("{addr}: serving tcp in user space (proxy_protocol {pp})");
-            self.listeners.insert(
-                addr,
-                tokio::spawn(accept_loop(rt, listener, addr, idle_timeout())),
-            );
+            self.listeners.insert(addr, handle);
         }
     }
 
