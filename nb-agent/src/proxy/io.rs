@@ -90,9 +90,10 @@ impl<S> Counted<S> {
         }
     }
 
-    fn wrote(&self, n: usize) {
+    /// Counts `n` bytes moved (towards the node on `bytes_in`, from it on `bytes_out`).
+    fn moved(&self, counter: &AtomicU64, n: usize) {
         if n > 0 {
-            self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+            counter.fetch_add(n as u64, Ordering::Relaxed);
             if let Some(a) = &self.activity {
                 a.touch();
             }
@@ -109,13 +110,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-            if let Some(a) = &this.activity {
-                a.touch();
-            }
-        }
+        this.moved(&this.stats.bytes_out, buf.filled().len() - before);
         r
     }
 }
@@ -129,7 +124,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            this.wrote(n);
+            this.moved(&this.stats.bytes_in, n);
         }
         r
     }
@@ -142,7 +137,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
-            this.wrote(n);
+            this.moved(&this.stats.bytes_in, n);
         }
         r
     }

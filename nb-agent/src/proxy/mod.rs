@@ -904,14 +904,20 @@ mod tests {
         (proxy, rt, addr)
     }
 
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        for _ in 0..200 {
+    /// Waits for `f` to hold, checking every 10 ms, for at most `secs` seconds (shared with
+    /// the user-space tcp tests).
+    pub(super) async fn eventually_within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..secs * 100 {
             if f() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("{what}: not within 2 s");
+        panic!("{what}: not within {secs} s");
+    }
+
+    async fn eventually(what: &str, f: impl FnMut() -> bool) {
+        eventually_within(2, what, f).await
     }
 
     #[tokio::test]

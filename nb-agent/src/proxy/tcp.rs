@@ -519,14 +519,8 @@ mod tests {
         (rt, addr)
     }
 
-    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-        for _ in 0..300 {
-            if f() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{what}: not within 3 s");
+    async fn eventually(what: &str, f: impl FnMut() -> bool) {
+        crate::proxy::tests::eventually_within(3, what, f).await
     }
 
     #[tokio::test]
