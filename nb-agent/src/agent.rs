@@ -613,15 +613,26 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
     sd_notify("STOPPING=1");
     // The API answers "gone" from now on instead of waiting for this loop.
     drop(api_calls);
-    // No new connections anywhere; http/https requests in flight finish (bounded), while
-    // user-space tcp connections go on until the process exits.
+    // No new connections anywhere; http/https requests in flight, upgraded tunnels and
+    // user-space tcp connections get the same bounded time to finish.
     agent.tcp.stop_accepting().await;
+    let drained = async {
+        tokio::join!(
+            agent.proxy.drain(DRAIN_TIMEOUT),
+            agent.tcp.drain(DRAIN_TIMEOUT)
+        )
+    };
     tokio::select! {
-        left = agent.proxy.drain(DRAIN_TIMEOUT) => if left > 0 {
-            warn!("{left} http/https connection(s) still open after {DRAIN_TIMEOUT:?}, cut");
+        (http, tcp) = drained => {
+            if http > 0 {
+                warn!("{http} http/https connection(s) still open after {DRAIN_TIMEOUT:?}, cut");
+            }
+            if tcp > 0 {
+                warn!("{tcp} user-space tcp connection(s) still open after {DRAIN_TIMEOUT:?}, cut");
+            }
         },
-        _ = term.recv() => warn!("second signal: not waiting for http/https requests in flight"),
-        _ = int.recv() => warn!("second signal: not waiting for http/https requests in flight"),
+        _ = term.recv() => warn!("second signal: not waiting for connections to finish"),
+        _ = int.recv() => warn!("second signal: not waiting for connections to finish"),
     }
     info!("stopping; the XDP program stays attached and pinned");
     Ok(())

@@ -1679,6 +1679,18 @@ fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("connection"), Some("close"), "{r:?}");
 
+    // An upgraded tunnel open across the signal: it keeps working, and the agent waits for
+    // it as for a request in flight.
+    let ws = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
+    ws.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut ws = BufReader::new(ws);
+    ws.get_mut()
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: ws.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .expect("write");
+    let (status, headers) = read_head(&mut ws).expect("101");
+    assert_eq!(status, 101, "{headers:?}");
+
     // Two slow requests in flight: HTTP/1.1 on port 80, HTTP/2 on port 443.
     let h1 = {
         let mut c = Client::connect(&t, vip(80));
@@ -1702,10 +1714,22 @@ fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
     agent.signal(libc::SIGTERM);
     wait_log(
         &agent,
-        "2 http/https connection(s) finishing",
+        "3 http/https connection(s) finishing",
         1,
         Duration::from_secs(2),
     );
+    // The tunnel echoes after the signal and is closed by its client 3.5 s after it, later
+    // than the slow requests end.
+    let tunnel = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1000));
+        ws.get_mut().write_all(b"after the signal").expect("write");
+        let mut back = [0u8; 16];
+        ws.read_exact(&mut back).expect("the tunnel is not cut");
+        assert_eq!(&back, b"after the signal");
+        std::thread::sleep(Duration::from_millis(3500).saturating_sub(signalled.elapsed()));
+        drop(ws);
+        signalled.elapsed()
+    });
     for addr in [vip(80), vip(443)] {
         let e = connect_in(&t.client, addr, Duration::from_secs(2))
             .expect_err("no new connection while stopping");
@@ -1741,11 +1765,13 @@ fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
         Duration::from_secs(3),
     );
     let took = signalled.elapsed();
-    println!("agent stopped {took:?} after SIGTERM");
+    let tunnel_closed = tunnel.join().expect("tunnel thread");
+    println!("agent stopped {took:?} after SIGTERM, tunnel closed at {tunnel_closed:?}");
     assert!(
         took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "waited for the requests, not for the 10 s bound: {took:?}"
     );
+    assert!(took >= tunnel_closed, "waited for the tunnel too: {took:?}");
     let status = agent.stop().expect("exit status");
     assert!(status.success(), "{status:?}\n{}", agent.log_text());
 }

@@ -507,3 +507,59 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
         "half-closed connection closed after {took:?}"
     );
 }
+
+/// SIGTERM: the listeners close at once, and a connection already copying keeps working
+/// until it ends (here by the idle timeout, 2 s through the test override, after its client
+/// went away); the agent exits then, inside its 10 s bound, not before.
+#[test]
+fn sigterm_lets_user_space_connections_finish() {
+    require_root();
+    let t = Topology::new("u8", Wiring::TwoNic, 1);
+    let _b1 = Backend::start(
+        &t.backends,
+        "b1",
+        SocketAddr::new(backend_v4(1).into(), 8080),
+    );
+    let cfg = write_config_no_xdp(&t, &tcp_port(80, "", &nodes_toml(&[1], 8080)));
+    let mut agent =
+        Agent::start_without_xdp_with_env(&t, &cfg, &[("NB_TEST_TCP_IDLE_TIMEOUT_SECS", "2")]);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    let (mut conn, _) = open_greeted(&t, vip(80));
+    echo(&mut conn, b"before the signal").expect("echo");
+
+    let signalled = Instant::now();
+    agent.signal(libc::SIGTERM);
+    // This one, and maybe the readiness probe's, which the backend never closes (it ends by
+    // the idle timeout).
+    wait_log(
+        &agent,
+        "user-space tcp connection(s) finishing",
+        1,
+        Duration::from_secs(2),
+    );
+    let e = connect_in(&t.client, vip(80), Duration::from_secs(2))
+        .expect_err("no new connection while stopping");
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    // Still copying after the signal: an exchange every 500 ms for 2.5 s (past the idle
+    // timeout, so only the exchanges keep it open), then the client goes.
+    while signalled.elapsed() < Duration::from_millis(2500) {
+        echo(&mut conn, b"after the signal").expect("the connection is not cut");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let last = signalled.elapsed();
+    drop(conn);
+    wait_log(
+        &agent,
+        "stopping; the XDP program stays",
+        1,
+        Duration::from_secs(8),
+    );
+    let took = signalled.elapsed();
+    println!("agent stopped {took:?} after SIGTERM (last exchange at {last:?})");
+    assert!(
+        took >= last + Duration::from_millis(1500) && took < Duration::from_secs(9),
+        "waited for the connection to end, within the bound: {took:?}"
+    );
+    let status = agent.stop().expect("exit status");
+    assert!(status.success(), "{status:?}\n{}", agent.log_text());
+}

@@ -19,11 +19,12 @@ use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use log::{debug, warn};
+use tokio::sync::watch;
 
 use crate::{
     config::Stickiness,
     proxy::{
-        PortRuntime,
+        ConnGuard, PortRuntime,
         balance::ActiveGuard,
         cookie,
         pool::{BackendBody, ForwardError},
@@ -61,11 +62,19 @@ pub struct Client {
     ip: HeaderValue,
     /// The port the client came to, for X-Forwarded-Port.
     port: HeaderValue,
+    /// The connection's share of its listener's stop signal: an upgraded tunnel keeps a copy,
+    /// so a stopping agent waits for it as for a request in flight.
+    stop: watch::Receiver<bool>,
 }
 
 impl Client {
-    /// The connection from `peer` to `local` (`secure`: over TLS).
-    pub fn new(peer: SocketAddr, local: SocketAddr, secure: bool) -> Client {
+    /// The connection from `peer` to `local` (`secure`: over TLS), stopped by `stop`.
+    pub fn new(
+        peer: SocketAddr,
+        local: SocketAddr,
+        secure: bool,
+        stop: watch::Receiver<bool>,
+    ) -> Client {
         let ip = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
             .expect("an address is a valid header value");
         Client {
@@ -74,6 +83,7 @@ impl Client {
             secure,
             ip,
             port: HeaderValue::from(local.port()),
+            stop,
         }
     }
 }
@@ -328,8 +338,12 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
         let (mut parts, _empty) = resp.into_parts();
         let client_upgrade = client_upgrade.expect("upgrade request");
         let label = node.label.clone();
+        // Until the tunnel ends: counted as a client connection of the port (against
+        // `max_connections`, and by a stopping agent, which waits for it).
+        let open = ConnGuard::new(&rt.open);
+        let stop = conn.stop.clone();
         tokio::spawn(async move {
-            let _guard = guard;
+            let _held = (guard, open, stop);
             match tokio::try_join!(client_upgrade, backend_upgrade) {
                 Ok((c, b)) => {
                     let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));

@@ -154,9 +154,10 @@ impl Listener {
     }
 }
 
-/// How long a stopping agent lets requests in flight finish before it exits: well inside
-/// systemd's stop timeout (90 s by default), long enough for ordinary requests; a longer
-/// download or an upgraded tunnel is cut, as HAProxy's `hard-stop-after` would.
+/// How long a stopping agent lets requests in flight, upgraded tunnels and user-space tcp
+/// connections finish before it exits: well inside systemd's stop timeout (90 s by default),
+/// long enough for ordinary requests; a longer download or tunnel is cut, as HAProxy's
+/// `hard-stop-after` would.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The proxy side of the agent: every http/https listener and port.
@@ -543,7 +544,7 @@ async fn serve_connection(
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             if h2 {
-                let conn = Arc::new(forward::Client::new(peer, local, true));
+                let conn = Arc::new(forward::Client::new(peer, local, true, stop.clone()));
                 let handler = move |req| forward::handle(rt.clone(), req, conn.clone());
                 serve_h2(tls, handler, max_header as u32, header_timeout, stop).await
             } else {
@@ -721,7 +722,7 @@ async fn serve_h1<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(forward::Client::new(peer, local, secure));
+    let conn = Arc::new(forward::Client::new(peer, local, secure, stop.clone()));
     let service = service_fn(move |req| forward::handle(rt.clone(), req, conn.clone()));
     let mut conn = h1
         .serve_connection(TokioIo::new(io), service)

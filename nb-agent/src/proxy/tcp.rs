@@ -294,6 +294,29 @@ impl TcpProxy {
         }
     }
 
+    /// The agent is stopping and the listeners are closed: waits until the connections still
+    /// copying have ended, or `bound`; returns how many are open then (cut when the agent
+    /// exits). Their clients and nodes close them; nothing here can ask them to.
+    pub async fn drain(&self, bound: Duration) -> usize {
+        let open = || {
+            self.ports
+                .values()
+                .map(|rt| rt.open.load(Ordering::Relaxed))
+                .sum::<usize>()
+        };
+        let n = open();
+        if n > 0 {
+            info!("stopping: {n} user-space tcp connection(s) finishing (at most {bound:?})");
+        }
+        let ended = async {
+            while open() > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let _ = tokio::time::timeout(bound, ended).await;
+        open()
+    }
+
     /// Rebuilds every port's node set from `cfg` and the nodes' states, as the http proxy
     /// does: `state` gives a node's health and passive-check channel by (port, label).
     pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(u16, &str) -> NodeState) {
