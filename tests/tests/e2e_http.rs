@@ -1727,8 +1727,10 @@ fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
         ws.read_exact(&mut back).expect("the tunnel is not cut");
         assert_eq!(&back, b"after the signal");
         std::thread::sleep(Duration::from_millis(3500).saturating_sub(signalled.elapsed()));
+        // Taken before the close, so a late wake-up of this thread cannot make it later.
+        let closing = signalled.elapsed();
         drop(ws);
-        signalled.elapsed()
+        closing
     });
     for addr in [vip(80), vip(443)] {
         let e = connect_in(&t.client, addr, Duration::from_secs(2))
