@@ -627,8 +627,8 @@ impl H2Activity {
     }
 }
 
-/// One open request of an HTTP/2 connection; also when its stream is reset and the handler
-/// dropped half way.
+/// One open request of an HTTP/2 connection, from its head to the end of its response body;
+/// also when its stream is reset and the handler or the body dropped half way.
 struct H2Open(Arc<H2Activity>);
 
 impl H2Open {
@@ -645,11 +645,43 @@ impl Drop for H2Open {
     }
 }
 
+/// A response body holding `G` until it is dropped: sent in full, or its stream reset.
+struct Held<B, G> {
+    body: B,
+    _held: G,
+}
+
+impl<B: hyper::body::Body + Unpin, G: Unpin> hyper::body::Body for Held<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How long an HTTP/2 connection told to go away, with no response in progress, has to finish
+/// closing (a PING answered, a last GOAWAY) before it is dropped.
+const H2_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves HTTP/2 on `io` (TLS, ALPN h2) until the client goes, `stop` asks, or no request has
 /// been open for `idle` (the port's `timeout_header`, its keep-alive idle time). Both end with
 /// GOAWAY: no new streams, the open ones finish. Without the idle limit an HTTP/2 client
 /// that answers keep-alive pings would hold its connection forever; HAProxy closes idle ones
-/// after its client timeout too.
+/// after its client timeout too. The graceful close needs the client's part; a client that
+/// stalls instead (part way through a request head, answering nothing) is dropped once no
+/// response is in progress for `H2_CLOSE_GRACE`.
 async fn serve_h2<I, F, Fut>(
     io: I,
     handler: F,
@@ -672,8 +704,7 @@ where
         let handler = handler.clone();
         async move {
             let resp = handler(req).await;
-            drop(open);
-            resp
+            resp.map(|r| r.map(|body| Held { body, _held: open }))
         }
     });
     let mut b = http2::Builder::new(TokioExecutor::new());
@@ -699,7 +730,20 @@ where
         }
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    let mut deadline = tokio::time::Instant::now() + H2_CLOSE_GRACE;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = tokio::time::sleep_until(deadline) => {
+                let at = activity.idle_at(H2_CLOSE_GRACE);
+                if at <= tokio::time::Instant::now() {
+                    debug!("HTTP/2 client did not finish closing; dropped");
+                    return Ok(());
+                }
+                deadline = at;
+            }
+        }
+    }
 }
 
 /// Serves HTTP/1.1 (Upgrade included) on `io`, plain or TLS. When `timeout_header` runs out
@@ -1184,5 +1228,59 @@ mod tests {
             "idle time counts from the last answer: {answered:?} then {closed:?}"
         );
         let _ = tokio::time::timeout(Duration::from_secs(5), client).await;
+    }
+
+    /// An HTTP/2 client that starts a request head and stalls (HEADERS without END_HEADERS,
+    /// then nothing), and answers no PING, is still closed: GOAWAY at the idle time, then the
+    /// connection dropped once no request is open, whether or not the client takes part in
+    /// the graceful close.
+    #[tokio::test]
+    async fn stalled_http2_header_block_is_closed() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, server_io) = tokio::io::duplex(64 * 1024);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let handler = |_req: Request<Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(Response::new(
+                Full::new(Bytes::from_static(b"ok"))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ))
+        };
+        let idle = Duration::from_millis(300);
+        let start = std::time::Instant::now();
+        let server = tokio::spawn(serve_h2(server_io, handler, 16384, idle, stop_rx));
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("preface");
+        // SETTINGS (empty), then HEADERS on stream 1 with END_STREAM but no END_HEADERS,
+        // carrying `:method: GET` (HPACK static index 2).
+        client
+            .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+            .await
+            .expect("settings");
+        client
+            .write_all(&[0, 0, 1, 1, 0x01, 0, 0, 0, 1, 0x82])
+            .await
+            .expect("headers");
+        // Read (so the server is never blocked writing) and answer nothing.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = client.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the stalled connection is closed")
+            .expect("server task");
+        let closed = start.elapsed();
+        assert!(
+            closed >= idle && closed < Duration::from_secs(3),
+            "closed after {closed:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
     }
 }
