@@ -320,10 +320,12 @@ fn new_flow(
         last_seen: t,
     };
     let h = select::hash_flow(pkt);
-    let range = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    let stride = select::snat_stride(h);
     let mut snat_port = 0u16;
     for i in 0..SNAT_PORT_TRIES {
-        let port = (SNAT_PORT_MIN + (h.wrapping_add(i.wrapping_mul(7919)) % range) as u16).to_be();
+        let port = (SNAT_PORT_MIN
+            + (h.wrapping_add(i.wrapping_mul(stride)) % select::SNAT_RANGE) as u16)
+            .to_be();
         let rkey = FlowKey {
             src: addr_copy(&b.addr),
             dst: addr_copy(&b.snat_addr),
