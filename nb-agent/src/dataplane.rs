@@ -31,7 +31,10 @@ use nb_common::{
 };
 use thiserror::Error;
 
-use crate::selection::{MaglevBackend, maglev_update, wrr_sequence};
+use crate::{
+    map_batch,
+    selection::{MaglevBackend, maglev_update, wrr_sequence},
+};
 
 /// The XDP object built by `build.rs`, embedded so that the binary alone is the install.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nb-ebpf"));
@@ -852,6 +855,59 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// The pinned data of flow table `name`.
+    fn flow_map(&self, name: &'static str) -> Result<&MapData> {
+        match self.map(name)? {
+            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => Ok(m),
+            _ => Err(DataplaneError::Map {
+                name,
+                source: MapError::InvalidName {
+                    name: name.to_string(),
+                },
+            }),
+        }
+    }
+
+    /// Every entry of flow table `name`, in batches; entry by entry where the kernel has no
+    /// batch calls for the map (before Linux 5.6).
+    fn flow_entries<V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(FlowKey, V)>> {
+        let m = self.flow_map(name)?;
+        match map_batch::read_all::<FlowKey, V>(m) {
+            Ok(v) => Ok(v),
+            Err(e) if batch_unsupported(&e) => {
+                let h: BpfHashMap<&MapData, FlowKey, V> =
+                    BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+                Ok(h.iter().filter_map(|item| item.ok()).collect())
+            }
+            Err(source) => Err(DataplaneError::Io {
+                path: self.pin_dir.join(name),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes `keys` from flow table `name` (those already gone are skipped).
+    fn delete_flows<V: aya::Pod>(&mut self, name: &'static str, keys: &[FlowKey]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        match map_batch::delete_all(self.flow_map(name)?, keys) {
+            Ok(_) => Ok(()),
+            Err(e) if batch_unsupported(&e) => {
+                let mut h: BpfHashMap<&mut MapData, FlowKey, V> =
+                    BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+                for k in keys {
+                    let _ = h.remove(k);
+                }
+                Ok(())
+            }
+            Err(source) => Err(DataplaneError::Io {
+                path: self.pin_dir.join(name),
+                source,
+            }),
+        }
+    }
+
     /// Expires idle and closed flows and recounts active connections per backend (which
     /// `leastconn` reads). The program only ever adds to the counts; this sets them right.
     pub fn sweep(&mut self, t: FlowTimeouts) -> Result<SweepReport> {
@@ -865,15 +921,11 @@ impl Dataplane {
         let mut still_unanswered = std::collections::HashSet::new();
         let mut flow_ports: BTreeSet<u16> = BTreeSet::new();
         {
-            let rev: BpfHashMap<&MapData, FlowKey, RevValue> =
-                BpfHashMap::try_from(self.map(maps::REV_FLOWS)?)
-                    .map_err(map_err(maps::REV_FLOWS))?;
-            let fwd: BpfHashMap<&MapData, FlowKey, FlowValue> =
-                BpfHashMap::try_from(self.map(maps::FLOWS)?).map_err(map_err(maps::FLOWS))?;
+            let rev = self.flow_entries::<RevValue>(maps::REV_FLOWS)?;
+            let fwd = self.flow_entries::<FlowValue>(maps::FLOWS)?;
             // The reply side knows whether the backend answered and closed.
             let mut rev_state: HashMap<FlowKey, (u32, u64)> = HashMap::new();
-            for item in rev.iter() {
-                let Ok((k, v)) = item else { continue };
+            for (k, v) in rev {
                 let fk = FlowKey {
                     src: v.client_addr,
                     dst: v.vip_addr,
@@ -902,8 +954,7 @@ impl Dataplane {
                     expired_rev.push(k);
                 }
             }
-            for item in fwd.iter() {
-                let Ok((k, v)) = item else { continue };
+            for (k, v) in fwd {
                 report.flows += 1;
                 let (rflags, rseen) = rev_state.get(&k).copied().unwrap_or((0, 0));
                 let last = v.last_seen.max(rseen);
@@ -926,21 +977,8 @@ impl Dataplane {
                 }
             }
         }
-        {
-            let mut fwd: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
-                BpfHashMap::try_from(self.map_mut(maps::FLOWS)?).map_err(map_err(maps::FLOWS))?;
-            for k in &expired_fwd {
-                let _ = fwd.remove(k);
-            }
-        }
-        {
-            let mut rev: BpfHashMap<&mut MapData, FlowKey, RevValue> =
-                BpfHashMap::try_from(self.map_mut(maps::REV_FLOWS)?)
-                    .map_err(map_err(maps::REV_FLOWS))?;
-            for k in &expired_rev {
-                let _ = rev.remove(k);
-            }
-        }
+        self.delete_flows::<FlowValue>(maps::FLOWS, &expired_fwd)?;
+        self.delete_flows::<RevValue>(maps::REV_FLOWS, &expired_rev)?;
         report.expired = expired_fwd.len() as u64;
         // Ports of services, and of flows whose service is gone but which still run.
         flow_ports.extend(self.keys.keys().map(|k| u16::from_be(k.port)));
@@ -976,6 +1014,15 @@ impl Dataplane {
         self.unanswered_seen = still_unanswered;
         Ok(report)
     }
+}
+
+/// Whether a batch call failed only because this kernel has none for the map.
+fn batch_unsupported(e: &std::io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel's own code for a map type without the operation.
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524)
+    )
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in ns: the clock `bpf_ktime_get_coarse_ns` reads.

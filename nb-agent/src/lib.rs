@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod health;
+mod map_batch;
 pub mod metrics;
 pub mod proxy;
 pub mod selection;

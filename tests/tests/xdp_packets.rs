@@ -15,8 +15,8 @@ use aya::{
 };
 use nb_agent::dataplane::{BackendSpec, Dataplane, FlowTimeouts, ServiceSpec, coarse_now_ns};
 use nb_common::{
-    ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, SNAT_PORT_MAX, SNAT_PORT_MIN, cfg,
-    maps,
+    ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, RevValue, SNAT_PORT_MAX,
+    SNAT_PORT_MIN, cfg, maps,
 };
 use nb_tests::{
     netns::{Netns, veth},
@@ -384,6 +384,47 @@ fn flows_are_stamped_with_the_agents_clock() {
         assert_eq!(stamp, at, "the flow carries the agent's clock");
         let report = r.dp.sweep(FlowTimeouts::default()).expect("sweep");
         assert_eq!(report.expired, 0, "fresh flows are not idle");
+    });
+}
+
+/// 8000 new connections to one backend (35% of its SNAT ports) all get a port: each flow
+/// tries its ports with a stride of its own (with one stride for all, flow 4277 found its 8
+/// tries taken). The sweep reads the flow tables in batches (4096 per batch, so two here) and
+/// deletes what expired in batches: every flow is seen, and every expired one goes.
+#[test]
+fn new_flows_get_ports_and_the_sweep_sees_and_expires_every_flow() {
+    let rig = Rig::new("pk9");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    rig.with(one_backend(), move |r| {
+        for port in 20000..28000 {
+            let (act, _) = r.run(&syn(lb_mac, port).build());
+            assert_eq!(
+                act,
+                XDP_TX,
+                "port {port}: {} dropped for want of a SNAT port",
+                r.counter("drop_no_port")
+            );
+        }
+        let report = r.dp.sweep(FlowTimeouts::default()).expect("sweep");
+        assert_eq!((report.flows, report.expired), (8000, 0));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let now = FlowTimeouts {
+            established_secs: 0,
+            closing_secs: 0,
+            unanswered_secs: 0,
+        };
+        let report = r.dp.sweep(now).expect("sweep");
+        assert_eq!((report.flows, report.expired), (8000, 8000));
+        let report = r.dp.sweep(FlowTimeouts::default()).expect("sweep");
+        assert_eq!(report.flows, 0);
+        let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).expect("pin"));
+        let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(open(maps::FLOWS)).expect("flow map");
+        assert_eq!(flows.keys().count(), 0, "the flow table is empty");
+        let rev: BpfHashMap<MapData, FlowKey, RevValue> =
+            BpfHashMap::try_from(open(maps::REV_FLOWS)).expect("reply map");
+        assert_eq!(rev.keys().count(), 0, "the reply table is empty");
     });
 }
 
