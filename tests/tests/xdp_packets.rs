@@ -112,14 +112,22 @@ impl Rig {
         let lb0 = self.lb0;
         self.ns.enter(move || {
             let _ = std::fs::remove_dir_all(&pin);
+            // Removes the pins when the test ends, a failing one too.
+            let _unpin = Unpin(pin.clone());
             let mut dp = Dataplane::load(std::path::Path::new(&pin), 65536).expect("load XDP");
             dp.apply(&services).expect("apply services");
             let mut r = Runner { dp, lb0 };
-            let out = f(&mut r);
-            drop(r);
-            let _ = std::fs::remove_dir_all(&pin);
-            out
+            f(&mut r)
         })
+    }
+}
+
+/// A pin directory, removed on drop.
+struct Unpin(String);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
