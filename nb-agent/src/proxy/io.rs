@@ -6,6 +6,9 @@
 //! went over the wire to the node (request and response heads included, kept-alive
 //! connections and upgraded tunnels alike), which is the closest to the XDP path's whole-frame
 //! counts; it costs one relaxed atomic add per read or write call, nothing is buffered.
+//!
+//! Also the client side's `FlatWrites`, which sends a TLS connection's small vectored writes
+//! with one send(2).
 
 use std::{
     io,
@@ -155,6 +158,82 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// Vectored writes of at most this many bytes in all are copied into one buffer and sent.
+const FLAT_MAX: usize = 16 * 1024;
+
+/// A client's socket under TLS whose small vectored writes leave as one send(2).
+/// tokio-rustls hands its records to the socket with `poll_write_vectored`, which on a
+/// `TcpStream` is writev(2); writev's way through the VFS layer costs more per call than
+/// copying a response's few small records together. Larger writes (a download) stay
+/// vectored: there one call moves many records and the copy would cost more than it saves.
+#[derive(Debug)]
+pub struct FlatWrites<S> {
+    inner: S,
+}
+
+impl<S> FlatWrites<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> FlatWrites<S> {
+        FlatWrites { inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FlatWrites<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FlatWrites<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let inner = &mut self.get_mut().inner;
+        let mut full = bufs.iter().filter(|b| !b.is_empty());
+        let Some(first) = full.next() else {
+            return Poll::Ready(Ok(0));
+        };
+        if full.next().is_none() {
+            return Pin::new(inner).poll_write(cx, first);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total > FLAT_MAX {
+            return Pin::new(inner).poll_write_vectored(cx, bufs);
+        }
+        let mut flat = Vec::with_capacity(total);
+        for b in bufs {
+            flat.extend_from_slice(b);
+        }
+        Pin::new(inner).poll_write(cx, &flat)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +265,79 @@ mod tests {
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).await.unwrap();
         assert_eq!(stats.bytes_out.load(Ordering::Relaxed), 7);
+    }
+
+    /// What a socket was asked to write: each call's buffers, and whether it was vectored.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Vec<(bool, Vec<u8>)>,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().calls.push((false, buf.to_vec()));
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len();
+            self.get_mut().calls.push((true, all));
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn small_vectored_writes_go_out_as_one_plain_write() {
+        let mut w = FlatWrites::new(Recorder::default());
+        let n = w
+            .write_vectored(&[
+                io::IoSlice::new(b"head"),
+                io::IoSlice::new(b""),
+                io::IoSlice::new(b"body"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(n, 8);
+        // One buffer: passed as it is, not vectored.
+        let n = w
+            .write_vectored(&[io::IoSlice::new(b""), io::IoSlice::new(b"one")])
+            .await
+            .unwrap();
+        assert_eq!(n, 3);
+        let big = vec![7u8; FLAT_MAX];
+        let n = w
+            .write_vectored(&[io::IoSlice::new(&big), io::IoSlice::new(b"x")])
+            .await
+            .unwrap();
+        assert_eq!(n, FLAT_MAX + 1);
+        let calls = &w.inner.calls;
+        assert_eq!(calls.len(), 3);
+        assert_eq!(calls[0], (false, b"headbody".to_vec()));
+        assert_eq!(calls[1], (false, b"one".to_vec()));
+        // A large write stays vectored (one call moves it all, a copy would cost more).
+        assert!(calls[2].0);
+        assert_eq!(calls[2].1.len(), FLAT_MAX + 1);
     }
 
     #[tokio::test(start_paused = true)]

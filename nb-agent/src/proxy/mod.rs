@@ -522,11 +522,16 @@ async fn serve_connection(
     h1.timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .max_header_size(max_header)
-        .keep_alive(true);
+        .keep_alive(true)
+        // One flat buffer and send(2) rather than writev(2): see `pool::NodePool::connect`.
+        .writev(false);
     let result = match &view.tls {
         None => serve_h1(&h1, stream, rt, peer, local, false, stop).await,
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream));
+            let handshake = tokio::time::timeout(
+                header_timeout,
+                acceptor.accept(self::io::FlatWrites::new(stream)),
+            );
             let tls = match tokio::select! {
                 r = handshake => r,
                 // Stopping: a client still in its handshake has asked nothing yet.
