@@ -56,8 +56,12 @@ pub fn run(ws: &Path, part: Option<&str>, workers: u32) -> Result<()> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    // SAFETY: set before any thread that reads the environment is started.
-    unsafe { std::env::set_var("NB_AGENT_BIN", ws.join("target/release/nb-agent")) };
+    // An agent binary named in NB_AGENT_BIN is benchmarked instead of this build's (to
+    // compare two builds on the same machine, one run after the other).
+    if std::env::var_os("NB_AGENT_BIN").is_none() {
+        // SAFETY: set before any thread that reads the environment is started.
+        unsafe { std::env::set_var("NB_AGENT_BIN", ws.join("target/release/nb-agent")) };
+    }
     let out = ws.join("target/bench");
     std::fs::create_dir_all(&out)?;
     let keys = match part {
@@ -866,17 +870,29 @@ fn measure(client: &Netns) -> Result<(Load, Load, f64)> {
 
 /// wrk from `client` to port 80 of the public address.
 fn wrk(client: &Netns, extra: &[&str]) -> Result<Load> {
-    wrk_at(client, &format!("http://{}/", IpAddr::V4(VIP)), extra, None)
+    wrk_at(
+        client,
+        &format!("http://{}/", IpAddr::V4(VIP)),
+        extra,
+        None,
+        SECONDS,
+    )
 }
 
 /// wrk from `client` to `url`: 2 threads, 64 connections, SECONDS long, with `extra`
 /// arguments (each quoted for the shell) and, if given, a library preloaded into it.
-fn wrk_at(client: &Netns, url: &str, extra: &[&str], preload: Option<&Path>) -> Result<Load> {
+fn wrk_at(
+    client: &Netns,
+    url: &str,
+    extra: &[&str],
+    preload: Option<&Path>,
+    seconds: u64,
+) -> Result<Load> {
     check_interrupt()?;
     let mut args = vec![
         "-t2".to_string(),
         "-c64".to_string(),
-        format!("-d{SECONDS}s"),
+        format!("-d{seconds}s"),
         "--latency".to_string(),
     ];
     args.extend(extra.iter().map(|s| format!("'{s}'")));

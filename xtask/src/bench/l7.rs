@@ -6,6 +6,11 @@
 //! resumed ones, the balancer's CPU during each load, the connections it holds to the backends
 //! mid-load, and its memory (RSS of all its processes) at rest and after the loads.
 //!
+//! The three run at once, each in its network, and take turns: every load is measured in
+//! `ROUNDS` short rounds, one contender after the other, and a row averages its rounds (the
+//! latencies are the median round's). Background load on a shared machine then weighs on all
+//! of them alike, rather than on whichever contender ran while it lasted.
+//!
 //! wrk resumes TLS sessions: it reuses one `SSL` object per connection slot and `SSL_clear`
 //! keeps the last session, so every reconnect offers the ticket it got last time, and all three
 //! contenders accept it (checked with nginx's `$ssl_session_reused`: all but the first
@@ -39,14 +44,21 @@ use anyhow::{Context, Result, bail, ensure};
 use nb_tests::topo::{Agent, Topology, VIP, backend_v4};
 
 use super::{
-    BACKENDS, Fd, L4Rig, Load, SECONDS, check_interrupt, connectable, cpu_seconds, link_xdp,
-    load_empty_xdp, nodes_toml, proc_stat, require_tools,
+    BACKENDS, Fd, L4Rig, Load, check_interrupt, connectable, cpu_seconds, link_xdp, load_empty_xdp,
+    median, nodes_toml, proc_stat, require_tools,
     summary::{self, Key, Target},
     wrk_at,
 };
 
 const HTTP: u16 = 80;
 const HTTPS: u16 = 443;
+
+/// Rounds each load is measured in, the contenders taking turns, and the seconds of each
+/// round. These machines are shared: measured one after the other, each contender met other
+/// background load than the next, and the nb/HAProxy ratio of one build moved between 0.77x
+/// and 0.99x from run to run. Taking turns spreads that load over all of them.
+const ROUNDS: usize = 3;
+const ROUND_SECONDS: u64 = 4;
 
 /// Runs the L7 part with `workers` threads per contender; writes `l7.json` into `out` and
 /// returns the key numbers against their targets.
@@ -55,13 +67,24 @@ pub fn run(out: &Path, workers: u32) -> Result<Vec<Key>> {
     ensure!(workers >= 1, "--workers must be at least 1");
     println!(
         "== L7: nb's http/https ports vs HAProxy (http mode) vs nginx (proxy), {workers} worker \
-         thread(s) each, {SECONDS} s per load"
+         thread(s) each, {ROUNDS} rounds of {ROUND_SECONDS} s per load, taking turns"
     );
     let files = Files::new()?;
-    let mut rows = Vec::new();
+    // All three run at once, each in a network of its own; only the one under load is busy.
+    let mut lanes = Vec::new();
     for c in [Contender::Nb, Contender::Haproxy, Contender::Nginx] {
-        rows.push(bench_one(c, workers, &files)?);
+        lanes.push(Lane::start(c, workers, &files)?);
     }
+    for round in 0..ROUNDS {
+        for load in LOADS {
+            // Who goes first changes from round to round.
+            for k in 0..lanes.len() {
+                let i = (k + round) % lanes.len();
+                lanes[i].measure(load, &files)?;
+            }
+        }
+    }
+    let rows: Vec<Row> = lanes.into_iter().map(Lane::finish).collect();
     print_rows(&rows);
     let keys = keys(&rows);
     std::fs::write(out.join("l7.json"), json(&rows, workers, &keys))?;
@@ -228,31 +251,96 @@ impl Row {
     }
 }
 
-fn bench_one(c: Contender, workers: u32, files: &Files) -> Result<Row> {
-    check_interrupt()?;
-    let rig = L4Rig::new(c.tag())?;
-    let t = &rig.t;
-    let running = start(c, t, workers, files)?;
-    ready(t, &running)?;
-    let rss_rest_kb = rss_kb(running.pid);
-    let tls = negotiated(t);
-    let http = format!("http://{VIP}/");
-    let https = format!("https://{VIP}/");
-    let close = ["-H", "Connection: close"];
-    let pid = running.pid;
-    let row = Row {
-        name: c.name(),
-        tls,
-        rss_rest_kb,
-        http: measure(t, pid, &http, &[], None)?,
-        https: measure(t, pid, &https, &[], None)?,
-        full_tls: measure(t, pid, &https, &close, Some(&files.no_resume))?,
-        resumed_tls: measure(t, pid, &https, &close, None)?,
-        rss_after_kb: rss_kb(pid),
-    };
-    // The contender stops before its network goes (declared after `rig`, dropped first).
-    drop(running);
-    Ok(row)
+/// The loads, in the order of `Row::loads`.
+#[derive(Clone, Copy)]
+enum LoadKind {
+    Http,
+    Https,
+    FullTls,
+    ResumedTls,
+}
+
+const LOADS: [LoadKind; 4] = [
+    LoadKind::Http,
+    LoadKind::Https,
+    LoadKind::FullTls,
+    LoadKind::ResumedTls,
+];
+
+/// A contender running in a network of its own, and its measurements so far.
+struct Lane {
+    name: &'static str,
+    tls: String,
+    rss_rest_kb: u64,
+    /// Per load (by `LOADS` index), one measurement per round.
+    rounds: [Vec<Measured>; 4],
+    // The contender stops before its network goes (fields drop in declaration order).
+    running: Running,
+    rig: L4Rig,
+}
+
+impl Lane {
+    fn start(c: Contender, workers: u32, files: &Files) -> Result<Lane> {
+        check_interrupt()?;
+        let rig = L4Rig::new(c.tag())?;
+        let running = start(c, &rig.t, workers, files)?;
+        ready(&rig.t, &running)?;
+        Ok(Lane {
+            name: c.name(),
+            tls: negotiated(&rig.t),
+            rss_rest_kb: rss_kb(running.pid),
+            rounds: Default::default(),
+            running,
+            rig,
+        })
+    }
+
+    fn measure(&mut self, load: LoadKind, files: &Files) -> Result<()> {
+        let (t, pid) = (&self.rig.t, self.running.pid);
+        let http = format!("http://{VIP}/");
+        let https = format!("https://{VIP}/");
+        let close = ["-H", "Connection: close"];
+        let m = match load {
+            LoadKind::Http => measure(t, pid, &http, &[], None)?,
+            LoadKind::Https => measure(t, pid, &https, &[], None)?,
+            LoadKind::FullTls => measure(t, pid, &https, &close, Some(&files.no_resume))?,
+            LoadKind::ResumedTls => measure(t, pid, &https, &close, None)?,
+        };
+        self.rounds[load as usize].push(m);
+        Ok(())
+    }
+
+    /// The row of all rounds: requests/s and CPU averaged over them (every round lasts as
+    /// long), latencies their median, errors summed.
+    fn finish(self) -> Row {
+        let rss_after_kb = rss_kb(self.running.pid);
+        let [http, https, full_tls, resumed_tls] = self.rounds.map(|r| combine(&r));
+        Row {
+            name: self.name,
+            tls: self.tls,
+            rss_rest_kb: self.rss_rest_kb,
+            rss_after_kb,
+            http,
+            https,
+            full_tls,
+            resumed_tls,
+        }
+    }
+}
+
+fn combine(rounds: &[Measured]) -> Measured {
+    let n = rounds.len().max(1) as f64;
+    let of = |f: fn(&Measured) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+    Measured {
+        load: Load {
+            rps: of(|m| m.load.rps).iter().sum::<f64>() / n,
+            p50_ms: median(&of(|m| m.load.p50_ms)),
+            p99_ms: median(&of(|m| m.load.p99_ms)),
+            errors: rounds.iter().map(|m| m.load.errors).sum(),
+        },
+        cpu: of(|m| m.cpu).iter().sum::<f64>() / n,
+        backend_conns: rounds.iter().map(|m| m.backend_conns).max().unwrap_or(0),
+    }
 }
 
 fn start(c: Contender, t: &Topology, workers: u32, files: &Files) -> Result<Running> {
@@ -446,14 +534,14 @@ fn measure(
     let (cpu0, t0) = (tree_cpu(pid), Instant::now());
     let (load, backend_conns) = std::thread::scope(|s| {
         let sampler = s.spawn(|| {
-            std::thread::sleep(Duration::from_secs(SECONDS) / 2);
+            std::thread::sleep(Duration::from_secs(ROUND_SECONDS) / 2);
             t.backends
                 .sh("ss -tn state established '( sport = :8080 )' | tail -n +2 | wc -l")
                 .trim()
                 .parse::<usize>()
                 .unwrap_or(0)
         });
-        let load = wrk_at(&t.client, url, extra, preload);
+        let load = wrk_at(&t.client, url, extra, preload, ROUND_SECONDS);
         (load, sampler.join().unwrap_or(0))
     });
     let cpu = (tree_cpu(pid) - cpu0) / t0.elapsed().as_secs_f64();
@@ -674,7 +762,7 @@ fn json(rows: &[Row], workers: u32, keys: &[Key]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "{{\n  \"seconds\": {SECONDS},\n  \"workers\": {workers},\n  \"rows\": [\n{}\n  ],\n  \
+        "{{\n  \"rounds\": {ROUNDS},\n  \"seconds_per_round\": {ROUND_SECONDS},\n  \"workers\": {workers},\n  \"rows\": [\n{}\n  ],\n  \
          \"keys\": {}\n}}\n",
         rows.join(",\n"),
         summary::json(keys)
