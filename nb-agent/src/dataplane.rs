@@ -176,6 +176,8 @@ pub struct SweepReport {
     /// Connections first seen unanswered by their backend at this sweep (SYN sent more than
     /// `UNANSWERED_AFTER_SECS` ago, no reply yet), per backend key: passive checks.
     pub unanswered: HashMap<(u16, String), u64>,
+    /// Whether the tables were read in batches (false: entry by entry).
+    pub batched: bool,
 }
 
 /// A SYN forwarded this long ago without any reply counts as a failed connection.
@@ -218,6 +220,9 @@ pub struct Dataplane {
     backends: HashMap<u32, Backend>,
     /// Reply entries already counted as unanswered (passive checks).
     unanswered_seen: std::collections::HashSet<FlowKey>,
+    /// Whether the sweep reads and deletes flows in batches; off once the kernel said it has
+    /// no batch calls for the flow tables (or by `set_batch_calls`).
+    batch_calls: bool,
     /// The `SVC_PORTS` bitmap as last written.
     svc_ports: Vec<u64>,
     /// Keeps the program's clock (`cfg::CLOCK_NS`) current while the agent runs.
@@ -354,6 +359,7 @@ impl Dataplane {
             keys: BTreeMap::new(),
             backends: HashMap::new(),
             unanswered_seen: std::collections::HashSet::new(),
+            batch_calls: true,
             svc_ports: vec![0; SVC_PORT_WORDS as usize],
             _clock: Clock::start(pin_dir)?,
         };
@@ -868,22 +874,37 @@ impl Dataplane {
         }
     }
 
-    /// Every entry of flow table `name`, in batches; entry by entry where the kernel has no
-    /// batch calls for the map (before Linux 5.6).
-    fn flow_entries<V: aya::Pod>(&self, name: &'static str) -> Result<Vec<(FlowKey, V)>> {
-        let m = self.flow_map(name)?;
-        match map_batch::read_all::<FlowKey, V>(m) {
-            Ok(v) => Ok(v),
-            Err(e) if batch_unsupported(&e) => {
-                let h: BpfHashMap<&MapData, FlowKey, V> =
-                    BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-                Ok(h.iter().filter_map(|item| item.ok()).collect())
+    /// Reads and deletes flows in batches (`on`, the default) or entry by entry, as on kernels
+    /// without batch calls for hash maps (before Linux 5.6). The sweep turns batches off by
+    /// itself when the kernel refuses them; turning them off by hand exercises that path.
+    pub fn set_batch_calls(&mut self, on: bool) {
+        self.batch_calls = on;
+    }
+
+    /// Every entry of flow table `name`: in batches while `batch_calls`, entry by entry
+    /// otherwise or when the kernel has no batch calls for the map (then `batch_calls` goes
+    /// off, so later sweeps do not ask again).
+    fn flow_entries<V: aya::Pod>(&mut self, name: &'static str) -> Result<Vec<(FlowKey, V)>> {
+        if self.batch_calls {
+            match map_batch::read_all::<FlowKey, V>(self.flow_map(name)?) {
+                Ok(v) => return Ok(v),
+                Err(e) if batch_unsupported(&e) => self.no_batch_calls(name, &e),
+                Err(source) => {
+                    return Err(DataplaneError::Io {
+                        path: self.pin_dir.join(name),
+                        source,
+                    });
+                }
             }
-            Err(source) => Err(DataplaneError::Io {
-                path: self.pin_dir.join(name),
-                source,
-            }),
         }
+        let h: BpfHashMap<&MapData, FlowKey, V> =
+            BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        Ok(h.iter().filter_map(|item| item.ok()).collect())
+    }
+
+    fn no_batch_calls(&mut self, name: &str, e: &std::io::Error) {
+        info!("map {name}: no batch calls on this kernel ({e}); the sweep goes entry by entry");
+        self.batch_calls = false;
     }
 
     /// Deletes `keys` from flow table `name` (those already gone are skipped).
@@ -891,21 +912,24 @@ impl Dataplane {
         if keys.is_empty() {
             return Ok(());
         }
-        match map_batch::delete_all(self.flow_map(name)?, keys) {
-            Ok(_) => Ok(()),
-            Err(e) if batch_unsupported(&e) => {
-                let mut h: BpfHashMap<&mut MapData, FlowKey, V> =
-                    BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-                for k in keys {
-                    let _ = h.remove(k);
+        if self.batch_calls {
+            match map_batch::delete_all(self.flow_map(name)?, keys) {
+                Ok(_) => return Ok(()),
+                Err(e) if batch_unsupported(&e) => self.no_batch_calls(name, &e),
+                Err(source) => {
+                    return Err(DataplaneError::Io {
+                        path: self.pin_dir.join(name),
+                        source,
+                    });
                 }
-                Ok(())
             }
-            Err(source) => Err(DataplaneError::Io {
-                path: self.pin_dir.join(name),
-                source,
-            }),
         }
+        let mut h: BpfHashMap<&mut MapData, FlowKey, V> =
+            BpfHashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for k in keys {
+            let _ = h.remove(k);
+        }
+        Ok(())
     }
 
     /// Expires idle and closed flows and recounts active connections per backend (which
@@ -1012,6 +1036,7 @@ impl Dataplane {
         }
         // Each unanswered connection counts once, however many sweeps it stays.
         self.unanswered_seen = still_unanswered;
+        report.batched = self.batch_calls;
         Ok(report)
     }
 }

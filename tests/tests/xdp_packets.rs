@@ -401,11 +401,22 @@ fn flows_are_stamped_with_the_agents_clock() {
 /// deletes what expired in batches: every flow is seen, and every expired one goes.
 #[test]
 fn new_flows_get_ports_and_the_sweep_sees_and_expires_every_flow() {
-    let rig = Rig::new("pk9");
+    sweep_sees_and_expires_every_flow("pk9", 8000, true);
+}
+
+/// The same through the sweep's path for kernels without batch calls: entry by entry.
+#[test]
+fn the_sweep_without_batch_calls_sees_and_expires_every_flow() {
+    sweep_sees_and_expires_every_flow("pka", 1500, false);
+}
+
+fn sweep_sees_and_expires_every_flow(tag: &str, n: u16, batch: bool) {
+    let rig = Rig::new(tag);
     let lb_mac = rig.lb0_mac;
     let pin = std::path::PathBuf::from(&rig.pin);
     rig.with(one_backend(), move |r| {
-        for port in 20000..28000 {
+        r.dp.set_batch_calls(batch);
+        for port in 20000..20000 + n {
             let (act, _) = r.run(&syn(lb_mac, port).build());
             assert_eq!(
                 act,
@@ -414,8 +425,10 @@ fn new_flows_get_ports_and_the_sweep_sees_and_expires_every_flow() {
                 r.counter("drop_no_port")
             );
         }
+        let n = u64::from(n);
         let report = r.dp.sweep(FlowTimeouts::default()).expect("sweep");
-        assert_eq!((report.flows, report.expired), (8000, 0));
+        assert_eq!((report.flows, report.expired), (n, 0));
+        assert_eq!(report.batched, batch, "the tables were read as asked");
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let now = FlowTimeouts {
             established_secs: 0,
@@ -423,9 +436,10 @@ fn new_flows_get_ports_and_the_sweep_sees_and_expires_every_flow() {
             unanswered_secs: 0,
         };
         let report = r.dp.sweep(now).expect("sweep");
-        assert_eq!((report.flows, report.expired), (8000, 8000));
+        assert_eq!((report.flows, report.expired), (n, n));
         let report = r.dp.sweep(FlowTimeouts::default()).expect("sweep");
         assert_eq!(report.flows, 0);
+        assert_eq!(report.batched, batch);
         let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).expect("pin"));
         let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
             BpfHashMap::try_from(open(maps::FLOWS)).expect("flow map");
