@@ -300,9 +300,13 @@ impl Agent {
             tcp: TcpProxy::new(),
         };
         agent.sync_checks();
-        let prepared = agent.proxy.prepare(&agent.config, &agent.public)?;
+        let prepared = agent
+            .proxy
+            .prepare(&agent.config, &agent.public, &|_| None)?;
         let xdp = agent.dataplane.is_some();
-        let tcp_prepared = agent.tcp.prepare(&agent.config, &agent.public, xdp)?;
+        let tcp_prepared = agent
+            .tcp
+            .prepare(&agent.config, &agent.public, xdp, &|_| None)?;
         agent.proxy.commit(prepared);
         agent.tcp.commit(tcp_prepared);
         agent.program()?;
@@ -498,8 +502,15 @@ impl Agent {
         let public = public_addresses(&new)?;
         // Certificates, the stickiness secret and new listeners first: a failure here leaves
         // everything running as it was.
-        let prepared = self.proxy.prepare(&new, &public)?;
-        let tcp_prepared = self.tcp.prepare(&new, &public, self.dataplane.is_some())?;
+        // An address moving between the http and the user-space tcp proxy keeps its socket.
+        let prepared = self
+            .proxy
+            .prepare(&new, &public, &|a| self.tcp.listening(a))?;
+        let tcp_prepared = self
+            .tcp
+            .prepare(&new, &public, self.dataplane.is_some(), &|a| {
+                self.proxy.listening(a)
+            })?;
         if new.balancer.bpf_pin_path != self.config.balancer.bpf_pin_path
             || new.balancer.max_flows != self.config.balancer.max_flows
             || new.balancer.interfaces != self.config.balancer.interfaces

@@ -1777,3 +1777,54 @@ fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
     let status = agent.stop().expect("exit status");
     assert!(status.success(), "{status:?}\n{}", agent.log_text());
 }
+
+/// One reload turns an http port into a user-space tcp port on the same address, and another
+/// turns it back: the listening socket passes from one proxy to the other. Binding anew would
+/// fail while the other still listens (the reload was refused with "address in use").
+#[test]
+fn reload_moves_an_address_between_http_and_user_space_tcp() {
+    require_root();
+    let t = one_worker("hm", Wiring::TwoNic, 1);
+    let _b = start_backends(&t, 1);
+    let http = port_toml(80, "http", "", &accept_nodes(1));
+    let tcp = format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n{}",
+        node(1, "accept")
+    );
+    let balancer = t
+        .balancer_toml()
+        .replace("[balancer]\n", "[balancer]\nxdp_mode = \"off\"\n");
+    let cfg = t.dir.join("nb.toml");
+    std::fs::write(&cfg, balancer.clone() + &http).expect("write config");
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    // Through the http proxy the backend sees X-Forwarded-For; through tcp, the client's
+    // request as it was sent.
+    let forwarded = |r: &Resp| r.text().to_ascii_lowercase().contains("x-forwarded-for:");
+    let r = get(&t, vip(80), "/echo", &[]);
+    assert_eq!((r.status, forwarded(&r)), (200, true), "http: {}", r.text());
+
+    std::fs::write(&cfg, balancer.clone() + &tcp).expect("write config");
+    reload(&agent, "reloaded", 1);
+    let r = get(&t, vip(80), "/echo", &[]);
+    assert_eq!((r.status, forwarded(&r)), (200, false), "tcp: {}", r.text());
+
+    std::fs::write(&cfg, balancer + &http).expect("write config");
+    reload(&agent, "reloaded", 2);
+    let r = get(&t, vip(80), "/echo", &[]);
+    assert_eq!(
+        (r.status, forwarded(&r)),
+        (200, true),
+        "http again: {}",
+        r.text()
+    );
+
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches(&format!("{}: listening socket handed over", vip(80)))
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("reload refused"), "{log}");
+}

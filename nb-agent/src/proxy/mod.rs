@@ -138,6 +138,9 @@ struct Listener {
     /// Set to true to ask the listener's connections to finish; every connection holds a
     /// receiver, so [`watch::Sender::closed`] tells when the last one has gone.
     stop: watch::Sender<bool>,
+    /// A second descriptor of the listening socket: a reload that gives the address to the
+    /// user-space tcp proxy takes it over (see [`Proxy::listening`]).
+    socket: Option<std::net::TcpListener>,
 }
 
 impl Listener {
@@ -146,11 +149,17 @@ impl Listener {
     /// carries `Connection: close`; HTTP/2 ones get a GOAWAY and finish their open streams.
     /// Returns the sender, whose `closed()` resolves when the last connection has ended.
     async fn stop(self) -> watch::Sender<bool> {
-        self.handle.abort();
+        let Listener {
+            handle,
+            stop,
+            socket,
+        } = self;
+        drop(socket);
+        handle.abort();
         // Wait for the task to be dropped: its socket is closed when this returns.
-        let _ = self.handle.await;
-        let _ = self.stop.send(true);
-        self.stop
+        let _ = handle.await;
+        let _ = stop.send(true);
+        stop
     }
 }
 
@@ -177,6 +186,39 @@ pub struct Prepared {
 
 /// The node set a node-state lookup gives: health, and where passive failures go.
 pub type NodeState = (Health, Option<mpsc::UnboundedSender<String>>);
+
+/// Where a prepared config gets a listening socket it does not have yet: the other proxy's
+/// socket for the address when the address moves between them (an http/https port turned into
+/// a user-space tcp port or back, in one reload), a new one otherwise. Binding anew would fail
+/// while the other proxy still listens, and its queued connections would be lost at the swap.
+pub(crate) fn take_or_bind(
+    addr: SocketAddr,
+    port: u16,
+    other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
+) -> Result<std::net::TcpListener, ProxyError> {
+    match other(addr) {
+        Some(l) => {
+            info!("{addr}: listening socket handed over between http and tcp serving");
+            Ok(l)
+        }
+        None => bind(addr, port),
+    }
+}
+
+/// A second descriptor of `l`, kept beside the listener task (see [`take_or_bind`]).
+pub(crate) fn second_descriptor(
+    addr: SocketAddr,
+    l: &std::net::TcpListener,
+) -> Option<std::net::TcpListener> {
+    match l.try_clone() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            // Only a reload moving the address to the other proxy needs it (it then fails).
+            warn!("{addr}: no second descriptor of the listening socket: {e}");
+            None
+        }
+    }
+}
 
 fn bind(addr: SocketAddr, port: u16) -> Result<std::net::TcpListener, ProxyError> {
     let err = |source| ProxyError::Listen { port, addr, source };
@@ -223,9 +265,21 @@ impl Proxy {
         Some(n.counters())
     }
 
+    /// The listening socket for `addr`, if this proxy listens there (a second descriptor of
+    /// it): for [`take_or_bind`] when a reload moves the address to the user-space tcp proxy.
+    pub fn listening(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        self.listeners.get(&addr)?.socket.as_ref()?.try_clone().ok()
+    }
+
     /// Checks what `cfg` needs from the proxy and gets it ready: TLS acceptors, the
-    /// stickiness secret, sockets for listeners that do not exist yet. Changes nothing live.
-    pub fn prepare(&self, cfg: &Config, public: &[IpAddr]) -> Result<Prepared, ProxyError> {
+    /// stickiness secret, sockets for listeners that do not exist yet (the user-space tcp
+    /// proxy's, through `other`, for an address it serves now). Changes nothing live.
+    pub fn prepare(
+        &self,
+        cfg: &Config,
+        public: &[IpAddr],
+        other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
+    ) -> Result<Prepared, ProxyError> {
         let mut ports = Vec::new();
         let mut bound = HashMap::new();
         let mut wanted = HashSet::new();
@@ -249,7 +303,7 @@ impl Proxy {
                 let addr = SocketAddr::new(*ip, p.port);
                 wanted.insert(addr);
                 if !self.listeners.contains_key(&addr) && !bound.contains_key(&addr) {
-                    bound.insert(addr, (p.port, bind(addr, p.port)?));
+                    bound.insert(addr, (p.port, take_or_bind(addr, p.port, other)?));
                 }
             }
             ports.push((p.clone(), tls));
@@ -306,13 +360,21 @@ impl Proxy {
             };
             let protocol = rt.view().port.protocol;
             let (stop, stop_rx) = watch::channel(false);
+            let socket = second_descriptor(addr, &std_listener);
             let Some(handle) =
                 serve_listener(addr, std_listener, |l| accept_loop(rt, l, addr, stop_rx))
             else {
                 continue;
             };
             info!("{addr}: serving {protocol}");
-            self.listeners.insert(addr, Listener { handle, stop });
+            self.listeners.insert(
+                addr,
+                Listener {
+                    handle,
+                    stop,
+                    socket,
+                },
+            );
         }
     }
 
@@ -950,7 +1012,14 @@ mod tests {
         let handle = tokio::spawn(accept_loop(rt.clone(), l, addr, stop_rx));
         let mut proxy = Proxy::new();
         proxy.ports.insert(number, rt.clone());
-        proxy.listeners.insert(addr, Listener { handle, stop });
+        proxy.listeners.insert(
+            addr,
+            Listener {
+                handle,
+                stop,
+                socket: None,
+            },
+        );
         (proxy, rt, addr)
     }
 

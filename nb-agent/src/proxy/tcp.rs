@@ -39,9 +39,8 @@ use crate::{
     proxy::{
         NodeState, ProxyError, SharedNodes, TABLE_CAPACITY, TABLE_TTL,
         balance::{ActiveGuard, Balancer, NodeView, StickTable},
-        bind,
         io::{Activity, Counted},
-        node_views,
+        node_views, take_or_bind,
     },
 };
 
@@ -179,7 +178,9 @@ impl TcpPort {
 #[derive(Default)]
 pub struct TcpProxy {
     ports: HashMap<u16, Arc<TcpPort>>,
-    listeners: HashMap<SocketAddr, JoinHandle<()>>,
+    /// Each listener's task, and a second descriptor of its socket (see
+    /// [`TcpProxy::listening`]).
+    listeners: HashMap<SocketAddr, (JoinHandle<()>, Option<std::net::TcpListener>)>,
 }
 
 /// A checked config for [`TcpProxy::commit`]: the ports it serves and sockets already bound
@@ -210,13 +211,22 @@ impl TcpProxy {
         Some(n.counters())
     }
 
-    /// Binds the listeners `cfg` needs that do not exist yet; `xdp` tells whether the XDP
+    /// The listening socket for `addr`, if this proxy listens there (a second descriptor of
+    /// it): for a reload that moves the address to the http proxy (see
+    /// [`super::take_or_bind`]).
+    pub fn listening(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        self.listeners.get(&addr)?.1.as_ref()?.try_clone().ok()
+    }
+
+    /// Binds the listeners `cfg` needs that do not exist yet (or takes the http proxy's
+    /// socket, through `other`, for an address it serves now); `xdp` tells whether the XDP
     /// path serves the tcp ports without a PROXY header. Changes nothing live.
     pub fn prepare(
         &self,
         cfg: &Config,
         public: &[IpAddr],
         xdp: bool,
+        other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
     ) -> Result<TcpPrepared, ProxyError> {
         let mut ports = Vec::new();
         let mut bound = HashMap::new();
@@ -231,7 +241,7 @@ impl TcpProxy {
                 let addr = SocketAddr::new(*ip, p.port);
                 wanted.insert(addr);
                 if !self.listeners.contains_key(&addr) && !bound.contains_key(&addr) {
-                    bound.insert(addr, (p.port, bind(addr, p.port)?));
+                    bound.insert(addr, (p.port, take_or_bind(addr, p.port, other)?));
                 }
             }
             ports.push(p.clone());
@@ -261,7 +271,7 @@ impl TcpProxy {
                 }
             }
         }
-        self.listeners.retain(|addr, handle| {
+        self.listeners.retain(|addr, (handle, _)| {
             let keep = p.wanted.contains(addr);
             if !keep {
                 info!("{addr}: no longer served, tcp listener closed");
@@ -274,20 +284,22 @@ impl TcpProxy {
                 continue;
             };
             let pp = rt.view().port.proxy_protocol;
+            let socket = super::second_descriptor(addr, &std_listener);
             let Some(handle) = super::serve_listener(addr, std_listener, |l| {
                 accept_loop(rt, l, addr, idle_timeout())
             }) else {
                 continue;
             };
             info!("{addr}: serving tcp in user space (proxy_protocol {pp})");
-            self.listeners.insert(addr, handle);
+            self.listeners.insert(addr, (handle, socket));
         }
     }
 
     /// The agent is stopping: every listener closes (new connections are refused); the
     /// connections already copying go on until the agent exits.
     pub async fn stop_accepting(&mut self) {
-        for (_, handle) in self.listeners.drain() {
+        for (_, (handle, socket)) in self.listeners.drain() {
+            drop(socket);
             handle.abort();
             // The task dropped, its socket closed.
             let _ = handle.await;
