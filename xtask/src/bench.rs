@@ -522,49 +522,54 @@ struct L4Row {
     lb_process_cpu: Option<f64>,
 }
 
-const SECONDS: u64 = 8;
+/// Rounds of each L4 load, the contenders taking turns (as in the L7 part, see `l7::ROUNDS`),
+/// and the seconds of each round.
+const L4_ROUNDS: usize = 3;
+const L4_ROUND_SECONDS: u64 = 4;
 
-fn l4(out: &Path) -> Result<Vec<Key>> {
-    require_tools(&["wrk", "nginx", "haproxy", "nft"])?;
-    println!(
-        "== L4: kept-alive requests and new connections through each balancer ({SECONDS} s each)"
-    );
-    let mut rows = Vec::new();
-    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
-    let stats_before = std::fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
-    std::fs::write(stats_path, "1").context("enable bpf_stats")?;
+/// What an L4 contender is, and what keeps it running.
+enum L4Kind {
+    /// nb's agent (the XDP program stays attached while it runs) and its pinned program.
+    Nb { _agent: Agent, prog: Fd },
+    /// nftables rules in the balancer's namespace.
+    Nft,
+    /// HAProxy's process.
+    Haproxy { pid: u32 },
+}
 
-    let live: Option<(f64, u64, f64, u64)>;
-    // nb: the XDP program. Each contender gets a network of its own, so none inherits
-    // another's sockets, neighbours or TIME_WAIT state.
-    {
+/// An L4 contender in a network of its own (so none inherits another's sockets, neighbours or
+/// TIME_WAIT state), and its rounds so far.
+struct L4Lane {
+    name: &'static str,
+    kind: L4Kind,
+    keepalive: Vec<Load>,
+    new_conns: Vec<Load>,
+    /// The host's busy share during each kept-alive round.
+    host_cpu: Vec<f64>,
+    /// nb only: XDP run time and runs of nb's program and of the empty one on the backends'
+    /// interface, summed over the kept-alive rounds (kernel bpf_stats).
+    xdp: [(u64, u64); 2],
+    // Dropped last: the contender goes before its network.
+    rig: L4Rig,
+}
+
+impl L4Lane {
+    fn nb() -> Result<L4Lane> {
         let rig = L4Rig::new("bn")?;
-        let (t, empty) = (&rig.t, &rig.empty);
-        let agent = Agent::start(t, &rig.cfg);
-        connectable(t, 80)?;
-        let nb_prog = obj_get(&t.pin_path.join("nb_xdp"))?;
-        let (nb0, e0) = (prog_run_stats(&nb_prog)?, prog_run_stats(empty)?);
-        let cpu0 = host_cpu_ticks()?;
-        let keepalive = wrk(&t.client, &[])?;
-        let cpu1 = host_cpu_ticks()?;
-        // Kept-alive traffic only: new connections cost more per packet (SYN path).
-        let (nb1, e1) = (prog_run_stats(&nb_prog)?, prog_run_stats(empty)?);
-        let new_conns = wrk(&t.client, &["-H", "Connection: close"])?;
-        let host_cpu = (cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1)) as f64;
-        let per = |a: (u64, u64), b: (u64, u64)| (b.0 - a.0) as f64 / ((b.1 - a.1).max(1)) as f64;
-        live = Some((per(nb0, nb1), nb1.1 - nb0.1, per(e0, e1), e1.1 - e0.1));
-        rows.push(L4Row {
-            name: "nb (XDP)",
-            keepalive,
-            new_conns,
-            host_cpu,
-            lb_process_cpu: None,
-        });
-        drop(agent);
+        let agent = Agent::start(&rig.t, &rig.cfg);
+        connectable(&rig.t, 80)?;
+        let prog = obj_get(&rig.t.pin_path.join("nb_xdp"))?;
+        Ok(L4Lane::new(
+            "nb (XDP)",
+            L4Kind::Nb {
+                _agent: agent,
+                prog,
+            },
+            rig,
+        ))
     }
 
-    // The kernel's own NAT.
-    {
+    fn nft() -> Result<L4Lane> {
         let rig = L4Rig::new("bf")?;
         let t = &rig.t;
         let nft = t.dir.join("nat.nft");
@@ -586,18 +591,11 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             nft.display()
         ));
         connectable(t, 80)?;
-        let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
-        rows.push(L4Row {
-            name: "nftables DNAT+masquerade",
-            keepalive,
-            new_conns,
-            host_cpu,
-            lb_process_cpu: None,
-        });
+        Ok(L4Lane::new("nftables DNAT+masquerade", L4Kind::Nft, rig))
     }
 
-    // HAProxy in TCP mode, as many threads as CPUs.
-    {
+    /// HAProxy in TCP mode, as many threads as CPUs.
+    fn haproxy() -> Result<L4Lane> {
         let rig = L4Rig::new("bh")?;
         let t = &rig.t;
         let dir = t.dir.clone();
@@ -622,16 +620,121 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             Some(&dir.join("haproxy.log")),
         );
         connectable(t, 80)?;
-        let (keepalive, new_conns, host_cpu) = measure(&t.client)?;
-        let lb_process_cpu = keepalive_cpu(pid);
-        rows.push(L4Row {
-            name: "HAProxy (tcp mode)",
-            keepalive,
-            new_conns,
-            host_cpu,
-            lb_process_cpu,
-        });
+        Ok(L4Lane::new(
+            "HAProxy (tcp mode)",
+            L4Kind::Haproxy { pid },
+            rig,
+        ))
     }
+
+    fn new(name: &'static str, kind: L4Kind, rig: L4Rig) -> L4Lane {
+        L4Lane {
+            name,
+            kind,
+            keepalive: Vec::new(),
+            new_conns: Vec::new(),
+            host_cpu: Vec::new(),
+            xdp: [(0, 0); 2],
+            rig,
+        }
+    }
+
+    fn keepalive_round(&mut self) -> Result<()> {
+        let t = &self.rig.t;
+        let progs: Vec<&Fd> = match &self.kind {
+            L4Kind::Nb { prog, .. } => vec![prog, &self.rig.empty],
+            _ => Vec::new(),
+        };
+        let before: Vec<(u64, u64)> = progs
+            .iter()
+            .map(|p| prog_run_stats(p))
+            .collect::<io::Result<_>>()?;
+        let cpu0 = host_cpu_ticks()?;
+        let load = wrk_for(&t.client, &[], L4_ROUND_SECONDS)?;
+        let cpu1 = host_cpu_ticks()?;
+        for (i, p) in progs.iter().enumerate() {
+            let after = prog_run_stats(p)?;
+            self.xdp[i].0 += after.0 - before[i].0;
+            self.xdp[i].1 += after.1 - before[i].1;
+        }
+        self.host_cpu
+            .push((cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1)) as f64);
+        self.keepalive.push(load);
+        Ok(())
+    }
+
+    fn new_conns_round(&mut self) -> Result<()> {
+        let load = wrk_for(
+            &self.rig.t.client,
+            &["-H", "Connection: close"],
+            L4_ROUND_SECONDS,
+        )?;
+        self.new_conns.push(load);
+        Ok(())
+    }
+
+    fn row(&self) -> L4Row {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let lb_process_cpu = match self.kind {
+            L4Kind::Haproxy { pid } => {
+                cpu_seconds(pid).map(|c| c / (2 * L4_ROUNDS as u64 * L4_ROUND_SECONDS) as f64)
+            }
+            _ => None,
+        };
+        L4Row {
+            name: self.name,
+            keepalive: combine_loads(&self.keepalive),
+            new_conns: combine_loads(&self.new_conns),
+            host_cpu: mean(&self.host_cpu),
+            lb_process_cpu,
+        }
+    }
+}
+
+/// Rounds of one load as one: requests/s averaged (every round lasts as long), latencies the
+/// median round's, errors summed.
+fn combine_loads(rounds: &[Load]) -> Load {
+    let of = |f: fn(&Load) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+    Load {
+        rps: of(|l| l.rps).iter().sum::<f64>() / rounds.len().max(1) as f64,
+        p50_ms: median(&of(|l| l.p50_ms)),
+        p99_ms: median(&of(|l| l.p99_ms)),
+        errors: rounds.iter().map(|l| l.errors).sum(),
+    }
+}
+
+fn l4(out: &Path) -> Result<Vec<Key>> {
+    require_tools(&["wrk", "nginx", "haproxy", "nft"])?;
+    println!(
+        "== L4: kept-alive requests and new connections through each balancer ({L4_ROUNDS} \
+         rounds of {L4_ROUND_SECONDS} s per load, taking turns)"
+    );
+    let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
+    let stats_before = std::fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
+    std::fs::write(stats_path, "1").context("enable bpf_stats")?;
+
+    // All three run at once, each in its network; only the one under load is busy.
+    let mut lanes = vec![L4Lane::nb()?, L4Lane::nft()?, L4Lane::haproxy()?];
+    for round in 0..L4_ROUNDS {
+        // Kept-alive traffic apart from new connections, which cost more per packet.
+        for k in 0..lanes.len() {
+            check_interrupt()?;
+            lanes[(k + round) % 3].keepalive_round()?;
+        }
+        for k in 0..lanes.len() {
+            check_interrupt()?;
+            lanes[(k + round) % 3].new_conns_round()?;
+        }
+    }
+    let rows: Vec<L4Row> = lanes.iter().map(L4Lane::row).collect();
+    let per = |(ns, n): (u64, u64)| ns as f64 / n.max(1) as f64;
+    let live: Option<(f64, u64, f64, u64)> = Some((
+        per(lanes[0].xdp[0]),
+        lanes[0].xdp[0].1,
+        per(lanes[0].xdp[1]),
+        lanes[0].xdp[1].1,
+    ));
+    drop(lanes);
 
     let _ = std::fs::write(stats_path, stats_before.trim());
     let nb = &rows[0];
@@ -647,8 +750,11 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
         "nb x ka",
         "nb x new"
     );
-    let mut json = String::from("{\n  \"seconds\": ");
-    let _ = write!(json, "{SECONDS},\n  \"rows\": [\n");
+    let mut json = String::from("{\n  \"rounds\": ");
+    let _ = write!(
+        json,
+        "{L4_ROUNDS},\n  \"seconds_per_round\": {L4_ROUND_SECONDS},\n  \"rows\": [\n"
+    );
     for (i, r) in rows.iter().enumerate() {
         let ka_ratio = nb.keepalive.rps / r.keepalive.rps;
         let new_ratio = nb.new_conns.rps / r.new_conns.rps;
@@ -857,29 +963,18 @@ fn start_nginx(ns: &Netns, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Kept-alive load, then new-connection load, from the client: (keep-alive, new connections,
-/// host CPU busy fraction during the kept-alive load).
-fn measure(client: &Netns) -> Result<(Load, Load, f64)> {
-    let cpu0 = host_cpu_ticks()?;
-    let keepalive = wrk(client, &[])?;
-    let cpu1 = host_cpu_ticks()?;
-    let new_conns = wrk(client, &["-H", "Connection: close"])?;
-    let busy = (cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1)) as f64;
-    Ok((keepalive, new_conns, busy))
-}
-
-/// wrk from `client` to port 80 of the public address.
-fn wrk(client: &Netns, extra: &[&str]) -> Result<Load> {
+/// wrk from `client` to port 80 of the public address for `seconds`.
+fn wrk_for(client: &Netns, extra: &[&str], seconds: u64) -> Result<Load> {
     wrk_at(
         client,
         &format!("http://{}/", IpAddr::V4(VIP)),
         extra,
         None,
-        SECONDS,
+        seconds,
     )
 }
 
-/// wrk from `client` to `url`: 2 threads, 64 connections, SECONDS long, with `extra`
+/// wrk from `client` to `url`: 2 threads, 64 connections, `seconds` long, with `extra`
 /// arguments (each quoted for the shell) and, if given, a library preloaded into it.
 fn wrk_at(
     client: &Netns,
@@ -967,11 +1062,6 @@ fn host_cpu_ticks() -> Result<(u64, u64)> {
     let idle = v[3] + v[4];
     let total: u64 = v.iter().take(8).sum();
     Ok((total - idle, total))
-}
-
-/// A process's CPU time over its life, as a fraction of one core over the two loads.
-fn keepalive_cpu(pid: u32) -> Option<f64> {
-    Some(cpu_seconds(pid)? / (2 * SECONDS) as f64)
 }
 
 /// The fields of /proc/PID/stat after the command name (state first, then ppid, ...).
