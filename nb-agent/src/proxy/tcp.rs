@@ -365,10 +365,13 @@ async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr, 
             continue;
         }
         rt.open.fetch_add(1, Ordering::Relaxed);
+        // Chosen here, in the order connections arrive, so that round robin is an exact
+        // rotation over them (chosen in their tasks, two connections could swap turns).
+        let node = first_choice(&rt, &view, peer);
         let rt = rt.clone();
         tokio::spawn(async move {
             let local = stream.local_addr().unwrap_or(addr);
-            serve(&rt, &view, stream, peer, local, idle).await;
+            serve(&rt, &view, node, stream, peer, local, idle).await;
             rt.open.fetch_sub(1, Ordering::Relaxed);
         });
     }
@@ -380,10 +383,29 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// One client connection, from the node choice to the end of the copy.
+/// The node a new connection from `peer` goes to first: where its stickiness points, if that
+/// node takes it, else the port's algorithm's choice.
+fn first_choice(rt: &TcpPort, view: &TcpView, peer: SocketAddr) -> Option<NodeView> {
+    let client_ip = peer.ip().to_canonical();
+    let sticky = match view.port.stickiness {
+        Stickiness::Table => rt
+            .table
+            .lock()
+            .expect("table lock")
+            .get(client_ip, Instant::now()),
+        _ => None,
+    };
+    sticky
+        .and_then(|l| view.nodes.iter().find(|n| n.label == l && n.takes_sticky()))
+        .cloned()
+        .or_else(|| rt.pick(view, client_ip, None))
+}
+
+/// One client connection, from its first node choice (`node`) to the end of the copy.
 async fn serve(
     rt: &TcpPort,
     view: &TcpView,
+    mut node: Option<NodeView>,
     client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
@@ -392,14 +414,6 @@ async fn serve(
     let port = &view.port;
     let client_ip = peer.ip().to_canonical();
     let now = Instant::now();
-    let sticky = match port.stickiness {
-        Stickiness::Table => rt.table.lock().expect("table lock").get(client_ip, now),
-        _ => None,
-    };
-    let mut node = sticky
-        .and_then(|l| view.nodes.iter().find(|n| n.label == l && n.takes_sticky()))
-        .cloned()
-        .or_else(|| rt.pick(view, client_ip, None));
     let connect_timeout = Duration::from_secs(port.timeout_connect as u64);
     let mut retried = false;
     let (n, backend) = loop {
