@@ -250,6 +250,18 @@ struct CheckTask {
     passive: mpsc::UnboundedSender<String>,
 }
 
+/// How often the flow tables are swept (idle flows expired, active counts set right, passive
+/// checks of tcp ports), and the agent's watchdog tick.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// The pause after a sweep that took `took`: `SWEEP_EVERY`, or eight times the sweep's
+/// duration when that is longer. A sweep reads both flow tables whole (22768 flows took 54 ms
+/// here), so full tables of the default `max_flows` would take seconds; it runs on the control
+/// loop (API, reloads, check results) and must not hold a core or that loop.
+fn sweep_pause(took: Duration) -> Duration {
+    SWEEP_EVERY.max(took * 8)
+}
+
 /// The running agent's state.
 pub struct Agent {
     pub config: Config,
@@ -266,6 +278,8 @@ pub struct Agent {
     pub proxy: Proxy,
     /// The tcp ports served in user space (PROXY header, or no XDP).
     pub tcp: TcpProxy,
+    /// After a long sweep, the moment before which no other starts (see [`sweep_pause`]).
+    sweep_after: Option<std::time::Instant>,
 }
 
 impl Agent {
@@ -298,6 +312,7 @@ impl Agent {
             passive_last: HashMap::new(),
             proxy: Proxy::new(),
             tcp: TcpProxy::new(),
+            sweep_after: None,
         };
         agent.sync_checks();
         let prepared = agent
@@ -431,6 +446,27 @@ impl Agent {
     /// Expires idle flows, then runs the passive checks of tcp ports on what the XDP program
     /// saw since the last sweep.
     pub fn sweep(&mut self) {
+        let started = std::time::Instant::now();
+        self.sweep_now();
+        let took = started.elapsed();
+        let pause = sweep_pause(took);
+        // The loop's ticks come every SWEEP_EVERY; only a longer pause skips some.
+        self.sweep_after = (pause > SWEEP_EVERY).then(|| {
+            warn!(
+                "flow sweep took {took:?}: the next one in {pause:?} (a sweep walks both flow \
+                 tables whole; this keeps it to about an eighth of a core)"
+            );
+            started + pause
+        });
+    }
+
+    /// Whether a flow sweep is due at this tick (see [`sweep_pause`]).
+    pub fn sweep_due(&self) -> bool {
+        self.sweep_after
+            .is_none_or(|t| std::time::Instant::now() >= t)
+    }
+
+    fn sweep_now(&mut self) {
         let Some(dp) = self.dataplane.as_mut() else {
             return;
         };
@@ -596,7 +632,7 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
     let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io("SIGHUP handler"))?;
-    let mut sweep = tokio::time::interval(Duration::from_secs(2));
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -617,7 +653,9 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
             _ = sweep.tick() => {
                 // The loop turning is what the watchdog (WatchdogSec=) checks.
                 sd_notify("WATCHDOG=1");
-                agent.sweep();
+                if agent.sweep_due() {
+                    agent.sweep();
+                }
             }
         }
     }
@@ -647,4 +685,19 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
     }
     info!("stopping; the XDP program stays attached and pinned");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_sweep_spaces_the_next_ones_out() {
+        assert_eq!(sweep_pause(Duration::from_millis(54)), SWEEP_EVERY);
+        assert_eq!(sweep_pause(Duration::from_millis(250)), SWEEP_EVERY);
+        assert_eq!(
+            sweep_pause(Duration::from_millis(1500)),
+            Duration::from_secs(12)
+        );
+    }
 }
