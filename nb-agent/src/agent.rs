@@ -322,8 +322,9 @@ impl Agent {
         let tcp_prepared = agent
             .tcp
             .prepare(&agent.config, &agent.public, xdp, &|_| None)?;
-        agent.proxy.commit(prepared);
-        agent.tcp.commit(tcp_prepared);
+        let (to_http, to_tcp) = (prepared.new_addresses(), tcp_prepared.new_addresses());
+        agent.proxy.commit(prepared, &to_tcp);
+        agent.tcp.commit(tcp_prepared, &to_http);
         agent.program()?;
         Ok((agent, events_rx))
     }
@@ -569,8 +570,10 @@ impl Agent {
             dp.set_throttle(self.config.balancer.client_conn_throttle)?;
         }
         self.sync_checks();
-        self.proxy.commit(prepared);
-        self.tcp.commit(tcp_prepared);
+        // A socket one proxy takes over from the other stays open when the other lets go.
+        let (to_http, to_tcp) = (prepared.new_addresses(), tcp_prepared.new_addresses());
+        self.proxy.commit(prepared, &to_tcp);
+        self.tcp.commit(tcp_prepared, &to_http);
         self.program()?;
         Ok(())
     }

@@ -176,6 +176,13 @@ pub struct Proxy {
     listeners: HashMap<SocketAddr, Listener>,
 }
 
+impl Prepared {
+    /// The addresses this config gets a socket for (new, or taken over from the other proxy).
+    pub fn new_addresses(&self) -> HashSet<SocketAddr> {
+        self.bound.keys().copied().collect()
+    }
+}
+
 /// A checked config, ready to swap in (see the module docs).
 pub struct Prepared {
     ports: Vec<(Port, Option<TlsAcceptor>)>,
@@ -202,6 +209,23 @@ pub(crate) fn take_or_bind(
             Ok(l)
         }
         None => bind(addr, port),
+    }
+}
+
+/// Stops a removed listener at once: its task is only aborted (it drops its socket when the
+/// serving runtime next polls it), so the socket is shut down here through the second
+/// descriptor, and a connection attempt right after the reload is refused. Not when the
+/// other proxy has taken the socket over (`taken`).
+pub(crate) fn close_now(addr: SocketAddr, socket: Option<std::net::TcpListener>, taken: bool) {
+    if let Some(s) = socket
+        && !taken
+    {
+        // SAFETY: shutdown(2) on the descriptor `s` owns; on a listening socket it stops
+        // listening (queued connections are reset, as at close).
+        let rc = unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&s), libc::SHUT_RDWR) };
+        if rc != 0 {
+            debug!("{addr}: shutdown: {}", std::io::Error::last_os_error());
+        }
     }
 }
 
@@ -317,8 +341,9 @@ impl Proxy {
     }
 
     /// Swaps a prepared config in. Node sets start with every node's health unknown until the
-    /// next [`Proxy::refresh`], which the agent calls right after.
-    pub fn commit(&mut self, p: Prepared) {
+    /// next [`Proxy::refresh`], which the agent calls right after. `taken` names the addresses
+    /// whose sockets the user-space tcp proxy takes over.
+    pub fn commit(&mut self, p: Prepared, taken: &HashSet<SocketAddr>) {
         let numbers: HashSet<u16> = p.ports.iter().map(|(port, _)| port.port).collect();
         self.ports.retain(|n, _| numbers.contains(n));
         for (port, tls) in p.ports {
@@ -351,6 +376,7 @@ impl Proxy {
                 info!("{addr}: no longer served, listener closed, its connections finishing");
                 // Not awaited: a reload does not wait for connections; they finish on their own.
                 l.handle.abort();
+                close_now(addr, l.socket, taken.contains(&addr));
                 let _ = l.stop.send(true);
             }
         }

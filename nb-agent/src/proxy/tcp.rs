@@ -183,6 +183,13 @@ pub struct TcpProxy {
     listeners: HashMap<SocketAddr, (JoinHandle<()>, Option<std::net::TcpListener>)>,
 }
 
+impl TcpPrepared {
+    /// The addresses this config gets a socket for (new, or taken over from the other proxy).
+    pub fn new_addresses(&self) -> HashSet<SocketAddr> {
+        self.bound.keys().copied().collect()
+    }
+}
+
 /// A checked config for [`TcpProxy::commit`]: the ports it serves and sockets already bound
 /// for listeners that do not exist yet.
 pub struct TcpPrepared {
@@ -256,7 +263,8 @@ impl TcpProxy {
     /// Swaps a prepared config in: ports gone are forgotten, listeners gone stop accepting
     /// (their connections go on), new listeners start. Node sets keep their last state until
     /// the next [`TcpProxy::refresh`].
-    pub fn commit(&mut self, p: TcpPrepared) {
+    /// `taken` names the addresses whose sockets the http proxy takes over.
+    pub fn commit(&mut self, p: TcpPrepared, taken: &HashSet<SocketAddr>) {
         let numbers: HashSet<u16> = p.ports.iter().map(|port| port.port).collect();
         self.ports.retain(|n, _| numbers.contains(n));
         for port in p.ports {
@@ -271,14 +279,19 @@ impl TcpProxy {
                 }
             }
         }
-        self.listeners.retain(|addr, (handle, _)| {
-            let keep = p.wanted.contains(addr);
-            if !keep {
+        let gone: Vec<SocketAddr> = self
+            .listeners
+            .keys()
+            .filter(|a| !p.wanted.contains(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some((handle, socket)) = self.listeners.remove(&addr) {
                 info!("{addr}: no longer served, tcp listener closed");
                 handle.abort();
+                super::close_now(addr, socket, taken.contains(&addr));
             }
-            keep
-        });
+        }
         for (addr, (number, std_listener)) in p.bound {
             let Some(rt) = self.ports.get(&number).cloned() else {
                 continue;
