@@ -886,15 +886,9 @@ impl Dataplane {
     /// off, so later sweeps do not ask again).
     fn flow_entries<V: aya::Pod>(&mut self, name: &'static str) -> Result<Vec<(FlowKey, V)>> {
         if self.batch_calls {
-            match map_batch::read_all::<FlowKey, V>(self.flow_map(name)?) {
-                Ok(v) => return Ok(v),
-                Err(e) if batch_unsupported(&e) => self.no_batch_calls(name, &e),
-                Err(source) => {
-                    return Err(DataplaneError::Io {
-                        path: self.pin_dir.join(name),
-                        source,
-                    });
-                }
+            let r = map_batch::read_all::<FlowKey, V>(self.flow_map(name)?);
+            if let Some(v) = self.batched(name, r)? {
+                return Ok(v);
             }
         }
         let h: BpfHashMap<&MapData, FlowKey, V> =
@@ -902,9 +896,23 @@ impl Dataplane {
         Ok(h.iter().filter_map(|item| item.ok()).collect())
     }
 
-    fn no_batch_calls(&mut self, name: &str, e: &std::io::Error) {
-        info!("map {name}: no batch calls on this kernel ({e}); the sweep goes entry by entry");
-        self.batch_calls = false;
+    /// The outcome of a batch call on flow table `name`: `None` when the kernel has none for
+    /// the map (then `batch_calls` goes off and the caller goes entry by entry).
+    fn batched<T>(&mut self, name: &'static str, r: std::io::Result<T>) -> Result<Option<T>> {
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if batch_unsupported(&e) => {
+                info!(
+                    "map {name}: no batch calls on this kernel ({e}); the sweep goes entry by entry"
+                );
+                self.batch_calls = false;
+                Ok(None)
+            }
+            Err(source) => Err(DataplaneError::Io {
+                path: self.pin_dir.join(name),
+                source,
+            }),
+        }
     }
 
     /// Deletes `keys` from flow table `name` (those already gone are skipped).
@@ -913,15 +921,9 @@ impl Dataplane {
             return Ok(());
         }
         if self.batch_calls {
-            match map_batch::delete_all(self.flow_map(name)?, keys) {
-                Ok(_) => return Ok(()),
-                Err(e) if batch_unsupported(&e) => self.no_batch_calls(name, &e),
-                Err(source) => {
-                    return Err(DataplaneError::Io {
-                        path: self.pin_dir.join(name),
-                        source,
-                    });
-                }
+            let r = map_batch::delete_all(self.flow_map(name)?, keys);
+            if self.batched(name, r)?.is_some() {
+                return Ok(());
             }
         }
         let mut h: BpfHashMap<&mut MapData, FlowKey, V> =

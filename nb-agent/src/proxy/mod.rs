@@ -229,6 +229,12 @@ pub(crate) fn close_now(addr: SocketAddr, socket: Option<std::net::TcpListener>,
     }
 }
 
+/// Client connections open on all of a proxy's ports, from each port's count (the drains of
+/// both proxies wait for it to reach zero).
+pub(crate) fn open_connections<'a>(counts: impl Iterator<Item = &'a AtomicUsize>) -> usize {
+    counts.map(|c| c.load(Ordering::Relaxed)).sum()
+}
+
 /// A second descriptor of `l`, kept beside the listener task (see [`take_or_bind`]).
 pub(crate) fn second_descriptor(
     addr: SocketAddr,
@@ -432,12 +438,7 @@ impl Proxy {
         for (_, l) in self.listeners.drain() {
             senders.push(l.stop().await);
         }
-        let open = || {
-            self.ports
-                .values()
-                .map(|rt| rt.open.load(Ordering::Relaxed))
-                .sum::<usize>()
-        };
+        let open = || open_connections(self.ports.values().map(|rt| &*rt.open));
         let n = open();
         if n > 0 {
             info!("stopping: {n} http/https connection(s) finishing (at most {bound:?})");

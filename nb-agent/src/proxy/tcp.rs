@@ -323,12 +323,7 @@ impl TcpProxy {
     /// copying have ended, or `bound`; returns how many are open then (cut when the agent
     /// exits). Their clients and nodes close them; nothing here can ask them to.
     pub async fn drain(&self, bound: Duration) -> usize {
-        let open = || {
-            self.ports
-                .values()
-                .map(|rt| rt.open.load(Ordering::Relaxed))
-                .sum::<usize>()
-        };
+        let open = || super::open_connections(self.ports.values().map(|rt| &*rt.open));
         let n = open();
         if n > 0 {
             info!("stopping: {n} user-space tcp connection(s) finishing (at most {bound:?})");
