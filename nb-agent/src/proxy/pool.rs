@@ -447,4 +447,49 @@ mod tests {
         tokio::time::sleep(ttl * 2).await;
         assert_eq!(pool.idle_len(), 0);
     }
+    /// A node that answers one request per connection, keeping it alive, and then closes
+    /// it after `after`, as a backend whose keep-alive timeout is short does.
+    async fn closing_backend(after: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(after).await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_node_closed_while_idle_is_not_used() {
+        let (addr, accepted) = closing_backend(Duration::from_millis(50)).await;
+        let pool = Arc::new(NodePool::new(addr, Arc::default()));
+        let front = front(pool.clone()).await;
+        let mut c = client(front).await;
+        get(&mut c).await;
+        assert_eq!(pool.idle_len(), 1, "kept alive after the first response");
+        // The node closes it. The reaper has not run yet: the closed connection is still
+        // listed, and the next request must pass it over for a new one, not fail on it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pool.idle_len(), 1, "still listed");
+        get(&mut c).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "one new connection");
+    }
 }
