@@ -937,15 +937,16 @@ impl Dataplane {
     /// Expires idle and closed flows and recounts active connections per backend (which
     /// `leastconn` reads). The program only ever adds to the counts; this sets them right.
     pub fn sweep(&mut self, t: FlowTimeouts) -> Result<SweepReport> {
+        let plan = self.sweep_plan(t)?;
+        self.sweep_apply(plan)
+    }
+
+    /// The first half of [`Dataplane::sweep`]: reads both flow tables and decides what
+    /// expires, changing nothing.
+    pub fn sweep_plan(&mut self, t: FlowTimeouts) -> Result<SweepPlan> {
         let now = coarse_now_ns();
         let sec = 1_000_000_000u64;
-        let mut report = SweepReport::default();
-        let mut expired_fwd = Vec::new();
-        let mut expired_rev = Vec::new();
-        let mut active_by_id: HashMap<u32, u64> = HashMap::new();
-        let mut unanswered_by_id: HashMap<u32, u64> = HashMap::new();
-        let mut still_unanswered = std::collections::HashSet::new();
-        let mut flow_ports: BTreeSet<u16> = BTreeSet::new();
+        let mut plan = SweepPlan::default();
         {
             let rev = self.flow_entries::<RevValue>(maps::REV_FLOWS)?;
             let fwd = self.flow_entries::<FlowValue>(maps::FLOWS)?;
@@ -965,9 +966,9 @@ impl Dataplane {
                 let idle = now.saturating_sub(v.last_seen) / sec;
                 if v.flags & REV_REPLIED == 0 && idle >= UNANSWERED_AFTER_SECS {
                     if !self.unanswered_seen.contains(&k) {
-                        *unanswered_by_id.entry(v.backend_id).or_default() += 1;
+                        *plan.unanswered_by_id.entry(v.backend_id).or_default() += 1;
                     }
-                    still_unanswered.insert(k);
+                    plan.still_unanswered.insert(k);
                 }
                 let limit = if v.flags & REV_CLOSING != 0 {
                     t.closing_secs
@@ -977,11 +978,11 @@ impl Dataplane {
                     t.established_secs
                 };
                 if idle > limit {
-                    expired_rev.push(k);
+                    plan.expired_rev.push((k, v));
                 }
             }
             for (k, v) in fwd {
-                report.flows += 1;
+                plan.flows += 1;
                 let (rflags, rseen) = rev_state.get(&k).copied().unwrap_or((0, 0));
                 let last = v.last_seen.max(rseen);
                 let idle = now.saturating_sub(last) / sec;
@@ -994,18 +995,43 @@ impl Dataplane {
                     t.established_secs
                 };
                 if idle > limit {
-                    expired_fwd.push(k);
+                    plan.expired_fwd.push((k, v));
                     continue;
                 }
-                flow_ports.insert(u16::from_be(k.dport));
+                plan.flow_ports.insert(u16::from_be(k.dport));
                 if !closing {
-                    *active_by_id.entry(v.backend_id).or_default() += 1;
+                    *plan.active_by_id.entry(v.backend_id).or_default() += 1;
                 }
             }
         }
+        Ok(plan)
+    }
+
+    /// The second half of [`Dataplane::sweep`]: deletes the expired entries of `plan` that
+    /// are still as the plan saw them, and writes the counts. An entry that changed since
+    /// (a client reusing its port opened a new connection on it, or a late packet refreshed
+    /// it) is left for the next sweep: deleted, it would cut that connection. Reading a full
+    /// table takes long enough (up to seconds) for this to happen; one lookup just before
+    /// each delete narrows the window to microseconds.
+    pub fn sweep_apply(&mut self, plan: SweepPlan) -> Result<SweepReport> {
+        let SweepPlan {
+            flows,
+            expired_fwd,
+            expired_rev,
+            mut flow_ports,
+            active_by_id,
+            unanswered_by_id,
+            still_unanswered,
+        } = plan;
+        let expired_fwd = self.unchanged::<FlowValue>(maps::FLOWS, expired_fwd)?;
+        let expired_rev = self.unchanged::<RevValue>(maps::REV_FLOWS, expired_rev)?;
         self.delete_flows::<FlowValue>(maps::FLOWS, &expired_fwd)?;
         self.delete_flows::<RevValue>(maps::REV_FLOWS, &expired_rev)?;
-        report.expired = expired_fwd.len() as u64;
+        let mut report = SweepReport {
+            flows,
+            expired: expired_fwd.len() as u64,
+            ..SweepReport::default()
+        };
         // Ports of services, and of flows whose service is gone but which still run.
         flow_ports.extend(self.keys.keys().map(|k| u16::from_be(k.port)));
         self.write_svc_ports(&flow_ports)?;
@@ -1040,6 +1066,44 @@ impl Dataplane {
         self.unanswered_seen = still_unanswered;
         report.batched = self.batch_calls;
         Ok(report)
+    }
+
+    /// The keys of `entries` whose value in flow table `name` is still the one given.
+    fn unchanged<V: aya::Pod + PartialEq>(
+        &mut self,
+        name: &'static str,
+        entries: Vec<(FlowKey, V)>,
+    ) -> Result<Vec<FlowKey>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let h: BpfHashMap<&MapData, FlowKey, V> =
+            BpfHashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        Ok(entries
+            .into_iter()
+            .filter(|(k, seen)| matches!(h.get(k, 0), Ok(now) if now == *seen))
+            .map(|(k, _)| k)
+            .collect())
+    }
+}
+
+/// What [`Dataplane::sweep_plan`] found, for [`Dataplane::sweep_apply`].
+#[derive(Debug, Default)]
+pub struct SweepPlan {
+    flows: u64,
+    /// Expired entries, each with the value that made it expire.
+    expired_fwd: Vec<(FlowKey, FlowValue)>,
+    expired_rev: Vec<(FlowKey, RevValue)>,
+    flow_ports: BTreeSet<u16>,
+    active_by_id: HashMap<u32, u64>,
+    unanswered_by_id: HashMap<u32, u64>,
+    still_unanswered: std::collections::HashSet<FlowKey>,
+}
+
+impl SweepPlan {
+    /// Client-side entries the plan would delete.
+    pub fn expiring(&self) -> usize {
+        self.expired_fwd.len()
     }
 }
 

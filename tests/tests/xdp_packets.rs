@@ -450,6 +450,66 @@ fn sweep_sees_and_expires_every_flow(tag: &str, n: u16, batch: bool) {
     });
 }
 
+/// A sweep reads both tables whole and then deletes what expired; with full tables that takes
+/// long. A client reusing its port in between opens a new connection on the expired entries:
+/// the sweep must leave them alone (deleted, the connection's next packet would find no entry
+/// and be sent by the ring, maybe to another backend).
+#[test]
+fn the_sweep_spares_entries_a_new_connection_took_while_it_ran() {
+    let rig = Rig::new("pkb");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    rig.with(one_backend(), move |r| {
+        // Two connections, each reset by its client: both are over.
+        for port in [41000, 41001] {
+            let (act, _) = r.run(&syn(lb_mac, port).build());
+            assert_eq!(act, XDP_TX, "port {port}: SYN");
+            let mut rst = syn(lb_mac, port);
+            rst.tcp.flags = RST | ACK;
+            let (act, _) = r.run(&rst.build());
+            assert_eq!(act, XDP_TX, "port {port}: RST");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let now = FlowTimeouts {
+            established_secs: 0,
+            closing_secs: 0,
+            unanswered_secs: 0,
+        };
+        let plan = r.dp.sweep_plan(now).expect("sweep plan");
+        assert_eq!(plan.expiring(), 2, "both connections are over");
+        // While the sweep runs, the first client opens a new connection from the same port.
+        let (act, _) = r.run(&syn(lb_mac, 41000).build());
+        assert_eq!(act, XDP_TX, "the new connection's SYN");
+        let report = r.dp.sweep_apply(plan).expect("sweep apply");
+        assert_eq!(report.expired, 1, "only the untouched connection expired");
+
+        let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).expect("pin"));
+        let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(open(maps::FLOWS)).expect("flow map");
+        let ports: Vec<u16> = flows
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| u16::from_be(k.sport))
+            .collect();
+        assert_eq!(ports, vec![41000], "the new connection keeps its entry");
+        let rev: BpfHashMap<MapData, FlowKey, RevValue> =
+            BpfHashMap::try_from(open(maps::REV_FLOWS)).expect("reply map");
+        let clients: Vec<u16> = rev
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| u16::from_be(v.client_port))
+            .collect();
+        assert_eq!(clients, vec![41000], "and its reply entry");
+        // Its next packet is forwarded on that entry, not sent by the ring.
+        let mut data = syn(lb_mac, 41000);
+        data.tcp.flags = ACK;
+        let misses = r.counter("flow_miss");
+        let (act, _) = r.run(&data.build());
+        assert_eq!(act, XDP_TX);
+        assert_eq!(r.counter("flow_miss"), misses, "found its entry");
+    });
+}
+
 #[test]
 fn passes_what_is_not_ours_untouched() {
     let rig = Rig::new("pk2");
