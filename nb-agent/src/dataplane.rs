@@ -188,6 +188,9 @@ pub const UNANSWERED_AFTER_SECS: u64 = 3;
 pub struct FlowTimeouts {
     pub established_secs: u64,
     pub closing_secs: u64,
+    /// A closed connection's reply entry, which holds its SNAT port (see
+    /// `nb_common::SNAT_HOLD_SECS`; the program takes such ports over when it finds no other).
+    pub closed_port_secs: u64,
     /// A connection the backend never answered.
     pub unanswered_secs: u64,
 }
@@ -197,6 +200,7 @@ impl Default for FlowTimeouts {
         Self {
             established_secs: 3600,
             closing_secs: 10,
+            closed_port_secs: nb_common::SNAT_HOLD_SECS,
             unanswered_secs: 30,
         }
     }
@@ -950,10 +954,13 @@ impl Dataplane {
         {
             let rev = self.flow_entries::<RevValue>(maps::REV_FLOWS)?;
             let fwd = self.flow_entries::<FlowValue>(maps::FLOWS)?;
-            // The reply side knows whether the backend answered and closed.
-            let mut rev_state: HashMap<FlowKey, (u32, u64)> = HashMap::new();
+            // The reply side knows whether the backend answered and closed. Keyed by reply
+            // key, with the client it serves: a client reconnecting from the same port has
+            // its closed connection's reply entry too (kept `closed_port_secs`), which must
+            // not make its new connection look closed.
+            let mut rev_state: HashMap<FlowKey, (FlowKey, u32, u64)> = HashMap::new();
             for (k, v) in rev {
-                let fk = FlowKey {
+                let client = FlowKey {
                     src: v.client_addr,
                     dst: v.vip_addr,
                     sport: v.client_port,
@@ -962,7 +969,7 @@ impl Dataplane {
                     proto: PROTO_TCP,
                     _pad: [0; 2],
                 };
-                rev_state.insert(fk, (v.flags, v.last_seen));
+                rev_state.insert(k, (client, v.flags, v.last_seen));
                 let idle = now.saturating_sub(v.last_seen) / sec;
                 if v.flags & REV_REPLIED == 0 && idle >= UNANSWERED_AFTER_SECS {
                     if !self.unanswered_seen.contains(&k) {
@@ -971,7 +978,7 @@ impl Dataplane {
                     plan.still_unanswered.insert(k);
                 }
                 let limit = if v.flags & REV_CLOSING != 0 {
-                    t.closing_secs
+                    t.closed_port_secs
                 } else if v.flags & REV_REPLIED == 0 {
                     t.unanswered_secs
                 } else {
@@ -983,7 +990,19 @@ impl Dataplane {
             }
             for (k, v) in fwd {
                 plan.flows += 1;
-                let (rflags, rseen) = rev_state.get(&k).copied().unwrap_or((0, 0));
+                let rkey = FlowKey {
+                    src: v.backend_addr,
+                    dst: v.snat_addr,
+                    sport: v.backend_port,
+                    dport: v.snat_port,
+                    family: k.family,
+                    proto: PROTO_TCP,
+                    _pad: [0; 2],
+                };
+                let (rflags, rseen) = match rev_state.get(&rkey) {
+                    Some((client, flags, seen)) if *client == k => (*flags, *seen),
+                    _ => (0, 0),
+                };
                 let last = v.last_seen.max(rseen);
                 let idle = now.saturating_sub(last) / sec;
                 let closing = v.flags & FLOW_CLOSING != 0 || rflags & REV_CLOSING != 0;

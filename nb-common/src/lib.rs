@@ -27,6 +27,89 @@ pub const SNAT_PORT_MIN: u16 = 10000;
 pub const SNAT_PORT_MAX: u16 = 32767;
 /// How many SNAT ports a new flow tries before giving up (each try is one map lookup).
 pub const SNAT_PORT_TRIES: u32 = 8;
+/// How long the SNAT port of a closed connection stays with it (its reply entry kept, the
+/// port not given to another client): the backend may still hold the old connection in
+/// TIME_WAIT (60 s on Linux), and a SYN from another client on the same addresses and ports
+/// would then be answered with an ACK for the old connection, which the client resets before
+/// it retries (a stall of up to its SYN timeout, 1-3 s on many systems). The same client
+/// reconnecting from the same port gets the port back at once: the backend accepts that.
+pub const SNAT_HOLD_SECS: u64 = 60;
+/// A new connection that finds none of its ports free takes over the port of a closed
+/// connection silent this long (the oldest it tried), rather than being dropped.
+pub const SNAT_TAKEOVER_SECS: u64 = 2;
+
+/// The hashes the XDP program computes. Here rather than in the program so that tests can
+/// predict which SNAT ports a flow tries.
+pub mod hash {
+    use super::{SNAT_PORT_MAX, SNAT_PORT_MIN};
+
+    const SEED: u32 = 0x6e62_6c62;
+
+    #[inline(always)]
+    fn mix(h: u32, k: u32) -> u32 {
+        let k = k
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
+    }
+
+    #[inline(always)]
+    fn finish(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+
+    /// Hash of a client address (`source` stickiness).
+    #[inline(always)]
+    pub fn addr(a: &[u32; 4]) -> u32 {
+        finish(mix(mix(mix(mix(SEED, a[0]), a[1]), a[2]), a[3]))
+    }
+
+    /// Hash of a client-side 5-tuple, addresses and ports in network byte order as in the
+    /// packet.
+    #[inline(always)]
+    pub fn flow(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16) -> u32 {
+        let mut h = SEED;
+        h = mix(h, src[0]);
+        h = mix(h, src[1]);
+        h = mix(h, src[2]);
+        h = mix(h, src[3]);
+        h = mix(h, dst[0]);
+        h = mix(h, dst[1]);
+        h = mix(h, dst[2]);
+        h = mix(h, dst[3]);
+        h = mix(h, ((sport as u32) << 16) | dport as u32);
+        finish(h)
+    }
+
+    /// The SNAT ports, `SNAT_PORT_MIN..=SNAT_PORT_MAX`: 22768 = 16 x 1423.
+    pub const SNAT_RANGE: u32 = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    const _: () = assert!(SNAT_RANGE == 16 * 1423);
+
+    /// The step between the SNAT ports a new flow with hash `h` tries (double hashing). Every
+    /// flow stepping by one shared stride made them queue behind each other (linear probing's
+    /// clusters): at 19% of a backend's ports in use, a flow found its 8 tries all taken. Odd
+    /// and not a multiple of 1423, so the tries are 8 distinct ports.
+    #[inline(always)]
+    pub fn snat_stride(h: u32) -> u32 {
+        let s = (finish(h ^ 0x9e37_79b9) % SNAT_RANGE) | 1;
+        if s.is_multiple_of(1423) { s + 2 } else { s }
+    }
+
+    /// The SNAT port (host byte order) that try `i` of a flow with hash `h` and stride
+    /// `stride` (see [`snat_stride`]) asks for.
+    #[inline(always)]
+    pub fn snat_try(h: u32, stride: u32, i: u32) -> u16 {
+        SNAT_PORT_MIN + (h.wrapping_add(i.wrapping_mul(stride)) % SNAT_RANGE) as u16
+    }
+}
 
 /// Address families as stored in keys.
 pub const FAMILY_V4: u8 = 4;
@@ -90,8 +173,12 @@ pub mod stat {
     /// Translated, then passed to the kernel to forward because the next hop's MAC is not
     /// known yet: the kernel resolves it, and later packets go by XDP again.
     pub const PASS_NO_NEIGH: u32 = 16;
+    /// Not a packet: a new connection took over the SNAT port of a closed one, because none
+    /// of the ports it tried was free (see `SNAT_HOLD_SECS`). Often: the ports towards a
+    /// backend are running out.
+    pub const SNAT_PORT_REUSED: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     /// Label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "rx",
@@ -111,6 +198,7 @@ pub mod stat {
         "aborted",
         "pass_no_flow",
         "pass_no_neigh",
+        "snat_port_reused",
     ];
 }
 

@@ -16,15 +16,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nb_common::{
-    BackendStats, FLOW_CLOSING, FlowKey, FlowValue, PROTO_TCP, REV_CLOSING, REV_REFUSED,
-    REV_REPLIED, RevValue, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, ServiceKey,
-    ThrottleState, cfg, stat,
+    Backend, BackendStats, FLOW_CLOSING, FlowKey, FlowValue, PROTO_TCP, REV_CLOSING, REV_REFUSED,
+    REV_REPLIED, RevValue, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TAKEOVER_SECS,
+    ServiceKey, ThrottleState, cfg, stat,
 };
 
 use csum::{addr_copy, addr_eq};
 use maps::{
-    ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SERVICES, SVC_INFO, THROTTLE, count,
-    service_port, setting,
+    ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SCRATCH, SERVICES, SVC_INFO, Scratch,
+    THROTTLE, count, service_port, setting,
 };
 use nat::NextHop;
 use parse::{Packet, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, ptr_at};
@@ -307,7 +307,13 @@ fn new_flow(
     client_mac.copy_from_slice(&eth[6..]);
     let mut our_mac = [0u8; 6];
     our_mac.copy_from_slice(&eth[..6]);
-    let rv = RevValue {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        count(stat::ABORTED);
+        return Ok(xdp_action::XDP_ABORTED);
+    };
+    // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
+    let scratch = unsafe { &mut *scratch };
+    scratch.rev = RevValue {
         client_addr: addr_copy(&pkt.src),
         vip_addr: addr_copy(&pkt.dst),
         client_port: pkt.sport,
@@ -319,22 +325,17 @@ fn new_flow(
         flags: 0,
         last_seen: t,
     };
+    let rv = &scratch.rev;
     let h = select::hash_flow(pkt);
     let stride = select::snat_stride(h);
     let mut snat_port = 0u16;
+    // The port of a closed connection, silent longest, among those tried: taken over if none
+    // is free (see `SNAT_HOLD_SECS`).
+    let mut spare = 0u16;
+    let mut spare_seen = u64::MAX;
     for i in 0..SNAT_PORT_TRIES {
-        let port = (SNAT_PORT_MIN
-            + (h.wrapping_add(i.wrapping_mul(stride)) % select::SNAT_RANGE) as u16)
-            .to_be();
-        let rkey = FlowKey {
-            src: addr_copy(&b.addr),
-            dst: addr_copy(&b.snat_addr),
-            sport: b.port,
-            dport: port,
-            family: pkt.family,
-            proto: PROTO_TCP,
-            _pad: [0; 2],
-        };
+        let port = select::snat_try(h, stride, i).to_be();
+        let rkey = rev_key(b, pkt.family, port);
         // Look before inserting: an update of an LRU map takes a free node (and the LRU
         // lock) even when it fails or replaces, which made a SYN several times dearer.
         match REV_FLOWS.get_ptr_mut(&rkey) {
@@ -349,18 +350,26 @@ fn new_flow(
                     // The same client connection again (its port reused after a close):
                     // rewritten in place. Only this flow's packets read this entry, and they
                     // come after this SYN.
-                    *old = rv;
+                    *old = *rv;
                     snat_port = port;
                     break;
                 }
+                if may_take_over(old, t) && old.last_seen < spare_seen {
+                    spare = port;
+                    spare_seen = old.last_seen;
+                }
             }
             None => {
-                if REV_FLOWS.insert(&rkey, &rv, BPF_NOEXIST as u64).is_ok() {
+                if REV_FLOWS.insert(&rkey, rv, BPF_NOEXIST as u64).is_ok() {
                     snat_port = port;
                     break;
                 }
             }
         }
+    }
+    if snat_port == 0 && spare != 0 && take_over(&rev_key(b, pkt.family, spare), scratch, t) {
+        snat_port = spare;
+        count(stat::SNAT_PORT_REUSED);
     }
     if snat_port == 0 {
         count(stat::DROP_NO_PORT);
@@ -414,6 +423,73 @@ fn new_flow(
         return Ok(xdp_action::XDP_PASS);
     }
     nat::send(ctx, &dmac, &smac, ifindex)
+}
+
+/// The reply-table key of a connection to backend `b` from SNAT port `port` (network order).
+#[inline(always)]
+fn rev_key(b: &Backend, family: u8, port: u16) -> FlowKey {
+    FlowKey {
+        src: addr_copy(&b.addr),
+        dst: addr_copy(&b.snat_addr),
+        sport: b.port,
+        dport: port,
+        family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    }
+}
+
+/// Whether the SNAT port of reply entry `r` may go to a new connection that found no free
+/// port: the backend has closed (FIN or RST) and nothing came for `SNAT_TAKEOVER_SECS`.
+#[inline(always)]
+fn may_take_over(r: &RevValue, t: u64) -> bool {
+    r.flags & REV_CLOSING != 0 && t.wrapping_sub(r.last_seen) > SNAT_TAKEOVER_SECS * SECOND
+}
+
+/// Gives the SNAT port of reply entry `rkey` (a closed connection's, see `may_take_over`) to
+/// the new connection `rv`. The old connection's client entry goes first, if it still points
+/// there, so that a late packet of it cannot reach the backend on the new connection's
+/// addresses. False when the old connection's client side is still open, or when another
+/// CPU took the port first (the insert is the arbiter: only one succeeds).
+#[inline(always)]
+fn take_over(rkey: &FlowKey, scratch: &mut Scratch, t: u64) -> bool {
+    let rv = &scratch.rev;
+    let okey = &mut scratch.old_key;
+    match REV_FLOWS.get_ptr(rkey) {
+        Some(old) => {
+            // SAFETY: valid for this program run; only read.
+            let old = unsafe { &*old };
+            okey.src = addr_copy(&old.client_addr);
+            okey.dst = addr_copy(&old.vip_addr);
+            okey.sport = old.client_port;
+            okey.dport = old.vip_port;
+            okey.family = rkey.family;
+            okey.proto = PROTO_TCP;
+            okey._pad = [0; 2];
+        }
+        None => return REV_FLOWS.insert(rkey, rv, BPF_NOEXIST as u64).is_ok(),
+    }
+    let okey = &*okey;
+    if let Some(f) = FLOWS.get_ptr(okey) {
+        // SAFETY: as above.
+        let f = unsafe { &*f };
+        if f.snat_port == rkey.dport
+            && f.backend_port == rkey.sport
+            && addr_eq(&f.backend_addr, &rkey.src)
+        {
+            if f.flags & FLOW_CLOSING == 0 {
+                return false;
+            }
+            let _ = FLOWS.remove(okey);
+        }
+    }
+    // Looked at again just before it goes: another CPU may have taken it over meanwhile.
+    match REV_FLOWS.get_ptr(rkey) {
+        // SAFETY: as above.
+        Some(old) if may_take_over(unsafe { &*old }, t) => {}
+        _ => return false,
+    }
+    REV_FLOWS.remove(rkey).is_ok() && REV_FLOWS.insert(rkey, rv, BPF_NOEXIST as u64).is_ok()
 }
 
 /// Translates a backend's packet back to the client it belongs to.

@@ -63,6 +63,19 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(1 << 20, 0
 #[map(name = "NB_REV_FLOWS")]
 pub static REV_FLOWS: LruHashMap<FlowKey, RevValue> = LruHashMap::pinned(1 << 20, 0);
 
+/// Working space for a new flow's entries, one per CPU: the stack (512 bytes) has no room
+/// left for them.
+#[repr(C)]
+pub struct Scratch {
+    /// The new flow's reply entry, as it will be inserted.
+    pub rev: RevValue,
+    /// The client key of a connection whose SNAT port a new flow takes over.
+    pub old_key: FlowKey,
+}
+
+#[map(name = "NB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::pinned(1, 0);
+
 /// Backend id -> the last next hop towards it, per CPU (see `NextHopCache`).
 #[map(name = "NB_NEXT_HOPS")]
 pub static NEXT_HOPS: PerCpuArray<NextHopCache> = PerCpuArray::pinned(MAX_BACKENDS, 0);

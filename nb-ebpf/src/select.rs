@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use nb_common::{
     ALG_LEASTCONN, ALG_SOURCE, MAGLEV_SIZE, MAX_SERVICES, MAX_SVC_BACKENDS, RR_SEQ_LEN,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, ServiceInfo, SvcBackends,
+    ServiceInfo, SvcBackends,
 };
 
 use crate::{
@@ -11,64 +11,13 @@ use crate::{
     parse::Packet,
 };
 
-const SEED: u32 = 0x6e62_6c62;
-
-#[inline(always)]
-fn mix(h: u32, k: u32) -> u32 {
-    let k = k
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
-}
-
-#[inline(always)]
-fn finish(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// Hash of a client address (`source` stickiness).
-#[inline(always)]
-pub fn hash_addr(a: &[u32; 4]) -> u32 {
-    finish(mix(mix(mix(mix(SEED, a[0]), a[1]), a[2]), a[3]))
-}
+pub use nb_common::hash::{addr as hash_addr, snat_stride, snat_try};
 
 /// Hash of the client-side 5-tuple: routes flows whose entry was evicted, and picks the SNAT
 /// port, so that a re-created entry most likely gets the same port as the original.
 #[inline(always)]
 pub fn hash_flow(p: &Packet) -> u32 {
-    let mut h = SEED;
-    h = mix(h, p.src[0]);
-    h = mix(h, p.src[1]);
-    h = mix(h, p.src[2]);
-    h = mix(h, p.src[3]);
-    h = mix(h, p.dst[0]);
-    h = mix(h, p.dst[1]);
-    h = mix(h, p.dst[2]);
-    h = mix(h, p.dst[3]);
-    h = mix(h, ((p.sport as u32) << 16) | p.dport as u32);
-    finish(h)
-}
-
-/// The SNAT ports, `SNAT_PORT_MIN..=SNAT_PORT_MAX`: 22768 = 16 x 1423.
-pub const SNAT_RANGE: u32 = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
-const _: () = assert!(SNAT_RANGE == 16 * 1423);
-
-/// The step between the SNAT ports a new flow with hash `h` tries (double hashing). Every
-/// flow stepping by one shared stride made them queue behind each other (linear probing's
-/// clusters): at 19% of a backend's ports in use, a flow found its 8 tries all taken. Odd
-/// and not a multiple of 1423, so the tries are 8 distinct ports.
-#[inline(always)]
-pub fn snat_stride(h: u32) -> u32 {
-    let s = (finish(h ^ 0x9e37_79b9) % SNAT_RANGE) | 1;
-    if s % 1423 == 0 { s + 2 } else { s }
+    nb_common::hash::flow(&p.src, &p.dst, p.sport, p.dport)
 }
 
 /// The Maglev ring's backend for hash `h`.

@@ -433,6 +433,7 @@ fn sweep_sees_and_expires_every_flow(tag: &str, n: u16, batch: bool) {
         let now = FlowTimeouts {
             established_secs: 0,
             closing_secs: 0,
+            closed_port_secs: 0,
             unanswered_secs: 0,
         };
         let report = r.dp.sweep(now).expect("sweep");
@@ -473,6 +474,7 @@ fn the_sweep_spares_entries_a_new_connection_took_while_it_ran() {
         let now = FlowTimeouts {
             established_secs: 0,
             closing_secs: 0,
+            closed_port_secs: 0,
             unanswered_secs: 0,
         };
         let plan = r.dp.sweep_plan(now).expect("sweep plan");
@@ -507,6 +509,212 @@ fn the_sweep_spares_entries_a_new_connection_took_while_it_ran() {
         let (act, _) = r.run(&data.build());
         assert_eq!(act, XDP_TX);
         assert_eq!(r.counter("flow_miss"), misses, "found its entry");
+    });
+}
+
+/// The SNAT ports a SYN from `client` to the IPv4 service tries, in order (host order), as
+/// the program computes them.
+fn snat_tries(client: (Ipv4Addr, u16)) -> Vec<u16> {
+    let word = |a: Ipv4Addr| [u32::from_ne_bytes(a.octets()), 0, 0, 0];
+    let h = nb_common::hash::flow(&word(client.0), &word(VIP), client.1.to_be(), 80u16.to_be());
+    let stride = nb_common::hash::snat_stride(h);
+    (0..nb_common::SNAT_PORT_TRIES)
+        .map(|i| nb_common::hash::snat_try(h, stride, i))
+        .collect()
+}
+
+/// A client address and port, none of `taken`, whose first SNAT port try is `port`.
+fn client_trying_first(port: u16, taken: &[(Ipv4Addr, u16)]) -> (Ipv4Addr, u16) {
+    (1..=250u8)
+        .flat_map(|host| (1024..=65535u16).map(move |p| (Ipv4Addr::new(198, 18, 7, host), p)))
+        .find(|c| !taken.contains(c) && snat_tries(*c)[0] == port)
+        .expect("some client tries that port first")
+}
+
+/// A SYN from `client` to the IPv4 service: (action, SNAT port it went out with, if any).
+fn open_from(r: &mut Runner, lb_mac: [u8; 6], client: (Ipv4Addr, u16)) -> (u32, Option<u16>) {
+    let mut f = syn(lb_mac, client.1);
+    if let Ip::V4 { src, .. } = &mut f.ip {
+        *src = client.0;
+    }
+    let (act, out) = r.run(&f.build());
+    let port = (act == XDP_TX).then(|| packet::parse(&out).expect("forwarded SYN").tcp.sport);
+    (act, port)
+}
+
+/// Both sides of the connection from `client` on SNAT port `snat` reset it.
+fn reset_both_ways(r: &mut Runner, lb_mac: [u8; 6], client: (Ipv4Addr, u16), snat: u16) {
+    let mut rst = syn(lb_mac, client.1);
+    if let Ip::V4 { src, .. } = &mut rst.ip {
+        *src = client.0;
+    }
+    rst.tcp.flags = RST | ACK;
+    assert_eq!(r.run(&rst.build()).0, XDP_TX, "client RST");
+    let mut back = Frame::v4((B1, 8080), (LB_PRIV, snat), RST | ACK);
+    back.dst_mac = lb_mac;
+    back.src_mac = B1_MAC;
+    assert_eq!(r.run(&back.build()).0, XDP_TX, "backend RST");
+}
+
+/// A closed connection keeps its SNAT port for `SNAT_HOLD_SECS` (the backend may still hold
+/// the old connection in TIME_WAIT, and would answer another client's SYN on those addresses
+/// with an ACK for it): a new connection trying that port takes another. Only a connection
+/// that finds none of its ports free takes over a closed connection's port, and only once
+/// that one has been silent `SNAT_TAKEOVER_SECS`; the closed connection's client entry goes.
+#[test]
+fn a_closed_connections_snat_port_is_held_and_taken_over_only_when_none_is_free() {
+    let rig = Rig::new("pkc");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    rig.with(one_backend(), move |r| {
+        let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).expect("pin"));
+        let client_entry = |c: (Ipv4Addr, u16)| {
+            let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
+                BpfHashMap::try_from(open(maps::FLOWS)).expect("flow map");
+            flows.keys().filter_map(Result::ok).any(|k| {
+                k.src[0] == u32::from_ne_bytes(c.0.octets()) && u16::from_be(k.sport) == c.1
+            })
+        };
+        let mut used = Vec::new();
+
+        // Held: connection A closes; a sweep drops its client entry (10 s after a close, here
+        // at once) but keeps its reply entry, so B, trying A's port first, takes its second.
+        let a = (Ipv4Addr::new(198, 18, 6, 1), 40000);
+        used.push(a);
+        let (act, pa) = open_from(r, lb_mac, a);
+        assert_eq!(
+            (act, pa),
+            (XDP_TX, Some(snat_tries(a)[0])),
+            "A gets its first port"
+        );
+        let pa = pa.unwrap();
+        reset_both_ways(r, lb_mac, a, pa);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let t = FlowTimeouts {
+            closing_secs: 0,
+            ..FlowTimeouts::default()
+        };
+        assert_eq!(r.dp.sweep(t).expect("sweep").expired, 1, "A's client entry");
+        assert!(!client_entry(a));
+        let b = client_trying_first(pa, &used);
+        used.push(b);
+        let (act, pb) = open_from(r, lb_mac, b);
+        assert_eq!(act, XDP_TX);
+        assert_eq!(pb, Some(snat_tries(b)[1]), "B passes over A's held port");
+
+        // Taken over: connection C closes; D tries C's port first and finds its other seven
+        // taken by live connections. D is dropped while C is fresh, and gets C's port once C
+        // has been silent for SNAT_TAKEOVER_SECS.
+        let c = (Ipv4Addr::new(198, 18, 6, 2), 40000);
+        used.push(c);
+        let (act, pc) = open_from(r, lb_mac, c);
+        assert_eq!(
+            (act, pc),
+            (XDP_TX, Some(snat_tries(c)[0])),
+            "C gets its first port"
+        );
+        let pc = pc.unwrap();
+        reset_both_ways(r, lb_mac, c, pc);
+        let d = client_trying_first(pc, &used);
+        used.push(d);
+        for &q in &snat_tries(d)[1..] {
+            let z = client_trying_first(q, &used);
+            used.push(z);
+            assert_eq!(
+                open_from(r, lb_mac, z),
+                (XDP_TX, Some(q)),
+                "a live connection on {q}"
+            );
+        }
+        let drops = r.counter("drop_no_port");
+        assert_eq!(
+            open_from(r, lb_mac, d).0,
+            XDP_DROP,
+            "C's port is too fresh to take"
+        );
+        assert_eq!(r.counter("drop_no_port"), drops + 1);
+        assert!(client_entry(c), "C's client entry stays");
+        std::thread::sleep(std::time::Duration::from_millis(
+            nb_common::SNAT_TAKEOVER_SECS * 1000 + 1100,
+        ));
+        assert_eq!(
+            open_from(r, lb_mac, d),
+            (XDP_TX, Some(pc)),
+            "D takes over C's port"
+        );
+        assert_eq!(r.counter("snat_port_reused"), 1);
+        assert!(!client_entry(c), "C's client entry went with its port");
+        // D's replies reach D, not C.
+        let mut back = Frame::v4((B1, 8080), (LB_PRIV, pc), SYN | ACK);
+        back.dst_mac = lb_mac;
+        back.src_mac = B1_MAC;
+        let (act, out) = r.run(&back.build());
+        assert_eq!(act, XDP_TX);
+        let got = packet::parse(&out).expect("reply");
+        assert_eq!(got.tcp.dport, d.1, "the reply goes to D's port");
+        match got.ip {
+            Ip::V4 { dst, .. } => assert_eq!(dst, d.0, "and to D's address"),
+            _ => panic!("IPv4 expected"),
+        }
+    });
+}
+
+/// A client reconnecting from the same port while its closed connection's reply entry is
+/// still held (to another backend: two reply entries name that client) keeps its new
+/// connection's entries: the sweep judges each client entry by its own reply entry.
+#[test]
+fn a_reconnected_client_is_judged_by_its_new_connection() {
+    let rig = Rig::new("pkd");
+    let lb_mac = rig.lb0_mac;
+    let two = service_v4(vec![
+        backend("b1", B1.into(), 8080, LB_PRIV.into()),
+        backend("b1b", B1.into(), 8081, LB_PRIV.into()),
+    ]);
+    rig.with(vec![two], move |r| {
+        // Opens a connection from `port` and lets the backend answer: (backend port, SNAT).
+        let connect = |r: &mut Runner, port: u16| -> (u16, u16) {
+            let (act, out) = r.run(&syn(lb_mac, port).build());
+            assert_eq!(act, XDP_TX);
+            let got = packet::parse(&out).expect("forwarded SYN");
+            let mut back = Frame::v4((B1, got.tcp.dport), (LB_PRIV, got.tcp.sport), SYN | ACK);
+            back.dst_mac = lb_mac;
+            back.src_mac = B1_MAC;
+            assert_eq!(r.run(&back.build()).0, XDP_TX, "SYN-ACK");
+            (got.tcp.dport, got.tcp.sport)
+        };
+        let ports: Vec<u16> = (42000..42020).collect();
+        let mut first = Vec::new();
+        for &p in &ports {
+            let (bport, snat) = connect(r, p);
+            let mut rst = syn(lb_mac, p);
+            rst.tcp.flags = RST | ACK;
+            assert_eq!(r.run(&rst.build()).0, XDP_TX, "client RST");
+            let mut back = Frame::v4((B1, bport), (LB_PRIV, snat), RST | ACK);
+            back.dst_mac = lb_mac;
+            back.src_mac = B1_MAC;
+            assert_eq!(r.run(&back.build()).0, XDP_TX, "backend RST");
+            first.push(bport);
+        }
+        // One connection more in between shifts the round robin by one: every client now
+        // reaches the other backend.
+        connect(r, 43000);
+        for (&p, &was) in ports.iter().zip(&first) {
+            let (bport, _) = connect(r, p);
+            assert_ne!(bport, was, "port {p} reconnects to the other backend");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let t = FlowTimeouts {
+            closing_secs: 0,
+            ..FlowTimeouts::default()
+        };
+        let report = r.dp.sweep(t).expect("sweep");
+        assert_eq!(
+            (report.flows, report.expired),
+            (21, 0),
+            "no live connection is taken for its closed predecessor"
+        );
+        let active: u64 = report.active.values().sum();
+        assert_eq!(active, 21, "all count as active");
     });
 }
 
