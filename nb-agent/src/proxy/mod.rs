@@ -204,10 +204,8 @@ pub(crate) fn take_or_bind(
     other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
 ) -> Result<std::net::TcpListener, ProxyError> {
     match other(addr) {
-        Some(l) => {
-            info!("{addr}: listening socket handed over between http and tcp serving");
-            Ok(l)
-        }
+        // Logged when the reload is applied (see `close_now`): it may still be refused.
+        Some(l) => Ok(l),
         None => bind(addr, port),
     }
 }
@@ -217,9 +215,11 @@ pub(crate) fn take_or_bind(
 /// descriptor, and a connection attempt right after the reload is refused. Not when the
 /// other proxy has taken the socket over (`taken`).
 pub(crate) fn close_now(addr: SocketAddr, socket: Option<std::net::TcpListener>, taken: bool) {
-    if let Some(s) = socket
-        && !taken
-    {
+    if taken {
+        info!("{addr}: listening socket handed over between http and tcp serving");
+        return;
+    }
+    if let Some(s) = socket {
         // SAFETY: shutdown(2) on the descriptor `s` owns; on a listening socket it stops
         // listening (queued connections are reset, as at close).
         let rc = unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&s), libc::SHUT_RDWR) };
