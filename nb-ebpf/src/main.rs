@@ -470,6 +470,15 @@ fn take_over(rkey: &FlowKey, scratch: &mut Scratch, t: u64) -> bool {
         None => return REV_FLOWS.insert(rkey, rv, BPF_NOEXIST as u64).is_ok(),
     }
     let okey = &*okey;
+    if addr_eq(&okey.src, &rv.client_addr)
+        && okey.sport == rv.client_port
+        && addr_eq(&okey.dst, &rv.vip_addr)
+        && okey.dport == rv.vip_port
+    {
+        // Meanwhile the new connection's own (only another SYN of it, on another CPU):
+        // its client entry must stay.
+        return false;
+    }
     if let Some(f) = FLOWS.get_ptr(okey) {
         // SAFETY: as above.
         let f = unsafe { &*f };
