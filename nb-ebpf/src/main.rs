@@ -342,11 +342,7 @@ fn new_flow(
             Some(old) => {
                 // SAFETY: the value stays valid for this program run.
                 let old = unsafe { &mut *old };
-                let ours = addr_eq(&old.client_addr, &rv.client_addr)
-                    && old.client_port == rv.client_port
-                    && addr_eq(&old.vip_addr, &rv.vip_addr)
-                    && old.vip_port == rv.vip_port;
-                if ours {
+                if same_client(old, rv) {
                     // The same client connection again (its port reused after a close):
                     // rewritten in place. Only this flow's packets read this entry, and they
                     // come after this SYN.
@@ -439,6 +435,16 @@ fn rev_key(b: &Backend, family: u8, port: u16) -> FlowKey {
     }
 }
 
+/// Whether two reply entries serve the same client connection (address and port, and the
+/// public address and port it came to).
+#[inline(always)]
+fn same_client(a: &RevValue, b: &RevValue) -> bool {
+    addr_eq(&a.client_addr, &b.client_addr)
+        && a.client_port == b.client_port
+        && addr_eq(&a.vip_addr, &b.vip_addr)
+        && a.vip_port == b.vip_port
+}
+
 /// Whether the SNAT port of reply entry `r` may go to a new connection that found no free
 /// port: the backend has closed (FIN or RST) and nothing came for `SNAT_TAKEOVER_SECS`.
 #[inline(always)]
@@ -459,6 +465,11 @@ fn take_over(rkey: &FlowKey, scratch: &mut Scratch, t: u64) -> bool {
         Some(old) => {
             // SAFETY: valid for this program run; only read.
             let old = unsafe { &*old };
+            if same_client(old, rv) {
+                // Meanwhile the new connection's own (only another SYN of it, on another
+                // CPU): its client entry must stay.
+                return false;
+            }
             okey.src = addr_copy(&old.client_addr);
             okey.dst = addr_copy(&old.vip_addr);
             okey.sport = old.client_port;
@@ -470,15 +481,6 @@ fn take_over(rkey: &FlowKey, scratch: &mut Scratch, t: u64) -> bool {
         None => return REV_FLOWS.insert(rkey, rv, BPF_NOEXIST as u64).is_ok(),
     }
     let okey = &*okey;
-    if addr_eq(&okey.src, &rv.client_addr)
-        && okey.sport == rv.client_port
-        && addr_eq(&okey.dst, &rv.vip_addr)
-        && okey.dport == rv.vip_port
-    {
-        // Meanwhile the new connection's own (only another SYN of it, on another CPU):
-        // its client entry must stay.
-        return false;
-    }
     if let Some(f) = FLOWS.get_ptr(okey) {
         // SAFETY: as above.
         let f = unsafe { &*f };

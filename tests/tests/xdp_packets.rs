@@ -542,17 +542,44 @@ fn open_from(r: &mut Runner, lb_mac: [u8; 6], client: (Ipv4Addr, u16)) -> (u32, 
     (act, port)
 }
 
-/// Both sides of the connection from `client` on SNAT port `snat` reset it.
-fn reset_both_ways(r: &mut Runner, lb_mac: [u8; 6], client: (Ipv4Addr, u16), snat: u16) {
+/// A packet from backend B1's port `bport` to the balancer's SNAT port `snat`.
+fn from_backend(lb_mac: [u8; 6], bport: u16, snat: u16, flags: u8) -> Frame {
+    let mut f = Frame::v4((B1, bport), (LB_PRIV, snat), flags);
+    f.dst_mac = lb_mac;
+    f.src_mac = B1_MAC;
+    f
+}
+
+/// A connection from `client` that got its first SNAT port try, then reset both ways: the
+/// port it held.
+fn open_and_close(r: &mut Runner, lb_mac: [u8; 6], client: (Ipv4Addr, u16)) -> u16 {
+    let (act, port) = open_from(r, lb_mac, client);
+    assert_eq!(
+        (act, port),
+        (XDP_TX, Some(snat_tries(client)[0])),
+        "{client:?} gets its first port"
+    );
+    let port = port.unwrap();
+    reset_both_ways(r, lb_mac, client, 8080, port);
+    port
+}
+
+/// Both sides of the connection from `client` to backend port `bport` on SNAT port `snat`
+/// reset it.
+fn reset_both_ways(
+    r: &mut Runner,
+    lb_mac: [u8; 6],
+    client: (Ipv4Addr, u16),
+    bport: u16,
+    snat: u16,
+) {
     let mut rst = syn(lb_mac, client.1);
     if let Ip::V4 { src, .. } = &mut rst.ip {
         *src = client.0;
     }
     rst.tcp.flags = RST | ACK;
     assert_eq!(r.run(&rst.build()).0, XDP_TX, "client RST");
-    let mut back = Frame::v4((B1, 8080), (LB_PRIV, snat), RST | ACK);
-    back.dst_mac = lb_mac;
-    back.src_mac = B1_MAC;
+    let back = from_backend(lb_mac, bport, snat, RST | ACK);
     assert_eq!(r.run(&back.build()).0, XDP_TX, "backend RST");
 }
 
@@ -581,14 +608,7 @@ fn a_closed_connections_snat_port_is_held_and_taken_over_only_when_none_is_free(
         // at once) but keeps its reply entry, so B, trying A's port first, takes its second.
         let a = (Ipv4Addr::new(198, 18, 6, 1), 40000);
         used.push(a);
-        let (act, pa) = open_from(r, lb_mac, a);
-        assert_eq!(
-            (act, pa),
-            (XDP_TX, Some(snat_tries(a)[0])),
-            "A gets its first port"
-        );
-        let pa = pa.unwrap();
-        reset_both_ways(r, lb_mac, a, pa);
+        let pa = open_and_close(r, lb_mac, a);
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let t = FlowTimeouts {
             closing_secs: 0,
@@ -607,14 +627,7 @@ fn a_closed_connections_snat_port_is_held_and_taken_over_only_when_none_is_free(
         // has been silent for SNAT_TAKEOVER_SECS.
         let c = (Ipv4Addr::new(198, 18, 6, 2), 40000);
         used.push(c);
-        let (act, pc) = open_from(r, lb_mac, c);
-        assert_eq!(
-            (act, pc),
-            (XDP_TX, Some(snat_tries(c)[0])),
-            "C gets its first port"
-        );
-        let pc = pc.unwrap();
-        reset_both_ways(r, lb_mac, c, pc);
+        let pc = open_and_close(r, lb_mac, c);
         let d = client_trying_first(pc, &used);
         used.push(d);
         for &q in &snat_tries(d)[1..] {
@@ -645,10 +658,7 @@ fn a_closed_connections_snat_port_is_held_and_taken_over_only_when_none_is_free(
         assert_eq!(r.counter("snat_port_reused"), 1);
         assert!(!client_entry(c), "C's client entry went with its port");
         // D's replies reach D, not C.
-        let mut back = Frame::v4((B1, 8080), (LB_PRIV, pc), SYN | ACK);
-        back.dst_mac = lb_mac;
-        back.src_mac = B1_MAC;
-        let (act, out) = r.run(&back.build());
+        let (act, out) = r.run(&from_backend(lb_mac, 8080, pc, SYN | ACK).build());
         assert_eq!(act, XDP_TX);
         let got = packet::parse(&out).expect("reply");
         assert_eq!(got.tcp.dport, d.1, "the reply goes to D's port");
@@ -676,9 +686,7 @@ fn a_reconnected_client_is_judged_by_its_new_connection() {
             let (act, out) = r.run(&syn(lb_mac, port).build());
             assert_eq!(act, XDP_TX);
             let got = packet::parse(&out).expect("forwarded SYN");
-            let mut back = Frame::v4((B1, got.tcp.dport), (LB_PRIV, got.tcp.sport), SYN | ACK);
-            back.dst_mac = lb_mac;
-            back.src_mac = B1_MAC;
+            let back = from_backend(lb_mac, got.tcp.dport, got.tcp.sport, SYN | ACK);
             assert_eq!(r.run(&back.build()).0, XDP_TX, "SYN-ACK");
             (got.tcp.dport, got.tcp.sport)
         };
@@ -686,13 +694,7 @@ fn a_reconnected_client_is_judged_by_its_new_connection() {
         let mut first = Vec::new();
         for &p in &ports {
             let (bport, snat) = connect(r, p);
-            let mut rst = syn(lb_mac, p);
-            rst.tcp.flags = RST | ACK;
-            assert_eq!(r.run(&rst.build()).0, XDP_TX, "client RST");
-            let mut back = Frame::v4((B1, bport), (LB_PRIV, snat), RST | ACK);
-            back.dst_mac = lb_mac;
-            back.src_mac = B1_MAC;
-            assert_eq!(r.run(&back.build()).0, XDP_TX, "backend RST");
+            reset_both_ways(r, lb_mac, (CLIENT, p), bport, snat);
             first.push(bport);
         }
         // One connection more in between shifts the round robin by one: every client now
