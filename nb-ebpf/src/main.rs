@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod cache;
 mod csum;
 mod maps;
 mod nat;
@@ -63,6 +64,13 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
     // The flow first: an established packet needs nothing else, not even its service (whose
     // removal lets running connections finish: a reload drops none).
     let key = flow_key(&pkt);
+    let t = now();
+    // Read before `FLOWS` (see `cache`).
+    let generation = cache::generation(&key);
+    let plain = pkt.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
+    if plain && let Some(c) = cache::get(&key, t, generation) {
+        return send_on(ctx, &pkt, &c.value);
+    }
     let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let existing = FLOWS.get_ptr_mut(&key);
     if let Some(fv) = existing {
@@ -71,7 +79,11 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
         // A SYN on the entry of a connection that is over is the client reusing its port: a
         // new connection, balanced afresh (not sent to the old backend, which may be DOWN).
         if !syn || !(f.flags & FLOW_CLOSING != 0 || reply_side_over(&pkt, f)) {
-            return established(ctx, &pkt, f);
+            established(ctx, &pkt, f, t);
+            if plain && f.flags & FLOW_CLOSING == 0 && f.ifindex != 0 {
+                cache::put(&key, f, t, generation);
+            }
+            return send_on(ctx, &pkt, f);
         }
     }
     let skey = ServiceKey {
@@ -219,9 +231,9 @@ fn throttled(src: &[u32; 4]) -> bool {
     }
 }
 
+/// Keeps an established flow's entry current: its last packet, its next hop, its closing.
 #[inline(always)]
-fn established(ctx: &XdpContext, pkt: &Packet, f: &mut FlowValue) -> Result<u32, Skip> {
-    let t = now();
+fn established(ctx: &XdpContext, pkt: &Packet, f: &mut FlowValue, t: u64) {
     if t.wrapping_sub(f.last_seen) > SECOND {
         f.last_seen = t;
     }
@@ -241,6 +253,11 @@ fn established(ctx: &XdpContext, pkt: &Packet, f: &mut FlowValue) -> Result<u32,
     if pkt.flags & (TCP_FIN | TCP_RST) != 0 {
         f.flags |= FLOW_CLOSING;
     }
+}
+
+/// Translates a packet of established flow `f` and sends it to its backend.
+#[inline(always)]
+fn send_on(ctx: &XdpContext, pkt: &Packet, f: &FlowValue) -> Result<u32, Skip> {
     nat::rewrite(
         ctx,
         pkt,
@@ -396,6 +413,7 @@ fn new_flow(
             }
         }
     }
+    cache::invalidate(key);
     if let Some(a) = ACTIVE.get_ptr_mut(id) {
         // SAFETY: the slot is a valid, aligned u64 for the map's lifetime. The bpfel target has
         // no atomic add in core; a rare lost increment between CPUs is corrected by the agent's
@@ -492,6 +510,7 @@ fn take_over(rkey: &FlowKey, scratch: &mut Scratch, t: u64) -> bool {
                 return false;
             }
             let _ = FLOWS.remove(okey);
+            cache::invalidate(okey);
         }
     }
     // Looked at again just before it goes: another CPU may have taken it over meanwhile.

@@ -962,3 +962,146 @@ fn round_robin_spread_and_weights() {
     });
     let _ = Arc::new(());
 }
+
+/// Keeps the calling thread on the CPU it runs on: the program's copies of flow entries are
+/// per CPU, and these tests must meet the copy their earlier packets made.
+fn stay_on_this_cpu() {
+    // SAFETY: plain libc calls on a zeroed, then filled, `cpu_set_t` owned here.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity"
+        );
+    }
+}
+
+/// A plain data packet from `client` to the IPv4 service.
+fn data_from(lb_mac: [u8; 6], client: (Ipv4Addr, u16)) -> Frame {
+    let mut d = Frame::v4(client, (VIP, 80), ACK | PSH);
+    d.dst_mac = lb_mac;
+    d.src_mac = CLIENT_MAC;
+    d.tcp.payload = b"hello".to_vec();
+    d
+}
+
+/// (backend port, SNAT port) a forwarded frame went out with.
+fn ports(out: &[u8]) -> (u16, u16) {
+    let got = packet::parse(out).expect("forwarded frame");
+    (got.tcp.dport, got.tcp.sport)
+}
+
+/// The program forwards an established connection's plain packets from a per-CPU copy of its
+/// entry. The copy serves while fresh even when the entry is gone (as an evicted one), stops
+/// serving after a second, and stops at once when the connection's entry gets a new value:
+/// here the client reuses its port and round robin gives the new connection the other
+/// backend, whose packets must not follow the old copy.
+#[test]
+fn a_flows_copy_serves_only_until_its_entry_changes() {
+    let rig = Rig::new("pkf");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    let two = service_v4(vec![
+        backend("b1", B1.into(), 8080, LB_PRIV.into()),
+        backend("b1b", B1.into(), 8081, LB_PRIV.into()),
+    ]);
+    rig.with(vec![two], move |r| {
+        stay_on_this_cpu();
+        let client = (CLIENT, 40100);
+        let forget = || {
+            let mut flows: BpfHashMap<MapData, FlowKey, FlowValue> = BpfHashMap::try_from(
+                Map::LruHashMap(MapData::from_pin(pin.join(maps::FLOWS)).expect("pin")),
+            )
+            .expect("flow map");
+            let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+            assert_eq!(keys.len(), 1, "one client entry");
+            flows.remove(&keys[0]).expect("remove the entry");
+        };
+        let (act, out) = r.run(&syn(lb_mac, client.1).build());
+        assert_eq!(act, XDP_TX);
+        let first = ports(&out);
+        let data = data_from(lb_mac, client).build();
+        let (act, out) = r.run(&data);
+        assert_eq!((act, ports(&out)), (XDP_TX, first), "the entry serves");
+
+        // The entry goes behind the program's back; the copy still serves, so the packet is
+        // not taken for an evicted flow.
+        forget();
+        let misses = r.counter("flow_miss");
+        let (act, out) = r.run(&data);
+        assert_eq!((act, ports(&out)), (XDP_TX, first), "the copy serves");
+        assert_eq!(r.counter("flow_miss"), misses, "no entry was looked for");
+
+        // Past its second, the copy is done: the packet is an evicted flow's, rehashed.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let (act, _) = r.run(&data);
+        assert_eq!(act, XDP_TX);
+        assert_eq!(r.counter("flow_miss"), misses + 1, "the copy expired");
+
+        // Copied again, then a new connection from the same port: round robin's turn is the
+        // other backend, and its packets go there.
+        let (act, out) = r.run(&data);
+        assert_eq!(act, XDP_TX);
+        let copied = ports(&out);
+        forget();
+        let (act, out) = r.run(&syn(lb_mac, client.1).build());
+        assert_eq!(act, XDP_TX);
+        let second = ports(&out);
+        assert_ne!(second.0, copied.0, "round robin's next backend");
+        let (act, out) = r.run(&data);
+        assert_eq!(
+            (act, ports(&out)),
+            (XDP_TX, second),
+            "the new connection's packets follow its entry, not the old copy"
+        );
+    });
+}
+
+/// A connection whose SNAT port is taken over loses its copy with its entry: a late packet of
+/// it must not reach the backend on the addresses that now belong to the new connection.
+#[test]
+fn a_taken_over_connections_copy_stops_serving() {
+    let rig = Rig::new("pkg");
+    let lb_mac = rig.lb0_mac;
+    rig.with(one_backend(), move |r| {
+        stay_on_this_cpu();
+        let c = (Ipv4Addr::new(198, 18, 6, 2), 40000);
+        let mut used = vec![c];
+        let (act, pc) = open_from(r, lb_mac, c);
+        assert_eq!(act, XDP_TX);
+        let pc = pc.expect("C's port");
+        // The backend resets C; D, trying C's port first, finds its other seven taken.
+        let back = from_backend(lb_mac, 8080, pc, RST | ACK);
+        assert_eq!(r.run(&back.build()).0, XDP_TX, "backend RST");
+        let d = client_trying_first(pc, &used);
+        used.push(d);
+        for &q in &snat_tries(d)[1..] {
+            let z = client_trying_first(q, &used);
+            used.push(z);
+            assert_eq!(open_from(r, lb_mac, z), (XDP_TX, Some(q)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(
+            nb_common::SNAT_TAKEOVER_SECS * 1000 + 1100,
+        ));
+        // C still sends (its copy is made), then resets too: its port may now be taken.
+        let data = data_from(lb_mac, c).build();
+        let (act, out) = r.run(&data);
+        assert_eq!((act, ports(&out)), (XDP_TX, (8080, pc)));
+        let mut rst = data_from(lb_mac, c);
+        rst.tcp.flags = RST | ACK;
+        rst.tcp.payload.clear();
+        assert_eq!(r.run(&rst.build()).0, XDP_TX, "client RST");
+        assert_eq!(
+            open_from(r, lb_mac, d),
+            (XDP_TX, Some(pc)),
+            "D takes C's port"
+        );
+        let (act, out) = r.run(&data);
+        assert_eq!(act, XDP_TX);
+        assert_ne!(ports(&out).1, pc, "C's late packet does not use D's port");
+    });
+}
