@@ -1,53 +1,63 @@
-//! A per-CPU cache of established client flows, in front of `FLOWS`.
+//! Per-CPU copies of established flows' entries, in front of `FLOWS` and `REV_FLOWS`.
 //!
-//! A lookup in `FLOWS` (an LRU hash) is a call into the kernel: hashing a 40-byte key, walking
-//! a bucket, marking the entry used. Under this kernel's return-stack mitigations that call
-//! costs about as much as the rest of an established packet's path. An array lookup is
-//! inlined by the verifier, so a copy of the flow's entry in a per-CPU array, found by a
-//! cheap hash of the key, forwards the packet without any call.
+//! A lookup in a flow table (an LRU hash) is a call into the kernel: hashing a 40-byte key,
+//! walking a bucket, marking the entry used. Under this kernel's return-stack mitigations that
+//! call costs about as much as the rest of an established packet's path. An array lookup is
+//! inlined by the verifier, so a copy of the entry in a per-CPU array, found by a cheap hash
+//! of the key, forwards the packet without any call.
 //!
-//! `FLOWS` stays the truth; a copy is only a shortcut, and it must never send a packet where
-//! `FLOWS` would not:
+//! The tables stay the truth; a copy is only a shortcut, and it must never send a packet
+//! where the table would not:
 //! - only plain packets (no SYN, FIN or RST) use a copy, and only entries of open
-//!   connections with a known next hop are copied, so every change of a flow's state goes
-//!   through `FLOWS`;
+//!   connections (a client entry with a known next hop; a reply entry already answered) are
+//!   copied, so every change of a connection's state goes through the table;
 //! - a copy serves for `TTL_NS` at most. The slow path that refreshes it also keeps the
 //!   entry's `last_seen` and next hop current, as before;
-//! - every write of a new value into `FLOWS` (a new connection, a port reused, a port taken
-//!   over) bumps the generation of the key's bucket in `FLOW_GEN`, which every CPU's copy of
-//!   that key was made under: the copies stop serving at once. The generation is read before
-//!   `FLOWS` is, so a copy made from a value that changed meanwhile carries a generation
-//!   that is already stale.
+//! - every write of a new value into a table (a new connection, a port reused, a port taken
+//!   over) bumps the generation of the key's bucket in `GENERATIONS`, which every CPU's copy
+//!   of that key was made under: the copies stop serving at once. The generation is read
+//!   before the table is, so a copy made from a value that changed meanwhile carries a
+//!   generation that is already stale.
 
-use aya_ebpf::{macros::map, maps::Array, maps::PerCpuArray};
-use nb_common::{FlowKey, FlowValue};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
+use nb_common::{FlowKey, FlowValue, RevValue};
 
-/// How long a copy serves without a look at `FLOWS`.
+/// How long a copy serves without a look at its table.
 pub const TTL_NS: u64 = 1_000_000_000;
 
-/// Copies per CPU (a power of two).
+/// Copies per CPU and table (a power of two).
 const SLOTS: u32 = 4096;
 
-/// Generation buckets (a power of two): more than copies, so that a new connection rarely
-/// ends the copy of another.
+/// Generation buckets (a power of two): many more than copies, so that a new connection
+/// rarely ends the copy of another.
 const GENS: u32 = 65536;
 
-/// A copy of a client flow's entry.
+/// A copy of a table entry.
 #[repr(C)]
-pub struct Cached {
+pub struct Copy<V> {
     pub key: FlowKey,
-    pub value: FlowValue,
+    pub value: V,
     /// `now()` when copied; 0 = empty.
     pub ts: u64,
-    /// `FLOW_GEN` of the key's bucket when copied.
+    /// The generation of the key's bucket when copied.
     pub generation: u64,
 }
 
-#[map(name = "NB_FLOW_CACHE")]
-static FLOW_CACHE: PerCpuArray<Cached> = PerCpuArray::with_max_entries(SLOTS, 0);
+// Values are copied as u64 words.
+const _: () = assert!(size_of::<FlowValue>() % 8 == 0 && align_of::<FlowValue>() == 8);
+const _: () = assert!(size_of::<RevValue>() % 8 == 0 && align_of::<RevValue>() == 8);
 
-#[map(name = "NB_FLOW_GEN")]
-static FLOW_GEN: Array<u64> = Array::with_max_entries(GENS, 0);
+#[map(name = "NB_FLOW_COPIES")]
+static FLOW_COPIES: PerCpuArray<Copy<FlowValue>> = PerCpuArray::with_max_entries(SLOTS, 0);
+
+#[map(name = "NB_REV_COPIES")]
+static REV_COPIES: PerCpuArray<Copy<RevValue>> = PerCpuArray::with_max_entries(SLOTS, 0);
+
+#[map(name = "NB_GENERATIONS")]
+static GENERATIONS: Array<u64> = Array::with_max_entries(GENS, 0);
 
 /// The cheap hash that places a key: a multiply over the XOR of its words.
 #[inline(always)]
@@ -60,7 +70,7 @@ fn hash(k: &FlowKey) -> u32 {
         ^ k.dst[1]
         ^ k.dst[2]
         ^ k.dst[3]
-        ^ ((k.sport as u32) << 16 | k.dport as u32).rotate_left(13);
+        ^ (((k.sport as u32) << 16) | k.dport as u32).rotate_left(13);
     x.wrapping_mul(0x9e37_79b1)
 }
 
@@ -90,40 +100,37 @@ fn key_eq(a: &FlowKey, b: &FlowKey) -> bool {
 /// The generation of `key`'s bucket now, to check or make a copy with.
 #[inline(always)]
 pub fn generation(key: &FlowKey) -> u64 {
-    match FLOW_GEN.get(hash(key) >> 16) {
+    match GENERATIONS.get(hash(key) >> 16) {
         Some(g) => *g,
         None => 0,
     }
 }
 
-/// Ends every CPU's copy of `key`: called after each write of a new value into `FLOWS`.
+/// Ends every CPU's copy of `key`: called after each write of a new value into a table.
 #[inline(always)]
 pub fn invalidate(key: &FlowKey) {
-    if let Some(g) = FLOW_GEN.get_ptr_mut(hash(key) >> 16) {
+    if let Some(g) = GENERATIONS.get_ptr_mut(hash(key) >> 16) {
         // SAFETY: a valid u64 slot for the map's lifetime. Two CPUs bumping at once may lose
         // one increment; the value still changes, which is all a check needs.
         unsafe { *g = (*g).wrapping_add(1) };
     }
 }
 
-/// This CPU's copy of `key`, if it may serve at time `t` under generation `g`.
 #[inline(always)]
-pub fn get(key: &FlowKey, t: u64, g: u64) -> Option<&'static Cached> {
-    let c = FLOW_CACHE.get_ptr(hash(key) & (SLOTS - 1))?;
+fn get<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, t: u64, g: u64) -> Option<&'static V> {
+    let c = map.get_ptr(hash(key) & (SLOTS - 1))?;
     // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
     let c = unsafe { &*c };
     if c.ts != 0 && t.wrapping_sub(c.ts) < TTL_NS && c.generation == g && key_eq(&c.key, key) {
-        Some(c)
+        Some(&c.value)
     } else {
         None
     }
 }
 
-/// Copies `value` as `key`'s entry at time `t`, made under generation `g` (read before the
-/// `FLOWS` lookup that found `value`).
 #[inline(always)]
-pub fn put(key: &FlowKey, value: &FlowValue, t: u64, g: u64) {
-    let Some(c) = FLOW_CACHE.get_ptr_mut(hash(key) & (SLOTS - 1)) else {
+fn put<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, value: &V, t: u64, g: u64) {
+    let Some(c) = map.get_ptr_mut(hash(key) & (SLOTS - 1)) else {
         return;
     };
     // SAFETY: as in `get`.
@@ -132,16 +139,38 @@ pub fn put(key: &FlowKey, value: &FlowValue, t: u64, g: u64) {
     for i in 0..10 {
         dst[i] = src[i];
     }
-    // SAFETY: `FlowValue` is 80 bytes of plain data, 8-aligned in both places.
-    let (src, dst) = unsafe {
-        (
-            &*(value as *const FlowValue as *const [u64; 10]),
-            &mut *(&mut c.value as *mut FlowValue as *mut [u64; 10]),
-        )
-    };
-    for i in 0..10 {
-        dst[i] = src[i];
+    let src = value as *const V as *const u64;
+    let dst = &mut c.value as *mut V as *mut u64;
+    for i in 0..size_of::<V>() / 8 {
+        // SAFETY: both are a `V`, 8-aligned and a whole number of words (asserted above for
+        // every `V` used); word `i` lies inside each.
+        unsafe { *dst.add(i) = *src.add(i) };
     }
     c.ts = t;
     c.generation = g;
+}
+
+/// This CPU's copy of client entry `key`, if it may serve at time `t` under generation `g`.
+#[inline(always)]
+pub fn flow(key: &FlowKey, t: u64, g: u64) -> Option<&'static FlowValue> {
+    get(&FLOW_COPIES, key, t, g)
+}
+
+/// Copies client entry `value` of `key` at time `t`, under generation `g` (read before the
+/// lookup that found `value`).
+#[inline(always)]
+pub fn put_flow(key: &FlowKey, value: &FlowValue, t: u64, g: u64) {
+    put(&FLOW_COPIES, key, value, t, g)
+}
+
+/// This CPU's copy of reply entry `key`, as `flow`.
+#[inline(always)]
+pub fn rev(key: &FlowKey, t: u64, g: u64) -> Option<&'static RevValue> {
+    get(&REV_COPIES, key, t, g)
+}
+
+/// Copies reply entry `value` of `key`, as `put_flow`.
+#[inline(always)]
+pub fn put_rev(key: &FlowKey, value: &RevValue, t: u64, g: u64) {
+    put(&REV_COPIES, key, value, t, g)
 }

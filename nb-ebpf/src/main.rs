@@ -50,12 +50,24 @@ pub fn nb_xdp(ctx: XdpContext) -> u32 {
 fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
     let pkt = parse(ctx)?;
     let dport = u16::from_be(pkt.dport);
+    let plain = pkt.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
     if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dport) {
         let key = flow_key(&pkt);
+        let t = now();
+        // Read before `REV_FLOWS` (see `cache`).
+        let generation = cache::generation(&key);
+        if plain && let Some(r) = cache::rev(&key, t, generation) {
+            return send_back(ctx, &pkt, r, false, false);
+        }
         if let Some(rv) = REV_FLOWS.get_ptr_mut(&key) {
             // SAFETY: the map value stays valid for this program run; concurrent writers only
             // set flag bits and timestamps, where a lost update is harmless.
-            return reply(ctx, &pkt, unsafe { &mut *rv });
+            let r = unsafe { &mut *rv };
+            let (first, refused) = replied(&pkt, r, t);
+            if plain && r.flags & REV_CLOSING == 0 {
+                cache::put_rev(&key, r, t, generation);
+            }
+            return send_back(ctx, &pkt, r, first, refused);
         }
     }
     if !service_port(dport) {
@@ -67,9 +79,8 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
     let t = now();
     // Read before `FLOWS` (see `cache`).
     let generation = cache::generation(&key);
-    let plain = pkt.flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
-    if plain && let Some(c) = cache::get(&key, t, generation) {
-        return send_on(ctx, &pkt, &c.value);
+    if plain && let Some(f) = cache::flow(&key, t, generation) {
+        return send_on(ctx, &pkt, f);
     }
     let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let existing = FLOWS.get_ptr_mut(&key);
@@ -81,7 +92,7 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
         if !syn || !(f.flags & FLOW_CLOSING != 0 || reply_side_over(&pkt, f)) {
             established(ctx, &pkt, f, t);
             if plain && f.flags & FLOW_CLOSING == 0 && f.ifindex != 0 {
-                cache::put(&key, f, t, generation);
+                cache::put_flow(&key, f, t, generation);
             }
             return send_on(ctx, &pkt, f);
         }
@@ -364,6 +375,7 @@ fn new_flow(
                     // rewritten in place. Only this flow's packets read this entry, and they
                     // come after this SYN.
                     *old = *rv;
+                    cache::invalidate(&rkey);
                     snat_port = port;
                     break;
                 }
@@ -373,7 +385,7 @@ fn new_flow(
                 }
             }
             None => {
-                if REV_FLOWS.insert(&rkey, rv, BPF_NOEXIST as u64).is_ok() {
+                if insert_rev(&rkey, rv) {
                     snat_port = port;
                     break;
                 }
@@ -496,7 +508,7 @@ fn take_over(rkey: &FlowKey, scratch: &mut Scratch, t: u64) -> bool {
             okey.proto = PROTO_TCP;
             okey._pad = [0; 2];
         }
-        None => return REV_FLOWS.insert(rkey, rv, BPF_NOEXIST as u64).is_ok(),
+        None => return insert_rev(rkey, rv),
     }
     let okey = &*okey;
     if let Some(f) = FLOWS.get_ptr(okey) {
@@ -519,13 +531,24 @@ fn take_over(rkey: &FlowKey, scratch: &mut Scratch, t: u64) -> bool {
         Some(old) if may_take_over(unsafe { &*old }, t) => {}
         _ => return false,
     }
-    REV_FLOWS.remove(rkey).is_ok() && REV_FLOWS.insert(rkey, rv, BPF_NOEXIST as u64).is_ok()
+    REV_FLOWS.remove(rkey).is_ok() && insert_rev(rkey, rv)
 }
 
-/// Translates a backend's packet back to the client it belongs to.
+/// Inserts a new reply entry unless `rkey` has one (the insert decides between CPUs racing
+/// for a port), ending every copy of an earlier entry under that key.
 #[inline(always)]
-fn reply(ctx: &XdpContext, pkt: &Packet, r: &mut RevValue) -> Result<u32, Skip> {
-    let t = now();
+fn insert_rev(rkey: &FlowKey, rv: &RevValue) -> bool {
+    let ok = REV_FLOWS.insert(rkey, rv, BPF_NOEXIST as u64).is_ok();
+    if ok {
+        cache::invalidate(rkey);
+    }
+    ok
+}
+
+/// Keeps a reply entry current: its last packet, whether the backend answered (and how),
+/// its closing. Returns (first answer, refused).
+#[inline(always)]
+fn replied(pkt: &Packet, r: &mut RevValue, t: u64) -> (bool, bool) {
     if t.wrapping_sub(r.last_seen) > SECOND {
         r.last_seen = t;
     }
@@ -542,6 +565,18 @@ fn reply(ctx: &XdpContext, pkt: &Packet, r: &mut RevValue) -> Result<u32, Skip> 
     if flags != r.flags {
         r.flags = flags;
     }
+    (first, refused)
+}
+
+/// Translates a backend's packet back to the client it belongs to and sends it.
+#[inline(always)]
+fn send_back(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    r: &RevValue,
+    first: bool,
+    refused: bool,
+) -> Result<u32, Skip> {
     nat::rewrite(
         ctx,
         pkt,

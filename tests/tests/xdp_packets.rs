@@ -1105,3 +1105,67 @@ fn a_taken_over_connections_copy_stops_serving() {
         assert_ne!(ports(&out).1, pc, "C's late packet does not use D's port");
     });
 }
+
+/// Replies are forwarded from per-CPU copies of their reply entries too. A copy serves while
+/// fresh even when the entry is gone (as an evicted one), and stops at once when another
+/// connection gets the entry's SNAT port: the backend's packets on that port then belong to
+/// the new client, never to the old one.
+#[test]
+fn a_reply_entrys_copy_serves_only_until_the_port_goes_to_another_connection() {
+    let rig = Rig::new("pkh");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    rig.with(one_backend(), move |r| {
+        stay_on_this_cpu();
+        let a = (Ipv4Addr::new(198, 18, 6, 3), 40000);
+        let (act, pa) = open_from(r, lb_mac, a);
+        assert_eq!(act, XDP_TX);
+        let pa = pa.expect("A's port");
+        let to_client = |r: &mut Runner, flags: u8| -> (u32, Option<(Ipv4Addr, u16)>) {
+            let mut f = from_backend(lb_mac, 8080, pa, flags);
+            f.tcp.payload = if flags & PSH != 0 {
+                b"hi".to_vec()
+            } else {
+                Vec::new()
+            };
+            let (act, out) = r.run(&f.build());
+            let to = (act == XDP_TX).then(|| {
+                let got = packet::parse(&out).expect("reply");
+                match got.ip {
+                    Ip::V4 { dst, .. } => (dst, got.tcp.dport),
+                    _ => panic!("IPv4 expected"),
+                }
+            });
+            (act, to)
+        };
+        assert_eq!(to_client(r, SYN | ACK), (XDP_TX, Some(a)), "SYN-ACK to A");
+        assert_eq!(to_client(r, ACK | PSH), (XDP_TX, Some(a)), "data to A");
+
+        // The reply entry goes behind the program's back (as if evicted); the copy serves.
+        let mut rev: BpfHashMap<MapData, FlowKey, RevValue> = BpfHashMap::try_from(
+            Map::LruHashMap(MapData::from_pin(pin.join(maps::REV_FLOWS)).expect("pin")),
+        )
+        .expect("reply map");
+        let keys: Vec<FlowKey> = rev.keys().filter_map(Result::ok).collect();
+        assert_eq!(keys.len(), 1, "one reply entry");
+        rev.remove(&keys[0]).expect("remove the reply entry");
+        assert_eq!(
+            to_client(r, ACK | PSH),
+            (XDP_TX, Some(a)),
+            "the copy serves A's connection"
+        );
+
+        // B, trying A's port first, gets it: the backend's packets on it are B's now.
+        let b = client_trying_first(pa, &[a]);
+        assert_eq!(
+            open_from(r, lb_mac, b),
+            (XDP_TX, Some(pa)),
+            "B gets A's port"
+        );
+        assert_eq!(
+            to_client(r, ACK | PSH),
+            (XDP_TX, Some(b)),
+            "the backend's packet on the port goes to B, not to A's copy"
+        );
+    });
+}
