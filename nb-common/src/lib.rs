@@ -5,7 +5,7 @@
 //! packet (network byte order); an IPv4 address uses the first word of `[u32; 4]`, the rest 0.
 #![no_std]
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
 
 /// Services (port x public address) the maps can hold; a service id indexes the per-service
 /// tables, so it also bounds their size.
@@ -321,6 +321,23 @@ pub struct FlowValue {
     pub svc_id: u32,
 }
 const _: () = assert!(size_of::<FlowValue>() == 80);
+const _: () = assert!(
+    offset_of!(FlowValue, dmac) % 4 == 0
+        && offset_of!(FlowValue, smac) == offset_of!(FlowValue, dmac) + 6
+);
+
+impl FlowValue {
+    /// `dmac` then `smac` as three words, read in place: the XDP program writes them into a
+    /// frame's Ethernet header with three stores.
+    #[inline(always)]
+    pub fn macs(&self) -> &[u32; 3] {
+        // SAFETY: the 12 bytes from `dmac` are `dmac` and `smac` (asserted above), inside
+        // `self`, 4-aligned (the struct is 8-aligned and the offset a multiple of 4).
+        unsafe {
+            &*((self as *const Self as *const u8).add(offset_of!(Self, dmac)) as *const [u32; 3])
+        }
+    }
+}
 
 /// A backend-to-balancer flow (`REV_FLOWS`, keyed by backend -> SNAT address and port): how to
 /// translate a reply back to the client.
@@ -349,6 +366,21 @@ pub struct RevValue {
     pub last_seen: u64,
 }
 const _: () = assert!(size_of::<RevValue>() == 72);
+const _: () = assert!(
+    offset_of!(RevValue, dmac) % 4 == 0
+        && offset_of!(RevValue, smac) == offset_of!(RevValue, dmac) + 6
+);
+
+impl RevValue {
+    /// `dmac` then `smac` as three words, as `FlowValue::macs`.
+    #[inline(always)]
+    pub fn macs(&self) -> &[u32; 3] {
+        // SAFETY: as in `FlowValue::macs` (asserted above for this struct).
+        unsafe {
+            &*((self as *const Self as *const u8).add(offset_of!(Self, dmac)) as *const [u32; 3])
+        }
+    }
+}
 
 /// Per-backend per-CPU counters (`BACKEND_STATS`, indexed by backend id).
 #[repr(C)]

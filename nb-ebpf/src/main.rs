@@ -286,7 +286,7 @@ fn send_on(ctx: &XdpContext, pkt: &Packet, f: &FlowValue) -> Result<u32, Skip> {
         count(stat::PASS_NO_NEIGH);
         return Ok(xdp_action::XDP_PASS);
     }
-    nat::send(ctx, &f.dmac, &f.smac, f.ifindex)
+    nat::send(ctx, f.macs(), f.ifindex)
 }
 
 #[inline(always)]
@@ -448,7 +448,7 @@ fn new_flow(
         count(stat::PASS_NO_NEIGH);
         return Ok(xdp_action::XDP_PASS);
     }
-    nat::send(ctx, &dmac, &smac, ifindex)
+    nat::send(ctx, &nat::mac_words(&dmac, &smac), ifindex)
 }
 
 /// The reply-table key of a connection to backend `b` from SNAT port `port` (network order).
@@ -595,7 +595,7 @@ fn send_back(
         }
     });
     count(stat::REPLY);
-    nat::send(ctx, &r.dmac, &r.smac, r.ifindex)
+    nat::send(ctx, r.macs(), r.ifindex)
 }
 
 #[cfg(not(test))]

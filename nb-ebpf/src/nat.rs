@@ -157,14 +157,16 @@ pub fn cached_fib(
 }
 
 /// Sets the Ethernet addresses and sends the frame: back out of the interface it came in on,
-/// or redirected to another one.
+/// or redirected to another one. `macs` is the next hop's MAC then ours, 12 bytes taken as
+/// three words: written so, they cost 3 stores instead of 12 byte copies.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Result<u32, Skip> {
-    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+pub fn send(ctx: &XdpContext, macs: &[u32; 3], ifindex: u32) -> Result<u32, Skip> {
+    let eth: *mut [u32; 3] = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked the 12 address bytes lie inside the packet.
     let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(dmac);
-    eth[6..].copy_from_slice(smac);
+    eth[0] = macs[0];
+    eth[1] = macs[1];
+    eth[2] = macs[2];
     if ifindex == ctx.ingress_ifindex() as u32 && setting(cfg::TX_BY_REDIRECT) == 0 {
         count(stat::TX);
         Ok(xdp_action::XDP_TX)
@@ -173,6 +175,16 @@ pub fn send(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> R
         // SAFETY: plain helper call; it only records the target interface.
         Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
     }
+}
+
+/// `dmac` then `smac` as the words `send` takes.
+#[inline(always)]
+pub fn mac_words(dmac: &[u8; 6], smac: &[u8; 6]) -> [u32; 3] {
+    [
+        u32::from_ne_bytes([dmac[0], dmac[1], dmac[2], dmac[3]]),
+        u32::from_ne_bytes([dmac[4], dmac[5], smac[0], smac[1]]),
+        u32::from_ne_bytes([smac[2], smac[3], smac[4], smac[5]]),
+    ]
 }
 
 /// Turns a SYN into the RST+ACK that refuses it and sends it back where it came from, so a
@@ -235,5 +247,5 @@ pub fn refuse(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Skip> {
     let mut src = [0u8; 6];
     src.copy_from_slice(&eth[..6]);
     count(stat::RST_NO_BACKEND);
-    send(ctx, &dst, &src, ctx.ingress_ifindex() as u32)
+    send(ctx, &mac_words(&dst, &src), ctx.ingress_ifindex() as u32)
 }
