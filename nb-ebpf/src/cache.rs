@@ -59,9 +59,10 @@ static REV_COPIES: PerCpuArray<Copy<RevValue>> = PerCpuArray::with_max_entries(S
 #[map(name = "NB_GENERATIONS")]
 static GENERATIONS: Array<u64> = Array::with_max_entries(GENS, 0);
 
-/// The cheap hash that places a key: a multiply over the XOR of its words.
+/// The cheap hash that places a key: a 64-bit multiply over the XOR of its words, whose high
+/// bits (the well-mixed ones) are used.
 #[inline(always)]
-fn hash(k: &FlowKey) -> u32 {
+fn hash(k: &FlowKey) -> u64 {
     let x = k.src[0]
         ^ k.src[1]
         ^ k.src[2]
@@ -71,7 +72,20 @@ fn hash(k: &FlowKey) -> u32 {
         ^ k.dst[2]
         ^ k.dst[3]
         ^ (((k.sport as u32) << 16) | k.dport as u32).rotate_left(13);
-    x.wrapping_mul(0x9e37_79b1)
+    (x as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Bits of the hash that pick a copy slot (the top 12) and a generation (the 16 below).
+const _: () = assert!(SLOTS == 1 << 12 && GENS == 1 << 16);
+
+#[inline(always)]
+fn slot_of(h: u64) -> u32 {
+    (h >> 52) as u32
+}
+
+#[inline(always)]
+fn gen_of(h: u64) -> u32 {
+    (h >> 36) as u32 & (GENS - 1)
 }
 
 #[inline(always)]
@@ -97,19 +111,29 @@ fn key_eq(a: &FlowKey, b: &FlowKey) -> bool {
     d == 0
 }
 
-/// The generation of `key`'s bucket now, to check or make a copy with.
+/// Where `key`'s copies live, and its bucket's generation now (to check or make a copy with):
+/// the key is hashed once per packet.
+pub struct Place {
+    slot: u32,
+    generation: u64,
+}
+
 #[inline(always)]
-pub fn generation(key: &FlowKey) -> u64 {
-    match GENERATIONS.get(hash(key) >> 16) {
-        Some(g) => *g,
-        None => 0,
+pub fn place(key: &FlowKey) -> Place {
+    let h = hash(key);
+    Place {
+        slot: slot_of(h),
+        generation: match GENERATIONS.get(gen_of(h)) {
+            Some(g) => *g,
+            None => 0,
+        },
     }
 }
 
 /// Ends every CPU's copy of `key`: called after each write of a new value into a table.
 #[inline(always)]
 pub fn invalidate(key: &FlowKey) {
-    if let Some(g) = GENERATIONS.get_ptr_mut(hash(key) >> 16) {
+    if let Some(g) = GENERATIONS.get_ptr_mut(gen_of(hash(key))) {
         // SAFETY: a valid u64 slot for the map's lifetime. Two CPUs bumping at once may lose
         // one increment; the value still changes, which is all a check needs.
         unsafe { *g = (*g).wrapping_add(1) };
@@ -117,11 +141,15 @@ pub fn invalidate(key: &FlowKey) {
 }
 
 #[inline(always)]
-fn get<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, t: u64, g: u64) -> Option<&'static V> {
-    let c = map.get_ptr(hash(key) & (SLOTS - 1))?;
+fn get<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, at: &Place, t: u64) -> Option<&'static V> {
+    let c = map.get_ptr(at.slot)?;
     // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
     let c = unsafe { &*c };
-    if c.ts != 0 && t.wrapping_sub(c.ts) < TTL_NS && c.generation == g && key_eq(&c.key, key) {
+    if c.ts != 0
+        && t.wrapping_sub(c.ts) < TTL_NS
+        && c.generation == at.generation
+        && key_eq(&c.key, key)
+    {
         Some(&c.value)
     } else {
         None
@@ -129,8 +157,8 @@ fn get<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, t: u64, g: u64) -> Option<&
 }
 
 #[inline(always)]
-fn put<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, value: &V, t: u64, g: u64) {
-    let Some(c) = map.get_ptr_mut(hash(key) & (SLOTS - 1)) else {
+fn put<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, value: &V, at: &Place, t: u64) {
+    let Some(c) = map.get_ptr_mut(at.slot) else {
         return;
     };
     // SAFETY: as in `get`.
@@ -147,30 +175,30 @@ fn put<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, value: &V, t: u64, g: u64) 
         unsafe { *dst.add(i) = *src.add(i) };
     }
     c.ts = t;
-    c.generation = g;
+    c.generation = at.generation;
 }
 
-/// This CPU's copy of client entry `key`, if it may serve at time `t` under generation `g`.
+/// This CPU's copy of client entry `key` (at `at`), if it may serve at time `t`.
 #[inline(always)]
-pub fn flow(key: &FlowKey, t: u64, g: u64) -> Option<&'static FlowValue> {
-    get(&FLOW_COPIES, key, t, g)
+pub fn flow(key: &FlowKey, at: &Place, t: u64) -> Option<&'static FlowValue> {
+    get(&FLOW_COPIES, key, at, t)
 }
 
-/// Copies client entry `value` of `key` at time `t`, under generation `g` (read before the
-/// lookup that found `value`).
+/// Copies client entry `value` of `key` at time `t`. `at` must come from before the lookup
+/// that found `value`.
 #[inline(always)]
-pub fn put_flow(key: &FlowKey, value: &FlowValue, t: u64, g: u64) {
-    put(&FLOW_COPIES, key, value, t, g)
+pub fn put_flow(key: &FlowKey, value: &FlowValue, at: &Place, t: u64) {
+    put(&FLOW_COPIES, key, value, at, t)
 }
 
 /// This CPU's copy of reply entry `key`, as `flow`.
 #[inline(always)]
-pub fn rev(key: &FlowKey, t: u64, g: u64) -> Option<&'static RevValue> {
-    get(&REV_COPIES, key, t, g)
+pub fn rev(key: &FlowKey, at: &Place, t: u64) -> Option<&'static RevValue> {
+    get(&REV_COPIES, key, at, t)
 }
 
 /// Copies reply entry `value` of `key`, as `put_flow`.
 #[inline(always)]
-pub fn put_rev(key: &FlowKey, value: &RevValue, t: u64, g: u64) {
-    put(&REV_COPIES, key, value, t, g)
+pub fn put_rev(key: &FlowKey, value: &RevValue, at: &Place, t: u64) {
+    put(&REV_COPIES, key, value, at, t)
 }

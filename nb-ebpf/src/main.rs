@@ -55,8 +55,8 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
         let key = flow_key(&pkt);
         let t = now();
         // Read before `REV_FLOWS` (see `cache`).
-        let generation = cache::generation(&key);
-        if plain && let Some(r) = cache::rev(&key, t, generation) {
+        let at = cache::place(&key);
+        if plain && let Some(r) = cache::rev(&key, &at, t) {
             return send_back(ctx, &pkt, r, false, false);
         }
         if let Some(rv) = REV_FLOWS.get_ptr_mut(&key) {
@@ -65,7 +65,7 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
             let r = unsafe { &mut *rv };
             let (first, refused) = replied(&pkt, r, t);
             if plain && r.flags & REV_CLOSING == 0 {
-                cache::put_rev(&key, r, t, generation);
+                cache::put_rev(&key, r, &at, t);
             }
             return send_back(ctx, &pkt, r, first, refused);
         }
@@ -78,8 +78,8 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
     let key = flow_key(&pkt);
     let t = now();
     // Read before `FLOWS` (see `cache`).
-    let generation = cache::generation(&key);
-    if plain && let Some(f) = cache::flow(&key, t, generation) {
+    let at = cache::place(&key);
+    if plain && let Some(f) = cache::flow(&key, &at, t) {
         return send_on(ctx, &pkt, f);
     }
     let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -92,7 +92,7 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
         if !syn || !(f.flags & FLOW_CLOSING != 0 || reply_side_over(&pkt, f)) {
             established(ctx, &pkt, f, t);
             if plain && f.flags & FLOW_CLOSING == 0 && f.ifindex != 0 {
-                cache::put_flow(&key, f, t, generation);
+                cache::put_flow(&key, f, &at, t);
             }
             return send_on(ctx, &pkt, f);
         }

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use nb_tests::{
     netns::{Netns, connect_in},
-    packet::{ACK, Frame, PSH, RST, SYN},
+    packet::{ACK, Frame, Ip, PSH, RST, SYN},
     topo::{Agent, CLIENT, Topology, VIP, Wiring, backend_v4},
 };
 
@@ -238,6 +238,16 @@ fn obj_get(path: &Path) -> io::Result<Fd> {
 /// One BPF_PROG_TEST_RUN of `frame` arriving on `ifindex`, `repeat` times: (action, mean ns
 /// per run as the kernel measured it).
 fn test_run(prog: &Fd, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<(u32, u32)> {
+    test_run_out(prog, frame, ifindex, repeat).map(|(action, ns, _)| (action, ns))
+}
+
+/// As `test_run`, with the frame the program left.
+fn test_run_out(
+    prog: &Fd,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> io::Result<(u32, u32, Vec<u8>)> {
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
     ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
@@ -252,7 +262,8 @@ fn test_run(prog: &Fd, frame: &[u8], ifindex: u32, repeat: u32) -> io::Result<(u
         .u32(40, ctx.len() as u32)
         .u64(48, ctx.as_ptr() as u64);
     a.call(BPF_PROG_TEST_RUN)?;
-    Ok((a.get_u32(4), a.get_u32(36)))
+    out.truncate(a.get_u32(12) as usize);
+    Ok((a.get_u32(4), a.get_u32(36), out))
 }
 
 struct XdpCase {
@@ -343,7 +354,20 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         // empty program is measured the same way. The cases take turns in ROUNDS rounds and
         // each figure is the median over rounds (the ratio: of the per-round ratios), so that
         // load from other work on a shared machine weighs on every case alike.
-        test_run(&nb, &syn(CLIENT, 40000).build(), ifindex, 1)?;
+        // The connection of the established cases. Its backend's packets come back to the SNAT
+        // address and port its SYN went out with; its SYN-ACK marks it answered.
+        let (_, _, out) = test_run_out(&nb, &syn(CLIENT, 40000).build(), ifindex, 1)?;
+        let sent = nb_tests::packet::parse(&out)
+            .map_err(|e| io::Error::other(format!("forwarded SYN: {e}")))?;
+        let (snat, backend) = match sent.ip {
+            Ip::V4 { src, dst, .. } => ((src, sent.tcp.sport), (dst, sent.tcp.dport)),
+            Ip::V6 { .. } => return Err(io::Error::other("IPv4 SYN forwarded as IPv6")),
+        };
+        let mut back = Frame::v4(backend, snat, SYN | ACK);
+        test_run(&nb, &back.build(), ifindex, 1)?;
+        back.tcp.flags = ACK | PSH;
+        back.tcp.payload = vec![b'y'; 64];
+        let back = back.build();
         // A new connection from a client address and port never seen before: both table
         // entries are created (NEW_RUNS of them in all).
         let fresh_syn = |i: u32| {
@@ -393,6 +417,10 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
             (
                 "nb: established flow",
                 Box::new(|_| test_run(&nb, &data, ifindex, 1)),
+            ),
+            (
+                "nb: established flow, reply",
+                Box::new(|_| test_run(&nb, &back, ifindex, 1)),
             ),
             ("nb: new connection (SYN)", Box::new(fresh_syn)),
             (
