@@ -109,6 +109,42 @@ pub mod hash {
     pub fn snat_try(h: u32, stride: u32, i: u32) -> u16 {
         SNAT_PORT_MIN + (h.wrapping_add(i.wrapping_mul(stride)) % SNAT_RANGE) as u16
     }
+
+    /// The cheap hash that places a flow key's per-CPU copy (the XDP program's `cache`): a
+    /// 64-bit multiply over the XOR of the key's words, whose high bits (the well-mixed ones)
+    /// are used. Cheap because it runs for every established packet.
+    #[inline(always)]
+    pub fn copy(k: &super::FlowKey) -> u64 {
+        let x = k.src[0]
+            ^ k.src[1]
+            ^ k.src[2]
+            ^ k.src[3]
+            ^ k.dst[0].rotate_left(7)
+            ^ k.dst[1]
+            ^ k.dst[2]
+            ^ k.dst[3]
+            ^ (((k.sport as u32) << 16) | k.dport as u32).rotate_left(13);
+        (x as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
+    /// Copy slots per CPU and table: the top 12 bits of [`copy`] pick one.
+    pub const COPY_SLOTS: u32 = 1 << 12;
+
+    /// The copy slot of a key whose [`copy`] hash is `h`.
+    #[inline(always)]
+    pub fn copy_slot(h: u64) -> u32 {
+        (h >> 52) as u32
+    }
+
+    /// Generation buckets: the 16 bits below the slot's pick one. Many more than slots, so
+    /// that a new connection rarely ends the copy of another.
+    pub const COPY_GENERATIONS: u32 = 1 << 16;
+
+    /// The generation bucket of a key whose [`copy`] hash is `h`.
+    #[inline(always)]
+    pub fn copy_generation(h: u64) -> u32 {
+        (h >> 36) as u32 & (COPY_GENERATIONS - 1)
+    }
 }
 
 /// Address families as stored in keys.

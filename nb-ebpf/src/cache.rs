@@ -23,17 +23,15 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use nb_common::{FlowKey, FlowValue, RevValue};
+use nb_common::{
+    FlowKey, FlowValue, RevValue,
+    hash::{
+        COPY_GENERATIONS, COPY_SLOTS, copy as hash, copy_generation as gen_of, copy_slot as slot_of,
+    },
+};
 
 /// How long a copy serves without a look at its table.
 pub const TTL_NS: u64 = 1_000_000_000;
-
-/// Copies per CPU and table (a power of two).
-const SLOTS: u32 = 4096;
-
-/// Generation buckets (a power of two): many more than copies, so that a new connection
-/// rarely ends the copy of another.
-const GENS: u32 = 65536;
 
 /// A copy of a table entry.
 #[repr(C)]
@@ -51,42 +49,13 @@ const _: () = assert!(size_of::<FlowValue>() % 8 == 0 && align_of::<FlowValue>()
 const _: () = assert!(size_of::<RevValue>() % 8 == 0 && align_of::<RevValue>() == 8);
 
 #[map(name = "NB_FLOW_COPIES")]
-static FLOW_COPIES: PerCpuArray<Copy<FlowValue>> = PerCpuArray::with_max_entries(SLOTS, 0);
+static FLOW_COPIES: PerCpuArray<Copy<FlowValue>> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
 
 #[map(name = "NB_REV_COPIES")]
-static REV_COPIES: PerCpuArray<Copy<RevValue>> = PerCpuArray::with_max_entries(SLOTS, 0);
+static REV_COPIES: PerCpuArray<Copy<RevValue>> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
 
 #[map(name = "NB_GENERATIONS")]
-static GENERATIONS: Array<u64> = Array::with_max_entries(GENS, 0);
-
-/// The cheap hash that places a key: a 64-bit multiply over the XOR of its words, whose high
-/// bits (the well-mixed ones) are used.
-#[inline(always)]
-fn hash(k: &FlowKey) -> u64 {
-    let x = k.src[0]
-        ^ k.src[1]
-        ^ k.src[2]
-        ^ k.src[3]
-        ^ k.dst[0].rotate_left(7)
-        ^ k.dst[1]
-        ^ k.dst[2]
-        ^ k.dst[3]
-        ^ (((k.sport as u32) << 16) | k.dport as u32).rotate_left(13);
-    (x as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Bits of the hash that pick a copy slot (the top 12) and a generation (the 16 below).
-const _: () = assert!(SLOTS == 1 << 12 && GENS == 1 << 16);
-
-#[inline(always)]
-fn slot_of(h: u64) -> u32 {
-    (h >> 52) as u32
-}
-
-#[inline(always)]
-fn gen_of(h: u64) -> u32 {
-    (h >> 36) as u32 & (GENS - 1)
-}
+static GENERATIONS: Array<u64> = Array::with_max_entries(COPY_GENERATIONS, 0);
 
 #[inline(always)]
 fn words(k: &FlowKey) -> &[u32; 10] {
@@ -163,6 +132,12 @@ fn put<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, value: &V, at: &Place, t: u
     };
     // SAFETY: as in `get`.
     let c = unsafe { &mut *c };
+    // A fresh copy of another key keeps its slot until it expires: with more flows than
+    // slots, two busy flows sharing one would otherwise overwrite each other on every
+    // packet, each paying a miss and a copy.
+    if c.ts != 0 && t.wrapping_sub(c.ts) < TTL_NS && !key_eq(&c.key, key) {
+        return;
+    }
     let (src, dst) = (words(key), words_mut(&mut c.key));
     for i in 0..10 {
         dst[i] = src[i];

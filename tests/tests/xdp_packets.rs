@@ -1169,3 +1169,56 @@ fn a_reply_entrys_copy_serves_only_until_the_port_goes_to_another_connection() {
         );
     });
 }
+
+/// The client key of a connection from `client` to the IPv4 service.
+fn client_key(client: (Ipv4Addr, u16)) -> FlowKey {
+    FlowKey {
+        src: [u32::from_ne_bytes(client.0.octets()), 0, 0, 0],
+        dst: [u32::from_ne_bytes(VIP.octets()), 0, 0, 0],
+        sport: client.1.to_be(),
+        dport: 80u16.to_be(),
+        family: FAMILY_V4,
+        proto: 6,
+        _pad: [0; 2],
+    }
+}
+
+/// Two busy connections whose copies would share a slot do not take it from each other on
+/// every packet: the first one's copy keeps the slot while fresh, the second is served from
+/// the table.
+#[test]
+fn a_fresh_copy_keeps_its_slot_from_another_flow() {
+    let rig = Rig::new("pki");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    rig.with(one_backend(), move |r| {
+        stay_on_this_cpu();
+        use nb_common::hash::{copy, copy_slot};
+        let a = (CLIENT, 40200);
+        let slot = copy_slot(copy(&client_key(a)));
+        let b = (40201..=65535u16)
+            .map(|p| (CLIENT, p))
+            .find(|c| copy_slot(copy(&client_key(*c))) == slot)
+            .expect("a port whose copy shares A's slot");
+        for c in [a, b] {
+            assert_eq!(r.run(&syn(lb_mac, c.1).build()).0, XDP_TX, "SYN");
+            assert_eq!(r.run(&data_from(lb_mac, c).build()).0, XDP_TX, "data");
+        }
+        let mut flows: BpfHashMap<MapData, FlowKey, FlowValue> = BpfHashMap::try_from(
+            Map::LruHashMap(MapData::from_pin(pin.join(maps::FLOWS)).expect("pin")),
+        )
+        .expect("flow map");
+        for c in [a, b] {
+            flows.remove(&client_key(c)).expect("remove a client entry");
+        }
+        let misses = r.counter("flow_miss");
+        assert_eq!(r.run(&data_from(lb_mac, a).build()).0, XDP_TX);
+        assert_eq!(r.counter("flow_miss"), misses, "A's copy kept the slot");
+        assert_eq!(r.run(&data_from(lb_mac, b).build()).0, XDP_TX);
+        assert_eq!(
+            r.counter("flow_miss"),
+            misses + 1,
+            "B had no copy: its packet looked for its (gone) entry"
+        );
+    });
+}
