@@ -35,6 +35,7 @@ const SECOND: u64 = 1_000_000_000;
 const FIB_REFRESH_NS: u64 = 5 * SECOND;
 
 #[xdp]
+#[inline(always)]
 pub fn nb_xdp(ctx: XdpContext) -> u32 {
     count(stat::RX);
     match try_nb_xdp(&ctx) {
