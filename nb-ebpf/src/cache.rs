@@ -19,6 +19,7 @@
 //!   before the table is, so a copy made from a value that changed meanwhile carries a
 //!   generation that is already stale.
 
+use crate::csum::copy_words;
 use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
@@ -43,10 +44,6 @@ pub struct Copy<V> {
     /// The generation of the key's bucket when copied.
     pub generation: u64,
 }
-
-// Values are copied as u64 words.
-const _: () = assert!(size_of::<FlowValue>() % 8 == 0 && align_of::<FlowValue>() == 8);
-const _: () = assert!(size_of::<RevValue>() % 8 == 0 && align_of::<RevValue>() == 8);
 
 #[map(name = "NB_FLOW_COPIES")]
 static FLOW_COPIES: PerCpuArray<Copy<FlowValue>> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
@@ -142,13 +139,7 @@ fn put<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, value: &V, at: &Place, t: u
     for i in 0..10 {
         dst[i] = src[i];
     }
-    let src = value as *const V as *const u64;
-    let dst = &mut c.value as *mut V as *mut u64;
-    for i in 0..size_of::<V>() / 8 {
-        // SAFETY: both are a `V`, 8-aligned and a whole number of words (asserted above for
-        // every `V` used); word `i` lies inside each.
-        unsafe { *dst.add(i) = *src.add(i) };
-    }
+    copy_words(&mut c.value, value);
     c.ts = t;
     c.generation = at.generation;
 }

@@ -62,3 +62,18 @@ pub fn addr_eq(a: &[u32; 4], b: &[u32; 4]) -> bool {
 pub fn addr_copy(a: &[u32; 4]) -> [u32; 4] {
     [a[0], a[1], a[2], a[3]]
 }
+
+/// Copies a value word by word: a plain `*dst = *src` of a struct of this size may become a
+/// `memmove` call, a byte-by-byte loop on the BPF target. `V` must be 8-aligned and a whole
+/// number of words (checked when the call is compiled).
+#[inline(always)]
+pub fn copy_words<V>(dst: &mut V, src: &V) {
+    const { assert!(size_of::<V>() % 8 == 0 && align_of::<V>() == 8) };
+    let s = src as *const V as *const u64;
+    let d = dst as *mut V as *mut u64;
+    for i in 0..size_of::<V>() / 8 {
+        // SAFETY: both are a `V`, 8-aligned and a whole number of words (asserted above);
+        // word `i` lies inside each, and `&mut` excludes overlap.
+        unsafe { *d.add(i) = *s.add(i) };
+    }
+}

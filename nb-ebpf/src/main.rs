@@ -22,7 +22,7 @@ use nb_common::{
     ServiceKey, ThrottleState, cfg, stat,
 };
 
-use csum::{addr_copy, addr_eq};
+use csum::{addr_copy, addr_eq, copy_words};
 use maps::{
     ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SCRATCH, SERVICES, SVC_INFO, Scratch,
     THROTTLE, count, service_port, setting,
@@ -375,7 +375,7 @@ fn new_flow(
                     // The same client connection again (its port reused after a close):
                     // rewritten in place. Only this flow's packets read this entry, and they
                     // come after this SYN.
-                    *old = *rv;
+                    copy_words(old, rv);
                     cache::invalidate(&rkey);
                     snat_port = port;
                     break;
