@@ -36,7 +36,7 @@ pub const TTL_NS: u64 = 1_000_000_000;
 
 /// A copy of a table entry.
 #[repr(C)]
-pub struct Copy<V> {
+pub struct Copied<V> {
     pub key: FlowKey,
     pub value: V,
     /// `now()` when copied; 0 = empty.
@@ -46,10 +46,10 @@ pub struct Copy<V> {
 }
 
 #[map(name = "NB_FLOW_COPIES")]
-static FLOW_COPIES: PerCpuArray<Copy<FlowValue>> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
+static FLOW_COPIES: PerCpuArray<Copied<FlowValue>> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
 
 #[map(name = "NB_REV_COPIES")]
-static REV_COPIES: PerCpuArray<Copy<RevValue>> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
+static REV_COPIES: PerCpuArray<Copied<RevValue>> = PerCpuArray::with_max_entries(COPY_SLOTS, 0);
 
 #[map(name = "NB_GENERATIONS")]
 static GENERATIONS: Array<u64> = Array::with_max_entries(COPY_GENERATIONS, 0);
@@ -84,6 +84,7 @@ pub struct Place {
     generation: u64,
 }
 
+/// `key`'s `Place`, read before the table lookup it shortcuts (see the module's notes).
 #[inline(always)]
 pub fn place(key: &FlowKey) -> Place {
     let h = hash(key);
@@ -107,7 +108,7 @@ pub fn invalidate(key: &FlowKey) {
 }
 
 #[inline(always)]
-fn get<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, at: &Place, t: u64) -> Option<&'static V> {
+fn get<V>(map: &PerCpuArray<Copied<V>>, key: &FlowKey, at: &Place, t: u64) -> Option<&'static V> {
     let c = map.get_ptr(at.slot)?;
     // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
     let c = unsafe { &*c };
@@ -123,7 +124,7 @@ fn get<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, at: &Place, t: u64) -> Opti
 }
 
 #[inline(always)]
-fn put<V>(map: &PerCpuArray<Copy<V>>, key: &FlowKey, value: &V, at: &Place, t: u64) {
+fn put<V>(map: &PerCpuArray<Copied<V>>, key: &FlowKey, value: &V, at: &Place, t: u64) {
     let Some(c) = map.get_ptr_mut(at.slot) else {
         return;
     };
