@@ -820,16 +820,64 @@ fn ipv6_vlan_and_ip_options() {
         let got = packet::parse(&out).expect("parse");
         assert_eq!((got.tcp.sport, got.tcp.dport), (80, 40020));
 
+        // Plain packets both ways, twice each: from the table, then from this CPU's copy of
+        // the entry; both translate alike.
+        stay_on_this_cpu();
+        let mut d6 = Frame::v6((CLIENT6, 40020), (VIP6, 80), ACK | PSH);
+        d6.dst_mac = lb_mac;
+        d6.src_mac = CLIENT_MAC;
+        d6.tcp.payload = b"hello".to_vec();
+        for _ in 0..2 {
+            let (act, out) = r.run(&d6.build());
+            assert_eq!(act, XDP_TX, "IPv6 data");
+            let to = (B6.into(), 8080, B6_MAC);
+            assert_eq!(
+                assert_forwarded(&d6, &out, to, (LB_PRIV6.into(), lb_mac)),
+                snat6
+            );
+        }
+        let mut b6 = Frame::v6((B6, 8080), (LB_PRIV6, snat6), ACK | PSH);
+        b6.dst_mac = lb_mac;
+        b6.tcp.payload = b"world".to_vec();
+        let mut outs = Vec::new();
+        for _ in 0..2 {
+            let (act, out) = r.run(&b6.build());
+            assert_eq!(act, XDP_TX, "IPv6 reply data");
+            packet::verify_checksums(&out).expect("IPv6 reply data checksums");
+            let got = packet::parse(&out).expect("parse");
+            assert_eq!((got.tcp.sport, got.tcp.dport), (80, 40020));
+            match got.ip {
+                Ip::V6 { src, dst, .. } => assert_eq!((src, dst), (VIP6, CLIENT6)),
+                _ => panic!("IPv6 expected"),
+            }
+            outs.push(out);
+        }
+        assert_eq!(
+            outs[0], outs[1],
+            "the copy translates the reply as the table did"
+        );
+
         let mut v = syn(lb_mac, 40021);
         v.vlan = Some(42);
         let (act, out) = r.run(&v.build());
         assert_eq!(act, XDP_TX, "VLAN-tagged SYN");
-        assert_forwarded(
+        let snat_v = assert_forwarded(
             &v,
             &out,
             (B1.into(), 8080, B1_MAC),
             (LB_PRIV.into(), lb_mac),
         );
+        let mut dv = data_from(lb_mac, (CLIENT, 40021));
+        dv.vlan = Some(42);
+        for _ in 0..2 {
+            let (act, out) = r.run(&dv.build());
+            assert_eq!(act, XDP_TX, "VLAN-tagged data");
+            let to = (B1.into(), 8080, B1_MAC);
+            assert_eq!(
+                assert_forwarded(&dv, &out, to, (LB_PRIV.into(), lb_mac)),
+                snat_v
+            );
+        }
 
         let mut o = syn(lb_mac, 40022);
         if let Ip::V4 { options, .. } = &mut o.ip {
