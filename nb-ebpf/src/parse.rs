@@ -115,8 +115,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
         if ip[9] != IPPROTO_TCP {
             return Err(Skip::NotOurs);
         }
-        // The addresses as words (one load each, not four): the header is 4-aligned as far as
-        // this target is concerned (unaligned packet loads are allowed on it).
+        // The addresses as words: one load each instead of four byte loads. The header starts
+        // at offset 14 or 18, so a load may be unaligned; the verifier allows that for packet
+        // data where the CPU handles it (x86-64, arm64), as `nat::rewrite` relies on too.
         let words: *const [u32; 5] = ptr_at(ctx, l3)?;
         // SAFETY: the same 20 bytes, checked by `ptr_at`.
         let words = unsafe { &*words };
