@@ -362,6 +362,16 @@ const _: () = assert!(
         && offset_of!(FlowValue, smac) == offset_of!(FlowValue, dmac) + 6
 );
 
+/// The 12 bytes of `v` from byte `offset`, as three words.
+///
+/// # Safety
+/// `offset + 12` must lie within `T`, and `offset` must be 4-aligned within it.
+#[inline(always)]
+unsafe fn words_at<T>(v: &T, offset: usize) -> &[u32; 3] {
+    // SAFETY: the caller's promise: inside `v` and aligned.
+    unsafe { &*((v as *const T as *const u8).add(offset) as *const [u32; 3]) }
+}
+
 impl FlowValue {
     /// `dmac` then `smac` as three words, read in place: the XDP program writes them into a
     /// frame's Ethernet header with three stores.
@@ -369,9 +379,7 @@ impl FlowValue {
     pub fn macs(&self) -> &[u32; 3] {
         // SAFETY: the 12 bytes from `dmac` are `dmac` and `smac` (asserted above), inside
         // `self`, 4-aligned (the struct is 8-aligned and the offset a multiple of 4).
-        unsafe {
-            &*((self as *const Self as *const u8).add(offset_of!(Self, dmac)) as *const [u32; 3])
-        }
+        unsafe { words_at(self, offset_of!(Self, dmac)) }
     }
 }
 
@@ -412,9 +420,7 @@ impl RevValue {
     #[inline(always)]
     pub fn macs(&self) -> &[u32; 3] {
         // SAFETY: as in `FlowValue::macs` (asserted above for this struct).
-        unsafe {
-            &*((self as *const Self as *const u8).add(offset_of!(Self, dmac)) as *const [u32; 3])
-        }
+        unsafe { words_at(self, offset_of!(Self, dmac)) }
     }
 }
 

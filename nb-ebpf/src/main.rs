@@ -55,9 +55,11 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
     if (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&dport) {
         let key = flow_key(&pkt);
         let t = now();
-        // Read before `REV_FLOWS` (see `cache`).
-        let at = cache::place(&key);
-        if plain && let Some(r) = cache::rev(&key, &at, t) {
+        // Read before `REV_FLOWS` (see `cache`); only plain packets use copies.
+        let at = plain.then(|| cache::place(&key));
+        if let Some(at) = &at
+            && let Some(r) = cache::rev(&key, at, t)
+        {
             return send_back(ctx, &pkt, r, false, false);
         }
         if let Some(rv) = REV_FLOWS.get_ptr_mut(&key) {
@@ -65,8 +67,10 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
             // set flag bits and timestamps, where a lost update is harmless.
             let r = unsafe { &mut *rv };
             let (first, refused) = replied(&pkt, r, t);
-            if plain && r.flags & REV_CLOSING == 0 {
-                cache::put_rev(&key, r, &at, t);
+            if let Some(at) = &at
+                && r.flags & REV_CLOSING == 0
+            {
+                cache::put_rev(&key, r, at, t);
             }
             return send_back(ctx, &pkt, r, first, refused);
         }
@@ -78,9 +82,11 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
     // removal lets running connections finish: a reload drops none).
     let key = flow_key(&pkt);
     let t = now();
-    // Read before `FLOWS` (see `cache`).
-    let at = cache::place(&key);
-    if plain && let Some(f) = cache::flow(&key, &at, t) {
+    // Read before `FLOWS` (see `cache`); only plain packets use copies.
+    let at = plain.then(|| cache::place(&key));
+    if let Some(at) = &at
+        && let Some(f) = cache::flow(&key, at, t)
+    {
         return send_on(ctx, &pkt, f);
     }
     let syn = pkt.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -92,8 +98,11 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
         // new connection, balanced afresh (not sent to the old backend, which may be DOWN).
         if !syn || !(f.flags & FLOW_CLOSING != 0 || reply_side_over(&pkt, f)) {
             established(ctx, &pkt, f, t);
-            if plain && f.flags & FLOW_CLOSING == 0 && f.ifindex != 0 {
-                cache::put_flow(&key, f, &at, t);
+            if let Some(at) = &at
+                && f.flags & FLOW_CLOSING == 0
+                && f.ifindex != 0
+            {
+                cache::put_flow(&key, f, at, t);
             }
             return send_on(ctx, &pkt, f);
         }

@@ -131,6 +131,20 @@ impl Drop for Unpin {
     }
 }
 
+/// Flow table `name` (`maps::FLOWS` or `maps::REV_FLOWS`) of the data path pinned at `pin`.
+fn flow_table<V: aya::Pod>(pin: &std::path::Path, name: &str) -> BpfHashMap<MapData, FlowKey, V> {
+    let map = MapData::from_pin(pin.join(name)).expect("pinned flow table");
+    BpfHashMap::try_from(Map::LruHashMap(map)).expect("flow table")
+}
+
+/// Timeouts under which every flow has expired.
+const EXPIRE_ALL: FlowTimeouts = FlowTimeouts {
+    established_secs: 0,
+    closing_secs: 0,
+    closed_port_secs: 0,
+    unanswered_secs: 0,
+};
+
 struct Runner {
     dp: Dataplane,
     lb0: u32,
@@ -381,8 +395,7 @@ fn flows_are_stamped_with_the_agents_clock() {
             }
         }
         let (port, at) = stamped.expect("ten SYNs all straddled a clock tick");
-        let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
-            BpfHashMap::try_from(Map::LruHashMap(open(maps::FLOWS))).expect("flow map");
+        let flows = flow_table::<FlowValue>(&pin, maps::FLOWS);
         let stamp = flows
             .iter()
             .filter_map(Result::ok)
@@ -430,23 +443,14 @@ fn sweep_sees_and_expires_every_flow(tag: &str, n: u16, batch: bool) {
         assert_eq!((report.flows, report.expired), (n, 0));
         assert_eq!(report.batched, batch, "the tables were read as asked");
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        let now = FlowTimeouts {
-            established_secs: 0,
-            closing_secs: 0,
-            closed_port_secs: 0,
-            unanswered_secs: 0,
-        };
-        let report = r.dp.sweep(now).expect("sweep");
+        let report = r.dp.sweep(EXPIRE_ALL).expect("sweep");
         assert_eq!((report.flows, report.expired), (n, n));
         let report = r.dp.sweep(FlowTimeouts::default()).expect("sweep");
         assert_eq!(report.flows, 0);
         assert_eq!(report.batched, batch);
-        let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).expect("pin"));
-        let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
-            BpfHashMap::try_from(open(maps::FLOWS)).expect("flow map");
+        let flows = flow_table::<FlowValue>(&pin, maps::FLOWS);
         assert_eq!(flows.keys().count(), 0, "the flow table is empty");
-        let rev: BpfHashMap<MapData, FlowKey, RevValue> =
-            BpfHashMap::try_from(open(maps::REV_FLOWS)).expect("reply map");
+        let rev = flow_table::<RevValue>(&pin, maps::REV_FLOWS);
         assert_eq!(rev.keys().count(), 0, "the reply table is empty");
     });
 }
@@ -471,13 +475,7 @@ fn the_sweep_spares_entries_a_new_connection_took_while_it_ran() {
             assert_eq!(act, XDP_TX, "port {port}: RST");
         }
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        let now = FlowTimeouts {
-            established_secs: 0,
-            closing_secs: 0,
-            closed_port_secs: 0,
-            unanswered_secs: 0,
-        };
-        let plan = r.dp.sweep_plan(now).expect("sweep plan");
+        let plan = r.dp.sweep_plan(EXPIRE_ALL).expect("sweep plan");
         assert_eq!(plan.expiring(), 2, "both connections are over");
         // While the sweep runs, the first client opens a new connection from the same port.
         let (act, _) = r.run(&syn(lb_mac, 41000).build());
@@ -485,17 +483,14 @@ fn the_sweep_spares_entries_a_new_connection_took_while_it_ran() {
         let report = r.dp.sweep_apply(plan).expect("sweep apply");
         assert_eq!(report.expired, 1, "only the untouched connection expired");
 
-        let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).expect("pin"));
-        let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
-            BpfHashMap::try_from(open(maps::FLOWS)).expect("flow map");
+        let flows = flow_table::<FlowValue>(&pin, maps::FLOWS);
         let ports: Vec<u16> = flows
             .keys()
             .filter_map(Result::ok)
             .map(|k| u16::from_be(k.sport))
             .collect();
         assert_eq!(ports, vec![41000], "the new connection keeps its entry");
-        let rev: BpfHashMap<MapData, FlowKey, RevValue> =
-            BpfHashMap::try_from(open(maps::REV_FLOWS)).expect("reply map");
+        let rev = flow_table::<RevValue>(&pin, maps::REV_FLOWS);
         let clients: Vec<u16> = rev
             .iter()
             .filter_map(Result::ok)
@@ -594,10 +589,8 @@ fn a_closed_connections_snat_port_is_held_and_taken_over_only_when_none_is_free(
     let lb_mac = rig.lb0_mac;
     let pin = std::path::PathBuf::from(&rig.pin);
     rig.with(one_backend(), move |r| {
-        let open = |name: &str| Map::LruHashMap(MapData::from_pin(pin.join(name)).expect("pin"));
         let client_entry = |c: (Ipv4Addr, u16)| {
-            let flows: BpfHashMap<MapData, FlowKey, FlowValue> =
-                BpfHashMap::try_from(open(maps::FLOWS)).expect("flow map");
+            let flows = flow_table::<FlowValue>(&pin, maps::FLOWS);
             flows.keys().filter_map(Result::ok).any(|k| {
                 k.src[0] == u32::from_ne_bytes(c.0.octets()) && u16::from_be(k.sport) == c.1
             })
@@ -1061,10 +1054,7 @@ fn a_flows_copy_serves_only_until_its_entry_changes() {
         stay_on_this_cpu();
         let client = (CLIENT, 40100);
         let forget = || {
-            let mut flows: BpfHashMap<MapData, FlowKey, FlowValue> = BpfHashMap::try_from(
-                Map::LruHashMap(MapData::from_pin(pin.join(maps::FLOWS)).expect("pin")),
-            )
-            .expect("flow map");
+            let mut flows = flow_table::<FlowValue>(&pin, maps::FLOWS);
             let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
             assert_eq!(keys.len(), 1, "one client entry");
             flows.remove(&keys[0]).expect("remove the entry");
@@ -1190,10 +1180,7 @@ fn a_reply_entrys_copy_serves_only_until_the_port_goes_to_another_connection() {
         assert_eq!(to_client(r, ACK | PSH), (XDP_TX, Some(a)), "data to A");
 
         // The reply entry goes behind the program's back (as if evicted); the copy serves.
-        let mut rev: BpfHashMap<MapData, FlowKey, RevValue> = BpfHashMap::try_from(
-            Map::LruHashMap(MapData::from_pin(pin.join(maps::REV_FLOWS)).expect("pin")),
-        )
-        .expect("reply map");
+        let mut rev = flow_table::<RevValue>(&pin, maps::REV_FLOWS);
         let keys: Vec<FlowKey> = rev.keys().filter_map(Result::ok).collect();
         assert_eq!(keys.len(), 1, "one reply entry");
         rev.remove(&keys[0]).expect("remove the reply entry");
@@ -1252,10 +1239,7 @@ fn a_fresh_copy_keeps_its_slot_from_another_flow() {
             assert_eq!(r.run(&syn(lb_mac, c.1).build()).0, XDP_TX, "SYN");
             assert_eq!(r.run(&data_from(lb_mac, c).build()).0, XDP_TX, "data");
         }
-        let mut flows: BpfHashMap<MapData, FlowKey, FlowValue> = BpfHashMap::try_from(
-            Map::LruHashMap(MapData::from_pin(pin.join(maps::FLOWS)).expect("pin")),
-        )
-        .expect("flow map");
+        let mut flows = flow_table::<FlowValue>(&pin, maps::FLOWS);
         for c in [a, b] {
             flows.remove(&client_key(c)).expect("remove a client entry");
         }
