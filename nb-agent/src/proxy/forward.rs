@@ -107,28 +107,80 @@ fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
     r
 }
 
+/// Which of the headers the proxy looks at a message carries, found in one pass over its
+/// names: a lookup hashes the name, and the dozen lookups a request took (nine of them for
+/// hop-by-hop headers that are rarely there) cost more than the pass.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    /// The hop-by-hop headers present, as bits by their index in `HOP_BY_HOP`.
+    hop_by_hop: u16,
+    connection: bool,
+    host: bool,
+    forwarded_for: bool,
+    cookie: bool,
+}
+
+impl Seen {
+    fn of(h: &HeaderMap) -> Seen {
+        let mut s = Seen::default();
+        for name in h.keys() {
+            if name == HOST {
+                s.host = true;
+            } else if name == COOKIE {
+                s.cookie = true;
+            } else if name == X_FORWARDED_FOR {
+                s.forwarded_for = true;
+            } else if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
+                s.hop_by_hop |= 1 << i;
+                s.connection |= name == CONNECTION;
+            }
+        }
+        s
+    }
+}
+
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(CONNECTION) {
+    let seen = Seen::of(h);
+    strip_seen_hop_by_hop(h, seen);
+}
+
+/// As [`strip_hop_by_hop`], for a message whose names were looked at already.
+fn strip_seen_hop_by_hop(h: &mut HeaderMap, seen: Seen) {
+    if seen.hop_by_hop == 0 {
+        return;
+    }
+    if seen.connection {
+        // The usual tokens (`keep-alive`, `close`, `upgrade`) name no header or one removed
+        // below anyway: skipped, so that the common message allocates nothing here.
         let named: Vec<HeaderName> = h
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for n in named {
             h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if seen.hop_by_hop & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to, if it asks.
-fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if req.version() != Version::HTTP_11 {
+fn upgrade_of(req: &Request<Incoming>, seen: Seen) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 || !seen.connection {
         return None;
     }
     let wants = req
@@ -144,7 +196,12 @@ fn upgrade_of(req: &Request<Incoming>) -> Option<HeaderValue> {
 /// Rewrites a client's request for a node: Host kept (made from `:authority` for HTTP/2),
 /// X-Forwarded-* added, hop-by-hop headers and the balancer's cookie removed, origin-form
 /// target, HTTP/1.1.
-fn rewrite_request(req: &mut Request<Incoming>, conn: &Client, upgrade: Option<HeaderValue>) {
+fn rewrite_request(
+    req: &mut Request<Incoming>,
+    conn: &Client,
+    upgrade: Option<HeaderValue>,
+    seen: Seen,
+) {
     let authority = req.uri().authority().cloned();
     // Origin-form already (HTTP/1.1 clients): nothing to rebuild.
     if authority.is_some() || req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
@@ -157,22 +214,25 @@ fn rewrite_request(req: &mut Request<Incoming>, conn: &Client, upgrade: Option<H
     }
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
-    strip_hop_by_hop(h);
+    strip_seen_hop_by_hop(h, seen);
     if let Some(up) = upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(UPGRADE, up);
     }
-    if !h.contains_key(HOST)
+    if !seen.host
         && let Some(a) = authority
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         h.insert(HOST, v);
     }
-    let prior: Vec<&str> = h
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+    let prior: Vec<&str> = if seen.forwarded_for {
+        h.get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let xff = if prior.is_empty() {
         Some(conn.ip.clone())
     } else {
@@ -187,7 +247,7 @@ fn rewrite_request(req: &mut Request<Incoming>, conn: &Client, upgrade: Option<H
         HeaderValue::from_static(if conn.secure { "https" } else { "http" }),
     );
     h.insert(X_FORWARDED_PORT.clone(), conn.port.clone());
-    if h.contains_key(COOKIE) {
+    if seen.cookie {
         let cookies: Vec<String> = h
             .get_all(COOKIE)
             .iter()
@@ -260,10 +320,11 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
         );
     };
 
-    let upgrade = upgrade_of(&req);
+    let seen = Seen::of(req.headers());
+    let upgrade = upgrade_of(&req, seen);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let is_upgrade = upgrade.is_some();
-    rewrite_request(&mut req, conn, upgrade);
+    rewrite_request(&mut req, conn, upgrade, seen);
 
     let connect_timeout = std::time::Duration::from_secs(port.timeout_connect as u64);
     let server_timeout = std::time::Duration::from_secs(port.timeout_server as u64);
@@ -404,4 +465,71 @@ fn pick(
     let mut b = rt.balancer.lock().expect("balancer lock");
     let n = b.pick(view.port.algorithm, &view.nodes, client, exclude)?;
     view.nodes.iter().position(|x| std::ptr::eq(x, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(list: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in list {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut v: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_go_the_rest_stay() {
+        let mut h = headers(&[
+            ("Content-Type", "text/plain"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("connection", "Close, TE"),
+            ("X-Hop", "a"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Transfer-Encoding", "chunked"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Upgrade", "websocket"),
+            ("X-Kept", "b"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "set-cookie", "x-kept"]);
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_headers_is_left_alone() {
+        let list = [
+            ("Host", "a.test"),
+            ("Cookie", "x=1"),
+            ("X-Forwarded-For", "203.0.113.1"),
+        ];
+        let mut h = headers(&list);
+        let seen = Seen::of(&h);
+        assert_eq!(seen.hop_by_hop, 0);
+        assert!(seen.host && seen.cookie && seen.forwarded_for && !seen.connection);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["cookie", "host", "x-forwarded-for"]);
+    }
+
+    #[test]
+    fn a_connection_header_alone_is_seen_and_removed() {
+        let mut h = headers(&[("Connection", "close"), ("Content-Length", "0")]);
+        let seen = Seen::of(&h);
+        assert!(seen.connection && seen.hop_by_hop == 1);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-length"]);
+    }
 }
