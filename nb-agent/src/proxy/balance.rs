@@ -108,8 +108,9 @@ impl Drop for ActiveGuard {
 /// The state one port's algorithm keeps between picks.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    /// Smooth weighted round robin (as nginx): current weight per label.
-    current: HashMap<String, i64>,
+    /// Smooth weighted round robin (as nginx): current weight per label. Hashed with
+    /// foldhash: looked up for every candidate of every request.
+    current: HashMap<String, i64, foldhash::fast::RandomState>,
     /// Where leastconn starts looking, turned every pick: ties (an idle port) then go round
     /// instead of always to the first node.
     rotor: usize,
@@ -125,58 +126,61 @@ impl Balancer {
         client: IpAddr,
         exclude: Option<&str>,
     ) -> Option<&'a NodeView> {
-        let candidates: Vec<&NodeView> = nodes
-            .iter()
-            .filter(|n| n.eligible && Some(n.label.as_str()) != exclude)
-            .collect();
-        match candidates.len() {
-            0 => return None,
-            1 => return Some(candidates[0]),
-            _ => {}
+        // Walked as an iterator, not collected: a pick runs for every request.
+        let candidates = || {
+            nodes
+                .iter()
+                .filter(move |n| n.eligible && Some(n.label.as_str()) != exclude)
+        };
+        let mut it = candidates();
+        let first = it.next()?;
+        let count = 1 + it.count();
+        if count == 1 {
+            return Some(first);
         }
         match algorithm {
-            Algorithm::RoundRobin => Some(self.round_robin(&candidates)),
+            Algorithm::RoundRobin => Some(self.round_robin(candidates())),
             Algorithm::LeastConn => {
                 self.rotor = self.rotor.wrapping_add(1);
-                let start = self.rotor % candidates.len();
-                let (head, tail) = candidates.split_at(start);
-                tail.iter().chain(head).copied().min_by(|a, b| {
-                    // active/weight, compared without division.
-                    let la = a.active.load(Ordering::Relaxed) as u64 * b.weight.max(1) as u64;
-                    let lb = b.active.load(Ordering::Relaxed) as u64 * a.weight.max(1) as u64;
-                    la.cmp(&lb)
-                })
+                let start = self.rotor % count;
+                candidates()
+                    .skip(start)
+                    .chain(candidates().take(start))
+                    .min_by(|a, b| {
+                        // active/weight, compared without division.
+                        let la = a.active.load(Ordering::Relaxed) as u64 * b.weight.max(1) as u64;
+                        let lb = b.active.load(Ordering::Relaxed) as u64 * a.weight.max(1) as u64;
+                        la.cmp(&lb)
+                    })
             }
-            Algorithm::Source => candidates
-                .into_iter()
-                .max_by(|a, b| rendezvous(client, a).total_cmp(&rendezvous(client, b))),
+            Algorithm::Source => {
+                candidates().max_by(|a, b| rendezvous(client, a).total_cmp(&rendezvous(client, b)))
+            }
         }
     }
 
-    fn round_robin<'a>(&mut self, candidates: &[&'a NodeView]) -> &'a NodeView {
-        let total: i64 = candidates.iter().map(|n| n.weight.max(1) as i64).sum();
-        let mut best = 0;
-        let mut best_cw = i64::MIN;
-        for (i, n) in candidates.iter().enumerate() {
+    fn round_robin<'a>(&mut self, candidates: impl Iterator<Item = &'a NodeView>) -> &'a NodeView {
+        let mut total = 0i64;
+        let mut best: Option<(&'a NodeView, i64)> = None;
+        for n in candidates {
+            let w = n.weight.max(1) as i64;
+            total += w;
             // Looked up by `&str` first: no label copied but the first time.
-            if !self.current.contains_key(n.label.as_str()) {
-                self.current.insert(n.label.clone(), 0);
-            }
-            let cw = self
-                .current
-                .get_mut(n.label.as_str())
-                .expect("inserted above");
-            *cw += n.weight.max(1) as i64;
-            if *cw > best_cw {
-                best_cw = *cw;
-                best = i;
+            let cw = match self.current.get_mut(n.label.as_str()) {
+                Some(cw) => cw,
+                None => self.current.entry(n.label.clone()).or_insert(0),
+            };
+            *cw += w;
+            if best.is_none_or(|(_, b)| *cw > b) {
+                best = Some((n, *cw));
             }
         }
+        let (best, _) = best.expect("round_robin is given at least one candidate");
         *self
             .current
-            .get_mut(&candidates[best].label)
+            .get_mut(best.label.as_str())
             .expect("inserted above") -= total;
-        candidates[best]
+        best
     }
 
     /// Forgets nodes no longer configured, so their stale weights never skew a pick.
