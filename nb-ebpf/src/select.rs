@@ -102,8 +102,7 @@ fn least_conn(svc: u32, info: &ServiceInfo) -> Option<u32> {
     if best.id == 0 { None } else { Some(best.id) }
 }
 
-/// Number of backends `least_conn` compares.
-
+/// The best backend `least_conn` has compared so far (`id` 0: none yet).
 #[derive(Default)]
 struct Choice {
     id: u32,
