@@ -145,37 +145,47 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     strip_seen_hop_by_hop(h, seen);
 }
 
-/// As [`strip_hop_by_hop`], for a message whose names were looked at already.
-fn strip_seen_hop_by_hop(h: &mut HeaderMap, seen: Seen) {
+/// As [`strip_hop_by_hop`], for a message whose names were looked at already; what the
+/// message carries afterwards.
+fn strip_seen_hop_by_hop(h: &mut HeaderMap, seen: Seen) -> Seen {
     if seen.hop_by_hop == 0 {
-        return;
+        return seen;
     }
+    let mut named = Vec::new();
     if seen.connection {
-        // The usual tokens (`keep-alive`, `close`, `upgrade`) name no header or one removed
-        // below anyway: skipped, so that the common message allocates nothing here.
-        let named: Vec<HeaderName> = h
+        // Tokens naming a hop-by-hop header (`keep-alive`, `upgrade`: the usual ones) are
+        // skipped, as those go below anyway: the common message allocates nothing here.
+        named = h
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|t| {
-                !t.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|n| t.eq_ignore_ascii_case(n.as_str()))
             })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
-        for n in named {
-            h.remove(n);
-        }
     }
     for (i, n) in HOP_BY_HOP.iter().enumerate() {
         if seen.hop_by_hop & (1 << i) != 0 {
             h.remove(n);
         }
     }
+    if named.is_empty() {
+        return Seen {
+            hop_by_hop: 0,
+            connection: false,
+            ..seen
+        };
+    }
+    // `Connection` may name any header, Host or Cookie too: look again.
+    for n in named {
+        h.remove(n);
+    }
+    Seen::of(h)
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to, if it asks.
@@ -214,7 +224,7 @@ fn rewrite_request(
     }
     *req.version_mut() = Version::HTTP_11;
     let h = req.headers_mut();
-    strip_seen_hop_by_hop(h, seen);
+    let seen = strip_seen_hop_by_hop(h, seen);
     if let Some(up) = upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(UPGRADE, up);
@@ -495,6 +505,8 @@ mod tests {
             ("Connection", "keep-alive, X-Hop"),
             ("connection", "Close, TE"),
             ("X-Hop", "a"),
+            // Named by `Close` above: a reserved field name, removed like any other.
+            ("Close", "x"),
             ("Keep-Alive", "timeout=5"),
             ("TE", "trailers"),
             ("Transfer-Encoding", "chunked"),
@@ -507,6 +519,21 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["content-type", "set-cookie", "x-kept"]);
         assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+    }
+
+    #[test]
+    fn what_a_message_carries_is_seen_again_after_connection_named_host_and_cookie() {
+        let mut h = headers(&[
+            ("Host", "a.test"),
+            ("Cookie", "x=1"),
+            ("Connection", "host, cookie"),
+            ("X-Forwarded-For", "203.0.113.1"),
+        ]);
+        let before = Seen::of(&h);
+        assert!(before.host && before.cookie && before.connection);
+        let seen = strip_seen_hop_by_hop(&mut h, before);
+        assert_eq!(names(&h), ["x-forwarded-for"]);
+        assert!(!seen.host && !seen.cookie && seen.forwarded_for && seen.hop_by_hop == 0);
     }
 
     #[test]
