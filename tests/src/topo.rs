@@ -196,6 +196,12 @@ impl Agent {
         Agent::launch(topo, config, env, true)
     }
 
+    /// As [`Agent::start`], with the agent binary at `bin` rather than [`agent_bin`]: two
+    /// builds side by side in one benchmark run.
+    pub fn start_bin(topo: &Topology, config: &Path, bin: &Path) -> Agent {
+        Agent::launch_bin(topo, config, &[], true, bin)
+    }
+
     /// Starts an agent that attaches no XDP program (`xdp_mode = "off"`): waits only until it
     /// says it is serving.
     pub fn start_without_xdp(topo: &Topology, config: &Path) -> Agent {
@@ -213,11 +219,21 @@ impl Agent {
     }
 
     fn launch(topo: &Topology, config: &Path, env: &[(&str, &str)], xdp: bool) -> Agent {
+        Agent::launch_bin(topo, config, env, xdp, &agent_bin())
+    }
+
+    fn launch_bin(
+        topo: &Topology,
+        config: &Path,
+        env: &[(&str, &str)],
+        xdp: bool,
+        bin: &Path,
+    ) -> Agent {
         let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");
         let child = topo
             .lb
-            .command(agent_bin())
+            .command(bin)
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")

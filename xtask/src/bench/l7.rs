@@ -26,6 +26,11 @@
 //!   with no limit of requests per connection; up to 64 idle connections kept per backend (nb's
 //!   pool, HAProxy `http-reuse always`, nginx `keepalive 64`); round robin.
 //!
+//! `NB_AGENT_BIN_BASE=path` adds a fourth lane: nb again, running the agent at that path (an
+//! earlier build), with the same config. The key numbers then end with this build against
+//! that one, measured in the same rounds: the way to tell a change's effect from the
+//! machine's noise, which moves whole runs by 10% here.
+//!
 //! What differs: nginx (open source) has no active health checks, nb and HAProxy connect to
 //! every backend each 10 s; nginx's workers are processes beside an idle master (counted in its
 //! memory), HAProxy's and nb's are threads; resumption differs (rustls keeps a session cache of
@@ -57,25 +62,45 @@ const HTTPS: u16 = 443;
 /// round. These machines are shared: measured one after the other, each contender met other
 /// background load than the next, and the nb/HAProxy ratio of one build moved between 0.77x
 /// and 0.99x from run to run. Taking turns spreads that load over all of them.
+/// `NB_BENCH_L7_ROUNDS` asks for more: with 3, two contenders doing the same work (a load a
+/// change does not touch, against `NB_AGENT_BIN_BASE`) still differed by up to 7%.
 const ROUNDS: usize = 3;
 const ROUND_SECONDS: u64 = 4;
+
+/// `ROUNDS`, or `NB_BENCH_L7_ROUNDS` when set.
+fn rounds() -> Result<usize> {
+    match std::env::var("NB_BENCH_L7_ROUNDS") {
+        Err(_) => Ok(ROUNDS),
+        Ok(v) => match v.parse() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("NB_BENCH_L7_ROUNDS: {v:?} is not a number of rounds (1 or more)"),
+        },
+    }
+}
 
 /// Runs the L7 part with `workers` threads per contender; writes `l7.json` into `out` and
 /// returns the key numbers against their targets.
 pub fn run(out: &Path, workers: u32) -> Result<Vec<Key>> {
     require_tools(&["wrk", "nginx", "haproxy", "curl", "openssl", "cc"])?;
     ensure!(workers >= 1, "--workers must be at least 1");
+    let rounds = rounds()?;
     println!(
         "== L7: nb's http/https ports vs HAProxy (http mode) vs nginx (proxy), {workers} worker \
-         thread(s) each, {ROUNDS} rounds of {ROUND_SECONDS} s per load, taking turns"
+         thread(s) each, {rounds} rounds of {ROUND_SECONDS} s per load, taking turns"
     );
     let files = Files::new()?;
     // All three run at once, each in a network of its own; only the one under load is busy.
     let mut lanes = Vec::new();
-    for c in [Contender::Nb, Contender::Haproxy, Contender::Nginx] {
-        lanes.push(Lane::start(c, workers, &files)?);
+    let base = std::env::var_os("NB_AGENT_BIN_BASE").map(PathBuf::from);
+    let mut contenders = vec![Contender::Nb, Contender::Haproxy, Contender::Nginx];
+    if let Some(b) = &base {
+        ensure!(b.is_file(), "NB_AGENT_BIN_BASE: no file at {}", b.display());
+        contenders.push(Contender::NbBase);
     }
-    for round in 0..ROUNDS {
+    for c in contenders {
+        lanes.push(Lane::start(c, workers, &files, base.as_deref())?);
+    }
+    for round in 0..rounds {
         for load in LOADS {
             // Who goes first changes from round to round.
             for k in 0..lanes.len() {
@@ -87,7 +112,7 @@ pub fn run(out: &Path, workers: u32) -> Result<Vec<Key>> {
     let rows: Vec<Row> = lanes.into_iter().map(Lane::finish).collect();
     print_rows(&rows);
     let keys = keys(&rows);
-    std::fs::write(out.join("l7.json"), json(&rows, workers, &keys))?;
+    std::fs::write(out.join("l7.json"), json(&rows, workers, rounds, &keys))?;
     Ok(keys)
 }
 
@@ -175,6 +200,8 @@ enum Contender {
     Nb,
     Haproxy,
     Nginx,
+    /// nb, another build (`NB_AGENT_BIN_BASE`).
+    NbBase,
 }
 
 impl Contender {
@@ -183,6 +210,7 @@ impl Contender {
             Contender::Nb => "nb",
             Contender::Haproxy => "HAProxy (http mode)",
             Contender::Nginx => "nginx (proxy)",
+            Contender::NbBase => "nb-base",
         }
     }
 
@@ -192,6 +220,7 @@ impl Contender {
             Contender::Nb => "7n",
             Contender::Haproxy => "7h",
             Contender::Nginx => "7g",
+            Contender::NbBase => "7b",
         }
     }
 }
@@ -280,10 +309,10 @@ struct Lane {
 }
 
 impl Lane {
-    fn start(c: Contender, workers: u32, files: &Files) -> Result<Lane> {
+    fn start(c: Contender, workers: u32, files: &Files, base: Option<&Path>) -> Result<Lane> {
         check_interrupt()?;
         let rig = L4Rig::new(c.tag())?;
-        let running = start(c, &rig.t, workers, files)?;
+        let running = start(c, &rig.t, workers, files, base)?;
         ready(&rig.t, &running)?;
         Ok(Lane {
             name: c.name(),
@@ -343,12 +372,21 @@ fn combine(rounds: &[Measured]) -> Measured {
     }
 }
 
-fn start(c: Contender, t: &Topology, workers: u32, files: &Files) -> Result<Running> {
+fn start(
+    c: Contender,
+    t: &Topology,
+    workers: u32,
+    files: &Files,
+    base: Option<&Path>,
+) -> Result<Running> {
     let path = |p: &Path| p.to_str().map(str::to_string).context("non-UTF-8 path");
     let (program, conf, text) = match c {
-        Contender::Nb => {
+        Contender::Nb | Contender::NbBase => {
             let cfg = nb_config(t, workers, files)?;
-            let agent = Agent::start(t, &cfg);
+            let agent = match (c, base) {
+                (Contender::NbBase, Some(bin)) => Agent::start_bin(t, &cfg, bin),
+                _ => Agent::start(t, &cfg),
+            };
             return Ok(Running {
                 pid: agent.pid(),
                 agent: Some(agent),
@@ -716,6 +754,14 @@ fn keys(rows: &[Row]) -> Vec<Key> {
             .map(|i| vs_haproxy[i])
             .map(|(what, f, _)| key(what, nginx, f, Target::None)),
     );
+    // Against the base build, when there is one: the same numbers, no targets.
+    if let Some(base) = rows.get(3) {
+        keys.extend(
+            [0, 1, 2, 4, 6]
+                .map(|i| vs_haproxy[i])
+                .map(|(what, f, _)| key(what, base, f, Target::None)),
+        );
+    }
     keys.push(Key {
         part: "l7",
         what: "nb RSS at rest, MB".into(),
@@ -727,7 +773,7 @@ fn keys(rows: &[Row]) -> Vec<Key> {
     keys
 }
 
-fn json(rows: &[Row], workers: u32, keys: &[Key]) -> String {
+fn json(rows: &[Row], workers: u32, rounds: usize, keys: &[Key]) -> String {
     let rows: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -762,7 +808,7 @@ fn json(rows: &[Row], workers: u32, keys: &[Key]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "{{\n  \"rounds\": {ROUNDS},\n  \"seconds_per_round\": {ROUND_SECONDS},\n  \"workers\": {workers},\n  \"rows\": [\n{}\n  ],\n  \
+        "{{\n  \"rounds\": {rounds},\n  \"seconds_per_round\": {ROUND_SECONDS},\n  \"workers\": {workers},\n  \"rows\": [\n{}\n  ],\n  \
          \"keys\": {}\n}}\n",
         rows.join(",\n"),
         summary::json(keys)
