@@ -89,7 +89,8 @@ pub fn run(out: &Path, workers: u32) -> Result<Vec<Key>> {
          thread(s) each, {rounds} rounds of {ROUND_SECONDS} s per load, taking turns"
     );
     let files = Files::new()?;
-    // All three run at once, each in a network of its own; only the one under load is busy.
+    // All run at once (four with a base build), each in a network of its own; only the one
+    // under load is busy.
     let mut lanes = Vec::new();
     let base = std::env::var_os("NB_AGENT_BIN_BASE").map(PathBuf::from);
     let mut contenders = vec![Contender::Nb, Contender::Haproxy, Contender::Nginx];
