@@ -224,6 +224,23 @@ fn syn(lb_mac: [u8; 6], sport: u16) -> Frame {
     f
 }
 
+/// Sends `f` twice (from the flow table, then from this CPU's copy of its entry) and checks
+/// both times that it is forwarded to `to` from `from` on SNAT port `snat`.
+fn forwarded_twice(
+    r: &mut Runner,
+    f: &Frame,
+    what: &str,
+    to: (IpAddr, u16, [u8; 6]),
+    from: (IpAddr, [u8; 6]),
+    snat: u16,
+) {
+    for _ in 0..2 {
+        let (act, out) = r.run(&f.build());
+        assert_eq!(act, XDP_TX, "{what}");
+        assert_eq!(assert_forwarded(f, &out, to, from), snat, "{what}");
+    }
+}
+
 /// Checks `out` is `input` forwarded to (addr, port, mac) from (snat, mac), with a SNAT port
 /// from nb's range, by building the expected frame from scratch. Returns the SNAT port.
 fn assert_forwarded(
@@ -820,15 +837,8 @@ fn ipv6_vlan_and_ip_options() {
         d6.dst_mac = lb_mac;
         d6.src_mac = CLIENT_MAC;
         d6.tcp.payload = b"hello".to_vec();
-        for _ in 0..2 {
-            let (act, out) = r.run(&d6.build());
-            assert_eq!(act, XDP_TX, "IPv6 data");
-            let to = (B6.into(), 8080, B6_MAC);
-            assert_eq!(
-                assert_forwarded(&d6, &out, to, (LB_PRIV6.into(), lb_mac)),
-                snat6
-            );
-        }
+        let to = (B6.into(), 8080, B6_MAC);
+        forwarded_twice(r, &d6, "IPv6 data", to, (LB_PRIV6.into(), lb_mac), snat6);
         let mut b6 = Frame::v6((B6, 8080), (LB_PRIV6, snat6), ACK | PSH);
         b6.dst_mac = lb_mac;
         b6.tcp.payload = b"world".to_vec();
@@ -862,15 +872,15 @@ fn ipv6_vlan_and_ip_options() {
         );
         let mut dv = data_from(lb_mac, (CLIENT, 40021));
         dv.vlan = Some(42);
-        for _ in 0..2 {
-            let (act, out) = r.run(&dv.build());
-            assert_eq!(act, XDP_TX, "VLAN-tagged data");
-            let to = (B1.into(), 8080, B1_MAC);
-            assert_eq!(
-                assert_forwarded(&dv, &out, to, (LB_PRIV.into(), lb_mac)),
-                snat_v
-            );
-        }
+        let to = (B1.into(), 8080, B1_MAC);
+        forwarded_twice(
+            r,
+            &dv,
+            "VLAN-tagged data",
+            to,
+            (LB_PRIV.into(), lb_mac),
+            snat_v,
+        );
 
         let mut o = syn(lb_mac, 40022);
         if let Ip::V4 { options, .. } = &mut o.ip {

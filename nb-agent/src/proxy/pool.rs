@@ -675,6 +675,26 @@ mod tests {
         addr
     }
 
+    /// A client of a timing front whose pool goes to a node answering `answers` requests per
+    /// connection; the pool too.
+    async fn timing_client(answers: usize) -> (Arc<NodePool>, http1::SendRequest<Full<Bytes>>) {
+        let pool = Arc::new(NodePool::new(
+            hanging_backend(answers).await,
+            Arc::default(),
+        ));
+        let front = timing_front(pool.clone()).await;
+        (pool, client(front).await)
+    }
+
+    /// A 504 at the 300 ms deadline, not at the connection task's later look.
+    fn assert_late_by_300ms(status: u16, took: Duration) {
+        assert_eq!(status, 504);
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_millis(2000),
+            "504 after 300 ms, took {took:?}"
+        );
+    }
+
     async fn get_within(send: &mut http1::SendRequest<Full<Bytes>>, ms: u64) -> (u16, Duration) {
         let req = Request::get("/")
             .header("host", "t")
@@ -690,10 +710,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_head_late_by_the_timeout_fails_the_request_and_closes_the_connection() {
-        let addr = hanging_backend(1).await;
-        let pool = Arc::new(NodePool::new(addr, Arc::default()));
-        let front = timing_front(pool.clone()).await;
-        let mut c = client(front).await;
+        let (pool, mut c) = timing_client(1).await;
         // The first request is answered; its timeout (5 s) is how far ahead the connection's
         // task then looks while idle.
         let (status, _) = get_within(&mut c, 5000).await;
@@ -701,11 +718,7 @@ mod tests {
         // The second, on the same connection, is never answered: a timeout shorter than the
         // look-ahead must wake the task, and fail the request at its own deadline.
         let (status, took) = get_within(&mut c, 300).await;
-        assert_eq!(status, 504);
-        assert!(
-            took >= Duration::from_millis(300) && took < Duration::from_millis(2000),
-            "504 after 300 ms, took {took:?}"
-        );
+        assert_late_by_300ms(status, took);
         // That connection is closed, never reused; the next request gets a new one.
         let (status, took) = get_within(&mut c, 300).await;
         assert_eq!(
@@ -716,25 +729,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_connections_first_request_times_out_too() {
-        let addr = hanging_backend(0).await;
-        let pool = Arc::new(NodePool::new(addr, Arc::default()));
-        let front = timing_front(pool.clone()).await;
-        let mut c = client(front).await;
+        let (_, mut c) = timing_client(0).await;
         // The request is sent before the connection's task first runs.
         let (status, took) = get_within(&mut c, 300).await;
-        assert_eq!(status, 504);
-        assert!(
-            took >= Duration::from_millis(300) && took < Duration::from_millis(2000),
-            "504 after 300 ms, took {took:?}"
-        );
+        assert_late_by_300ms(status, took);
     }
 
     #[tokio::test]
     async fn a_connections_first_request_gets_its_own_timeout() {
-        let addr = hanging_backend(1).await;
-        let pool = Arc::new(NodePool::new(addr, Arc::default()));
-        let front = timing_front(pool.clone()).await;
-        let mut c = client(front).await;
+        let (_, mut c) = timing_client(1).await;
         // Answered at once: the timeout (100 ms) is far below the task's first look-ahead.
         assert_eq!(get_within(&mut c, 100).await.0, 200);
         // Idle for longer than that timeout, the connection stays usable: only a request
