@@ -26,13 +26,18 @@ use crate::{
     proxy::{
         ConnGuard, PortRuntime,
         balance::ActiveGuard,
+        balance::NodeView,
         cookie,
-        pool::{BackendBody, ForwardError},
+        h1::RawBody,
+        pool::{BackendBody, ForwardError, Sender, Sent},
     },
 };
 
+/// Why an answer's body broke off: hyper's error, or the bodiless path's (`h1`).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What the proxy answers clients with.
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1).
 static HOP_BY_HOP: [HeaderName; 9] = [
@@ -333,13 +338,12 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
     let seen = Seen::of(req.headers());
     let upgrade = upgrade_of(&req, seen);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let is_upgrade = upgrade.is_some();
     rewrite_request(&mut req, conn, upgrade, seen);
 
     let connect_timeout = std::time::Duration::from_secs(port.timeout_connect as u64);
     let server_timeout = std::time::Duration::from_secs(port.timeout_server as u64);
     let mut retried = false;
-    let (resp, sender, guard) = loop {
+    let (sent, guard) = loop {
         let node = &view.nodes[idx];
         let guard = ActiveGuard::new(&node.active);
         let sent = node.pool.send(req, connect_timeout, server_timeout).await;
@@ -349,7 +353,7 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
             node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         }
         match sent {
-            Ok((resp, sender)) => break (resp, sender, guard),
+            Ok(sent) => break (sent, guard),
             Err((e, back)) => {
                 node.passive_failure(format!("passive: {e}"));
                 match (back, e.is_connect() && !retried) {
@@ -383,7 +387,7 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
                                     "No server is available to handle this request.",
                                 )
                             }
-                            ForwardError::Protocol { .. } => plain(
+                            ForwardError::Protocol { .. } | ForwardError::Answer { .. } => plain(
                                 StatusCode::BAD_GATEWAY,
                                 "The server sent an invalid response.",
                             ),
@@ -394,7 +398,7 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
         }
     };
     let node = &view.nodes[idx];
-    let status = resp.status();
+    let status = sent.status();
     if status.is_server_error()
         && status != StatusCode::NOT_IMPLEMENTED
         && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED
@@ -402,12 +406,53 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
         node.passive_failure(format!("passive: HTTP {}", status.as_u16()));
     }
 
-    let mut resp = resp;
-    let mut out = if status == StatusCode::SWITCHING_PROTOCOLS && is_upgrade {
+    let mut out = match sent {
+        Sent::Raw(mut parts, reader) => {
+            strip_hop_by_hop(&mut parts.headers);
+            let body = RawBody::new(reader, node.pool.clone(), guard).map_err(BodyError::from);
+            Response::from_parts(parts, body.boxed_unsync())
+        }
+        Sent::Hyper(resp, sender) => {
+            hyper_answer(rt, conn, node, resp, sender, guard, client_upgrade)
+        }
+    };
+    match port.stickiness {
+        Stickiness::HttpCookie if cookie_label.as_deref() != Some(node.label.as_str()) => {
+            if let Some(key) = &view.key {
+                let v = cookie::set_cookie(&key.sign(port.port, &node.label), secure);
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    out.headers_mut().append(SET_COOKIE, v);
+                }
+            }
+        }
+        Stickiness::Table if table_label.as_deref() != Some(node.label.as_str()) => {
+            rt.table
+                .lock()
+                .expect("table lock")
+                .put(client, &node.label, Instant::now());
+        }
+        _ => {}
+    }
+    out
+}
+
+/// The answer hyper brought back: a body streamed to the client, or (a node that agreed to an
+/// Upgrade) an empty 101 answer and, once both sides have switched, a byte tunnel.
+fn hyper_answer(
+    rt: &PortRuntime,
+    conn: &Client,
+    node: &NodeView,
+    mut resp: Response<Incoming>,
+    sender: Sender,
+    guard: ActiveGuard,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
         // The node agreed to switch: from now on the two connections are one byte pipe.
         let backend_upgrade = hyper::upgrade::on(&mut resp);
         let (mut parts, _empty) = resp.into_parts();
-        let client_upgrade = client_upgrade.expect("upgrade request");
         let label = node.label.clone();
         // Until the tunnel ends: counted as a client connection of the port (against
         // `max_connections`, and by a stopping agent, which waits for it).
@@ -441,28 +486,10 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
     } else {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = BackendBody::new(body, node.pool.clone(), Some(sender), guard);
+        let body =
+            BackendBody::new(body, node.pool.clone(), Some(sender), guard).map_err(BodyError::from);
         Response::from_parts(parts, body.boxed_unsync())
-    };
-
-    match port.stickiness {
-        Stickiness::HttpCookie if cookie_label.as_deref() != Some(node.label.as_str()) => {
-            if let Some(key) = &view.key {
-                let v = cookie::set_cookie(&key.sign(port.port, &node.label), secure);
-                if let Ok(v) = HeaderValue::from_str(&v) {
-                    out.headers_mut().append(SET_COOKIE, v);
-                }
-            }
-        }
-        Stickiness::Table if table_label.as_deref() != Some(node.label.as_str()) => {
-            rt.table
-                .lock()
-                .expect("table lock")
-                .put(client, &node.label, Instant::now());
-        }
-        _ => {}
     }
-    out
 }
 
 /// The node index the port's algorithm picks, not counting `exclude`.

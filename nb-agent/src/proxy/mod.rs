@@ -11,6 +11,7 @@
 pub mod balance;
 pub mod cookie;
 mod forward;
+pub mod h1;
 pub mod io;
 pub mod pool;
 pub mod tcp;

@@ -32,6 +32,7 @@ use tokio::{net::TcpStream, sync::Notify, time::timeout};
 
 use crate::proxy::{
     balance::{ActiveGuard, NodeStats},
+    h1,
     io::Counted,
 };
 
@@ -61,6 +62,32 @@ pub enum ForwardError {
         #[source]
         source: hyper::Error,
     },
+    /// The node's answer on the bodiless path (`h1`) was not valid HTTP/1.1.
+    #[error("{addr}: {source}")]
+    Answer {
+        addr: SocketAddr,
+        #[source]
+        source: h1::Error,
+    },
+}
+
+/// A request sent and its response head received.
+#[derive(Debug)]
+pub enum Sent {
+    /// Through hyper (a request with a body, or an Upgrade): the body comes from hyper, and
+    /// the connection goes back when it ends.
+    Hyper(Response<Incoming>, Sender),
+    /// On the bodiless path: the head, and the connection the body is read from.
+    Raw(http::response::Parts, h1::Reader),
+}
+
+impl Sent {
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Sent::Hyper(r, _) => r.status(),
+            Sent::Raw(p, _) => p.status,
+        }
+    }
 }
 
 impl ForwardError {
@@ -182,10 +209,12 @@ impl Watch {
     }
 }
 
-/// The idle connections of a pool, oldest first, and whether a reaper task watches them.
+/// The idle connections of a pool, oldest first (hyper's, and the bodiless path's), and
+/// whether a reaper task watches them.
 #[derive(Debug, Default)]
 struct Idle {
     conns: Vec<(Sender, Instant)>,
+    raw: Vec<(h1::Conn, Instant)>,
     reaping: bool,
 }
 
@@ -232,13 +261,25 @@ impl NodePool {
         None
     }
 
-    /// Idle connections in the pool (tests).
-    #[cfg(test)]
-    fn idle_len(&self) -> usize {
-        self.idle.lock().expect("pool lock").conns.len()
+    /// A usable idle connection of the bodiless path, newest first; stale ones are dropped.
+    fn take_raw(&self) -> Option<h1::Conn> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some((c, since)) = idle.raw.pop() {
+            if since.elapsed() < self.ttl && c.idle_usable() {
+                return Some(c);
+            }
+        }
+        None
     }
 
-    async fn connect(&self, connect_timeout: Duration) -> Result<Sender, ForwardError> {
+    /// Idle connections in the pool, both kinds (tests).
+    #[cfg(test)]
+    fn idle_len(&self) -> usize {
+        let idle = self.idle.lock().expect("pool lock");
+        idle.conns.len() + idle.raw.len()
+    }
+
+    async fn connect_tcp(&self, connect_timeout: Duration) -> Result<TcpStream, ForwardError> {
         let addr = self.addr;
         let stream = match timeout(connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => {
@@ -251,6 +292,12 @@ impl NodePool {
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect(&self, connect_timeout: Duration) -> Result<Sender, ForwardError> {
+        let addr = self.addr;
+        let stream = self.connect_tcp(connect_timeout).await?;
         let stream = Counted::new(stream, self.stats.clone(), None);
         // Heads and small bodies are copied into one buffer and sent with send(2): writev(2)
         // goes through the VFS layer on every call, which cost more than the copy (measured
@@ -276,13 +323,17 @@ impl NodePool {
     /// Sends `req` on a kept-alive connection, or a new one; a pooled connection found closed
     /// before the request left is replaced transparently. When the node cannot be reached the
     /// request comes back with the error, untouched, for another node.
+    /// A request without a body goes on the bodiless path (`h1`), any other through hyper.
     #[allow(clippy::result_large_err)]
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<(Response<Incoming>, Sender), (ForwardError, Option<Request<Incoming>>)> {
+    ) -> Result<Sent, (ForwardError, Option<Request<Incoming>>)> {
+        if h1::eligible(&req) {
+            return self.send_raw(req, connect_timeout, response_timeout).await;
+        }
         let addr = self.addr;
         loop {
             let (mut sender, reused) = match self.take_idle() {
@@ -296,7 +347,7 @@ impl NodePool {
             let sent = sender.send.try_send_request(req).await;
             sender.watch.done();
             match sent {
-                Ok(resp) => return Ok((resp, sender)),
+                Ok(resp) => return Ok(Sent::Hyper(resp, sender)),
                 Err(_) if sender.watch.timed_out.load(Ordering::SeqCst) => {
                     let e = ForwardError::ResponseTimeout {
                         addr,
@@ -312,6 +363,59 @@ impl NodePool {
                     }
                 },
             }
+        }
+    }
+
+    /// `send` for a request without a body. A kept-alive connection that closes before any
+    /// answer (the node closing it as the request left) is replaced, for a request that may
+    /// be sent twice; a fresh connection's failure is final.
+    #[allow(clippy::result_large_err)]
+    async fn send_raw(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Sent, (ForwardError, Option<Request<Incoming>>)> {
+        let addr = self.addr;
+        let head = h1::encode_request(&req);
+        let head_request = req.method() == http::Method::HEAD;
+        let again = h1::idempotent(req.method());
+        loop {
+            let (conn, reused) = match self.take_raw() {
+                Some(c) => (c, true),
+                None => match self.connect_tcp(connect_timeout).await {
+                    Ok(s) => (h1::Conn::new(s, self.stats.clone()), false),
+                    Err(e) => return Err((e, Some(req))),
+                },
+            };
+            match conn.exchange(&head, head_request, response_timeout).await {
+                Ok((parts, reader)) => return Ok(Sent::Raw(parts, reader)),
+                Err(h1::Error::ClosedEarly) if reused && again => {
+                    debug!("backend connection {addr}: closed under a request; sending it again");
+                }
+                Err(h1::Error::Timeout(after)) => {
+                    return Err((ForwardError::ResponseTimeout { addr, after }, None));
+                }
+                Err(source) => return Err((ForwardError::Answer { addr, source }, None)),
+            }
+        }
+    }
+
+    /// Puts a connection of the bodiless path back as the newest idle one.
+    pub fn put_raw(self: &Arc<Self>, conn: h1::Conn) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.raw.len() >= MAX_IDLE {
+            return;
+        }
+        idle.raw.push((conn, Instant::now()));
+        self.start_reaper(&mut idle);
+    }
+
+    /// Starts the reaper if none runs.
+    fn start_reaper(self: &Arc<Self>, idle: &mut Idle) {
+        if !idle.reaping {
+            idle.reaping = true;
+            tokio::spawn(reap(Arc::downgrade(self), self.ttl));
         }
     }
 
@@ -339,10 +443,7 @@ impl NodePool {
             return;
         }
         idle.conns.push((sender, Instant::now()));
-        if !idle.reaping {
-            idle.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(self), self.ttl));
-        }
+        self.start_reaper(&mut idle);
     }
 
     /// Drops the idle connections closed or idle for `ttl`; false once none is left (the
@@ -352,7 +453,9 @@ impl NodePool {
         let ttl = self.ttl;
         idle.conns
             .retain(|(s, since)| !s.send.is_closed() && since.elapsed() < ttl);
-        if idle.conns.is_empty() {
+        idle.raw
+            .retain(|(c, since)| since.elapsed() < ttl && c.idle_usable());
+        if idle.conns.is_empty() && idle.raw.is_empty() {
             idle.reaping = false;
         }
         idle.reaping
@@ -360,7 +463,9 @@ impl NodePool {
 
     /// Closes every idle connection (the node left the config).
     pub fn clear(&self) {
-        self.idle.lock().expect("pool lock").conns.clear();
+        let mut idle = self.idle.lock().expect("pool lock");
+        idle.conns.clear();
+        idle.raw.clear();
     }
 }
 
@@ -451,6 +556,24 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::proxy::forward::BodyError;
+
+    type TestBody = UnsyncBoxBody<Bytes, BodyError>;
+
+    /// The answer a front server gives for `sent`, as the proxy does.
+    fn answer(sent: Sent, pool: Arc<NodePool>, guard: ActiveGuard) -> Response<TestBody> {
+        match sent {
+            Sent::Hyper(resp, sender) => {
+                let (parts, body) = resp.into_parts();
+                let body = BackendBody::new(body, pool, Some(sender), guard);
+                Response::from_parts(parts, body.map_err(BodyError::from).boxed_unsync())
+            }
+            Sent::Raw(parts, reader) => {
+                let body = h1::RawBody::new(reader, pool, guard);
+                Response::from_parts(parts, body.map_err(BodyError::from).boxed_unsync())
+            }
+        }
+    }
 
     /// A backend answering "ok"; counts the connections it accepted and those still open.
     async fn backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
@@ -490,12 +613,9 @@ mod tests {
                         let (pool, active) = (pool.clone(), active.clone());
                         async move {
                             let t = Duration::from_secs(5);
-                            let (resp, sender) = pool.send(req, t, t).await.map_err(|e| e.0)?;
+                            let sent = pool.send(req, t, t).await.map_err(|e| e.0)?;
                             let guard = ActiveGuard::new(&active);
-                            let body =
-                                BackendBody::new(resp.into_body(), pool, Some(sender), guard);
-                            let body: UnsyncBoxBody<Bytes, hyper::Error> = body.boxed_unsync();
-                            Ok::<_, ForwardError>(Response::new(body))
+                            Ok::<_, ForwardError>(answer(sent, pool, guard))
                         }
                     });
                     let _ = server::Builder::new()
@@ -514,11 +634,27 @@ mod tests {
         send
     }
 
+    /// A GET (no body: the bodiless path), or with `body` a POST of one byte (hyper's path).
+    fn request(body: bool) -> http::request::Builder {
+        let r = if body {
+            Request::post("/")
+        } else {
+            Request::get("/")
+        };
+        r.header("host", "t")
+    }
+
+    fn body_of(body: bool) -> Full<Bytes> {
+        Full::new(Bytes::from_static(if body { b"x" } else { b"" }))
+    }
+
     async fn get(send: &mut http1::SendRequest<Full<Bytes>>) {
-        let req = Request::get("/")
-            .header("host", "t")
-            .body(Full::default())
-            .unwrap();
+        get_on(send, false).await
+    }
+
+    /// A request on the bodiless path, or with `body` on hyper's; its answer must be "ok".
+    async fn get_on(send: &mut http1::SendRequest<Full<Bytes>>, body: bool) {
+        let req = request(body).body(body_of(body)).unwrap();
         let resp = send.send_request(req).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body, "ok");
@@ -643,14 +779,10 @@ mod tests {
                                 .parse()
                                 .unwrap();
                             let t = Duration::from_millis(ms);
-                            let body: UnsyncBoxBody<Bytes, hyper::Error> = match pool
-                                .send(req, t, t)
-                                .await
-                            {
-                                Ok((resp, sender)) => {
+                            match pool.send(req, t, t).await {
+                                Ok(sent) => {
                                     let guard = ActiveGuard::new(&Arc::default());
-                                    BackendBody::new(resp.into_body(), pool, Some(sender), guard)
-                                        .boxed_unsync()
+                                    Ok(answer(sent, pool, guard))
                                 }
                                 Err((ForwardError::ResponseTimeout { .. }, _)) => {
                                     let mut r = Response::new(
@@ -659,11 +791,10 @@ mod tests {
                                             .boxed_unsync(),
                                     );
                                     *r.status_mut() = http::StatusCode::GATEWAY_TIMEOUT;
-                                    return Ok::<_, ForwardError>(r);
+                                    Ok::<_, ForwardError>(r)
                                 }
-                                Err((e, _)) => return Err(e),
-                            };
-                            Ok(Response::new(body))
+                                Err((e, _)) => Err(e),
+                            }
                         }
                     });
                     let _ = server::Builder::new()
@@ -695,11 +826,15 @@ mod tests {
         );
     }
 
-    async fn get_within(send: &mut http1::SendRequest<Full<Bytes>>, ms: u64) -> (u16, Duration) {
-        let req = Request::get("/")
-            .header("host", "t")
+    /// A request whose answer may take `ms`, on the bodiless path or (`body`) hyper's.
+    async fn get_within(
+        send: &mut http1::SendRequest<Full<Bytes>>,
+        ms: u64,
+        body: bool,
+    ) -> (u16, Duration) {
+        let req = request(body)
             .header("x-timeout-ms", ms.to_string())
-            .body(Full::default())
+            .body(body_of(body))
             .unwrap();
         let began = Instant::now();
         let resp = send.send_request(req).await.unwrap();
@@ -708,59 +843,202 @@ mod tests {
         (status, began.elapsed())
     }
 
+    /// A node answering the n-th request on each connection with `script[n]`, closing the
+    /// connection after the last (an empty entry: closed at once, unanswered).
+    async fn scripted_backend(script: Vec<&'static [u8]>) -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    for answer in script {
+                        let end = loop {
+                            if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        head.drain(..end);
+                        if answer.is_empty() || s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Status and body of a GET through a front server.
+    async fn fetch(send: &mut http1::SendRequest<Full<Bytes>>) -> (u16, Bytes) {
+        let resp = send
+            .send_request(request(false).body(body_of(false)).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn bodiless_requests_read_every_framing_and_reuse_only_what_ended_cleanly() {
+        let (addr, accepted) = scripted_backend(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\n1;x=y\r\nk\r\n0\r\nT: 1\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\nuntil the close",
+        ])
+        .await;
+        let pool = Arc::new(NodePool::new(addr, Arc::default()));
+        let mut c = client(front(pool.clone()).await).await;
+        assert_eq!(fetch(&mut c).await, (200, Bytes::from("ok")), "chunked");
+        assert_eq!(fetch(&mut c).await, (200, Bytes::from("ok")), "after a 100");
+        assert_eq!(fetch(&mut c).await, (204, Bytes::new()));
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection so far");
+        assert_eq!(fetch(&mut c).await, (200, Bytes::from("until the close")));
+        assert_eq!(
+            pool.idle_len(),
+            0,
+            "a body that ran to the close ends its connection"
+        );
+        assert_eq!(fetch(&mut c).await.0, 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn bytes_after_a_body_end_its_connection() {
+        let (addr, accepted) = scripted_backend(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = Arc::new(NodePool::new(addr, Arc::default()));
+        let mut c = client(front(pool.clone()).await).await;
+        assert_eq!(fetch(&mut c).await, (200, Bytes::from("ok")));
+        assert_eq!(pool.idle_len(), 0, "not given back with stray bytes");
+        assert_eq!(fetch(&mut c).await, (200, Bytes::from("ok")));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_get_on_a_kept_connection_closed_under_it_is_sent_again() {
+        // The node answers a connection's first request and closes on its second unanswered:
+        // the connection looked fine when taken, so the GET goes again on a new one.
+        let (addr, accepted) =
+            scripted_backend(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b""]).await;
+        let pool = Arc::new(NodePool::new(addr, Arc::default()));
+        let mut c = client(front(pool.clone()).await).await;
+        assert_eq!(fetch(&mut c).await, (200, Bytes::from("ok")));
+        assert_eq!(fetch(&mut c).await, (200, Bytes::from("ok")));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_answer_fails_the_request() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"NOT HTTP\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
+        ] {
+            let (addr, _) = scripted_backend(vec![bad]).await;
+            let pool = Arc::new(NodePool::new(addr, Arc::default()));
+            let mut c = client(front(pool.clone()).await).await;
+            // The front answers 500 for a failed send; a body that breaks off breaks the
+            // client's connection.
+            let r = c
+                .send_request(request(false).body(body_of(false)).unwrap())
+                .await;
+            let ok = match r {
+                Ok(resp) if resp.status() == 200 => resp.into_body().collect().await.is_ok(),
+                _ => false,
+            };
+            assert!(!ok, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(pool.idle_len(), 0);
+        }
+    }
+
+    // Each timeout test runs on both paths: the bodiless one (the request's task keeps the
+    // connection's timer) and hyper's (the connection's task keeps a watch).
+
     #[tokio::test]
     async fn a_response_head_late_by_the_timeout_fails_the_request_and_closes_the_connection() {
-        let (pool, mut c) = timing_client(1).await;
-        // The first request is answered; its timeout (5 s) is how far ahead the connection's
-        // task then looks while idle.
-        let (status, _) = get_within(&mut c, 5000).await;
-        assert_eq!((status, pool.idle_len()), (200, 1));
-        // The second, on the same connection, is never answered: a timeout shorter than the
-        // look-ahead must wake the task, and fail the request at its own deadline.
-        let (status, took) = get_within(&mut c, 300).await;
-        assert_late_by_300ms(status, took);
-        // That connection is closed, never reused; the next request gets a new one.
-        let (status, took) = get_within(&mut c, 300).await;
-        assert_eq!(
-            status, 200,
-            "a new connection answers its first request ({took:?})"
-        );
+        for body in [false, true] {
+            let (pool, mut c) = timing_client(1).await;
+            // The first request is answered; its timeout (5 s) is how far ahead a hyper
+            // connection's task then looks while idle, and where the other path's timer is.
+            let (status, _) = get_within(&mut c, 5000, body).await;
+            assert_eq!((status, pool.idle_len()), (200, 1), "body {body}");
+            // The second, on the same connection, is never answered: a timeout shorter than
+            // the one before must still fail the request at its own deadline.
+            let (status, took) = get_within(&mut c, 300, body).await;
+            assert_late_by_300ms(status, took);
+            // That connection is closed, never reused; the next request gets a new one.
+            let (status, took) = get_within(&mut c, 300, body).await;
+            assert_eq!(
+                status, 200,
+                "a new connection answers its first request ({took:?}, body {body})"
+            );
+        }
     }
 
     #[tokio::test]
     async fn a_new_connections_first_request_times_out_too() {
-        let (_, mut c) = timing_client(0).await;
-        // The request is sent before the connection's task first runs.
-        let (status, took) = get_within(&mut c, 300).await;
-        assert_late_by_300ms(status, took);
+        for body in [false, true] {
+            let (_, mut c) = timing_client(0).await;
+            // The request is sent before a hyper connection's task first runs.
+            let (status, took) = get_within(&mut c, 300, body).await;
+            assert_late_by_300ms(status, took);
+        }
     }
 
     #[tokio::test]
     async fn a_connections_first_request_gets_its_own_timeout() {
-        let (_, mut c) = timing_client(1).await;
-        // Answered at once: the timeout (100 ms) is far below the task's first look-ahead.
-        assert_eq!(get_within(&mut c, 100).await.0, 200);
-        // Idle for longer than that timeout, the connection stays usable: only a request
-        // waiting for its head runs out of time.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let (status, took) = get_within(&mut c, 200).await;
-        assert_eq!(status, 504, "the kept connection hangs: {took:?}");
-        assert!(took < Duration::from_millis(1500), "{took:?}");
+        for body in [false, true] {
+            let (_, mut c) = timing_client(1).await;
+            // Answered at once: the timeout (100 ms) is far below a hyper connection task's
+            // first look-ahead.
+            assert_eq!(get_within(&mut c, 100, body).await.0, 200);
+            // Idle for longer than that timeout, the connection stays usable: only a request
+            // waiting for its head runs out of time.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let (status, took) = get_within(&mut c, 200, body).await;
+            assert_eq!(
+                status, 504,
+                "the kept connection hangs: {took:?}, body {body}"
+            );
+            assert!(took < Duration::from_millis(1500), "{took:?}");
+        }
     }
 
     #[tokio::test]
     async fn a_connection_the_node_closed_while_idle_is_not_used() {
-        let (addr, accepted) = closing_backend(Duration::from_millis(50)).await;
-        let pool = Arc::new(NodePool::new(addr, Arc::default()));
-        let front = front(pool.clone()).await;
-        let mut c = client(front).await;
-        get(&mut c).await;
-        assert_eq!(pool.idle_len(), 1, "kept alive after the first response");
-        // The node closes it. The reaper has not run yet: the closed connection is still
-        // listed, and the next request must pass it over for a new one, not fail on it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(pool.idle_len(), 1, "still listed");
-        get(&mut c).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 2, "one new connection");
+        for body in [false, true] {
+            let (addr, accepted) = closing_backend(Duration::from_millis(50)).await;
+            let pool = Arc::new(NodePool::new(addr, Arc::default()));
+            let front = front(pool.clone()).await;
+            let mut c = client(front).await;
+            get_on(&mut c, body).await;
+            assert_eq!(pool.idle_len(), 1, "kept alive after the first response");
+            // The node closes it. The reaper has not run yet: the closed connection is still
+            // listed, and the next request must pass it over for a new one, not fail on it.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(pool.idle_len(), 1, "still listed");
+            get_on(&mut c, body).await;
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                2,
+                "one new connection, body {body}"
+            );
+        }
     }
 }
