@@ -63,7 +63,8 @@ fn full(s: impl Into<Bytes>) -> Body {
 /// An HTTP/1.1 server (hyper) in the backends namespace. Every answer names the backend
 /// (`X-Backend` and the first body line). Paths:
 /// - `/echo` (and anything else): the request line and headers, one per line;
-/// - `/download?n=N`: N bytes, streamed in 64 KiB chunks;
+/// - `/download?n=N`: N bytes, streamed in 64 KiB chunks; `/chunked?n=N` the same without a
+///   length (chunked);
 /// - `/upload`: reads the body as it comes and answers `bytes=N`;
 /// - `/ws`: answers an Upgrade with 101 and then echoes bytes;
 /// - `/status/NNN`: that status; `/slow?ms=N`: answers after N ms.
@@ -165,10 +166,18 @@ fn query_num(req: &Request<Incoming>, key: &str) -> u64 {
 
 async fn answer(label: String, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
-    let mut resp = if path == "/download" {
+    let mut resp = if path == "/download" || path == "/chunked" {
         let n = query_num(&req, "n");
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-        Response::new(GenBody { left: n, chunk }.boxed())
+        let exact = path == "/download";
+        Response::new(
+            GenBody {
+                left: n,
+                chunk,
+                exact,
+            }
+            .boxed(),
+        )
     } else if path == "/upload" {
         let mut body = req.into_body();
         let mut n = 0u64;
@@ -223,6 +232,8 @@ async fn answer(label: String, mut req: Request<Incoming>) -> Result<Response<Bo
 struct GenBody {
     left: u64,
     chunk: Bytes,
+    /// Whether the length is told (Content-Length) or not (chunked).
+    exact: bool,
 }
 
 impl hyper::body::Body for GenBody {
@@ -247,7 +258,11 @@ impl hyper::body::Body for GenBody {
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.left)
+        if self.exact {
+            hyper::body::SizeHint::with_exact(self.left)
+        } else {
+            hyper::body::SizeHint::default()
+        }
     }
 }
 
@@ -324,6 +339,14 @@ impl Client {
         }
         req.push_str("\r\n");
         self.r.get_mut().write_all(req.as_bytes())?;
+        if method == "HEAD" {
+            let (status, headers) = read_head(&mut self.r)?;
+            return Ok(Resp {
+                status,
+                headers,
+                body: Vec::new(),
+            });
+        }
         read_response(&mut self.r)
     }
 
@@ -554,6 +577,21 @@ fn http_headers_spread_keepalive_reload_and_503() {
         "Connection-named header removed: {seen}"
     );
     assert!(!seen.contains("keep-alive"), "hop-by-hop removed: {seen}");
+
+    // On the same client connection: a HEAD answer (a length, no body) and a chunked one
+    // keep its framing, and the request after them is answered.
+    let r = c.request("HEAD", "/echo", &[]).expect("HEAD");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.header("content-length").is_some(), "{r:?}");
+    let r = c.get("/chunked?n=200000", &[]);
+    assert_eq!((r.status, r.body.len()), (200, 200_000));
+    assert_eq!(
+        r.header("transfer-encoding"),
+        Some("chunked"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(c.get("/echo", &[]).status, 200);
 
     // Round robin over one kept-alive client connection: every request is balanced.
     let before: usize = backends.iter().map(|b| b.connections()).sum();

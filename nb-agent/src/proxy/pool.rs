@@ -1,6 +1,9 @@
 //! Kept-alive HTTP/1.1 connections to one node: checked out for a request, given back when
 //! the response body has been read to its end, dropped when idle too long.
 //!
+//! Two kinds are kept apart: hyper's (for requests with a body, and Upgrades) and the
+//! bodiless path's (`h1`, every other request). Either kind goes back the same way.
+//!
 //! A connection goes back at the moment its response body ends, when hyper already has it
 //! ready for the next request (the usual case: the connection task reads the end of the body
 //! and turns idle before the body's reader sees it), so the very next request reuses it; only
