@@ -25,8 +25,7 @@ use crate::{
     config::Stickiness,
     proxy::{
         ConnGuard, PortRuntime,
-        balance::ActiveGuard,
-        balance::NodeView,
+        balance::{ActiveGuard, NodeView},
         cookie,
         h1::RawBody,
         pool::{BackendBody, ForwardError, Sender, Sent},
