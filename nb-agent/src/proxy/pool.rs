@@ -326,6 +326,7 @@ impl NodePool {
     /// Sends `req` on a kept-alive connection, or a new one; a pooled connection found closed
     /// before the request left is replaced transparently. When the node cannot be reached the
     /// request comes back with the error, untouched, for another node.
+    ///
     /// A request without a body goes on the bodiless path (`h1`), any other through hyper.
     #[allow(clippy::result_large_err)]
     pub async fn send(
