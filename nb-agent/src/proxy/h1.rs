@@ -30,7 +30,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Vers
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use thiserror::Error;
 use tokio::{
-    io::{AsyncRead, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     time::{Instant, Sleep},
 };
@@ -171,7 +171,7 @@ impl Conn {
         Poll::Ready(Ok(n))
     }
 
-    /// Sends `head` and reads the answer's head, which must begin within `timeout`.
+    /// Sends `head` and reads the answer's head, all within `timeout`.
     /// `head_request`: the request was HEAD (its answer has no body, whatever it says).
     pub async fn exchange(
         mut self,
@@ -183,15 +183,31 @@ impl Conn {
             // Never given back with unread bytes; a connection in that state is not used.
             return Err(Error::ClosedEarly);
         }
-        match self.stream.write_all(head).await {
-            Ok(()) => {
-                self.stats
-                    .bytes_in
-                    .fetch_add(head.len() as u64, Ordering::Relaxed);
-            }
-            Err(_) => return Err(Error::ClosedEarly),
-        }
+        // The timeout covers the head's way out too: a node that reads nothing must not hold
+        // a head larger than the socket buffers forever.
         self.timer.as_mut().reset(Instant::now() + timeout);
+        let mut sent = 0;
+        while sent < head.len() {
+            let wrote =
+                poll_fn(
+                    |cx| match Pin::new(&mut self.stream).poll_write(cx, &head[sent..]) {
+                        Poll::Ready(r) => Poll::Ready(Some(r)),
+                        Poll::Pending => match self.timer.as_mut().poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(None),
+                            Poll::Pending => Poll::Pending,
+                        },
+                    },
+                )
+                .await;
+            match wrote {
+                None => return Err(Error::Timeout(timeout)),
+                Some(Ok(n)) if n > 0 => {
+                    sent += n;
+                    self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Some(_) => return Err(Error::ClosedEarly),
+            }
+        }
         let mut answered = false;
         loop {
             match parse(&mut self.buf, head_request)? {
@@ -711,6 +727,34 @@ mod tests {
             let mut buf = BytesMut::from(text.as_bytes());
             assert!(parse(&mut buf, false).is_err(), "{text:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_node_that_reads_nothing_times_the_head_out() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // Accepts and never reads: the head (far larger than both sockets' buffers can
+        // hold) stalls on its way out.
+        let held = tokio::spawn(async move { l.accept().await.unwrap() });
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let conn = Conn::new(stream, Arc::default());
+        let head = vec![b'x'; 64 << 20];
+        let began = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            conn.exchange(&head, false, Duration::from_millis(300)),
+        )
+        .await
+        .expect("the exchange ends by itself");
+        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+        assert!(
+            began.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            began.elapsed()
+        );
+        drop(held);
     }
 
     #[test]
