@@ -179,26 +179,16 @@ impl Conn {
         head_request: bool,
         timeout: Duration,
     ) -> Result<(http::response::Parts, Reader), Error> {
-        if !self.buf.is_empty() {
-            // Never given back with unread bytes; a connection in that state is not used.
-            return Err(Error::ClosedEarly);
-        }
         // The timeout covers the head's way out too: a node that reads nothing must not hold
         // a head larger than the socket buffers forever.
         self.timer.as_mut().reset(Instant::now() + timeout);
         let mut sent = 0;
         while sent < head.len() {
-            let wrote =
-                poll_fn(
-                    |cx| match Pin::new(&mut self.stream).poll_write(cx, &head[sent..]) {
-                        Poll::Ready(r) => Poll::Ready(Some(r)),
-                        Poll::Pending => match self.timer.as_mut().poll(cx) {
-                            Poll::Ready(()) => Poll::Ready(None),
-                            Poll::Pending => Poll::Pending,
-                        },
-                    },
-                )
-                .await;
+            let wrote = poll_fn(|cx| {
+                let r = Pin::new(&mut self.stream).poll_write(cx, &head[sent..]);
+                unless_late(r, &mut self.timer, cx)
+            })
+            .await;
             match wrote {
                 None => return Err(Error::Timeout(timeout)),
                 Some(Ok(n)) if n > 0 => {
@@ -230,12 +220,9 @@ impl Conn {
                 return Err(Error::HeadTooLarge);
             }
             answered |= !self.buf.is_empty();
-            let read = poll_fn(|cx| match self.poll_fill(cx) {
-                Poll::Ready(r) => Poll::Ready(Some(r)),
-                Poll::Pending => match self.timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
-                },
+            let read = poll_fn(|cx| {
+                let r = self.poll_fill(cx);
+                unless_late(r, &mut self.timer, cx)
             })
             .await;
             match read {
@@ -247,6 +234,18 @@ impl Conn {
                 Some(Err(e)) => return Err(Error::Io(e)),
             }
         }
+    }
+}
+
+/// `r` once ready, `None` once `timer` has run out first.
+fn unless_late<T>(
+    r: Poll<T>,
+    timer: &mut Pin<Box<Sleep>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<T>> {
+    match r {
+        Poll::Ready(r) => Poll::Ready(Some(r)),
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
     }
 }
 

@@ -705,64 +705,19 @@ mod tests {
         tokio::time::sleep(ttl * 2).await;
         assert_eq!(pool.idle_len(), 0);
     }
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
     /// A node that answers one request per connection, keeping it alive, and then closes
     /// it after `after`, as a backend whose keep-alive timeout is short does.
     async fn closing_backend(after: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    tokio::time::sleep(after).await;
-                });
-            }
-        });
-        (addr, accepted)
+        scripted_backend(vec![OK], after).await
     }
 
     /// A node that answers the first `answers` requests on each connection, and no more.
     async fn hanging_backend(answers: usize) -> SocketAddr {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    let mut answered = 0;
-                    loop {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
-                        if answered < answers && head.windows(4).any(|w| w == b"\r\n\r\n") {
-                            answered += 1;
-                            head.clear();
-                            let _ = s
-                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                                .await;
-                        }
-                    }
-                });
-            }
-        });
-        addr
+        scripted_backend(vec![OK; answers], Duration::from_secs(3600))
+            .await
+            .0
     }
 
     /// A front server as `front`, whose requests wait for their response head as long as
@@ -847,9 +802,12 @@ mod tests {
         (status, began.elapsed())
     }
 
-    /// A node answering the n-th request on each connection with `script[n]`, closing the
-    /// connection after the last (an empty entry: closed at once, unanswered).
-    async fn scripted_backend(script: Vec<&'static [u8]>) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A node answering the n-th request on each connection with `script[n]`, and closing the
+    /// connection `linger` after the last (an empty entry: closed at once, unanswered).
+    async fn scripted_backend(
+        script: Vec<&'static [u8]>,
+        linger: Duration,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -877,6 +835,7 @@ mod tests {
                             return;
                         }
                     }
+                    tokio::time::sleep(linger).await;
                 });
             }
         });
@@ -900,7 +859,7 @@ mod tests {
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
             b"HTTP/1.1 204 No Content\r\n\r\n",
             b"HTTP/1.1 200 OK\r\n\r\nuntil the close",
-        ])
+        ], Duration::ZERO)
         .await;
         let pool = Arc::new(NodePool::new(addr, Arc::default()));
         let mut c = client(front(pool.clone()).await).await;
@@ -920,10 +879,13 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_after_a_body_end_its_connection() {
-        let (addr, accepted) = scripted_backend(vec![
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-        ])
+        let (addr, accepted) = scripted_backend(
+            vec![
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            ],
+            Duration::ZERO,
+        )
         .await;
         let pool = Arc::new(NodePool::new(addr, Arc::default()));
         let mut c = client(front(pool.clone()).await).await;
@@ -937,8 +899,7 @@ mod tests {
     async fn a_get_on_a_kept_connection_closed_under_it_is_sent_again() {
         // The node answers a connection's first request and closes on its second unanswered:
         // the connection looked fine when taken, so the GET goes again on a new one.
-        let (addr, accepted) =
-            scripted_backend(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b""]).await;
+        let (addr, accepted) = scripted_backend(vec![OK, b""], Duration::ZERO).await;
         let pool = Arc::new(NodePool::new(addr, Arc::default()));
         let mut c = client(front(pool.clone()).await).await;
         assert_eq!(fetch(&mut c).await, (200, Bytes::from("ok")));
@@ -954,7 +915,7 @@ mod tests {
             b"NOT HTTP\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
         ] {
-            let (addr, _) = scripted_backend(vec![bad]).await;
+            let (addr, _) = scripted_backend(vec![bad], Duration::ZERO).await;
             let pool = Arc::new(NodePool::new(addr, Arc::default()));
             let mut c = client(front(pool.clone()).await).await;
             // The front answers 500 for a failed send; a body that breaks off breaks the
