@@ -4,9 +4,9 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -24,11 +24,11 @@ use tokio::sync::watch;
 use crate::{
     config::Stickiness,
     proxy::{
-        ConnGuard, PortRuntime,
+        ConnGuard, PortRuntime, PortView,
         balance::{ActiveGuard, NodeView},
         cookie,
-        h1::RawBody,
-        pool::{BackendBody, ForwardError, Sender, Sent},
+        h1::{RawBody, Reader},
+        pool::{BackendBody, ForwardError, Head, NodePool, Sender, Sent},
     },
 };
 
@@ -59,16 +59,16 @@ static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port"
 /// values made from them once per connection rather than once per request.
 #[derive(Debug)]
 pub struct Client {
-    peer: SocketAddr,
-    local: SocketAddr,
-    secure: bool,
+    pub(super) peer: SocketAddr,
+    pub(super) local: SocketAddr,
+    pub(super) secure: bool,
     /// The client's address, as X-Forwarded-For names it.
-    ip: HeaderValue,
+    pub(super) ip: HeaderValue,
     /// The port the client came to, for X-Forwarded-Port.
-    port: HeaderValue,
+    pub(super) port: HeaderValue,
     /// The connection's share of its listener's stop signal: an upgraded tunnel keeps a copy,
     /// so a stopping agent waits for it as for a request in flight.
-    stop: watch::Receiver<bool>,
+    pub(super) stop: watch::Receiver<bool>,
 }
 
 impl Client {
@@ -144,7 +144,7 @@ impl Seen {
 }
 
 /// Removes hop-by-hop headers, and those the `Connection` header names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let seen = Seen::of(h);
     strip_seen_hop_by_hop(h, seen);
 }
@@ -291,120 +291,25 @@ pub async fn handle(
 
 async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> Response<ProxyBody> {
     let view = rt.view();
-    let port = &view.port;
     let client = conn.peer.ip().to_canonical();
-    let secure = conn.secure;
-
-    // Where the client's stickiness points, if anywhere valid.
-    let mut cookie_label = None;
-    let mut table_label = None;
-    match port.stickiness {
-        Stickiness::HttpCookie => {
-            if let Some(key) = &view.key {
-                let values = req.headers().get_all(COOKIE);
-                let found = cookie::find(values.iter().filter_map(|v| v.to_str().ok()));
-                cookie_label = found
-                    .into_iter()
-                    .find_map(|v| key.verify(port.port, v))
-                    .map(str::to_string);
-            }
-        }
-        Stickiness::Table => {
-            table_label = rt
-                .table
-                .lock()
-                .expect("table lock")
-                .get(client, Instant::now());
-        }
-        Stickiness::None => {}
-    }
-    let sticky = cookie_label.as_deref().or(table_label.as_deref());
-    let mut idx = sticky.and_then(|l| {
-        view.nodes
-            .iter()
-            .position(|n| n.label == l && n.takes_sticky())
-    });
-    if idx.is_none() {
-        idx = pick(rt, &view, client, None);
-    }
-    let Some(mut idx) = idx else {
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "No server is available to handle this request.",
-        );
-    };
-
+    let cookies = req.headers().get_all(COOKIE);
+    let sticky = Sticky::of(
+        rt,
+        &view,
+        client,
+        cookies.iter().filter_map(|v| v.to_str().ok()),
+    );
     let seen = Seen::of(req.headers());
     let upgrade = upgrade_of(&req, seen);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     rewrite_request(&mut req, conn, upgrade, seen);
 
-    let connect_timeout = std::time::Duration::from_secs(port.timeout_connect as u64);
-    let server_timeout = std::time::Duration::from_secs(port.timeout_server as u64);
-    let mut retried = false;
-    let (sent, guard) = loop {
-        let node = &view.nodes[idx];
-        let guard = ActiveGuard::new(&node.active);
-        let sent = node.pool.send(req, connect_timeout, server_timeout).await;
-        // Forwarded = the request left for the node (answered or not); a failed connect
-        // forwarded nothing, and its retry counts on the node that takes it.
-        if !matches!(&sent, Err((e, _)) if e.is_connect()) {
-            node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        }
-        match sent {
-            Ok(sent) => break (sent, guard),
-            Err((e, back)) => {
-                node.passive_failure(format!("passive: {e}"));
-                match (back, e.is_connect() && !retried) {
-                    (Some(r), true) => {
-                        warn!(
-                            "port {}: node {}: {e}; retrying on another node",
-                            port.port, node.label
-                        );
-                        retried = true;
-                        req = r;
-                        match pick(rt, &view, client, Some(&node.label)) {
-                            Some(i) => idx = i,
-                            None => {
-                                return plain(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "No server is available to handle this request.",
-                                );
-                            }
-                        }
-                    }
-                    _ => {
-                        warn!("port {}: node {}: {e}", port.port, node.label);
-                        return match e {
-                            ForwardError::ResponseTimeout { .. } => plain(
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "The server did not answer in time.",
-                            ),
-                            ForwardError::Connect { .. } | ForwardError::ConnectTimeout { .. } => {
-                                plain(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "No server is available to handle this request.",
-                                )
-                            }
-                            ForwardError::Protocol { .. } | ForwardError::Answer { .. } => plain(
-                                StatusCode::BAD_GATEWAY,
-                                "The server sent an invalid response.",
-                            ),
-                        };
-                    }
-                }
-            }
-        }
+    let (idx, sent, guard) = match dispatch(rt, &view, client, &sticky, req).await {
+        Ok(x) => x,
+        Err(refusal) => return plain(refusal.status, refusal.text),
     };
     let node = &view.nodes[idx];
-    let status = sent.status();
-    if status.is_server_error()
-        && status != StatusCode::NOT_IMPLEMENTED
-        && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED
-    {
-        node.passive_failure(format!("passive: HTTP {}", status.as_u16()));
-    }
-
+    let set_cookie = settle(rt, &view, idx, &sticky, client, conn.secure, sent.status());
     let mut out = match sent {
         Sent::Raw(mut parts, reader) => {
             strip_hop_by_hop(&mut parts.headers);
@@ -415,24 +320,205 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
             hyper_answer(rt, conn, node, resp, sender, guard, client_upgrade)
         }
     };
-    match port.stickiness {
-        Stickiness::HttpCookie if cookie_label.as_deref() != Some(node.label.as_str()) => {
-            if let Some(key) = &view.key {
-                let v = cookie::set_cookie(&key.sign(port.port, &node.label), secure);
-                if let Ok(v) = HeaderValue::from_str(&v) {
-                    out.headers_mut().append(SET_COOKIE, v);
-                }
+    if let Some(v) = set_cookie {
+        out.headers_mut().append(SET_COOKIE, v);
+    }
+    out
+}
+
+/// Where a client's stickiness points: the node its valid cookie names (`http_cookie`), or
+/// the one the port's table keeps for its address (`table`).
+#[derive(Debug, Default)]
+pub(super) struct Sticky {
+    cookie: Option<String>,
+    table: Option<String>,
+}
+
+impl Sticky {
+    /// The stickiness of a request from `client` carrying the Cookie header values `cookies`.
+    pub(super) fn of<'a>(
+        rt: &PortRuntime,
+        view: &PortView,
+        client: IpAddr,
+        cookies: impl Iterator<Item = &'a str>,
+    ) -> Sticky {
+        let port = &view.port;
+        match port.stickiness {
+            Stickiness::HttpCookie => Sticky {
+                cookie: view.key.as_ref().and_then(|key| {
+                    cookie::find(cookies)
+                        .into_iter()
+                        .find_map(|v| key.verify(port.port, v))
+                        .map(str::to_string)
+                }),
+                table: None,
+            },
+            Stickiness::Table => Sticky {
+                cookie: None,
+                table: rt
+                    .table
+                    .lock()
+                    .expect("table lock")
+                    .get(client, Instant::now()),
+            },
+            Stickiness::None => Sticky::default(),
+        }
+    }
+
+    fn label(&self) -> Option<&str> {
+        self.cookie.as_deref().or(self.table.as_deref())
+    }
+}
+
+/// What a request is sent to a node as: a request hyper sends, or the encoded head of one
+/// without a body (read by nb's own HTTP/1.1 server, `relay`).
+pub(super) trait Outgoing: Sized + Send {
+    type Answer: Send;
+    fn send<'a>(
+        self,
+        pool: &'a Arc<NodePool>,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> impl Future<Output = Result<Self::Answer, (ForwardError, Option<Self>)>> + Send + 'a;
+}
+
+impl Outgoing for Request<Incoming> {
+    type Answer = Sent;
+    fn send<'a>(
+        self,
+        pool: &'a Arc<NodePool>,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> impl Future<Output = Result<Sent, (ForwardError, Option<Self>)>> + Send + 'a {
+        pool.send(self, connect_timeout, response_timeout)
+    }
+}
+
+impl Outgoing for Head {
+    type Answer = (http::response::Parts, Reader);
+    async fn send(
+        self,
+        pool: &Arc<NodePool>,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Self::Answer, (ForwardError, Option<Self>)> {
+        pool.send_head(&self, connect_timeout, response_timeout)
+            .await
+            .map_err(|(e, unsent)| (e, unsent.then_some(self)))
+    }
+}
+
+/// Why a request got no node's answer, as the answer the balancer gives instead.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Refusal {
+    pub status: StatusCode,
+    pub text: &'static str,
+}
+
+const NO_NODE: Refusal = Refusal {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    text: "No server is available to handle this request.",
+};
+
+/// Sends `out` to the client's sticky node if it takes sticky clients, else to the one the
+/// port's algorithm picks; a node that cannot be reached gets one retry on another. The
+/// node's index, its answer, and the in-flight count the answer's body holds until it ends.
+pub(super) async fn dispatch<O: Outgoing>(
+    rt: &PortRuntime,
+    view: &PortView,
+    client: IpAddr,
+    sticky: &Sticky,
+    mut out: O,
+) -> Result<(usize, O::Answer, ActiveGuard), Refusal> {
+    let port = &view.port;
+    let mut idx = sticky.label().and_then(|l| {
+        view.nodes
+            .iter()
+            .position(|n| n.label == l && n.takes_sticky())
+    });
+    if idx.is_none() {
+        idx = pick(rt, view, client, None);
+    }
+    let mut idx = idx.ok_or(NO_NODE)?;
+    let connect_timeout = Duration::from_secs(port.timeout_connect as u64);
+    let server_timeout = Duration::from_secs(port.timeout_server as u64);
+    let mut retried = false;
+    loop {
+        let node = &view.nodes[idx];
+        let guard = ActiveGuard::new(&node.active);
+        let sent = out.send(&node.pool, connect_timeout, server_timeout).await;
+        // Forwarded = the request left for the node (answered or not); a failed connect
+        // forwarded nothing, and its retry counts on the node that takes it.
+        if !matches!(&sent, Err((e, _)) if e.is_connect()) {
+            node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+        let (e, back) = match sent {
+            Ok(answer) => return Ok((idx, answer, guard)),
+            Err(x) => x,
+        };
+        node.passive_failure(format!("passive: {e}"));
+        match (back, e.is_connect() && !retried) {
+            (Some(o), true) => {
+                warn!(
+                    "port {}: node {}: {e}; retrying on another node",
+                    port.port, node.label
+                );
+                retried = true;
+                out = o;
+                idx = pick(rt, view, client, Some(&node.label)).ok_or(NO_NODE)?;
+            }
+            _ => {
+                warn!("port {}: node {}: {e}", port.port, node.label);
+                return Err(match e {
+                    ForwardError::ResponseTimeout { .. } => Refusal {
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                        text: "The server did not answer in time.",
+                    },
+                    ForwardError::Connect { .. } | ForwardError::ConnectTimeout { .. } => NO_NODE,
+                    ForwardError::Protocol { .. } | ForwardError::Answer { .. } => Refusal {
+                        status: StatusCode::BAD_GATEWAY,
+                        text: "The server sent an invalid response.",
+                    },
+                });
             }
         }
-        Stickiness::Table if table_label.as_deref() != Some(node.label.as_str()) => {
+    }
+}
+
+/// What follows node `idx`'s answer with `status`: a 5xx counts as a passive check failure,
+/// and the client's stickiness moves to the node; the Set-Cookie value to send, if any.
+pub(super) fn settle(
+    rt: &PortRuntime,
+    view: &PortView,
+    idx: usize,
+    sticky: &Sticky,
+    client: IpAddr,
+    secure: bool,
+    status: StatusCode,
+) -> Option<HeaderValue> {
+    let node = &view.nodes[idx];
+    let port = &view.port;
+    if status.is_server_error()
+        && status != StatusCode::NOT_IMPLEMENTED
+        && status != StatusCode::HTTP_VERSION_NOT_SUPPORTED
+    {
+        node.passive_failure(format!("passive: HTTP {}", status.as_u16()));
+    }
+    match port.stickiness {
+        Stickiness::HttpCookie if sticky.cookie.as_deref() != Some(node.label.as_str()) => {
+            let key = view.key.as_ref()?;
+            let v = cookie::set_cookie(&key.sign(port.port, &node.label), secure);
+            HeaderValue::from_str(&v).ok()
+        }
+        Stickiness::Table if sticky.table.as_deref() != Some(node.label.as_str()) => {
             rt.table
                 .lock()
                 .expect("table lock")
                 .put(client, &node.label, Instant::now());
+            None
         }
-        _ => {}
+        _ => None,
     }
-    out
 }
 
 /// The answer hyper brought back: a body streamed to the client, or (a node that agreed to an
@@ -494,7 +580,7 @@ fn hyper_answer(
 /// The node index the port's algorithm picks, not counting `exclude`.
 fn pick(
     rt: &PortRuntime,
-    view: &super::PortView,
+    view: &PortView,
     client: std::net::IpAddr,
     exclude: Option<&str>,
 ) -> Option<usize> {

@@ -93,6 +93,28 @@ impl Sent {
     }
 }
 
+/// The head of a request without a body, as it goes to a node, with what its answer and a
+/// second try depend on.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub bytes: Bytes,
+    /// A HEAD request: its answer has no body, whatever the answer's head says.
+    pub head_request: bool,
+    /// May be sent again when a kept-alive connection closed under it (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+}
+
+impl Head {
+    /// The head of `req`, rewritten for the node already.
+    pub fn of(req: &Request<Incoming>) -> Head {
+        Head {
+            bytes: Bytes::from(h1::encode_request(req)),
+            head_request: req.method() == http::Method::HEAD,
+            idempotent: h1::idempotent(req.method()),
+        }
+    }
+}
+
 impl ForwardError {
     /// True when the request never left: retrying it on another node is safe.
     pub fn is_connect(&self) -> bool {
@@ -336,7 +358,14 @@ impl NodePool {
         response_timeout: Duration,
     ) -> Result<Sent, (ForwardError, Option<Request<Incoming>>)> {
         if h1::eligible(&req) {
-            return self.send_raw(req, connect_timeout, response_timeout).await;
+            let head = Head::of(&req);
+            return match self
+                .send_head(&head, connect_timeout, response_timeout)
+                .await
+            {
+                Ok((parts, reader)) => Ok(Sent::Raw(parts, reader)),
+                Err((e, unsent)) => Err((e, unsent.then_some(req))),
+            };
         }
         let addr = self.addr;
         loop {
@@ -370,37 +399,38 @@ impl NodePool {
         }
     }
 
-    /// `send` for a request without a body. A kept-alive connection that closes before any
-    /// answer (the node closing it as the request left) is replaced, for a request that may
-    /// be sent twice; a fresh connection's failure is final.
-    #[allow(clippy::result_large_err)]
-    async fn send_raw(
+    /// Sends the head of a request without a body and reads the answer's head. A kept-alive
+    /// connection that closes before any answer (the node closing it as the request left) is
+    /// replaced, for a request that may be sent twice; a fresh connection's failure is final.
+    /// The error says whether the request is still unsent (the node could not be reached), so
+    /// that another node may take it.
+    pub async fn send_head(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        head: &Head,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<Sent, (ForwardError, Option<Request<Incoming>>)> {
+    ) -> Result<(http::response::Parts, h1::Reader), (ForwardError, bool)> {
         let addr = self.addr;
-        let head = h1::encode_request(&req);
-        let head_request = req.method() == http::Method::HEAD;
-        let again = h1::idempotent(req.method());
         loop {
             let (conn, reused) = match self.take_raw() {
                 Some(c) => (c, true),
                 None => match self.connect_tcp(connect_timeout).await {
                     Ok(s) => (h1::Conn::new(s, self.stats.clone()), false),
-                    Err(e) => return Err((e, Some(req))),
+                    Err(e) => return Err((e, true)),
                 },
             };
-            match conn.exchange(&head, head_request, response_timeout).await {
-                Ok((parts, reader)) => return Ok(Sent::Raw(parts, reader)),
-                Err(h1::Error::ClosedEarly) if reused && again => {
+            match conn
+                .exchange(&head.bytes, head.head_request, response_timeout)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(h1::Error::ClosedEarly) if reused && head.idempotent => {
                     debug!("backend connection {addr}: closed under a request; sending it again");
                 }
                 Err(h1::Error::Timeout(after)) => {
-                    return Err((ForwardError::ResponseTimeout { addr, after }, None));
+                    return Err((ForwardError::ResponseTimeout { addr, after }, false));
                 }
-                Err(source) => return Err((ForwardError::Answer { addr, source }, None)),
+                Err(source) => return Err((ForwardError::Answer { addr, source }, false)),
             }
         }
     }
