@@ -14,6 +14,7 @@ mod forward;
 pub mod h1;
 pub mod io;
 pub mod pool;
+mod relay;
 pub mod tcp;
 pub mod tls;
 
@@ -615,8 +616,14 @@ async fn serve_connection(
         .keep_alive(true)
         // One flat buffer and send(2) rather than writev(2): see `pool::NodePool::connect`.
         .writev(false);
+    let client = |secure, stop: &watch::Receiver<bool>| {
+        forward::Client::new(peer, local, secure, stop.clone())
+    };
     let result = match &view.tls {
-        None => serve_h1(&h1, stream, rt, peer, local, false, stop).await,
+        None => {
+            let conn = client(false, &stop);
+            relay::serve(&h1, stream, rt, conn, header_timeout, max_header, stop).await
+        }
         Some(acceptor) => {
             let handshake = tokio::time::timeout(
                 header_timeout,
@@ -643,7 +650,8 @@ async fn serve_connection(
                 let handler = move |req| forward::handle(rt.clone(), req, conn.clone());
                 serve_h2(tls, handler, max_header as u32, header_timeout, stop).await
             } else {
-                serve_h1(&h1, tls, rt, peer, local, true, stop).await
+                let conn = client(true, &stop);
+                relay::serve(&h1, tls, rt, conn, header_timeout, max_header, stop).await
             }
         }
     };
@@ -841,7 +849,8 @@ where
     }
 }
 
-/// Serves HTTP/1.1 (Upgrade included) on `io`, plain or TLS. When `timeout_header` runs out
+/// Serves HTTP/1.1 (Upgrade included) on `io`, plain or TLS, with hyper (`relay` serves the
+/// bodiless requests first, and hands a connection here at the first other one). When `timeout_header` runs out
 /// while a client is part way through a request head (slowloris, or a stalled client), it
 /// is answered `408 Request Timeout` before the close, as HAProxy does; hyper would close
 /// silently, leaving the client to guess. A connection that sent nothing (an idle kept-alive
@@ -853,15 +862,13 @@ async fn serve_h1<I>(
     h1: &http1::Builder,
     io: I,
     rt: Arc<PortRuntime>,
-    peer: SocketAddr,
-    local: SocketAddr,
-    secure: bool,
+    conn: Arc<forward::Client>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(forward::Client::new(peer, local, secure, stop.clone()));
+    let (peer, local) = (conn.peer, conn.local);
     let service = service_fn(move |req| forward::handle(rt.clone(), req, conn.clone()));
     let mut conn = h1
         .serve_connection(TokioIo::new(io), service)
@@ -932,7 +939,7 @@ mod tests {
         (Health::Up, None)
     }
 
-    fn http_port(nodes: Vec<Node>) -> Port {
+    pub(super) fn http_port(nodes: Vec<Node>) -> Port {
         let mut p = Port::new(8000, Protocol::Http);
         p.nodes = nodes;
         p
@@ -1012,7 +1019,7 @@ mod tests {
     }
 
     /// Serves `port` on a loopback listener with every node UP; the runtime and the address.
-    async fn serve(port: Port) -> (Arc<PortRuntime>, SocketAddr) {
+    pub(super) async fn serve(port: Port) -> (Arc<PortRuntime>, SocketAddr) {
         // Dropping the proxy leaves the listener running (its stop is never asked for).
         let (_proxy, rt, addr) = serve_proxy(port).await;
         (rt, addr)

@@ -1,0 +1,670 @@
+//! HTTP/1.1 served by nb itself for the request most traffic is made of: no body, nothing
+//! that hands the connection over. Its head is read with httparse and rewritten for the node
+//! as bytes (the balancer's headers added, hop-by-hop ones and the balancer's cookie taken
+//! out), without building a header map, and the node's answer is written back by the same
+//! task. Anything else (a body, an Upgrade, `Expect`, HTTP/1.0, an absolute-form target, a
+//! head httparse refuses or that is too large) hands the connection, with the bytes read so
+//! far, to hyper's server for the rest of its life: the framing of a request that carries a
+//! body is hyper's to read, never this module's, so the two cannot disagree on where one
+//! request ends (request smuggling).
+//!
+//! Behaviour matches hyper's path: the same timeouts (`timeout_header` for a head, then a
+//! 408 if one was begun, a silent close if not), the same answers, the same counters.
+
+use std::{mem::MaybeUninit, net::IpAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{
+    StatusCode,
+    header::{CONTENT_LENGTH, SET_COOKIE},
+};
+use hyper::{body::Body, server::conn::http1};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::watch,
+    time::Instant,
+};
+
+use crate::proxy::{
+    PortRuntime, PortView,
+    forward::{self, Client, Refusal, Sticky},
+    h1::{self, RawBody},
+    io::Rewind,
+    pool::Head,
+    request_timeout, serve_h1, stop_requested,
+};
+
+/// The most header fields a request may have here; more goes to hyper, which answers 431.
+const MAX_FIELDS: usize = 100;
+/// What one read asks for.
+const READ_CHUNK: usize = 8 * 1024;
+/// Answer bytes gathered before they are written: a head and the body bytes at hand go out
+/// in one send.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Headers that describe one connection, never the message (RFC 9110 §7.6.1), and the
+/// balancer's own, which it sets itself; none of them goes to the node as the client sent it.
+const NOT_FORWARDED: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+];
+
+/// Serves HTTP/1.1 on `io`, plain or TLS, as `serve_h1` does (see there for timeouts and
+/// stopping), taking bodiless requests itself.
+pub(super) async fn serve<I>(
+    h1b: &http1::Builder,
+    mut io: I,
+    rt: Arc<PortRuntime>,
+    conn: Client,
+    header_timeout: Duration,
+    max_header: usize,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    let port = conn.local.port();
+    let timer = tokio::time::sleep(header_timeout);
+    tokio::pin!(timer);
+    loop {
+        timer.as_mut().reset(Instant::now() + header_timeout);
+        // Reads until a whole head is in `buf`, or something ends the wait.
+        let req = loop {
+            if !buf.is_empty() {
+                let view = rt.view();
+                match read_head(&buf, &rt, &view, &conn) {
+                    Read::Partial if buf.len() <= max_header => {}
+                    Read::Whole(req) if req.len <= max_header => break (req, view),
+                    // Too large (hyper answers 431), or not this path's.
+                    _ => {
+                        let io = Rewind::new(io, buf.freeze());
+                        let stop = conn.stop.clone();
+                        let conn = Arc::new(conn);
+                        return serve_h1(h1b, io, rt, conn, stop).await;
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+                buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                r = io.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => {}
+                },
+                () = &mut timer => {
+                    if !buf.is_empty() {
+                        request_timeout(io, port).await;
+                    }
+                    return Ok(());
+                }
+                // A request begun is answered before the connection closes.
+                () = stop_requested(&mut stop), if buf.is_empty() => return Ok(()),
+            }
+        };
+        let (req, view) = req;
+        buf.advance(req.len);
+        if !answer(&mut io, &mut out, &rt, &view, &conn, req).await {
+            let _ = io.shutdown().await;
+            return Ok(());
+        }
+    }
+}
+
+/// A request read from the client, rewritten for the node.
+struct Request {
+    /// The head's length in the client's bytes.
+    len: usize,
+    head: Head,
+    sticky: Sticky,
+    /// The client asked to close after the answer.
+    close: bool,
+}
+
+/// What `read_head` made of the bytes at hand.
+enum Read {
+    Partial,
+    /// Not a request for this path: hyper's.
+    Other,
+    Whole(Request),
+}
+
+fn is(name: &str, wanted: &str) -> bool {
+    name.eq_ignore_ascii_case(wanted)
+}
+
+/// Parses the request head at the start of `buf` and, when whole and bodiless, rewrites it for
+/// the node as `forward::rewrite_request` does: Host and the target kept, hop-by-hop headers
+/// and those `Connection` names dropped, X-Forwarded-For appended to, X-Forwarded-Proto and
+/// -Port set, the balancer's cookie taken out of Cookie.
+fn read_head(buf: &[u8], rt: &PortRuntime, view: &PortView, conn: &Client) -> Read {
+    let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Read::Partial,
+        Err(_) => return Read::Other,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Read::Other;
+    };
+    // Origin-form targets of visible ASCII only: anything else is hyper's to accept or refuse.
+    if method == "CONNECT"
+        || !target.starts_with('/')
+        || !target.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Read::Other;
+    }
+    // The tokens of Connection: `close`, and the names of more hop-by-hop headers.
+    let mut close = false;
+    let mut named: Vec<&str> = Vec::new();
+    for f in req.headers.iter() {
+        if is(f.name, "content-length")
+            || is(f.name, "transfer-encoding")
+            || is(f.name, "upgrade")
+            || is(f.name, "expect")
+        {
+            return Read::Other;
+        }
+        if is(f.name, "connection") {
+            let Ok(v) = std::str::from_utf8(f.value) else {
+                continue;
+            };
+            for t in v.split(',').map(str::trim) {
+                if is(t, "close") {
+                    close = true;
+                } else if !t.is_empty() {
+                    named.push(t);
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(len + 160);
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut cookies: Vec<&str> = Vec::new();
+    let mut forwarded_for: Vec<&str> = Vec::new();
+    for f in req.headers.iter() {
+        if NOT_FORWARDED.iter().any(|n| is(f.name, n)) || named.iter().any(|n| is(f.name, n)) {
+            continue;
+        }
+        // Values that are not ASCII are dropped from these two, as on hyper's path.
+        if is(f.name, "cookie") {
+            cookies.extend(ascii(f.value));
+            continue;
+        }
+        if is(f.name, "x-forwarded-for") {
+            forwarded_for.extend(ascii(f.value));
+            continue;
+        }
+        field(&mut out, f.name.as_bytes(), f.value);
+    }
+    let ip = conn.ip.as_bytes();
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for v in &forwarded_for {
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ip);
+    out.extend_from_slice(b"\r\n");
+    field(
+        &mut out,
+        b"x-forwarded-proto",
+        if conn.secure { b"https" } else { b"http" },
+    );
+    field(&mut out, b"x-forwarded-port", conn.port.as_bytes());
+    let sticky = Sticky::of(
+        rt,
+        view,
+        conn.peer.ip().to_canonical(),
+        cookies.iter().copied(),
+    );
+    let kept: Vec<String> = cookies
+        .iter()
+        .filter_map(|c| crate::proxy::cookie::strip(c))
+        .collect();
+    if !kept.is_empty() {
+        field(&mut out, b"cookie", kept.join("; ").as_bytes());
+    }
+    if matches!(method, "POST" | "PUT" | "PATCH") {
+        field(&mut out, b"content-length", b"0");
+    }
+    out.extend_from_slice(b"\r\n");
+    let m = http::Method::from_bytes(method.as_bytes());
+    Read::Whole(Request {
+        len,
+        head: Head {
+            bytes: Bytes::from(out),
+            head_request: method == "HEAD",
+            idempotent: m.is_ok_and(|m| h1::idempotent(&m)),
+        },
+        sticky,
+        close,
+    })
+}
+
+/// `v` as text, if ASCII (httparse let no control character but tab through).
+fn ascii(v: &[u8]) -> Option<&str> {
+    v.is_ascii().then(|| std::str::from_utf8(v).ok()).flatten()
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Forwards `req` and writes the answer (the node's, or the balancer's own when no node gave
+/// one). Whether the connection may carry another request: not when the client asked to
+/// close, the agent is stopping (the answer says `Connection: close`, as hyper's does), the
+/// client went, or the node's body broke off (the client sees it cut short, as on hyper's
+/// path).
+async fn answer<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    rt: &PortRuntime,
+    view: &PortView,
+    conn: &Client,
+    req: Request,
+) -> bool {
+    let client: IpAddr = conn.peer.ip().to_canonical();
+    let port = conn.local.port();
+    let head_request = req.head.head_request;
+    let sent = forward::dispatch(rt, view, client, &req.sticky, req.head).await;
+    let closing = req.close || *conn.stop.borrow();
+    let (idx, (mut parts, reader), guard) = match sent {
+        Ok(x) => x,
+        Err(r) => {
+            crate::metrics::count_request(port, r.status.as_u16());
+            refusal(out, r, closing);
+            return write(io, out).await && !closing;
+        }
+    };
+    let status = parts.status;
+    crate::metrics::count_request(port, status.as_u16());
+    let set_cookie = forward::settle(rt, view, idx, &req.sticky, client, conn.secure, status);
+    let node = &view.nodes[idx];
+    let mut body = RawBody::new(reader, node.pool.clone(), guard);
+    forward::strip_hop_by_hop(&mut parts.headers);
+
+    // The framing the client gets: the node's length, or chunks when it gave none (a
+    // chunked or close-delimited body); none for answers that have no body.
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let length = body.size_hint().exact();
+    let chunked = !bodiless && length.is_none();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if !bodiless && name == CONTENT_LENGTH {
+            continue;
+        }
+        field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(v) = set_cookie {
+        field(out, SET_COOKIE.as_str().as_bytes(), v.as_bytes());
+    }
+    if let (false, Some(n)) = (bodiless, length) {
+        field(out, b"content-length", n.to_string().as_bytes());
+    }
+    if chunked {
+        field(out, b"transfer-encoding", b"chunked");
+    }
+    if closing {
+        field(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    if bodiless {
+        // The node's body, if it sent one anyway, is not the client's: the connection to the
+        // node goes with the body unread.
+        drop(body);
+        return write(io, out).await && !closing;
+    }
+    loop {
+        // The body's bytes at hand join the head in `out`; when the body must be waited for,
+        // what is gathered goes out first.
+        let frame = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(Some(f)),
+            Poll::Pending if out.is_empty() => Poll::Pending,
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        let data = match frame {
+            None => {
+                if !write(io, out).await {
+                    return false;
+                }
+                continue;
+            }
+            Some(None) => break,
+            Some(Some(Ok(f))) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+            Some(Some(Err(e))) => {
+                log::debug!("{} -> {}: answer body: {e}", conn.peer, conn.local);
+                let _ = write(io, out).await;
+                return false;
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        }
+        if out.len() + data.len() <= WRITE_BATCH {
+            out.extend_from_slice(&data);
+        } else if !(write(io, out).await && io.write_all(&data).await.is_ok()) {
+            return false;
+        }
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    write(io, out).await && !closing
+}
+
+/// The balancer's own short answer, as `forward::plain` makes it.
+fn refusal(out: &mut Vec<u8>, r: Refusal, closing: bool) {
+    let reason = r.status.canonical_reason().unwrap_or("");
+    let body = format!("{} {reason}\n\n{}\n", r.status.as_u16(), r.text);
+    out.clear();
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             cache-control: no-store\r\ncontent-length: {}\r\n{}\r\n{body}",
+            r.status.as_str(),
+            body.len(),
+            if closing { "connection: close\r\n" } else { "" }
+        )
+        .as_bytes(),
+    );
+}
+
+/// Writes and empties `out`; false when the client is gone.
+async fn write<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> bool {
+    let ok = out.is_empty() || io.write_all(out).await.is_ok();
+    out.clear();
+    ok && io.flush().await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::{
+        config::Node,
+        proxy::tests::{http_port, serve},
+    };
+
+    /// Where `needle` starts in `hay`.
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// A node that answers each request with the head it received (and the length of the
+    /// body that came with it) as its body: with a length, or (`/close`) to the close.
+    async fn mirror() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let end = loop {
+                            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head: Vec<u8> = buf.drain(..end).collect();
+                        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                        let body_len: usize = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < body_len {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..body_len);
+                        let mut body = head.clone();
+                        body.extend_from_slice(format!("body {body_len}\n").as_bytes());
+                        if text.starts_with("get /close") {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                            let _ = s.write_all(&body).await;
+                            return;
+                        }
+                        let answer =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                        if s.write_all(answer.as_bytes()).await.is_err()
+                            || s.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Reads one answer from `s` (`buf`: bytes read and not used yet): its head and body, by
+    /// its length or its chunks, or to the close.
+    async fn answer_of(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
+        async fn more(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            n > 0
+        }
+        let end = loop {
+            if let Some(i) = find(buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            assert!(more(s, buf).await, "closed before a head");
+        };
+        let head = String::from_utf8(buf.drain(..end).collect()).unwrap();
+        let lower = head.to_ascii_lowercase();
+        let mut body = Vec::new();
+        if let Some(n) = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+        {
+            let n: usize = n.trim().parse().unwrap();
+            while buf.len() < n {
+                assert!(more(s, buf).await, "body cut short");
+            }
+            body = buf.drain(..n).collect();
+        } else if lower.contains("transfer-encoding: chunked") {
+            loop {
+                let line = loop {
+                    if let Some(i) = find(buf, b"\r\n") {
+                        break i;
+                    }
+                    assert!(more(s, buf).await, "chunks cut short");
+                };
+                let size =
+                    usize::from_str_radix(std::str::from_utf8(&buf[..line]).unwrap(), 16).unwrap();
+                while buf.len() < line + 2 + size + 2 {
+                    assert!(more(s, buf).await, "chunk cut short");
+                }
+                body.extend_from_slice(&buf[line + 2..line + 2 + size]);
+                buf.drain(..line + 2 + size + 2);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            while more(s, buf).await {}
+            body = std::mem::take(buf);
+        }
+        (head, body)
+    }
+
+    #[tokio::test]
+    async fn a_bodiless_request_reaches_the_node_rewritten_as_hyper_would() {
+        let (_rt, addr) = serve(http_port(vec![Node::new("b1", mirror().await)])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"GET /a?b=1 HTTP/1.1\r\nHost: Example.Test\r\nConnection: keep-alive, X-Drop\r\n\
+              X-Drop: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 203.0.113.9\r\n\
+              X-Forwarded-Proto: gopher\r\nX-Forwarded-Port: 1\r\nCookie: a=1; NB_SRVID=forged\r\n\
+              Cookie: b=2\r\nX-Kept: Yes\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        let (head, body) = answer_of(&mut s, &mut buf).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        let seen = String::from_utf8(body).unwrap();
+        let lines: Vec<&str> = seen.lines().collect();
+        assert_eq!(lines[0], "GET /a?b=1 HTTP/1.1");
+        for want in [
+            "Host: Example.Test",
+            "X-Kept: Yes",
+            "x-forwarded-for: 203.0.113.9, 127.0.0.1",
+            "x-forwarded-proto: http",
+            &format!("x-forwarded-port: {}", addr.port()),
+            "cookie: a=1; b=2",
+        ] {
+            assert!(lines.contains(&want), "{want:?} not in {seen}");
+        }
+        for gone in [
+            "X-Drop",
+            "Keep-Alive",
+            "TE:",
+            "Connection",
+            "gopher",
+            "NB_SRVID",
+        ] {
+            assert!(!seen.contains(gone), "{gone} in {seen}");
+        }
+        assert!(lines.contains(&"body 0"), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_and_a_body_hands_the_connection_to_hyper() {
+        let (_rt, addr) = serve(http_port(vec![Node::new("b1", mirror().await)])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // Two bodiless requests and one with a body in one write, then a GET after it: the
+        // POST and what follows are hyper's.
+        s.write_all(
+            b"GET /one HTTP/1.1\r\nHost: h\r\n\r\nDELETE /two HTTP/1.1\r\nHost: h\r\n\r\n\
+              POST /three HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello\
+              GET /four HTTP/1.1\r\nHost: h\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        for (path, body) in [
+            ("GET /one ", "body 0"),
+            ("DELETE /two ", "body 0"),
+            ("POST /three ", "body 5"),
+            ("GET /four ", "body 0"),
+        ] {
+            let (head, seen) = answer_of(&mut s, &mut buf).await;
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {head}");
+            let seen = String::from_utf8(seen).unwrap();
+            assert!(seen.starts_with(path), "{path}: {seen}");
+            assert!(seen.lines().any(|l| l == body), "{path}: {seen}");
+        }
+        // A bodiless POST says it has no body, for nodes that want a length.
+        s.write_all(b"POST /five HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, seen) = answer_of(&mut s, &mut buf).await;
+        let seen = String::from_utf8(seen).unwrap();
+        assert!(
+            seen.lines()
+                .any(|l| l.eq_ignore_ascii_case("content-length: 0")),
+            "{seen}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_the_close_goes_out_chunked_and_close_is_honoured() {
+        let (_rt, addr) = serve(http_port(vec![Node::new("b1", mirror().await)])).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        s.write_all(b"GET /close HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, body) = answer_of(&mut s, &mut buf).await;
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{head}"
+        );
+        assert!(body.starts_with(b"GET /close HTTP/1.1\r\n"));
+        assert!(body.ends_with(b"body 0\n"));
+        // The connection goes on; a client asking to close gets its answer, then the close.
+        s.write_all(b"HEAD /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the HEAD answer");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(
+            head.contains("content-length: "),
+            "HEAD keeps the node's length: {head}"
+        );
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("closed after the answer")
+            .unwrap();
+        assert_eq!(
+            buf.len() - end + rest.len(),
+            0,
+            "no body after a HEAD answer"
+        );
+    }
+}
