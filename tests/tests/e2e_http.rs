@@ -1093,8 +1093,8 @@ fn start_refuses_missing_and_encrypted_tls_files() {
     }
 }
 
-/// 100 MB down and 100 MB up through the proxy (http, and https with HTTP/2) stream through
-/// without the agent's memory growing by more than a few MB.
+/// 100 MB down and 100 MB up through the proxy (http, and https with HTTP/2; down also with
+/// HTTP/1.1 over TLS) stream through without the agent's memory growing by more than a few MB.
 #[test]
 fn large_streams_keep_memory_flat() {
     require_root();
@@ -1141,6 +1141,12 @@ fn large_streams_keep_memory_flat() {
         (
             "https h2 upload",
             format!("{tls} --http2 -T - https://a.test/upload"),
+        ),
+        (
+            "https HTTP/1.1 download",
+            format!(
+                "{tls} --http1.1 -o /dev/null -w '%{{size_download}}' 'https://a.test/download?n={SIZE}'"
+            ),
         ),
     ];
     for (what, args) in cases {
