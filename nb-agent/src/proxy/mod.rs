@@ -850,14 +850,14 @@ where
 }
 
 /// Serves HTTP/1.1 (Upgrade included) on `io`, plain or TLS, with hyper (`relay` serves the
-/// bodiless requests first, and hands a connection here at the first other one). When `timeout_header` runs out
-/// while a client is part way through a request head (slowloris, or a stalled client), it
-/// is answered `408 Request Timeout` before the close, as HAProxy does; hyper would close
-/// silently, leaving the client to guess. A connection that sent nothing (an idle kept-alive
-/// connection, a browser's speculative pre-connect) is closed silently, as with HAProxy's
-/// `option http-ignore-probes`: those clients did not ask anything. When `stop` asks, the
-/// connection closes after the response in progress (hyper marks it `Connection: close`), or
-/// at once when idle.
+/// bodiless requests first, and hands a connection here at the first other one). When
+/// `timeout_header` runs out while a client is part way through a request head (slowloris,
+/// or a stalled client), it is answered `408 Request Timeout` before the close, as HAProxy
+/// does; hyper would close silently, leaving the client to guess. A connection that sent
+/// nothing (an idle kept-alive connection, a browser's speculative pre-connect) is closed
+/// silently, as with HAProxy's `option http-ignore-probes`: those clients did not ask
+/// anything. When `stop` asks, the connection closes after the response in progress (hyper
+/// marks it `Connection: close`), or at once when idle.
 async fn serve_h1<I>(
     h1: &http1::Builder,
     io: I,

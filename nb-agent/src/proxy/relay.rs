@@ -622,6 +622,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn other_requests_are_hyper_s_for_the_rest_of_the_connection() {
+        let (_rt, addr) = serve(http_port(vec![Node::new("b1", mirror().await)])).await;
+        // hyper's path writes header names in lower case, this one as the client sent them.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut buf = Vec::new();
+        for (req, first_line, host) in [
+            (
+                &b"GET /mine HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+                "GET /mine HTTP/1.1",
+                "Host: h",
+            ),
+            // Absolute form: hyper's, and it goes to the node in origin form.
+            (
+                &b"GET http://h/abs HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+                "GET /abs HTTP/1.1",
+                "host: h",
+            ),
+            (
+                &b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+                "GET /after HTTP/1.1",
+                "host: h",
+            ),
+        ] {
+            s.write_all(req).await.unwrap();
+            let (head, body) = answer_of(&mut s, &mut buf).await;
+            assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+            let seen = String::from_utf8(body).unwrap();
+            let lines: Vec<&str> = seen.lines().collect();
+            assert_eq!(lines[0], first_line, "{seen}");
+            assert!(lines.contains(&host), "{host:?} not in {seen}");
+        }
+        // HTTP/1.0 (keep-alive rules of its own) is hyper's too, and closes after its answer.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /old HTTP/1.0\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+            .await
+            .expect("closed after the answer")
+            .unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.0 200 OK\r\n"), "{got}");
+        assert!(got.contains("GET /old HTTP/1.1\r\nhost: h\r\n"), "{got}");
+    }
+
+    #[tokio::test]
     async fn an_answer_to_the_close_goes_out_chunked_and_close_is_honoured() {
         let (_rt, addr) = serve(http_port(vec![Node::new("b1", mirror().await)])).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
