@@ -9,7 +9,9 @@
 //! request ends (request smuggling).
 //!
 //! Behaviour matches hyper's path: the same timeouts (`timeout_header` for a head, then a
-//! 408 if one was begun, a silent close if not), the same answers, the same counters.
+//! 408 if one was begun, a silent close if not), the same answers, the same counters. One
+//! difference: hyper adds a `Date` header to an answer without one; this path passes the
+//! node's headers only, as HAProxy does.
 
 use std::{mem::MaybeUninit, net::IpAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
