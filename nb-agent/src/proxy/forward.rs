@@ -92,10 +92,15 @@ impl Client {
     }
 }
 
+/// The body of the balancer's own short answers: the status, then `text`.
+pub(super) fn page(status: StatusCode, text: &str) -> String {
+    let reason = status.canonical_reason().unwrap_or("");
+    format!("{} {reason}\n\n{text}\n", status.as_u16())
+}
+
 /// A short plain-text answer made by the balancer itself.
 fn plain(status: StatusCode, text: &str) -> Response<ProxyBody> {
-    let reason = status.canonical_reason().unwrap_or("");
-    let body = format!("{} {reason}\n\n{text}\n", status.as_u16());
+    let body = page(status, text);
     let mut r = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})

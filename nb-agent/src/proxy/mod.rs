@@ -1018,6 +1018,23 @@ mod tests {
         (addr, seen)
     }
 
+    /// A loopback listener whose every connection `serve` takes in a task of its own: a node
+    /// or a peer for a test.
+    pub(super) async fn loopback_node<F, Fut>(serve: F) -> SocketAddr
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve(s));
+            }
+        });
+        addr
+    }
+
     /// Serves `port` on a loopback listener with every node UP; the runtime and the address.
     pub(super) async fn serve(port: Port) -> (Arc<PortRuntime>, SocketAddr) {
         // Dropping the proxy leaves the listener running (its stop is never asked for).

@@ -394,7 +394,7 @@ async fn answer<I: AsyncWrite + Unpin>(
 /// The balancer's own short answer, as `forward::plain` makes it.
 fn refusal(out: &mut Vec<u8>, r: Refusal, closing: bool) {
     let reason = r.status.canonical_reason().unwrap_or("");
-    let body = format!("{} {reason}\n\n{}\n", r.status.as_u16(), r.text);
+    let body = forward::page(r.status, r.text);
     out.clear();
     out.extend_from_slice(
         format!(
@@ -419,12 +419,12 @@ async fn write<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> bool {
 mod tests {
     use std::net::SocketAddr;
 
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     use super::*;
     use crate::{
         config::Node,
-        proxy::tests::{http_port, serve},
+        proxy::tests::{http_port, loopback_node, serve},
     };
 
     /// Where `needle` starts in `hay`.
@@ -432,78 +432,66 @@ mod tests {
         hay.windows(needle.len()).position(|w| w == needle)
     }
 
+    /// Reads more of `s` into `buf`; false at the close (or an error).
+    async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap_or(0);
+        buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
     /// A node that answers each request with the head it received (and the length of the
     /// body that came with it) as its body: with a length, or (`/close`) to the close.
     async fn mirror() -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
+        loopback_node(|mut s| async move {
+            let mut buf = Vec::new();
             loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        let end = loop {
-                            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head: Vec<u8> = buf.drain(..end).collect();
-                        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                        let body_len: usize = text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length: "))
-                            .map_or(0, |v| v.trim().parse().unwrap());
-                        while buf.len() < body_len {
-                            let mut chunk = [0u8; 4096];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buf.drain(..body_len);
-                        let mut body = head.clone();
-                        body.extend_from_slice(format!("body {body_len}\n").as_bytes());
-                        if text.starts_with("get /close") {
-                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
-                            let _ = s.write_all(&body).await;
-                            return;
-                        }
-                        let answer =
-                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
-                        if s.write_all(answer.as_bytes()).await.is_err()
-                            || s.write_all(&body).await.is_err()
-                        {
-                            return;
-                        }
+                let end = loop {
+                    if let Some(i) = find(&buf, b"\r\n\r\n") {
+                        break i + 4;
                     }
-                });
+                    if !fill(&mut s, &mut buf).await {
+                        return;
+                    }
+                };
+                let head: Vec<u8> = buf.drain(..end).collect();
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let body_len: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while buf.len() < body_len {
+                    if !fill(&mut s, &mut buf).await {
+                        return;
+                    }
+                }
+                buf.drain(..body_len);
+                let mut body = head.clone();
+                body.extend_from_slice(format!("body {body_len}\n").as_bytes());
+                if text.starts_with("get /close") {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+                    let _ = s.write_all(&body).await;
+                    return;
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                if s.write_all(answer.as_bytes()).await.is_err()
+                    || s.write_all(&body).await.is_err()
+                {
+                    return;
+                }
             }
-        });
-        addr
+        })
+        .await
     }
 
     /// Reads one answer from `s` (`buf`: bytes read and not used yet): its head and body, by
     /// its length or its chunks, or to the close.
     async fn answer_of(s: &mut TcpStream, buf: &mut Vec<u8>) -> (String, Vec<u8>) {
-        async fn more(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
-            let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).await.unwrap();
-            buf.extend_from_slice(&chunk[..n]);
-            n > 0
-        }
         let end = loop {
             if let Some(i) = find(buf, b"\r\n\r\n") {
                 break i + 4;
             }
-            assert!(more(s, buf).await, "closed before a head");
+            assert!(fill(s, buf).await, "closed before a head");
         };
         let head = String::from_utf8(buf.drain(..end).collect()).unwrap();
         let lower = head.to_ascii_lowercase();
@@ -514,7 +502,7 @@ mod tests {
         {
             let n: usize = n.trim().parse().unwrap();
             while buf.len() < n {
-                assert!(more(s, buf).await, "body cut short");
+                assert!(fill(s, buf).await, "body cut short");
             }
             body = buf.drain(..n).collect();
         } else if lower.contains("transfer-encoding: chunked") {
@@ -523,12 +511,12 @@ mod tests {
                     if let Some(i) = find(buf, b"\r\n") {
                         break i;
                     }
-                    assert!(more(s, buf).await, "chunks cut short");
+                    assert!(fill(s, buf).await, "chunks cut short");
                 };
                 let size =
                     usize::from_str_radix(std::str::from_utf8(&buf[..line]).unwrap(), 16).unwrap();
                 while buf.len() < line + 2 + size + 2 {
-                    assert!(more(s, buf).await, "chunk cut short");
+                    assert!(fill(s, buf).await, "chunk cut short");
                 }
                 body.extend_from_slice(&buf[line + 2..line + 2 + size]);
                 buf.drain(..line + 2 + size + 2);
@@ -537,7 +525,7 @@ mod tests {
                 }
             }
         } else {
-            while more(s, buf).await {}
+            while fill(s, buf).await {}
             body = std::mem::take(buf);
         }
         (head, body)
@@ -694,10 +682,10 @@ mod tests {
             if let Some(i) = find(&buf, b"\r\n\r\n") {
                 break i + 4;
             }
-            let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed before the HEAD answer");
-            buf.extend_from_slice(&chunk[..n]);
+            assert!(
+                fill(&mut s, &mut buf).await,
+                "closed before the HEAD answer"
+            );
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         assert!(head.contains("connection: close"), "{head}");

@@ -542,20 +542,11 @@ mod tests {
 
     /// An echo server on loopback.
     async fn echo_backend() -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
+        crate::proxy::tests::loopback_node(|mut s| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await
     }
 
     /// Serves a tcp port with the given nodes (all UP) on loopback; the port's state and
