@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use nb_common::{FlowKey, FlowValue, RevValue};
 use nb_tests::{
     netns::{Netns, connect_in},
     packet::{ACK, Frame, Ip, PSH, RST, SYN},
@@ -196,6 +197,75 @@ fn load_empty_xdp() -> io::Result<Fd> {
     Ok(Fd(fd as i32))
 }
 
+const BPF_MAP_CREATE: u32 = 0;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+/// An LRU hash map of `max` entries shaped like one of nb's flow tables (same key, `V`).
+fn lru_table<V>(max: u32) -> io::Result<Fd> {
+    let fd = Attr::new()
+        .u32(0, BPF_MAP_TYPE_LRU_HASH)
+        .u32(4, size_of::<FlowKey>() as u32)
+        .u32(8, size_of::<V>() as u32)
+        .u32(12, max)
+        .call(BPF_MAP_CREATE)?;
+    Ok(Fd(fd as i32))
+}
+
+/// One BPF instruction: opcode, destination and source registers, offset, immediate.
+fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+    let mut i = [0u8; 8];
+    i[0] = code;
+    i[1] = (src << 4) | dst;
+    i[2..4].copy_from_slice(&off.to_le_bytes());
+    i[4..8].copy_from_slice(&imm.to_le_bytes());
+    i
+}
+
+/// The floor under any balancer that keeps state per connection: an XDP program doing only
+/// what that state costs a new connection. For each table it looks a key up (a miss, as a
+/// new connection's first packet finds nothing) and inserts it, the key never seen before
+/// (the run's clock), then passes the packet. With one table this is a Katran-like design
+/// (one flow table, replies not through the balancer); full NAT needs two, a flow's and its
+/// replies', as nb keeps. nb's new-connection case pays this and its own work besides.
+fn load_state_floor_xdp(tables: &[&Fd]) -> io::Result<Fd> {
+    const KEY: i16 = -40;
+    const VALUE: i16 = -128;
+    let mut p = vec![insn(0xb7, 1, 0, 0, 0)]; // r1 = 0
+    // Key (40 bytes at fp-40) and value (up to 88 bytes at fp-128) zeroed.
+    for off in (8..=128).step_by(8) {
+        p.push(insn(0x7b, 10, 1, -off, 0)); // *(u64 *)(fp - off) = r1
+    }
+    p.push(insn(0x85, 0, 0, 0, 5)); // r0 = bpf_ktime_get_ns()
+    p.push(insn(0x7b, 10, 0, KEY, 0)); // key[0..8] = r0
+    for t in tables {
+        for helper in [1, 2] {
+            // r1 = the table (ld_imm64 of a map fd: two instructions)
+            p.push(insn(0x18, 1, 1, 0, t.0));
+            p.push(insn(0, 0, 0, 0, 0));
+            p.push(insn(0xbf, 2, 10, 0, 0)); // r2 = fp
+            p.push(insn(0x07, 2, 0, 0, KEY.into())); // r2 += KEY
+            if helper == 2 {
+                p.push(insn(0xbf, 3, 10, 0, 0)); // r3 = fp
+                p.push(insn(0x07, 3, 0, 0, VALUE.into())); // r3 += VALUE
+                p.push(insn(0xb7, 4, 0, 0, 1)); // r4 = BPF_NOEXIST
+            }
+            // bpf_map_lookup_elem (1), bpf_map_update_elem (2)
+            p.push(insn(0x85, 0, 0, 0, helper));
+        }
+    }
+    p.push(insn(0xb7, 0, 0, 0, 2)); // r0 = XDP_PASS
+    p.push(insn(0x95, 0, 0, 0, 0)); // exit
+    let code: Vec<u8> = p.concat();
+    let license = c"GPL";
+    let fd = Attr::new()
+        .u32(0, BPF_PROG_TYPE_XDP)
+        .u32(4, p.len() as u32)
+        .u64(8, code.as_ptr() as u64)
+        .u64(16, license.as_ptr() as u64)
+        .call(BPF_PROG_LOAD)?;
+    Ok(Fd(fd as i32))
+}
+
 const BPF_OBJ_GET_INFO_BY_FD: u32 = 15;
 const BPF_LINK_CREATE: u32 = 28;
 const BPF_XDP: u32 = 37;
@@ -294,6 +364,11 @@ const RUNS: u32 = 1_000_000;
 /// port search mostly finds a free port at its first try.
 const NEW_RUNS: u32 = 30_000;
 const XDP_MAX_FLOWS: u32 = 262_144;
+const NEW_SYN: &str = "nb: new connection (SYN)";
+/// The state floor's cases (see `load_state_floor_xdp`), run as often as `NEW_SYN`, each time
+/// with a key never seen before.
+const FLOOR_1: &str = "floor: 1 table, new key";
+const FLOOR_2: &str = "floor: 2 tables, new keys";
 /// The service port of the new-connection case.
 const NEW_PORT: u16 = 81;
 
@@ -330,6 +405,11 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
     let cases = t.lb.enter(move || -> io::Result<Vec<XdpCase>> {
         let nb = obj_get(&pin)?;
         let empty = load_empty_xdp()?;
+        // The floor's tables are as large as nb's, so that their memory is as cold.
+        let flows = lru_table::<FlowValue>(XDP_MAX_FLOWS)?;
+        let revs = lru_table::<RevValue>(XDP_MAX_FLOWS)?;
+        let floor1 = load_state_floor_xdp(&[&flows])?;
+        let floor2 = load_state_floor_xdp(&[&flows, &revs])?;
         let syn = |ip: Ipv4Addr, port: u16| {
             let mut f = Frame::v4((ip, port), (VIP, 80), SYN);
             f.tcp.options = vec![2, 4, 5, 0xb4];
@@ -422,7 +502,9 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
                 "nb: established flow, reply",
                 Box::new(|_| test_run(&nb, &back, ifindex, 1)),
             ),
-            ("nb: new connection (SYN)", Box::new(fresh_syn)),
+            (NEW_SYN, Box::new(fresh_syn)),
+            (FLOOR_1, Box::new(|_| test_run(&floor1, &pass, ifindex, 1))),
+            (FLOOR_2, Box::new(|_| test_run(&floor2, &pass, ifindex, 1))),
             (
                 "nb: SYN on a closed flow's entries",
                 Box::new(syn_case(16384)),
@@ -438,7 +520,7 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         let mut actions = vec![0; runs.len()];
         for round in 0..ROUNDS {
             for (c, (name, f)) in runs.iter_mut().enumerate() {
-                let n = if *name == "nb: new connection (SYN)" {
+                let n = if [NEW_SYN, FLOOR_1, FLOOR_2].contains(name) {
                     NEW_RUNS / ROUNDS
                 } else {
                     per_round
@@ -511,7 +593,7 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
             other: Some(empty),
             target: match c.name {
                 "nb: established flow" => Target::AtMost(2.0),
-                "nb: new connection (SYN)" => Target::AtMost(4.0),
+                NEW_SYN => Target::AtMost(4.0),
                 _ => Target::None,
             },
             assumed: false,
@@ -1112,6 +1194,43 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The entries of a map, counted key by key.
+    fn entries(map: &Fd) -> usize {
+        const BPF_MAP_GET_NEXT_KEY: u32 = 4;
+        let mut key = [0u8; size_of::<FlowKey>()];
+        let mut next = key;
+        let mut n = 0;
+        loop {
+            let mut a = Attr::new();
+            a.u32(0, map.0 as u32)
+                .u64(8, if n == 0 { 0 } else { key.as_ptr() as u64 })
+                .u64(16, next.as_mut_ptr() as u64);
+            if a.call(BPF_MAP_GET_NEXT_KEY).is_err() {
+                return n;
+            }
+            key = next;
+            n += 1;
+        }
+    }
+
+    #[test]
+    fn state_floor_inserts_a_new_key_per_table_and_run() {
+        nb_tests::require_root();
+        let flows = lru_table::<FlowValue>(1024).expect("flow table");
+        let revs = lru_table::<RevValue>(1024).expect("reply table");
+        let one = load_state_floor_xdp(&[&flows]).expect("floor, 1 table");
+        let two = load_state_floor_xdp(&[&flows, &revs]).expect("floor, 2 tables");
+        let frame = Frame::v4((CLIENT, 40000), (VIP, 22), SYN).build();
+        for _ in 0..3 {
+            assert_eq!(test_run(&one, &frame, 0, 1).expect("run").0, 2, "XDP_PASS");
+        }
+        assert_eq!((entries(&flows), entries(&revs)), (3, 0));
+        for _ in 0..2 {
+            assert_eq!(test_run(&two, &frame, 0, 1).expect("run").0, 2, "XDP_PASS");
+        }
+        assert_eq!((entries(&flows), entries(&revs)), (5, 2));
+    }
 
     #[test]
     fn wrk_times_parse() {
