@@ -630,6 +630,8 @@ struct L4Row {
     new_conns: Load,
     host_cpu: f64,
     lb_process_cpu: Option<f64>,
+    /// The balancer's own CPU during the kept-alive load, in cores (see `L4Lane::lb_cpu`).
+    lb_cpu: Option<f64>,
 }
 
 /// Rounds of each L4 load, the contenders taking turns (as in the L7 part, see `l7::ROUNDS`),
@@ -656,6 +658,12 @@ struct L4Lane {
     new_conns: Vec<Load>,
     /// The host's busy share during each kept-alive round.
     host_cpu: Vec<f64>,
+    /// The balancer's own CPU during each kept-alive round, in cores, where it can be told
+    /// apart: HAProxy's process time; nb's XDP program time (bpf_stats), which leaves out the
+    /// driver's work around it (on veth: copying each packet for XDP, the redirect).
+    /// nftables works in the softirq of whichever task sent the packet, with no count of its
+    /// own.
+    lb_cpu: Vec<f64>,
     /// nb only: XDP run time and runs of nb's program and of the empty one on the backends'
     /// interface, summed over the kept-alive rounds (kernel bpf_stats).
     xdp: [(u64, u64); 2],
@@ -744,6 +752,7 @@ impl L4Lane {
             keepalive: Vec::new(),
             new_conns: Vec::new(),
             host_cpu: Vec::new(),
+            lb_cpu: Vec::new(),
             xdp: [(0, 0); 2],
             rig,
         }
@@ -759,13 +768,27 @@ impl L4Lane {
             .iter()
             .map(|p| prog_run_stats(p))
             .collect::<io::Result<_>>()?;
+        let process = match self.kind {
+            L4Kind::Haproxy { pid } => Some(pid),
+            _ => None,
+        };
+        let process0 = process.and_then(cpu_seconds);
         let cpu0 = host_cpu_ticks()?;
+        let start = Instant::now();
         let load = wrk_for(&t.client, &[], L4_ROUND_SECONDS)?;
+        let wall = start.elapsed().as_secs_f64();
         let cpu1 = host_cpu_ticks()?;
         for (i, p) in progs.iter().enumerate() {
             let after = prog_run_stats(p)?;
             self.xdp[i].0 += after.0 - before[i].0;
             self.xdp[i].1 += after.1 - before[i].1;
+            if i == 0 {
+                self.lb_cpu
+                    .push((after.0 - before[i].0) as f64 / 1e9 / wall);
+            }
+        }
+        if let (Some(c0), Some(c1)) = (process0, process.and_then(cpu_seconds)) {
+            self.lb_cpu.push((c1 - c0) / wall);
         }
         self.host_cpu
             .push((cpu1.0 - cpu0.0) as f64 / ((cpu1.1 - cpu0.1).max(1)) as f64);
@@ -797,6 +820,7 @@ impl L4Lane {
             new_conns: combine_loads(&self.new_conns),
             host_cpu: mean(&self.host_cpu),
             lb_process_cpu,
+            lb_cpu: (!self.lb_cpu.is_empty()).then(|| mean(&self.lb_cpu)),
         }
     }
 }
@@ -849,7 +873,7 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
     let _ = std::fs::write(stats_path, stats_before.trim());
     let nb = &rows[0];
     println!(
-        "   {:<26} {:>11} {:>7} {:>10} {:>7} {:>8} {:>11} {:>7} {:>8}",
+        "   {:<26} {:>11} {:>7} {:>10} {:>7} {:>8} {:>11} {:>8} {:>7} {:>8}",
         "balancer",
         "req/s (ka)",
         "p99 ms",
@@ -857,6 +881,7 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
         "p99 ms",
         "CPU (ka)",
         "req/CPU-s",
+        "LB cores",
         "nb x ka",
         "nb x new"
     );
@@ -869,7 +894,7 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
         let ka_ratio = nb.keepalive.rps / r.keepalive.rps;
         let new_ratio = nb.new_conns.rps / r.new_conns.rps;
         println!(
-            "   {:<26} {:>11.0} {:>7.2} {:>10.0} {:>7.2} {:>7.0}% {:>11.0} {:>7.2} {:>8.2}",
+            "   {:<26} {:>11.0} {:>7.2} {:>10.0} {:>7.2} {:>7.0}% {:>11.0} {:>8} {:>7.2} {:>8.2}",
             r.name,
             r.keepalive.rps,
             r.keepalive.p99_ms,
@@ -877,6 +902,9 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             r.new_conns.p99_ms,
             r.host_cpu * 100.0,
             per_cpu(r),
+            r.lb_cpu
+                .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "-".into()),
             ka_ratio,
             new_ratio
         );
@@ -885,7 +913,8 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             "    {{\"balancer\": \"{}\", \"keepalive_rps\": {:.0}, \"keepalive_p99_ms\": {:.3}, \
              \"keepalive_errors\": {}, \"new_conn_per_s\": {:.0}, \"new_conn_p99_ms\": {:.3}, \
              \"new_conn_errors\": {}, \"host_cpu_busy\": {:.3}, \"balancer_process_cpu\": {}, \
-             \"nb_ratio_keepalive\": {:.3}, \"nb_ratio_new_conn\": {:.3}}}{}",
+             \"balancer_cores_keepalive\": {}, \"nb_ratio_keepalive\": {:.3}, \
+             \"nb_ratio_new_conn\": {:.3}}}{}",
             r.name,
             r.keepalive.rps,
             r.keepalive.p99_ms,
@@ -896,6 +925,9 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             r.host_cpu,
             r.lb_process_cpu
                 .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "null".into()),
+            r.lb_cpu
+                .map(|c| format!("{c:.4}"))
                 .unwrap_or_else(|| "null".into()),
             ka_ratio,
             new_ratio,
@@ -919,8 +951,10 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
     std::fs::write(out.join("l4.json"), json)?;
     if let Some(c) = rows[2].lb_process_cpu {
         println!(
-            "   HAProxy process CPU over both loads: {:.0}% of one core; nb and nftables work \
-             in the kernel's softirq, which on veth is not separable from the client's",
+            "   HAProxy process CPU over both loads: {:.0}% of one core. LB cores: the balancer's \
+             own CPU under the kept-alive load, HAProxy's process and nb's XDP program \
+             (bpf_stats; the veth driver's copy and redirect around it are not counted); \
+             nftables works in the softirq of whichever task sent the packet, not separable",
             c * 100.0
         );
     }
@@ -966,6 +1000,16 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             what: "XDP ns/packet under load vs empty program".into(),
             nb: nb_ns,
             other: Some(e_ns),
+            target: Target::None,
+            assumed: false,
+        });
+    }
+    if let (Some(n), Some(h)) = (nb.lb_cpu, rows[2].lb_cpu) {
+        keys.push(Key {
+            part: "l4",
+            what: "balancer cores, kept-alive (nb: XDP program) vs HAProxy".into(),
+            nb: n,
+            other: Some(h),
             target: Target::None,
             assumed: false,
         });
