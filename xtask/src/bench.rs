@@ -632,6 +632,9 @@ struct L4Row {
     lb_process_cpu: Option<f64>,
     /// The balancer's own CPU during the kept-alive load, in cores (see `L4Lane::lb_cpu`).
     lb_cpu: Option<f64>,
+    /// Requests/s of each round, kept-alive and new connections: one slow round and a
+    /// lane slow throughout look alike in a mean.
+    rounds_rps: [Vec<f64>; 2],
 }
 
 /// Rounds of each L4 load, the contenders taking turns (as in the L7 part, see `l7::ROUNDS`),
@@ -821,6 +824,10 @@ impl L4Lane {
             host_cpu: mean(&self.host_cpu),
             lb_process_cpu,
             lb_cpu: (!self.lb_cpu.is_empty()).then(|| mean(&self.lb_cpu)),
+            rounds_rps: [
+                self.keepalive.iter().map(|l| l.rps).collect(),
+                self.new_conns.iter().map(|l| l.rps).collect(),
+            ],
         }
     }
 }
@@ -913,7 +920,8 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             "    {{\"balancer\": \"{}\", \"keepalive_rps\": {:.0}, \"keepalive_p99_ms\": {:.3}, \
              \"keepalive_errors\": {}, \"new_conn_per_s\": {:.0}, \"new_conn_p99_ms\": {:.3}, \
              \"new_conn_errors\": {}, \"host_cpu_busy\": {:.3}, \"balancer_process_cpu\": {}, \
-             \"balancer_cores_keepalive\": {}, \"nb_ratio_keepalive\": {:.3}, \
+             \"balancer_cores_keepalive\": {}, \"keepalive_rps_by_round\": {:.0?}, \
+             \"new_conn_per_s_by_round\": {:.0?}, \"nb_ratio_keepalive\": {:.3}, \
              \"nb_ratio_new_conn\": {:.3}}}{}",
             r.name,
             r.keepalive.rps,
@@ -929,6 +937,8 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
             r.lb_cpu
                 .map(|c| format!("{c:.4}"))
                 .unwrap_or_else(|| "null".into()),
+            r.rounds_rps[0],
+            r.rounds_rps[1],
             ka_ratio,
             new_ratio,
             if i + 1 < rows.len() { "," } else { "" }
