@@ -33,9 +33,12 @@ pub const SNAT_PORT_TRIES: u32 = 8;
 /// would then be answered with an ACK for the old connection, which the client resets before
 /// it retries (a stall of up to its SYN timeout, 1-3 s on many systems). The same client
 /// reconnecting from the same port gets the port back at once: the backend accepts that.
-pub const SNAT_HOLD_SECS: u64 = 60;
+/// Longer than the 60 s because the kernel's timer wheel fires a 60 s timer up to about 4 s
+/// late (its granularity at that range, HZ=1000), and the hold counts from the last packet.
+pub const SNAT_HOLD_SECS: u64 = 65;
 /// A new connection that finds none of its ports free takes over the port of a closed
-/// connection silent this long (the oldest it tried), rather than being dropped.
+/// connection silent this long, rather than being dropped: among those it tried, one whose
+/// backend's TIME_WAIT will accept its SYN (see `REV_TW_TS`), else the oldest.
 pub const SNAT_TAKEOVER_SECS: u64 = 2;
 
 /// The hashes the XDP program computes. Here rather than in the program so that tests can
@@ -169,6 +172,18 @@ pub const REV_REPLIED: u32 = 1;
 pub const REV_CLOSING: u32 = 2;
 /// `RevValue::flags`: the backend's first answer was a RST (a refused connection).
 pub const REV_REFUSED: u32 = 4;
+/// `RevValue::flags`: the backend closed and its last packet carried a timestamp option;
+/// `tw_mark` is the client timestamp it echoed. A Linux backend in TIME_WAIT accepts a new
+/// SYN on the same addresses and ports only with a newer timestamp (PAWS), and a client's
+/// timestamps start at a random offset for every connection (per address and port pair), so
+/// another client connection's SYN is refused half the time.
+pub const REV_TW_TS: u32 = 8;
+/// `RevValue::flags`: the backend closed without timestamps in use; `tw_mark` is the
+/// sequence number it acknowledged last. Its TIME_WAIT accepts a new SYN only with a higher
+/// initial sequence number.
+pub const REV_TW_SEQ: u32 = 16;
+/// `RevValue::flags`: the backend reset the connection: it holds no TIME_WAIT for it.
+pub const REV_TW_NONE: u32 = 32;
 
 /// Indexes of the per-CPU packet counters (`STATS`). The names are the `action` label of
 /// `nb_xdp_packets_total`.
@@ -213,8 +228,13 @@ pub mod stat {
     /// of the ports it tried was free (see `SNAT_HOLD_SECS`). Often: the ports towards a
     /// backend are running out.
     pub const SNAT_PORT_REUSED: u32 = 17;
+    /// Not a packet: of `SNAT_PORT_REUSED`, a port taken over although the backend may still
+    /// hold the old connection in TIME_WAIT and refuse the new SYN there (none of the ports
+    /// tried was known to accept it; see `REV_TW_TS`). The client then resets and resends,
+    /// a delay of its SYN timeout on most systems: the ports are running out.
+    pub const SNAT_PORT_REUSED_MAY_REFUSE: u32 = 18;
     /// Number of counters.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     /// Label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "rx",
@@ -235,6 +255,7 @@ pub mod stat {
         "pass_no_flow",
         "pass_no_neigh",
         "snat_port_reused",
+        "snat_port_reused_may_refuse",
     ];
 }
 
@@ -406,7 +427,14 @@ pub struct RevValue {
     pub ifindex: u32,
     /// `REV_*` bits.
     pub flags: u32,
-    /// `bpf_ktime_get_ns` of the last reply packet (refreshed at most once a second).
+    /// Once the backend has closed: what its TIME_WAIT will hold a new SYN on these addresses
+    /// and ports against, as its last packet showed it. `REV_TW_TS`: the client's timestamp
+    /// it echoed last; `REV_TW_SEQ`: the sequence number it acknowledged last. Lets a new
+    /// connection that must take over a closed connection's port pick one whose backend will
+    /// accept its SYN (see `new_flow` in the program).
+    pub tw_mark: u32,
+    /// `bpf_ktime_get_ns` of the last reply packet (refreshed at most once a second while
+    /// the connection is open; at every packet once the backend has closed).
     pub last_seen: u64,
 }
 const _: () = assert!(size_of::<RevValue>() == 72);

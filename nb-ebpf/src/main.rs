@@ -18,17 +18,19 @@ use aya_ebpf::{
 };
 use nb_common::{
     Backend, BackendStats, FLOW_CLOSING, FlowKey, FlowValue, PROTO_TCP, REV_CLOSING, REV_REFUSED,
-    REV_REPLIED, RevValue, SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES, SNAT_TAKEOVER_SECS,
-    ServiceKey, ThrottleState, cfg, stat,
+    REV_REPLIED, REV_TW_NONE, REV_TW_SEQ, REV_TW_TS, RevValue, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SNAT_PORT_TRIES, SNAT_TAKEOVER_SECS, ServiceKey, ThrottleState, cfg, stat,
 };
 
 use csum::{addr_copy, addr_eq, copy_words};
 use maps::{
-    ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, REV_FLOWS, SCRATCH, SERVICES, SVC_INFO, Scratch,
-    THROTTLE, count, service_port, setting,
+    ACTIVE, BACKEND_STATS, BACKENDS, FLOWS, HELLO_SEQ, HELLO_TS, Hello, REV_FLOWS, SCRATCH,
+    SERVICES, SVC_INFO, Scratch, THROTTLE, count, service_port, setting,
 };
 use nat::NextHop;
-use parse::{Packet, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, ptr_at};
+use parse::{
+    Packet, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse, ptr_at, seq_ack, tcp_timestamps,
+};
 
 const SECOND: u64 = 1_000_000_000;
 /// How often an established flow re-checks its next hop (a backend's MAC may move).
@@ -66,7 +68,7 @@ fn try_nb_xdp(ctx: &XdpContext) -> Result<u32, Skip> {
             // SAFETY: the map value stays valid for this program run; concurrent writers only
             // set flag bits and timestamps, where a lost update is harmless.
             let r = unsafe { &mut *rv };
-            let (first, refused) = replied(&pkt, r, t);
+            let (first, refused) = replied(ctx, &pkt, &key, r, t);
             if let Some(at) = &at
                 && r.flags & REV_CLOSING == 0
             {
@@ -361,16 +363,25 @@ fn new_flow(
         smac: our_mac,
         ifindex: ctx.ingress_ifindex() as u32,
         flags: 0,
+        tw_mark: 0,
         last_seen: t,
     };
     let rv = &scratch.rev;
     let h = select::hash_flow(pkt);
     let stride = select::snat_stride(h);
+    scratch.hello = if syn {
+        hello(ctx, pkt)
+    } else {
+        Hello::default()
+    };
+    let hello = &scratch.hello;
     let mut snat_port = 0u16;
-    // The port of a closed connection, silent longest, among those tried: taken over if none
-    // is free (see `SNAT_HOLD_SECS`).
+    // The port of a closed connection among those tried, taken over if none is free (see
+    // `SNAT_HOLD_SECS`): one whose backend will accept this SYN if there is one, else one
+    // it may; the one silent longest among equals.
     let mut spare = 0u16;
     let mut spare_seen = u64::MAX;
+    let mut spare_fit = TwFit::Refuses;
     for i in 0..SNAT_PORT_TRIES {
         let port = select::snat_try(h, stride, i).to_be();
         let rkey = rev_key(b, pkt.family, port);
@@ -389,9 +400,13 @@ fn new_flow(
                     snat_port = port;
                     break;
                 }
-                if may_take_over(old, t) && old.last_seen < spare_seen {
-                    spare = port;
-                    spare_seen = old.last_seen;
+                if may_take_over(old, t) {
+                    let fit = tw_fit(old, hello);
+                    if fit > spare_fit || (fit == spare_fit && old.last_seen < spare_seen) {
+                        spare = port;
+                        spare_seen = old.last_seen;
+                        spare_fit = fit;
+                    }
                 }
             }
             None => {
@@ -405,6 +420,9 @@ fn new_flow(
     if snat_port == 0 && spare != 0 && take_over(&rev_key(b, pkt.family, spare), scratch, t) {
         snat_port = spare;
         count(stat::SNAT_PORT_REUSED);
+        if spare_fit != TwFit::Accepts {
+            count(stat::SNAT_PORT_REUSED_MAY_REFUSE);
+        }
     }
     if snat_port == 0 {
         count(stat::DROP_NO_PORT);
@@ -485,6 +503,66 @@ fn same_client(a: &RevValue, b: &RevValue) -> bool {
         && a.vip_port == b.vip_port
 }
 
+/// What SYN `pkt` shows a backend's TIME_WAIT.
+#[inline(always)]
+fn hello(ctx: &XdpContext, pkt: &Packet) -> Hello {
+    let mut h = Hello::default();
+    if let Some((seq, _)) = seq_ack(ctx, pkt) {
+        h.seq = seq;
+        h.known |= HELLO_SEQ;
+    }
+    if let Some((val, _)) = tcp_timestamps(ctx, pkt) {
+        h.ts = val;
+        h.known |= HELLO_TS;
+    }
+    h
+}
+
+/// How a backend that may hold the closed connection of reply entry `r` in TIME_WAIT will
+/// take a SYN on the same addresses and ports. Ordered: a better fit compares greater.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TwFit {
+    /// It answers with an ACK for the old connection: the client resets it and retries
+    /// after its SYN timeout (1 s on most systems; Linux retries at once).
+    Refuses,
+    /// Not known (nothing recorded, or the SYN lacks what the record compares).
+    Unknown,
+    /// It accepts the SYN (or holds no TIME_WAIT).
+    Accepts,
+}
+
+/// How far past the mark a SYN's timestamp or sequence number must be to count as accepted.
+/// TIME_WAIT also takes the timestamp of a bare ACK from the client without answering it (its
+/// last ACK after a simultaneous close), so the mark, the backend's last echo, may lag a
+/// little. 2^20 ticks (17 minutes of a 1 ms clock) covers any such lag, and costs nothing
+/// against a new connection's random offset (one chance in 4096 of a wrong "refuses").
+const TW_MARGIN: i32 = 1 << 20;
+
+/// Linux's rule for a SYN meeting TIME_WAIT (`tcp_timewait_state_process`): with timestamps
+/// on both connections, accepted only if its timestamp is newer than the last one the old
+/// connection sent (PAWS); without, only if its sequence number is past the old connection's.
+#[inline(always)]
+fn tw_fit(r: &RevValue, hello: &Hello) -> TwFit {
+    let newer = |known: bool, new: u32| {
+        if !known {
+            TwFit::Unknown
+        } else if new.wrapping_sub(r.tw_mark) as i32 > TW_MARGIN {
+            TwFit::Accepts
+        } else {
+            TwFit::Refuses
+        }
+    };
+    if r.flags & REV_TW_NONE != 0 {
+        TwFit::Accepts
+    } else if r.flags & REV_TW_TS != 0 {
+        newer(hello.known & HELLO_TS != 0, hello.ts)
+    } else if r.flags & REV_TW_SEQ != 0 {
+        newer(hello.known & HELLO_SEQ != 0, hello.seq)
+    } else {
+        TwFit::Unknown
+    }
+}
+
 /// Whether the SNAT port of reply entry `r` may go to a new connection that found no free
 /// port: the backend has closed (FIN or RST) and nothing came for `SNAT_TAKEOVER_SECS`.
 #[inline(always)]
@@ -555,13 +633,17 @@ fn insert_rev(rkey: &FlowKey, rv: &RevValue) -> bool {
     ok
 }
 
-/// Keeps a reply entry current: its last packet, whether the backend answered (and how),
-/// its closing. Returns (first answer, refused).
+/// Keeps reply entry `r` (under `key`) current: its last packet, whether the backend
+/// answered (and how), its closing, and once closed what its TIME_WAIT will hold against a
+/// new SYN (see `REV_TW_TS`). Returns (first answer, refused).
 #[inline(always)]
-fn replied(pkt: &Packet, r: &mut RevValue, t: u64) -> (bool, bool) {
-    if t.wrapping_sub(r.last_seen) > SECOND {
-        r.last_seen = t;
-    }
+fn replied(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    r: &mut RevValue,
+    t: u64,
+) -> (bool, bool) {
     let mut flags = r.flags;
     let first = flags & REV_REPLIED == 0;
     let refused = first && pkt.flags & TCP_RST != 0;
@@ -571,6 +653,32 @@ fn replied(pkt: &Packet, r: &mut RevValue, t: u64) -> (bool, bool) {
     flags |= REV_REPLIED;
     if pkt.flags & (TCP_FIN | TCP_RST) != 0 {
         flags |= REV_CLOSING;
+    }
+    if flags & REV_CLOSING == 0 {
+        if t.wrapping_sub(r.last_seen) > SECOND {
+            r.last_seen = t;
+        }
+    } else {
+        // From the backend's close on, its few packets all come here (the close ends the
+        // copies), each leaving its mark: the last one is what its TIME_WAIT holds, and the
+        // port's hold counts from it.
+        if r.flags & REV_CLOSING == 0 {
+            cache::invalidate(key);
+        }
+        r.last_seen = t;
+        if pkt.flags & TCP_RST != 0 {
+            flags |= REV_TW_NONE;
+        } else if flags & REV_TW_NONE == 0 {
+            if let Some((_, echoed)) = tcp_timestamps(ctx, pkt) {
+                r.tw_mark = echoed;
+                flags = (flags | REV_TW_TS) & !REV_TW_SEQ;
+            } else if pkt.flags & TCP_ACK != 0
+                && let Some((_, acked)) = seq_ack(ctx, pkt)
+            {
+                r.tw_mark = acked;
+                flags = (flags | REV_TW_SEQ) & !REV_TW_TS;
+            }
+        }
     }
     if flags != r.flags {
         r.flags = flags;

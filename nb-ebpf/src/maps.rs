@@ -71,7 +71,24 @@ pub struct Scratch {
     pub rev: RevValue,
     /// The client key of a connection whose SNAT port a new flow takes over.
     pub old_key: FlowKey,
+    /// What the new flow's SYN shows a backend's TIME_WAIT (see `Hello`).
+    pub hello: Hello,
 }
+
+/// What a new connection's SYN shows a backend's TIME_WAIT: its initial sequence number and
+/// timestamp (host order), each valid if its `HELLO_*` bit is set.
+#[repr(C)]
+#[derive(Default)]
+pub struct Hello {
+    pub seq: u32,
+    pub ts: u32,
+    pub known: u32,
+}
+
+/// `Hello::known`: `seq` is valid.
+pub const HELLO_SEQ: u32 = 1;
+/// `Hello::known`: `ts` is valid.
+pub const HELLO_TS: u32 = 2;
 
 #[map(name = "NB_SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::pinned(1, 0);

@@ -184,3 +184,60 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Skip> {
         len,
     })
 }
+
+/// TCP option kinds and the timestamp option's length.
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_TIMESTAMP: u8 = 8;
+const TCPOLEN_TIMESTAMP: usize = 10;
+/// Options looked at before giving up: a SYN from Linux has its timestamp third, from macOS
+/// or Windows sixth, and every later Linux segment first (after two NOPs).
+const TCP_OPTION_STEPS: usize = 12;
+
+/// The sequence and acknowledgment numbers of a TCP packet, host order.
+#[inline(always)]
+pub fn seq_ack(ctx: &XdpContext, pkt: &Packet) -> Option<(u32, u32)> {
+    let w: *const [u32; 3] = ptr_at(ctx, pkt.l4).ok()?;
+    // SAFETY: `ptr_at` checked the 12 bytes lie inside the packet.
+    let w = unsafe { &*w };
+    Some((u32::from_be(w[1]), u32::from_be(w[2])))
+}
+
+/// The timestamp option of a TCP packet, (TSval, TSecr) in host order, if it has one among
+/// its first `TCP_OPTION_STEPS` options. Off the fast path: asked only of SYNs that may take
+/// over a port and of a closed connection's last packets.
+#[inline(always)]
+pub fn tcp_timestamps(ctx: &XdpContext, pkt: &Packet) -> Option<(u32, u32)> {
+    let hdr: *const [u8; 20] = ptr_at(ctx, pkt.l4).ok()?;
+    // SAFETY: `ptr_at` checked the 20-byte fixed header lies inside the packet.
+    let doff = ((unsafe { (*hdr)[12] } >> 4) as usize) * 4;
+    let mut off = 20usize;
+    for _ in 0..TCP_OPTION_STEPS {
+        // A timestamp needs 10 bytes; fewer left, none follows. The constant bound (60 - 10)
+        // is for the verifier.
+        if off + TCPOLEN_TIMESTAMP > doff || off > 50 {
+            return None;
+        }
+        let opt: *const [u8; TCPOLEN_TIMESTAMP] = ptr_at(ctx, pkt.l4 + off).ok()?;
+        // SAFETY: `ptr_at` checked the 10 bytes lie inside the packet.
+        let opt = unsafe { &*opt };
+        match opt[0] {
+            TCPOPT_EOL => return None,
+            TCPOPT_NOP => off += 1,
+            TCPOPT_TIMESTAMP if opt[1] as usize == TCPOLEN_TIMESTAMP => {
+                return Some((
+                    u32::from_be_bytes([opt[2], opt[3], opt[4], opt[5]]),
+                    u32::from_be_bytes([opt[6], opt[7], opt[8], opt[9]]),
+                ));
+            }
+            _ => {
+                let len = opt[1] as usize;
+                if len < 2 {
+                    return None;
+                }
+                off += len;
+            }
+        }
+    }
+    None
+}

@@ -312,3 +312,201 @@ fn check_reports_file_and_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TcpStream from `ns` to `to`, bound first to client port `from` of the client's address
+/// (std has no bind-before-connect).
+fn connect_from_port(
+    ns: &nb_tests::netns::Netns,
+    from: u16,
+    to: SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only");
+    };
+    ns.enter(move || {
+        let sa = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(ip.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket(2) call; the descriptor is handed to a TcpStream at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh socket owned by nothing else; the stream closes it.
+        let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        let local = sa(nb_tests::topo::CLIENT, from);
+        // SAFETY: `local` is a valid sockaddr_in of `len` bytes for the duration of the call.
+        if unsafe { libc::bind(fd, (&raw const local).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sa(*to.ip(), to.port());
+        // SAFETY: as above.
+        if unsafe { libc::connect(fd, (&raw const remote).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    })
+}
+
+/// A counter of the `TcpExt` table in `ns` (/proc/net/netstat is per namespace).
+fn tcp_ext(ns: &nb_tests::netns::Netns, name: &str) -> u64 {
+    let text = ns.sh("cat /proc/net/netstat");
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("TcpExt:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let at = rows[0]
+        .iter()
+        .position(|n| *n == name)
+        .expect("counter name");
+    rows[1][at].parse().expect("counter value")
+}
+
+/// A new connection that must take over the SNAT port of a closed connection meets a backend
+/// that still holds that connection in TIME_WAIT (the backend closed first). Linux accepts its
+/// SYN there only with a newer timestamp than the old connection's last (PAWS), and a client's
+/// timestamps start at a random offset for every connection: taking the oldest port, half the
+/// new connections were refused (an ACK for the old connection, the client's reset, a resent
+/// SYN: 1-3 s on many systems). nb takes a port whose TIME_WAIT accepts the SYN.
+#[test]
+fn taken_over_ports_meet_no_time_wait_refusal() {
+    require_root();
+    let t = Topology::new("e8", Wiring::TwoNic, 1);
+    // A backend that closes first: greets, then closes.
+    let listener = t
+        .backends
+        .enter(|| {
+            let l = std::net::TcpListener::bind(SocketAddr::new(backend_v4(1).into(), 8080))?;
+            l.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(l)
+        })
+        .expect("bind backend");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = std::io::Write::write_all(&mut s, b"bye\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        })
+    };
+    struct StopServer(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        Option<std::thread::JoinHandle<()>>,
+    );
+    impl Drop for StopServer {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(h) = self.1.take() {
+                let _ = h.join();
+            }
+        }
+    }
+    let _server = StopServer(stop, Some(server));
+    let cfg = t.write_config(&tcp_port(80, "roundrobin", &nodes_toml(1, 8080, false)));
+    let _agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+
+    // Clients (ports of the client's address) whose SYNs try eight SNAT ports none of the
+    // others tries, and for each of those ports a client that tries it first.
+    let word = |a: std::net::Ipv4Addr| [u32::from_ne_bytes(a.octets()), 0, 0, 0];
+    let tries = |port: u16| {
+        let h = nb_common::hash::flow(
+            &word(nb_tests::topo::CLIENT),
+            &word(nb_tests::topo::VIP),
+            port.to_be(),
+            80u16.to_be(),
+        );
+        let stride = nb_common::hash::snat_stride(h);
+        (0..nb_common::SNAT_PORT_TRIES)
+            .map(|i| nb_common::hash::snat_try(h, stride, i))
+            .collect::<Vec<u16>>()
+    };
+    let mut first_try: HashMap<u16, Vec<u16>> = HashMap::new();
+    for p in (1024..=65535u16).filter(|p| !(40000..50000).contains(p)) {
+        first_try.entry(tries(p)[0]).or_default().push(p);
+    }
+    let mut taken_snat = std::collections::HashSet::new();
+    let mut used_ports = std::collections::HashSet::new();
+    let mut scenes: Vec<(u16, Vec<u16>)> = Vec::new();
+    for b in 40000..50000u16 {
+        if scenes.len() == 16 {
+            break;
+        }
+        let qs = tries(b);
+        if qs.iter().any(|q| taken_snat.contains(q)) {
+            continue;
+        }
+        let olds: Option<Vec<u16>> = qs
+            .iter()
+            .map(|q| {
+                first_try
+                    .get(q)?
+                    .iter()
+                    .copied()
+                    .find(|p| !used_ports.contains(p))
+            })
+            .collect();
+        let Some(olds) = olds else { continue };
+        taken_snat.extend(qs.iter().copied());
+        used_ports.extend(olds.iter().copied());
+        scenes.push((b, olds));
+    }
+    assert_eq!(scenes.len(), 16, "found 16 clients to stage");
+
+    // The old connections: each gets its first port; the backend closes first, the client
+    // after it, so the backend holds each in TIME_WAIT (60 s).
+    for (_, olds) in &scenes {
+        for &p in olds {
+            let mut s = connect_from_port(&t.client, p, vip(80)).expect("old connection");
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut s, &mut buf).expect("greeting, then the close");
+            assert_eq!(buf, b"bye\n");
+        }
+    }
+    let time_wait = t.backends.sh("ss -Htan state time-wait | wc -l");
+    assert!(
+        time_wait.trim().parse::<usize>().expect("count") >= 128,
+        "the backend holds the old connections in TIME_WAIT: {time_wait}"
+    );
+    // Closed ports may be taken over once silent for SNAT_TAKEOVER_SECS.
+    std::thread::sleep(Duration::from_millis(
+        nb_common::SNAT_TAKEOVER_SECS * 1000 + 1500,
+    ));
+
+    let refused_before = tcp_ext(&t.backends, "PAWSTimewait");
+    let resent_before = tcp_ext(&t.client, "TCPSynRetrans");
+    for (b, _) in &scenes {
+        let mut s = connect_from_port(&t.client, *b, vip(80)).expect("new connection");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut buf).expect("greeting");
+        assert_eq!(buf, b"bye\n", "client port {b}");
+    }
+    let refused = tcp_ext(&t.backends, "PAWSTimewait") - refused_before;
+    let resent = tcp_ext(&t.client, "TCPSynRetrans") - resent_before;
+    // Each new connection tries eight ports, each in TIME_WAIT with an even chance of
+    // refusing it: all eight refuse 1 time in 256, when nb has no better port to take. Taking
+    // the oldest, about 8 of the 16 were refused.
+    assert!(
+        refused <= 1 && resent <= 1,
+        "{refused} SYNs refused by TIME_WAIT (PAWS), {resent} resent, of 16"
+    );
+}

@@ -15,8 +15,8 @@ use aya::{
 };
 use nb_agent::dataplane::{BackendSpec, Dataplane, FlowTimeouts, ServiceSpec, coarse_now_ns};
 use nb_common::{
-    ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, RevValue, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, cfg, maps,
+    ALG_ROUNDROBIN, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, REV_TW_NONE, REV_TW_SEQ, REV_TW_TS,
+    RevValue, SNAT_PORT_MAX, SNAT_PORT_MIN, cfg, maps,
 };
 use nb_tests::{
     netns::{Netns, veth},
@@ -666,6 +666,11 @@ fn a_closed_connections_snat_port_is_held_and_taken_over_only_when_none_is_free(
             "D takes over C's port"
         );
         assert_eq!(r.counter("snat_port_reused"), 1);
+        assert_eq!(
+            r.counter("snat_port_reused_may_refuse"),
+            0,
+            "C was reset: its backend holds no TIME_WAIT"
+        );
         assert!(!client_entry(c), "C's client entry went with its port");
         // D's replies reach D, not C.
         let (act, out) = r.run(&from_backend(lb_mac, 8080, pc, SYN | ACK).build());
@@ -676,6 +681,218 @@ fn a_closed_connections_snat_port_is_held_and_taken_over_only_when_none_is_free(
             Ip::V4 { dst, .. } => assert_eq!(dst, d.0, "and to D's address"),
             _ => panic!("IPv4 expected"),
         }
+    });
+}
+
+/// TCP options as Linux sends them: a SYN's (MSS, SACK permitted, timestamps, window scale:
+/// the timestamp third, at no aligned offset), and every later segment's (two NOPs, then the
+/// timestamps).
+fn syn_options(tsval: u32) -> Vec<u8> {
+    let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    o.extend(tsval.to_be_bytes());
+    o.extend(0u32.to_be_bytes());
+    o.extend([1, 3, 3, 7]);
+    o
+}
+
+fn ts_options(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 8, 10];
+    o.extend(tsval.to_be_bytes());
+    o.extend(tsecr.to_be_bytes());
+    o
+}
+
+/// The reply entry of SNAT port `snat` towards B1:8080.
+fn rev_entry(pin: &std::path::Path, snat: u16) -> RevValue {
+    let rev = flow_table::<RevValue>(pin, maps::REV_FLOWS);
+    let key = FlowKey {
+        src: [u32::from_ne_bytes(B1.octets()), 0, 0, 0],
+        dst: [u32::from_ne_bytes(LB_PRIV.octets()), 0, 0, 0],
+        sport: 8080u16.to_be(),
+        dport: snat.to_be(),
+        family: FAMILY_V4,
+        proto: 6,
+        _pad: [0; 2],
+    };
+    rev.get(&key, 0).expect("reply entry")
+}
+
+/// A connection from `client` on its first SNAT port, answered, then closed by the backend
+/// first as Linux does it (FIN; the client's FIN; the backend's last ACK, from TIME_WAIT),
+/// with timestamps if `ts` is given as (client's last TSval, backend's TSval): its port.
+fn open_and_close_by_backend(
+    r: &mut Runner,
+    lb_mac: [u8; 6],
+    client: (Ipv4Addr, u16),
+    ts: Option<(u32, u32)>,
+    last_acked: u32,
+) -> u16 {
+    let (act, port) = open_from(r, lb_mac, client);
+    assert_eq!(
+        (act, port),
+        (XDP_TX, Some(snat_tries(client)[0])),
+        "{client:?} gets its first port"
+    );
+    let port = port.unwrap();
+    let back = |r: &mut Runner, flags: u8, ecr_delta: u32, ack: u32| {
+        let mut f = from_backend(lb_mac, 8080, port, flags);
+        f.tcp.ack = ack;
+        if let Some((client_ts, own_ts)) = ts {
+            f.tcp.options = ts_options(own_ts, client_ts.wrapping_sub(ecr_delta));
+        }
+        assert_eq!(r.run(&f.build()).0, XDP_TX, "backend packet {flags:#x}");
+    };
+    back(r, SYN | ACK, 30, last_acked.wrapping_sub(200));
+    // Answered: plain packets after this may be served from a copy.
+    back(r, ACK | PSH, 20, last_acked.wrapping_sub(100));
+    back(r, ACK | PSH, 20, last_acked.wrapping_sub(100));
+    back(r, FIN | ACK, 10, last_acked.wrapping_sub(1));
+    let mut fin = syn(lb_mac, client.1);
+    if let Ip::V4 { src, .. } = &mut fin.ip {
+        *src = client.0;
+    }
+    fin.tcp.flags = FIN | ACK;
+    assert_eq!(r.run(&fin.build()).0, XDP_TX, "client FIN");
+    // The last ACK, plain: it must reach the table, not a copy made before the close.
+    back(r, ACK, 0, last_acked);
+    port
+}
+
+/// The backend's close leaves on the reply entry what its TIME_WAIT will hold against a new
+/// SYN on those addresses and ports: the client timestamp its last packet echoed, or without
+/// timestamps the sequence number it acknowledged last; a reset leaves no TIME_WAIT.
+#[test]
+fn a_backends_close_records_what_its_time_wait_holds() {
+    let rig = Rig::new("pkt");
+    let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
+    rig.with(one_backend(), move |r| {
+        stay_on_this_cpu();
+        let mut used = Vec::new();
+        let a = (Ipv4Addr::new(198, 18, 6, 1), 40001);
+        used.push(a);
+        let pa = open_and_close_by_backend(r, lb_mac, a, Some((0x8000_0123, 77)), 5000);
+        let e = rev_entry(&pin, pa);
+        assert_eq!(
+            e.flags & (REV_TW_TS | REV_TW_SEQ | REV_TW_NONE),
+            REV_TW_TS,
+            "timestamps"
+        );
+        assert_eq!(
+            e.tw_mark, 0x8000_0123,
+            "the TSecr of the backend's last ACK"
+        );
+
+        let b = (Ipv4Addr::new(198, 18, 6, 1), 40002);
+        let pb = open_and_close_by_backend(r, lb_mac, b, None, 0xffff_fff0);
+        let e = rev_entry(&pin, pb);
+        assert_eq!(
+            e.flags & (REV_TW_TS | REV_TW_SEQ | REV_TW_NONE),
+            REV_TW_SEQ,
+            "no timestamps"
+        );
+        assert_eq!(e.tw_mark, 0xffff_fff0, "the ack of the backend's last ACK");
+
+        let c = (Ipv4Addr::new(198, 18, 6, 1), 40003);
+        let pc = open_and_close(r, lb_mac, c);
+        let e = rev_entry(&pin, pc);
+        assert_ne!(e.flags & REV_TW_NONE, 0, "reset: no TIME_WAIT");
+    });
+}
+
+/// A new connection that must take over a closed connection's port takes one whose
+/// backend's TIME_WAIT will accept its SYN, not merely the oldest: Linux refuses a SYN whose
+/// timestamp is older than the old connection's last (PAWS), or without timestamps one whose
+/// sequence number is not past the old connection's, and a client's timestamps and sequence
+/// numbers start at a random offset for every connection. With none that will, the oldest.
+#[test]
+fn a_takeover_picks_a_port_whose_time_wait_accepts_the_syn() {
+    const FIRST_MARK: u32 = 0x4000_0000;
+    const SECOND_MARK: u32 = 0x1000_0000;
+    let rig = Rig::new("pku");
+    let lb_mac = rig.lb0_mac;
+    rig.with(one_backend(), move |r| {
+        let mut used = Vec::new();
+        // For client `d`, whose SYN will try ports q0..q7: q0 closed first, its backend's
+        // TIME_WAIT holding FIRST_MARK; q1 closed a second later, holding SECOND_MARK (lower:
+        // each connection's numbers start at random); q2..q7 live. With `ts`, the marks are timestamps, else acknowledged sequence numbers.
+        let mut scene = |r: &mut Runner, d: (Ipv4Addr, u16), ts: bool| -> Vec<u16> {
+            used.push(d);
+            let tries = snat_tries(d);
+            for (i, mark) in [(0, FIRST_MARK), (1, SECOND_MARK)] {
+                let c = client_trying_first(tries[i], &used);
+                used.push(c);
+                let (ts, acked) = if ts {
+                    (Some((mark, 1)), 7)
+                } else {
+                    (None, mark)
+                };
+                assert_eq!(open_and_close_by_backend(r, lb_mac, c, ts, acked), tries[i]);
+                if i == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1100));
+                }
+            }
+            for &q in &tries[2..] {
+                let z = client_trying_first(q, &used);
+                used.push(z);
+                assert_eq!(open_from(r, lb_mac, z), (XDP_TX, Some(q)), "live on {q}");
+            }
+            tries
+        };
+        let d1 = (Ipv4Addr::new(198, 18, 6, 9), 41001);
+        let d2 = (Ipv4Addr::new(198, 18, 6, 9), 41002);
+        let d3 = (Ipv4Addr::new(198, 18, 6, 9), 41003);
+        let d4 = (Ipv4Addr::new(198, 18, 6, 9), 41004);
+        let t1 = scene(r, d1, true);
+        let t2 = scene(r, d2, true);
+        let t3 = scene(r, d3, false);
+        let t4 = scene(r, d4, true);
+        std::thread::sleep(std::time::Duration::from_millis(
+            nb_common::SNAT_TAKEOVER_SECS * 1000 + 1100,
+        ));
+        let open = |r: &mut Runner, c: (Ipv4Addr, u16), seq: u32, tsval: Option<u32>| {
+            let mut f = syn(lb_mac, c.1);
+            if let Ip::V4 { src, .. } = &mut f.ip {
+                *src = c.0;
+            }
+            f.tcp.seq = seq;
+            f.tcp.options = tsval.map(syn_options).unwrap_or_default();
+            let (act, out) = r.run(&f.build());
+            assert_eq!(act, XDP_TX);
+            let got = packet::parse(&out).expect("forwarded SYN");
+            assert_eq!(got.tcp.options, f.tcp.options, "options untouched");
+            got.tcp.sport
+        };
+        let between = SECOND_MARK + (FIRST_MARK - SECOND_MARK) / 2;
+        assert_eq!(
+            open(r, d1, 1, Some(between)),
+            t1[1],
+            "a timestamp between the marks: the port whose TIME_WAIT holds the lower mark, not \
+             the port closed first"
+        );
+        assert_eq!(
+            open(r, d2, 1, Some(SECOND_MARK / 2)),
+            t2[0],
+            "a timestamp older than both: the oldest"
+        );
+        assert_eq!(
+            open(r, d3, between, None),
+            t3[1],
+            "no timestamps, a sequence number between the marks: the port whose TIME_WAIT \
+             acknowledged the lower"
+        );
+        assert_eq!(
+            open(r, d4, 1, Some(SECOND_MARK + 1000)),
+            t4[0],
+            "a timestamp newer than a mark by less than the margin (TIME_WAIT may have taken a \
+             later one silently) does not count as accepted: the oldest"
+        );
+        assert_eq!(r.counter("snat_port_reused"), 4);
+        assert_eq!(
+            r.counter("snat_port_reused_may_refuse"),
+            2,
+            "the two taken with no port known to accept"
+        );
     });
 }
 
