@@ -95,7 +95,8 @@ fn require_tools(tools: &[&str]) -> Result<()> {
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false),
-            "`{tool}` is missing: apt-get install wrk nginx-light haproxy nftables curl openssl"
+            "`{tool}` is missing: apt-get install wrk nginx-light haproxy nftables curl openssl \
+             ethtool iproute2"
         );
     }
     Ok(())
@@ -635,6 +636,10 @@ struct L4Row {
     /// Requests/s of each round, kept-alive and new connections: one slow round and a
     /// lane slow throughout look alike in a mean.
     rounds_rps: [Vec<f64>; 2],
+    /// Over the new-connection rounds: SYNs the backends' TIME_WAIT refused (PAWS), and SYNs
+    /// the client resent.
+    syn_refused: u64,
+    syn_resent: u64,
 }
 
 /// Rounds of each L4 load, the contenders taking turns (as in the L7 part, see `l7::ROUNDS`),
@@ -670,6 +675,9 @@ struct L4Lane {
     /// nb only: XDP run time and runs of nb's program and of the empty one on the backends'
     /// interface, summed over the kept-alive rounds (kernel bpf_stats).
     xdp: [(u64, u64); 2],
+    /// See `L4Row::syn_refused`.
+    syn_refused: u64,
+    syn_resent: u64,
     // Dropped last: the contender goes before its network.
     rig: L4Rig,
 }
@@ -757,6 +765,8 @@ impl L4Lane {
             host_cpu: Vec::new(),
             lb_cpu: Vec::new(),
             xdp: [(0, 0); 2],
+            syn_refused: 0,
+            syn_resent: 0,
             rig,
         }
     }
@@ -800,11 +810,12 @@ impl L4Lane {
     }
 
     fn new_conns_round(&mut self) -> Result<()> {
-        let load = wrk_for(
-            &self.rig.t.client,
-            &["-H", "Connection: close"],
-            L4_ROUND_SECONDS,
-        )?;
+        let t = &self.rig.t;
+        let refused = tcp_ext(&t.backends, "PAWSTimewait")?;
+        let resent = tcp_ext(&t.client, "TCPSynRetrans")?;
+        let load = wrk_for(&t.client, &["-H", "Connection: close"], L4_ROUND_SECONDS)?;
+        self.syn_refused += tcp_ext(&t.backends, "PAWSTimewait")?.saturating_sub(refused);
+        self.syn_resent += tcp_ext(&t.client, "TCPSynRetrans")?.saturating_sub(resent);
         self.new_conns.push(load);
         Ok(())
     }
@@ -828,6 +839,8 @@ impl L4Lane {
                 self.keepalive.iter().map(|l| l.rps).collect(),
                 self.new_conns.iter().map(|l| l.rps).collect(),
             ],
+            syn_refused: self.syn_refused,
+            syn_resent: self.syn_resent,
         }
     }
 }
@@ -845,7 +858,7 @@ fn combine_loads(rounds: &[Load]) -> Load {
 }
 
 fn l4(out: &Path) -> Result<Vec<Key>> {
-    require_tools(&["wrk", "nginx", "haproxy", "nft"])?;
+    require_tools(&["wrk", "nginx", "haproxy", "nft", "ethtool", "ip"])?;
     println!(
         "== L4: kept-alive requests and new connections through each balancer ({L4_ROUNDS} \
          rounds of {L4_ROUND_SECONDS} s per load, taking turns)"
@@ -921,7 +934,8 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
              \"keepalive_errors\": {}, \"new_conn_per_s\": {:.0}, \"new_conn_p99_ms\": {:.3}, \
              \"new_conn_errors\": {}, \"host_cpu_busy\": {:.3}, \"balancer_process_cpu\": {}, \
              \"balancer_cores_keepalive\": {}, \"keepalive_rps_by_round\": {:.0?}, \
-             \"new_conn_per_s_by_round\": {:.0?}, \"nb_ratio_keepalive\": {:.3}, \
+             \"new_conn_per_s_by_round\": {:.0?}, \"new_conn_syns_refused_by_time_wait\": {}, \
+             \"new_conn_syns_resent\": {}, \"nb_ratio_keepalive\": {:.3}, \
              \"nb_ratio_new_conn\": {:.3}}}{}",
             r.name,
             r.keepalive.rps,
@@ -939,12 +953,22 @@ fn l4(out: &Path) -> Result<Vec<Key>> {
                 .unwrap_or_else(|| "null".into()),
             r.rounds_rps[0],
             r.rounds_rps[1],
+            r.syn_refused,
+            r.syn_resent,
             ka_ratio,
             new_ratio,
             if i + 1 < rows.len() { "," } else { "" }
         );
     }
     json.push_str("  ],\n");
+    println!(
+        "   SYNs refused by a backend's TIME_WAIT (PAWS) / resent by the client, over the \
+         new-connection rounds: {}",
+        rows.iter()
+            .map(|r| format!("{} {}/{}", r.name, r.syn_refused, r.syn_resent))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if let Some((nb_ns, nb_n, e_ns, e_n)) = live {
         println!(
             "   XDP cost under the kept-alive load (kernel bpf_stats): nb {nb_ns:.1} ns/packet over \
@@ -1125,6 +1149,28 @@ fn start_nginx(ns: &Netns, dir: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
+}
+
+/// A counter of the kernel's `TcpExt` table in `ns` (/proc/net/netstat is per namespace).
+fn tcp_ext(ns: &Netns, name: &str) -> Result<u64> {
+    let text = ns.sh("cat /proc/net/netstat");
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| l.starts_with("TcpExt:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    ensure!(
+        rows.len() == 2,
+        "unexpected /proc/net/netstat in {}",
+        ns.name()
+    );
+    let at = rows[0]
+        .iter()
+        .position(|n| *n == name)
+        .with_context(|| format!("no TcpExt {name} in /proc/net/netstat"))?;
+    rows[1][at]
+        .parse()
+        .with_context(|| format!("TcpExt {name} value"))
 }
 
 /// wrk from `client` to port 80 of the public address for `seconds`.

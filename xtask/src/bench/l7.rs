@@ -81,7 +81,9 @@ fn rounds() -> Result<usize> {
 /// Runs the L7 part with `workers` threads per contender; writes `l7.json` into `out` and
 /// returns the key numbers against their targets.
 pub fn run(out: &Path, workers: u32) -> Result<Vec<Key>> {
-    require_tools(&["wrk", "nginx", "haproxy", "curl", "openssl", "cc"])?;
+    require_tools(&[
+        "wrk", "nginx", "haproxy", "curl", "openssl", "cc", "ethtool", "ip",
+    ])?;
     ensure!(workers >= 1, "--workers must be at least 1");
     let rounds = rounds()?;
     println!(
