@@ -204,8 +204,8 @@ pub fn seq_ack(ctx: &XdpContext, pkt: &Packet) -> Option<(u32, u32)> {
 }
 
 /// The timestamp option of a TCP packet, (TSval, TSecr) in host order, if it has one among
-/// its first `TCP_OPTION_STEPS` options. Off the fast path: asked only of SYNs that may take
-/// over a port and of a closed connection's last packets.
+/// its first `TCP_OPTION_STEPS` options. Off the established path: asked of a new
+/// connection's SYN and of the packets a backend sends after its close.
 #[inline(always)]
 pub fn tcp_timestamps(ctx: &XdpContext, pkt: &Packet) -> Option<(u32, u32)> {
     let hdr: *const [u8; 20] = ptr_at(ctx, pkt.l4).ok()?;

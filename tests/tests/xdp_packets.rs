@@ -702,6 +702,14 @@ fn ts_options(tsval: u32, tsecr: u32) -> Vec<u8> {
     o
 }
 
+/// An IPv6 address as the four network-order words of a `FlowKey`.
+fn v6_words(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
 /// The reply entry of SNAT port `snat` towards B1:8080.
 fn rev_entry(pin: &std::path::Path, snat: u16) -> RevValue {
     let rev = flow_table::<RevValue>(pin, maps::REV_FLOWS);
@@ -1027,6 +1035,7 @@ fn truncated_at_every_length_passes_untouched() {
 fn ipv6_vlan_and_ip_options() {
     let rig = Rig::new("pk4");
     let lb_mac = rig.lb0_mac;
+    let pin = std::path::PathBuf::from(&rig.pin);
     rig.with(one_backend(), move |r| {
         let mut s6 = Frame::v6((CLIENT6, 40020), (VIP6, 80), SYN);
         s6.dst_mac = lb_mac;
@@ -1075,6 +1084,34 @@ fn ipv6_vlan_and_ip_options() {
         assert_eq!(
             outs[0], outs[1],
             "the copy translates the reply as the table did"
+        );
+        // The backend closes (its FIN, then its last ACK, plain: past the copy), and the
+        // reply entry records the client timestamp it echoed last.
+        for (flags, ecr) in [(FIN | ACK, 0x7000_0000u32), (ACK, 0x7000_0005)] {
+            let mut c6 = Frame::v6((B6, 8080), (LB_PRIV6, snat6), flags);
+            c6.dst_mac = lb_mac;
+            c6.tcp.options = ts_options(99, ecr);
+            assert_eq!(r.run(&c6.build()).0, XDP_TX, "IPv6 close {flags:#x}");
+        }
+        let rev = flow_table::<RevValue>(&pin, maps::REV_FLOWS);
+        let e = rev
+            .get(
+                &FlowKey {
+                    src: v6_words(B6),
+                    dst: v6_words(LB_PRIV6),
+                    sport: 8080u16.to_be(),
+                    dport: snat6.to_be(),
+                    family: FAMILY_V6,
+                    proto: 6,
+                    _pad: [0; 2],
+                },
+                0,
+            )
+            .expect("IPv6 reply entry");
+        assert_eq!(
+            (e.flags & (REV_TW_TS | REV_TW_SEQ | REV_TW_NONE), e.tw_mark),
+            (REV_TW_TS, 0x7000_0005),
+            "IPv6: the last echoed timestamp"
         );
 
         let mut v = syn(lb_mac, 40021);
