@@ -73,6 +73,17 @@ impl Netns {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A counter of the kernel's `TcpExt` table in the namespace (/proc/net/netstat is per
+    /// namespace): TCP's own account of what it met, such as SYNs refused in TIME_WAIT
+    /// (`PAWSTimewait`) or resent (`TCPSynRetrans`). None if the kernel has no such counter.
+    pub fn tcp_ext(&self, name: &str) -> Option<u64> {
+        let text = self.sh("cat /proc/net/netstat");
+        let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (rows.next()?, rows.next()?);
+        let at = names.split_whitespace().position(|n| n == name)?;
+        values.split_whitespace().nth(at)?.parse().ok()
+    }
+
     /// Runs `cmd` with `sh -c` inside the namespace; true if it exited 0.
     pub fn sh_ok(&self, cmd: &str) -> bool {
         Command::new("ip")

@@ -355,21 +355,6 @@ fn connect_from_port(
     })
 }
 
-/// A counter of the `TcpExt` table in `ns` (/proc/net/netstat is per namespace).
-fn tcp_ext(ns: &nb_tests::netns::Netns, name: &str) -> u64 {
-    let text = ns.sh("cat /proc/net/netstat");
-    let rows: Vec<Vec<&str>> = text
-        .lines()
-        .filter(|l| l.starts_with("TcpExt:"))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    let at = rows[0]
-        .iter()
-        .position(|n| *n == name)
-        .expect("counter name");
-    rows[1][at].parse().expect("counter value")
-}
-
 /// A new connection that must take over the SNAT port of a closed connection meets a backend
 /// that still holds that connection in TIME_WAIT (the backend closed first). Linux accepts its
 /// SYN there only with a newer timestamp than the old connection's last (PAWS), and a client's
@@ -503,8 +488,8 @@ fn taken_over_ports_meet_no_time_wait_refusal() {
         nb_common::SNAT_TAKEOVER_SECS * 1000 + 1500,
     ));
 
-    let refused_before = tcp_ext(&t.backends, "PAWSTimewait");
-    let resent_before = tcp_ext(&t.client, "TCPSynRetrans");
+    let refused_before = t.backends.tcp_ext("PAWSTimewait").expect("PAWSTimewait");
+    let resent_before = t.client.tcp_ext("TCPSynRetrans").expect("TCPSynRetrans");
     for (b, _) in &scenes {
         let mut s = connect_from_port(&t.client, *b, vip(80)).expect("new connection");
         s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -513,8 +498,8 @@ fn taken_over_ports_meet_no_time_wait_refusal() {
         std::io::Read::read_to_end(&mut s, &mut buf).expect("greeting");
         assert_eq!(buf, b"bye\n", "client port {b}");
     }
-    let refused = tcp_ext(&t.backends, "PAWSTimewait") - refused_before;
-    let resent = tcp_ext(&t.client, "TCPSynRetrans") - resent_before;
+    let refused = t.backends.tcp_ext("PAWSTimewait").expect("PAWSTimewait") - refused_before;
+    let resent = t.client.tcp_ext("TCPSynRetrans").expect("TCPSynRetrans") - resent_before;
     // Each new connection tries eight ports, each in TIME_WAIT with an even chance of
     // refusing it: all eight refuse 1 time in 256, when nb has no better port to take. Taking
     // the oldest, about 8 of the 16 were refused.

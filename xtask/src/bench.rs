@@ -1151,26 +1151,10 @@ fn start_nginx(ns: &Netns, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A counter of the kernel's `TcpExt` table in `ns` (/proc/net/netstat is per namespace).
+/// A `TcpExt` counter of `ns` (see `Netns::tcp_ext`).
 fn tcp_ext(ns: &Netns, name: &str) -> Result<u64> {
-    let text = ns.sh("cat /proc/net/netstat");
-    let rows: Vec<Vec<&str>> = text
-        .lines()
-        .filter(|l| l.starts_with("TcpExt:"))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    ensure!(
-        rows.len() == 2,
-        "unexpected /proc/net/netstat in {}",
-        ns.name()
-    );
-    let at = rows[0]
-        .iter()
-        .position(|n| *n == name)
-        .with_context(|| format!("no TcpExt {name} in /proc/net/netstat"))?;
-    rows[1][at]
-        .parse()
-        .with_context(|| format!("TcpExt {name} value"))
+    ns.tcp_ext(name)
+        .with_context(|| format!("no TcpExt {name} in /proc/net/netstat of {}", ns.name()))
 }
 
 /// wrk from `client` to port 80 of the public address for `seconds`.
