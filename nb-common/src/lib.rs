@@ -113,6 +113,19 @@ pub mod hash {
         SNAT_PORT_MIN + (h.wrapping_add(i.wrapping_mul(stride)) % SNAT_RANGE) as u16
     }
 
+    /// Every SNAT port a new flow from `src`:`sport` to `dst`:`dport` (network byte order, as
+    /// in the packet) tries, in order: what tests stage a port takeover with.
+    pub fn snat_tries(
+        src: &[u32; 4],
+        dst: &[u32; 4],
+        sport: u16,
+        dport: u16,
+    ) -> [u16; super::SNAT_PORT_TRIES as usize] {
+        let h = flow(src, dst, sport, dport);
+        let stride = snat_stride(h);
+        core::array::from_fn(|i| snat_try(h, stride, i as u32))
+    }
+
     /// The cheap hash that places a flow key's per-CPU copy (the XDP program's `cache`): a
     /// 64-bit multiply over the XOR of the key's words, whose high bits (the well-mixed ones)
     /// are used. Cheap because it runs for every established packet.

@@ -410,16 +410,12 @@ fn taken_over_ports_meet_no_time_wait_refusal() {
     // others tries, and for each of those ports a client that tries it first.
     let word = |a: std::net::Ipv4Addr| [u32::from_ne_bytes(a.octets()), 0, 0, 0];
     let tries = |port: u16| {
-        let h = nb_common::hash::flow(
+        nb_common::hash::snat_tries(
             &word(nb_tests::topo::CLIENT),
             &word(nb_tests::topo::VIP),
             port.to_be(),
             80u16.to_be(),
-        );
-        let stride = nb_common::hash::snat_stride(h);
-        (0..nb_common::SNAT_PORT_TRIES)
-            .map(|i| nb_common::hash::snat_try(h, stride, i))
-            .collect::<Vec<u16>>()
+        )
     };
     let mut first_try: HashMap<u16, Vec<u16>> = HashMap::new();
     for p in (1024..=65535u16).filter(|p| !(40000..50000).contains(p)) {

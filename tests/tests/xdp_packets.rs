@@ -528,11 +528,8 @@ fn the_sweep_spares_entries_a_new_connection_took_while_it_ran() {
 /// the program computes them.
 fn snat_tries(client: (Ipv4Addr, u16)) -> Vec<u16> {
     let word = |a: Ipv4Addr| [u32::from_ne_bytes(a.octets()), 0, 0, 0];
-    let h = nb_common::hash::flow(&word(client.0), &word(VIP), client.1.to_be(), 80u16.to_be());
-    let stride = nb_common::hash::snat_stride(h);
-    (0..nb_common::SNAT_PORT_TRIES)
-        .map(|i| nb_common::hash::snat_try(h, stride, i))
-        .collect()
+    nb_common::hash::snat_tries(&word(client.0), &word(VIP), client.1.to_be(), 80u16.to_be())
+        .to_vec()
 }
 
 /// A client address and port, none of `taken`, whose first SNAT port try is `port`.
@@ -543,12 +540,18 @@ fn client_trying_first(port: u16, taken: &[(Ipv4Addr, u16)]) -> (Ipv4Addr, u16) 
         .expect("some client tries that port first")
 }
 
-/// A SYN from `client` to the IPv4 service: (action, SNAT port it went out with, if any).
-fn open_from(r: &mut Runner, lb_mac: [u8; 6], client: (Ipv4Addr, u16)) -> (u32, Option<u16>) {
+/// `syn` from `client`'s address and port.
+fn syn_from(lb_mac: [u8; 6], client: (Ipv4Addr, u16)) -> Frame {
     let mut f = syn(lb_mac, client.1);
     if let Ip::V4 { src, .. } = &mut f.ip {
         *src = client.0;
     }
+    f
+}
+
+/// A SYN from `client` to the IPv4 service: (action, SNAT port it went out with, if any).
+fn open_from(r: &mut Runner, lb_mac: [u8; 6], client: (Ipv4Addr, u16)) -> (u32, Option<u16>) {
+    let f = syn_from(lb_mac, client);
     let (act, out) = r.run(&f.build());
     let port = (act == XDP_TX).then(|| packet::parse(&out).expect("forwarded SYN").tcp.sport);
     (act, port)
@@ -585,10 +588,7 @@ fn reset_both_ways(
     bport: u16,
     snat: u16,
 ) {
-    let mut rst = syn(lb_mac, client.1);
-    if let Ip::V4 { src, .. } = &mut rst.ip {
-        *src = client.0;
-    }
+    let mut rst = syn_from(lb_mac, client);
     rst.tcp.flags = RST | ACK;
     assert_eq!(r.run(&rst.build()).0, XDP_TX, "client RST");
     let back = from_backend(lb_mac, bport, snat, RST | ACK);
@@ -755,10 +755,7 @@ fn open_and_close_by_backend(
     back(r, ACK | PSH, 20, last_acked.wrapping_sub(100));
     back(r, ACK | PSH, 20, last_acked.wrapping_sub(100));
     back(r, FIN | ACK, 10, last_acked.wrapping_sub(1));
-    let mut fin = syn(lb_mac, client.1);
-    if let Ip::V4 { src, .. } = &mut fin.ip {
-        *src = client.0;
-    }
+    let mut fin = syn_from(lb_mac, client);
     fin.tcp.flags = FIN | ACK;
     assert_eq!(r.run(&fin.build()).0, XDP_TX, "client FIN");
     // The last ACK, plain: it must reach the table, not a copy made before the close.
@@ -776,9 +773,7 @@ fn a_backends_close_records_what_its_time_wait_holds() {
     let pin = std::path::PathBuf::from(&rig.pin);
     rig.with(one_backend(), move |r| {
         stay_on_this_cpu();
-        let mut used = Vec::new();
         let a = (Ipv4Addr::new(198, 18, 6, 1), 40001);
-        used.push(a);
         let pa = open_and_close_by_backend(r, lb_mac, a, Some((0x8000_0123, 77)), 5000);
         let e = rev_entry(&pin, pa);
         assert_eq!(
@@ -859,10 +854,7 @@ fn a_takeover_picks_a_port_whose_time_wait_accepts_the_syn() {
             nb_common::SNAT_TAKEOVER_SECS * 1000 + 1100,
         ));
         let open = |r: &mut Runner, c: (Ipv4Addr, u16), seq: u32, tsval: Option<u32>| {
-            let mut f = syn(lb_mac, c.1);
-            if let Ip::V4 { src, .. } = &mut f.ip {
-                *src = c.0;
-            }
+            let mut f = syn_from(lb_mac, c);
             f.tcp.seq = seq;
             f.tcp.options = tsval.map(syn_options).unwrap_or_default();
             let (act, out) = r.run(&f.build());
