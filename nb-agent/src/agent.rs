@@ -274,6 +274,9 @@ pub struct Agent {
     /// Refused and answered connection counts per (port, node) at the last sweep: the
     /// difference is what passive checks judge.
     passive_last: HashMap<(u16, String), (u64, u64)>,
+    /// New connections dropped for want of a SNAT port per (port, node) at the last sweep:
+    /// a rise is logged with the node's name.
+    no_port_last: HashMap<(u16, String), u64>,
     /// The http/https ports.
     pub proxy: Proxy,
     /// The tcp ports served in user space (PROXY header, or no XDP).
@@ -310,6 +313,7 @@ impl Agent {
             checks: HashMap::new(),
             events_tx,
             passive_last: HashMap::new(),
+            no_port_last: HashMap::new(),
             proxy: Proxy::new(),
             tcp: TcpProxy::new(),
             sweep_after: None,
@@ -471,6 +475,9 @@ impl Agent {
         let Some(dp) = self.dataplane.as_mut() else {
             return;
         };
+        if let Err(e) = dp.set_vlans(&self.config.balancer.interfaces) {
+            warn!("VLAN interfaces: {e}");
+        }
         match dp.sweep(FlowTimeouts::default()) {
             Ok(report) => self.passive_checks(&report),
             Err(e) => warn!("flow sweep: {e}"),
@@ -494,7 +501,7 @@ impl Agent {
             }
         };
         for p in &self.config.ports {
-            if p.protocol != Protocol::Tcp || !p.check_passive {
+            if p.protocol != Protocol::Tcp {
                 continue;
             }
             for n in &p.nodes {
@@ -507,6 +514,25 @@ impl Agent {
                     continue;
                 };
                 let key = (p.port, n.label.clone());
+                let dropped = c.stats.no_port;
+                if let Some(last) = self.no_port_last.insert(key.clone(), dropped)
+                    && dropped > last
+                {
+                    let snat = source_address_towards(n.address)
+                        .map_or("its private address".to_string(), |a| a.to_string());
+                    warn!(
+                        "port {} node {} ({}): {} new connection(s) dropped since the last \
+                         sweep, no free SNAT port: the 22768 ports of {snat} towards it are \
+                         in use (see the README's \"SNAT ports\")",
+                        p.port,
+                        n.label,
+                        n.address,
+                        dropped - last
+                    );
+                }
+                if !p.check_passive {
+                    continue;
+                }
                 let now = (c.stats.refused, c.stats.answered);
                 let Some(last) = self.passive_last.insert(key.clone(), now) else {
                     continue;
@@ -589,19 +615,30 @@ fn start_dataplane(
     let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
     dp.set_throttle(config.balancer.client_conn_throttle)?;
     dp.apply(&tcp_services(config, public, &|_, _| Health::Unknown))?;
-    let veth = config
+    let veths: Vec<&String> = config
         .balancer
         .interfaces
         .iter()
-        .any(|i| crate::dataplane::driver_name(i).as_deref() == Some("veth"));
+        .filter(|i| crate::dataplane::driver_name(i).as_deref() == Some("veth"))
+        .collect();
+    let veth = !veths.is_empty();
+    for v in &veths {
+        // What a real NIC needs none of, said once, so that a silent drop has a reason.
+        info!(
+            "{v} is a veth: XDP sends by redirect, and the far end of every veth it sends into \
+             needs GRO on (`ethtool -K PEER gro on`) or an XDP program, or redirected frames are \
+             lost; senders into it must not leave checksums to offload (`ethtool -K IF tx off`)"
+        );
+    }
     // Set before attaching, so that no frame is sent by XDP_TX into a veth.
     dp.set_tx_by_redirect(veth)?;
+    dp.set_vlans(&config.balancer.interfaces)?;
     let mut attached = Vec::new();
     for iface in &config.balancer.interfaces {
         enable_forwarding(iface);
         if let Err(e) = dp.attach(iface, mode) {
             for done in attached {
-                if let Err(d) = Dataplane::detach(&config.balancer.bpf_pin_path, done) {
+                if let Err(d) = Dataplane::detach(dp.pin_dir(), done) {
                     warn!("{done}: detaching after a failed attach: {d}");
                 }
             }
@@ -686,7 +723,11 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
         _ = term.recv() => warn!("second signal: not waiting for connections to finish"),
         _ = int.recv() => warn!("second signal: not waiting for connections to finish"),
     }
-    info!("stopping; the XDP program stays attached and pinned");
+    if agent.dataplane.is_some() {
+        info!("stopping; the XDP program stays attached and pinned, and forwards on its own");
+    } else {
+        info!("stopping; tcp ports were served in user space, no XDP program is attached");
+    }
     Ok(())
 }
 

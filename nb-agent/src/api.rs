@@ -785,6 +785,7 @@ fn dataplane_counters(agent: &Agent) -> HashMap<(u16, String), NodeCounters> {
                 e.active += c.active;
                 e.bytes_in += c.stats.bytes_in;
                 e.bytes_out += c.stats.bytes_out;
+                e.no_port += c.stats.no_port;
             }
         }
         Err(e) => warn!("reading backend counters: {e}"),

@@ -6,12 +6,6 @@ use std::{
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::JoinHandle,
-    time::Duration,
 };
 
 use aya::{
@@ -25,14 +19,15 @@ use aya::{
 };
 use log::{info, warn};
 use nb_common::{
-    Backend, BackendStats, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FlowKey, FlowValue, MAGLEV_SIZE,
-    MAX_BACKENDS, MAX_SERVICES, MAX_SVC_BACKENDS, PROTO_TCP, REV_CLOSING, REV_REPLIED, RR_SEQ_LEN,
-    RevValue, SVC_PORT_WORDS, ServiceInfo, ServiceKey, SvcBackends, cfg, maps, stat,
+    Backend, BackendStats, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RST, FlowKey, FlowValue,
+    MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_SVC_BACKENDS, PROTO_TCP, REV_CLIENT_RST,
+    REV_CLOSING, REV_REPLIED, REV_TW_NONE, RR_SEQ_LEN, RevValue, SVC_PORT_WORDS, ServiceInfo,
+    ServiceKey, SvcBackends, VLAN_ID, VLAN_TAGGED, VlanDev, cfg, maps, owner, stat,
 };
 use thiserror::Error;
 
 use crate::{
-    map_batch,
+    map_batch, pins,
     selection::{MaglevBackend, maglev_update, wrr_sequence},
 };
 
@@ -85,6 +80,8 @@ pub enum DataplaneError {
     Full { what: &'static str, max: u32 },
     #[error("parsing the embedded XDP object: {0}")]
     Object(#[source] Box<aya_obj::ParseError>),
+    #[error("{0}")]
+    Pins(#[from] pins::PinError),
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -169,12 +166,19 @@ pub struct BackendCounters {
 /// What one sweep of the flow tables found.
 #[derive(Debug, Clone, Default)]
 pub struct SweepReport {
+    /// Established connections (client entries).
     pub flows: u64,
+    /// Half-open connections (client entries).
+    pub half_open: u64,
+    /// Established connections' client entries that expired.
     pub expired: u64,
+    /// Half-open connections' client entries that expired.
+    pub expired_half_open: u64,
     /// Live (not closing) flows per backend key `(service port, node key)`.
     pub active: HashMap<(u16, String), u64>,
-    /// Connections first seen unanswered by their backend at this sweep (SYN sent more than
-    /// `UNANSWERED_AFTER_SECS` ago, no reply yet), per backend key: passive checks.
+    /// Connections first seen unanswered by their backend at this sweep (a client's SYN
+    /// forwarded more than `UNANSWERED_AFTER_SECS` ago, no reply yet, the client not given
+    /// up), per backend key: passive checks.
     pub unanswered: HashMap<(u16, String), u64>,
     /// Whether the tables were read in batches (false: entry by entry).
     pub batched: bool,
@@ -187,12 +191,23 @@ pub const UNANSWERED_AFTER_SECS: u64 = 3;
 #[derive(Debug, Clone, Copy)]
 pub struct FlowTimeouts {
     pub established_secs: u64,
+    /// A connection its backend closed (the client's entry).
     pub closing_secs: u64,
+    /// A connection only its client closed (a FIN inside the window): the backend may still
+    /// send, and a forged FIN must not cut an idle connection short, so longer than
+    /// `closing_secs` (conntrack gives such a connection 60-120 s).
+    pub half_closed_secs: u64,
     /// A closed connection's reply entry, which holds its SNAT port (see
     /// `nb_common::SNAT_HOLD_SECS`; the program takes such ports over when it finds no other).
     pub closed_port_secs: u64,
     /// A connection the backend never answered.
     pub unanswered_secs: u64,
+    /// A connection reset by either side (a client's reset once this much silence confirms
+    /// it): no TIME_WAIT holds its port.
+    pub reset_secs: u64,
+    /// A half-open connection, counted from its client's last SYN; one refused or given up
+    /// goes at the next sweep.
+    pub half_open_secs: u64,
 }
 
 impl Default for FlowTimeouts {
@@ -200,10 +215,19 @@ impl Default for FlowTimeouts {
         Self {
             established_secs: 3600,
             closing_secs: 10,
+            half_closed_secs: 120,
             closed_port_secs: nb_common::SNAT_HOLD_SECS,
             unanswered_secs: 30,
+            reset_secs: nb_common::RESET_HOLD_SECS.max(nb_common::RST_CONFIRM_SECS),
+            half_open_secs: nb_common::HALF_OPEN_SECS,
         }
     }
+}
+
+/// Entries of each half-open table for `max_flows` connections: a quarter (at least 1024),
+/// so that a flood of SYNs cannot hold more SNAT ports and memory than that.
+pub fn half_open_entries(max_flows: u32) -> u32 {
+    (max_flows / 4).max(1024)
 }
 
 /// The loaded program, its maps, and what the agent last wrote into them.
@@ -229,115 +253,28 @@ pub struct Dataplane {
     batch_calls: bool,
     /// The `SVC_PORTS` bitmap as last written.
     svc_ports: Vec<u64>,
-    /// Keeps the program's clock (`cfg::CLOCK_NS`) current while the agent runs.
-    _clock: Clock,
-}
-
-/// How often `Clock` writes the time. Flow stamps lag the real time by at most this; the
-/// timeouts they serve count in seconds.
-const CLOCK_TICK: Duration = Duration::from_millis(100);
-
-/// A thread writing `CLOCK_MONOTONIC_COARSE` into `cfg::CLOCK_NS` every `CLOCK_TICK`: the
-/// program reads its time from there instead of calling a clock helper per packet. A thread
-/// of its own, so a busy runtime cannot hold the clock back (a stale clock would age flows).
-struct Clock {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Clock {
-    fn start(pin_dir: &Path) -> Result<Clock> {
-        let data = MapData::from_pin(pin_dir.join(maps::CONFIG)).map_err(map_err(maps::CONFIG))?;
-        let mut config: Array<MapData, u64> =
-            Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(maps::CONFIG))?;
-        // Written once before the thread starts, so the program never stamps a flow with a
-        // time older than the agent's start.
-        config
-            .set(cfg::CLOCK_NS, coarse_now_ns(), 0)
-            .map_err(map_err(maps::CONFIG))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("nb-clock".into())
-            .spawn(move || {
-                let mut warned = false;
-                while !stopped.load(Ordering::Relaxed) {
-                    if let Err(e) = config.set(cfg::CLOCK_NS, coarse_now_ns(), 0)
-                        && !warned
-                    {
-                        warn!("writing the XDP program's clock: {e}");
-                        warned = true;
-                    }
-                    std::thread::park_timeout(CLOCK_TICK);
-                }
-            })
-            .map_err(|source| DataplaneError::Io {
-                path: pin_dir.join(maps::CONFIG),
-                source,
-            })?;
-        Ok(Clock {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Clock {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-    }
-}
-
-fn mount_bpffs(dir: &Path) -> Result<()> {
-    let parent = dir.parent().unwrap_or(dir);
-    let io = |source| DataplaneError::Io {
-        path: parent.to_path_buf(),
-        source,
-    };
-    fs::create_dir_all(parent).map_err(io)?;
-    // SAFETY: statfs only writes into the zeroed struct we pass; the path is NUL-terminated.
-    let is_bpffs = unsafe {
-        let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        let mut s: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as u32 == 0xcafe4a11_u32
-    };
-    if !is_bpffs {
-        let c = std::ffi::CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                c.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
-        info!("mounted bpffs at {}", parent.display());
-    }
-    fs::create_dir_all(dir).map_err(|source| DataplaneError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })
+    /// The `VLAN_DEVS` map as last written.
+    vlans: BTreeMap<u32, VlanDev>,
 }
 
 impl Dataplane {
     /// Loads the program with its maps pinned under `pin_dir`: maps already pinned there (by a
     /// previous agent) are adopted with their flows, so a restart moves no connection.
-    pub fn load(pin_dir: &Path, max_flows: u32) -> Result<Self> {
-        mount_bpffs(pin_dir)?;
+    ///
+    /// `configured` is `bpf_pin_path`; where the pins really go is [`pins::location`]'s
+    /// answer (the host's bpffs under `ip netns exec`). Pins that belong to another network
+    /// namespace are refused or, when that namespace is gone, replaced (see `pins`).
+    pub fn load(configured: &Path, max_flows: u32) -> Result<Self> {
+        let pin_dir = pins::location(configured)?;
+        let pin_dir = pin_dir.as_path();
+        pins::check_owner(pin_dir, pinned_owner(pin_dir))?;
         let migrations = reconcile_pins(pin_dir, max_flows)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(maps::FLOWS, max_flows)
             .map_max_entries(maps::REV_FLOWS, max_flows)
+            .map_max_entries(maps::HALF_FLOWS, half_open_entries(max_flows))
+            .map_max_entries(maps::HALF_REV, half_open_entries(max_flows))
             .load(EBPF_OBJECT)
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
         let prog: &mut Xdp = ebpf
@@ -365,30 +302,53 @@ impl Dataplane {
             unanswered_seen: std::collections::HashSet::new(),
             batch_calls: true,
             svc_ports: vec![0; SVC_PORT_WORDS as usize],
-            _clock: Clock::start(pin_dir)?,
+            vlans: BTreeMap::new(),
         };
         for m in migrations {
             dp.migrate(m)?;
         }
         dp.recover()?;
+        let (dev, ino) = pins::own_netns();
+        let mut owner = dp.array_mut::<u64>(maps::OWNER)?;
+        owner
+            .set(owner::NETNS_DEV, dev, 0)
+            .map_err(map_err(maps::OWNER))?;
+        owner
+            .set(owner::NETNS_INO, ino, 0)
+            .map_err(map_err(maps::OWNER))?;
         Ok(dp)
+    }
+
+    /// Where the pins are (see [`pins::location`]).
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// Copies the flows of a connection table pinned with another size into the new one, then
     /// drops the old table.
     fn migrate(&mut self, m: Migration) -> Result<()> {
         let old = m.old;
-        let copied = match m.name {
-            maps::FLOWS => copy_entries::<FlowValue>(old, self.map_mut(maps::FLOWS)?, m.name)?,
-            maps::REV_FLOWS => {
-                copy_entries::<RevValue>(old, self.map_mut(maps::REV_FLOWS)?, m.name)?
+        let name = m.name;
+        let copied = match (name, m.old_value_size) {
+            (maps::FLOWS | maps::HALF_FLOWS, None) => {
+                copy_entries::<FlowValue>(old, self.map_mut(name)?, name)?
+            }
+            (maps::REV_FLOWS | maps::HALF_REV, None) => {
+                copy_entries::<RevValue>(old, self.map_mut(name)?, name)?
+            }
+            (maps::FLOWS, Some(FLOW_VALUE_V1)) => {
+                convert_entries::<FLOW_VALUE_V1, FlowValue>(old, self.map_mut(name)?, name)?
+            }
+            (maps::REV_FLOWS, Some(REV_VALUE_V1)) => {
+                convert_entries::<REV_VALUE_V1, RevValue>(old, self.map_mut(name)?, name)?
             }
             _ => 0,
         };
-        info!(
-            "map {}: {copied} entries carried over into the resized table",
-            m.name
-        );
+        if m.old_value_size.is_some() {
+            info!("map {name}: {copied} entries carried over from the older layout");
+        } else {
+            info!("map {name}: {copied} entries carried over into the resized table");
+        }
         Ok(())
     }
 
@@ -501,37 +461,47 @@ impl Dataplane {
     }
 
     /// Attaches the program to `iface`, replacing the program of a link pinned by an earlier
-    /// agent (atomically: no packet sees no program), or creating and pinning a new link.
+    /// agent (atomically: no packet sees no program), or creating and pinning a new link. A
+    /// pinned link that is not attached to this very interface (its NIC was removed, or it
+    /// was left by an agent of another network namespace) is replaced with a warning.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
         let link_pin = self.pin_dir.join(format!("link_{iface}"));
-        let prog = self.program()?;
         if link_pin.exists() {
-            match PinnedLink::from_pin(&link_pin) {
-                Ok(pinned) => {
-                    let fd: FdLink = pinned.into();
-                    let link = aya::programs::xdp::XdpLink::try_from(fd).map_err(|source| {
-                        DataplaneError::Link {
-                            path: link_pin.clone(),
-                            source,
+            let want = interface_index(iface);
+            match pins::link_ifindex(&link_pin) {
+                Ok(have) if have != 0 && Some(have) == want => {
+                    match self.replace_link_program(&link_pin) {
+                        Ok(()) => {
+                            info!("{iface}: replaced the program of the pinned XDP link");
+                            return Ok(());
                         }
-                    })?;
-                    prog.attach_to_link(link)
-                        .map_err(|source| DataplaneError::Attach {
-                            iface: iface.to_string(),
-                            source,
-                        })?;
-                    info!("{iface}: replaced the program of the pinned XDP link");
-                    return Ok(());
+                        Err(e) => warn!(
+                            "{iface}: the pinned XDP link {} could not take this program \
+                             ({e}); attaching anew",
+                            link_pin.display()
+                        ),
+                    }
                 }
-                Err(e) => {
-                    warn!(
-                        "{iface}: pinned link {} unusable ({e}); attaching anew",
-                        link_pin.display()
-                    );
-                    let _ = fs::remove_file(&link_pin);
-                }
+                Ok(have) => warn!(
+                    "{iface}: the pinned XDP link {} is attached to {} (this interface is \
+                     ifindex {}): it was left for a NIC that is gone or by an agent of another \
+                     network namespace; attaching anew",
+                    link_pin.display(),
+                    if have == 0 {
+                        "no interface".to_string()
+                    } else {
+                        format!("ifindex {have}")
+                    },
+                    want.map_or("unknown".to_string(), |i| i.to_string()),
+                ),
+                Err(e) => warn!(
+                    "{iface}: pinned link {} unusable ({e}); attaching anew",
+                    link_pin.display()
+                ),
             }
+            let _ = fs::remove_file(&link_pin);
         }
+        let prog = self.program()?;
         let modes: &[XdpMode] = match mode {
             AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
             AttachMode::Native => &[XdpMode::Driver],
@@ -566,7 +536,26 @@ impl Dataplane {
         })
     }
 
-    /// Detaches from `iface` by removing the pinned link (`--detach-xdp`).
+    /// Points the pinned XDP link at `link_pin` to this agent's program.
+    fn replace_link_program(&mut self, link_pin: &Path) -> Result<()> {
+        let pinned = PinnedLink::from_pin(link_pin).map_err(|source| DataplaneError::Link {
+            path: link_pin.to_path_buf(),
+            source,
+        })?;
+        let fd: FdLink = pinned.into();
+        let link =
+            aya::programs::xdp::XdpLink::try_from(fd).map_err(|source| DataplaneError::Link {
+                path: link_pin.to_path_buf(),
+                source,
+            })?;
+        self.program()?
+            .attach_to_link(link)
+            .map_err(DataplaneError::Program)?;
+        Ok(())
+    }
+
+    /// Detaches from `iface` by removing the pinned link (`--detach-xdp`); `pin_dir` is where
+    /// the pins are ([`Dataplane::pin_dir`], or [`pins::location`] of `bpf_pin_path`).
     pub fn detach(pin_dir: &Path, iface: &str) -> Result<bool> {
         let link_pin = pin_dir.join(format!("link_{iface}"));
         if !link_pin.exists() {
@@ -581,6 +570,45 @@ impl Dataplane {
             source,
         })?;
         Ok(true)
+    }
+
+    /// Makes the `VLAN_DEVS` map hold exactly the VLAN interfaces stacked on `interfaces`
+    /// (the XDP interfaces), writing only what changed: the FIB names such an interface as
+    /// the way to a backend or client behind it, and the program sends on the interface below
+    /// with the tag. Called at start and at every sweep, so VLANs added later are seen.
+    pub fn set_vlans(&mut self, interfaces: &[String]) -> Result<()> {
+        self.write_vlans(vlan_devices(interfaces))
+    }
+
+    /// Makes the `VLAN_DEVS` map hold exactly `want` (VLAN interface ifindex -> the XDP
+    /// interface below and the tag): [`Dataplane::set_vlans`]'s second half, and what tests
+    /// on a kernel without 802.1Q interfaces stand in for them with.
+    pub fn write_vlans(&mut self, want: BTreeMap<u32, VlanDev>) -> Result<()> {
+        if want == self.vlans {
+            return Ok(());
+        }
+        let old = std::mem::take(&mut self.vlans);
+        let mut m: BpfHashMap<&mut MapData, u32, VlanDev> =
+            BpfHashMap::try_from(self.map_mut(maps::VLAN_DEVS)?)
+                .map_err(map_err(maps::VLAN_DEVS))?;
+        for (ifindex, dev) in &want {
+            if old.get(ifindex) != Some(dev) {
+                m.insert(ifindex, dev, 0)
+                    .map_err(map_err(maps::VLAN_DEVS))?;
+                info!(
+                    "VLAN {} (ifindex {ifindex}) over ifindex {}: sent tagged by XDP",
+                    dev.vlan & VLAN_ID,
+                    dev.lower
+                );
+            }
+        }
+        for ifindex in old.keys() {
+            if !want.contains_key(ifindex) {
+                let _ = m.remove(ifindex);
+            }
+        }
+        self.vlans = want;
+        Ok(())
     }
 
     /// Makes the program send frames back out of their own interface by redirect rather than
@@ -852,6 +880,7 @@ impl Dataplane {
                 s.new_conns += c.new_conns;
                 s.refused += c.refused;
                 s.answered += c.answered;
+                s.no_port += c.no_port;
             }
             let a = active.get(id, 0).map_err(map_err(maps::ACTIVE))?;
             out.insert(
@@ -945,87 +974,111 @@ impl Dataplane {
         self.sweep_apply(plan)
     }
 
-    /// The first half of [`Dataplane::sweep`]: reads both flow tables and decides what
+    /// The first half of [`Dataplane::sweep`]: reads the flow tables and decides what
     /// expires, changing nothing.
     pub fn sweep_plan(&mut self, t: FlowTimeouts) -> Result<SweepPlan> {
         let now = coarse_now_ns();
         let sec = 1_000_000_000u64;
+        let idle_since = |seen: u64| now.saturating_sub(seen) / sec;
         let mut plan = SweepPlan::default();
-        {
-            let rev = self.flow_entries::<RevValue>(maps::REV_FLOWS)?;
-            let fwd = self.flow_entries::<FlowValue>(maps::FLOWS)?;
-            // The reply side knows whether the backend answered and closed. Keyed by reply
-            // key, with the client it serves: a client reconnecting from the same port has
-            // its closed connection's reply entry too (kept `closed_port_secs`), which must
-            // not make its new connection look closed.
-            // Sized up front and hashed with foldhash (randomly seeded, so flows chosen by a
-            // client cannot pile into one bucket): with SipHash and growing as it went, this
-            // map was half of the sweep's user-space time with a full table.
-            let mut rev_state: HashMap<FlowKey, (FlowKey, u32, u64), foldhash::fast::RandomState> =
-                HashMap::with_capacity_and_hasher(rev.len(), Default::default());
-            for (k, v) in rev {
-                let client = FlowKey {
-                    src: v.client_addr,
-                    dst: v.vip_addr,
-                    sport: v.client_port,
-                    dport: v.vip_port,
-                    family: k.family,
-                    proto: PROTO_TCP,
-                    _pad: [0; 2],
-                };
-                rev_state.insert(k, (client, v.flags, v.last_seen));
-                let idle = now.saturating_sub(v.last_seen) / sec;
-                if v.flags & REV_REPLIED == 0 && idle >= UNANSWERED_AFTER_SECS {
-                    if !self.unanswered_seen.contains(&k) {
-                        *plan.unanswered_by_id.entry(v.backend_id).or_default() += 1;
-                    }
-                    plan.still_unanswered.insert(k);
+        let rev = self.flow_entries::<RevValue>(maps::REV_FLOWS)?;
+        let fwd = self.flow_entries::<FlowValue>(maps::FLOWS)?;
+        let half_rev = self.flow_entries::<RevValue>(maps::HALF_REV)?;
+        let half_fwd = self.flow_entries::<FlowValue>(maps::HALF_FLOWS)?;
+        // The reply side knows whether the backend answered and closed. Keyed by reply key,
+        // with the client it serves: a client reconnecting from the same port has its closed
+        // connection's reply entry too (kept `closed_port_secs`), which must not make its new
+        // connection look closed.
+        // Sized up front and hashed with foldhash (randomly seeded, so flows chosen by a
+        // client cannot pile into one bucket): with SipHash and growing as it went, this map
+        // was half of the sweep's user-space time with a full table.
+        let mut rev_state: HashMap<FlowKey, (FlowKey, u32, u64), foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(rev.len(), Default::default());
+        for (k, v) in rev {
+            rev_state.insert(k, (client_of(&k, &v), v.flags, v.last_seen));
+            let idle = idle_since(v.last_seen);
+            if v.flags & REV_REPLIED == 0 && idle >= UNANSWERED_AFTER_SECS {
+                // Only entries carried over from an older program: a connection reaches this
+                // table when its handshake completes.
+                if !self.unanswered_seen.contains(&k) {
+                    *plan.unanswered_by_id.entry(v.backend_id).or_default() += 1;
                 }
-                let limit = if v.flags & REV_CLOSING != 0 {
-                    t.closed_port_secs
-                } else if v.flags & REV_REPLIED == 0 {
-                    t.unanswered_secs
-                } else {
-                    t.established_secs
-                };
-                if idle > limit {
-                    plan.expired_rev.push((k, v));
-                }
+                plan.still_unanswered.insert(k);
             }
-            for (k, v) in fwd {
-                plan.flows += 1;
-                let rkey = FlowKey {
-                    src: v.backend_addr,
-                    dst: v.snat_addr,
-                    sport: v.backend_port,
-                    dport: v.snat_port,
-                    family: k.family,
-                    proto: PROTO_TCP,
-                    _pad: [0; 2],
-                };
-                let (rflags, rseen) = match rev_state.get(&rkey) {
-                    Some((client, flags, seen)) if *client == k => (*flags, *seen),
-                    _ => (0, 0),
-                };
-                let last = v.last_seen.max(rseen);
-                let idle = now.saturating_sub(last) / sec;
-                let closing = v.flags & FLOW_CLOSING != 0 || rflags & REV_CLOSING != 0;
-                let limit = if closing {
-                    t.closing_secs
-                } else if rflags & REV_REPLIED == 0 {
-                    t.unanswered_secs
-                } else {
-                    t.established_secs
-                };
-                if idle > limit {
-                    plan.expired_fwd.push((k, v));
-                    continue;
-                }
-                plan.flow_ports.insert(u16::from_be(k.dport));
-                if !closing {
-                    *plan.active_by_id.entry(v.backend_id).or_default() += 1;
-                }
+            let limit = if v.flags & (REV_TW_NONE | REV_CLIENT_RST) != 0 {
+                t.reset_secs
+            } else if v.flags & REV_CLOSING != 0 {
+                t.closed_port_secs
+            } else if v.flags & REV_REPLIED == 0 {
+                t.unanswered_secs
+            } else {
+                t.established_secs
+            };
+            if idle > limit {
+                plan.expired_rev.push((k, v));
             }
+        }
+        for (k, v) in fwd {
+            plan.flows += 1;
+            let (rflags, rseen) = match rev_state.get(&reply_of(&k, &v)) {
+                Some((client, flags, seen)) if *client == k => (*flags, *seen),
+                _ => (0, 0),
+            };
+            let idle = idle_since(v.last_seen.max(rseen));
+            let reset = rflags & (REV_TW_NONE | REV_CLIENT_RST) != 0;
+            let closed = rflags & REV_CLOSING != 0;
+            let limit = if reset {
+                t.reset_secs
+            } else if closed {
+                t.closing_secs
+            } else if v.flags & FLOW_CLOSING != 0 {
+                t.half_closed_secs
+            } else if rflags & REV_REPLIED == 0 {
+                t.unanswered_secs
+            } else {
+                t.established_secs
+            };
+            if idle > limit {
+                plan.expired_fwd.push((k, v));
+                continue;
+            }
+            plan.flow_ports.insert(u16::from_be(k.dport));
+            if !reset && !closed {
+                *plan.active_by_id.entry(v.backend_id).or_default() += 1;
+            }
+        }
+        // Half-open connections: given up `half_open_secs` after the client's last SYN, at
+        // once when refused or reset. Their backend's silence is what passive checks count.
+        let mut half_state: HashMap<FlowKey, (FlowKey, bool), foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(half_rev.len(), Default::default());
+        for (k, v) in half_rev {
+            let idle = idle_since(v.last_seen);
+            let over = v.flags & (REV_CLOSING | REV_CLIENT_RST) != 0;
+            if v.flags & REV_REPLIED == 0 && !over && idle >= UNANSWERED_AFTER_SECS {
+                if !self.unanswered_seen.contains(&k) {
+                    *plan.unanswered_by_id.entry(v.backend_id).or_default() += 1;
+                }
+                plan.still_unanswered.insert(k);
+            }
+            let expired = over || idle > t.half_open_secs;
+            half_state.insert(k, (client_of(&k, &v), expired));
+            if expired {
+                plan.expired_half_rev.push((k, v));
+            }
+        }
+        for (k, v) in half_fwd {
+            plan.half_open += 1;
+            let expired = match half_state.get(&reply_of(&k, &v)) {
+                Some((client, expired)) if *client == k => *expired,
+                // Its port's entry is gone or serves another connection: nothing to finish.
+                _ => true,
+            };
+            if expired || idle_since(v.last_seen) > t.half_open_secs || v.flags & FLOW_RST != 0 {
+                plan.expired_half_fwd.push((k, v));
+                continue;
+            }
+            plan.flow_ports.insert(u16::from_be(k.dport));
+            *plan.active_by_id.entry(v.backend_id).or_default() += 1;
         }
         Ok(plan)
     }
@@ -1039,8 +1092,11 @@ impl Dataplane {
     pub fn sweep_apply(&mut self, plan: SweepPlan) -> Result<SweepReport> {
         let SweepPlan {
             flows,
+            half_open,
             expired_fwd,
             expired_rev,
+            expired_half_fwd,
+            expired_half_rev,
             mut flow_ports,
             active_by_id,
             unanswered_by_id,
@@ -1048,11 +1104,17 @@ impl Dataplane {
         } = plan;
         let expired_fwd = self.unchanged::<FlowValue>(maps::FLOWS, expired_fwd)?;
         let expired_rev = self.unchanged::<RevValue>(maps::REV_FLOWS, expired_rev)?;
+        let expired_half_fwd = self.unchanged::<FlowValue>(maps::HALF_FLOWS, expired_half_fwd)?;
+        let expired_half_rev = self.unchanged::<RevValue>(maps::HALF_REV, expired_half_rev)?;
         self.delete_flows::<FlowValue>(maps::FLOWS, &expired_fwd)?;
         self.delete_flows::<RevValue>(maps::REV_FLOWS, &expired_rev)?;
+        self.delete_flows::<FlowValue>(maps::HALF_FLOWS, &expired_half_fwd)?;
+        self.delete_flows::<RevValue>(maps::HALF_REV, &expired_half_rev)?;
         let mut report = SweepReport {
             flows,
+            half_open,
             expired: expired_fwd.len() as u64,
+            expired_half_open: expired_half_fwd.len() as u64,
             ..SweepReport::default()
         };
         // Ports of services, and of flows whose service is gone but which still run.
@@ -1114,9 +1176,12 @@ impl Dataplane {
 #[derive(Debug, Default)]
 pub struct SweepPlan {
     flows: u64,
+    half_open: u64,
     /// Expired entries, each with the value that made it expire.
     expired_fwd: Vec<(FlowKey, FlowValue)>,
     expired_rev: Vec<(FlowKey, RevValue)>,
+    expired_half_fwd: Vec<(FlowKey, FlowValue)>,
+    expired_half_rev: Vec<(FlowKey, RevValue)>,
     flow_ports: BTreeSet<u16>,
     active_by_id: HashMap<u32, u64>,
     unanswered_by_id: HashMap<u32, u64>,
@@ -1124,9 +1189,35 @@ pub struct SweepPlan {
 }
 
 impl SweepPlan {
-    /// Client-side entries the plan would delete.
+    /// Client-side entries of established connections the plan would delete.
     pub fn expiring(&self) -> usize {
         self.expired_fwd.len()
+    }
+}
+
+/// The client key of the connection reply entry `v` (under reply key `k`) serves.
+fn client_of(k: &FlowKey, v: &RevValue) -> FlowKey {
+    FlowKey {
+        src: v.client_addr,
+        dst: v.vip_addr,
+        sport: v.client_port,
+        dport: v.vip_port,
+        family: k.family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
+    }
+}
+
+/// The reply key of the connection client entry `v` (under client key `k`) describes.
+fn reply_of(k: &FlowKey, v: &FlowValue) -> FlowKey {
+    FlowKey {
+        src: v.backend_addr,
+        dst: v.snat_addr,
+        sport: v.backend_port,
+        dport: v.snat_port,
+        family: k.family,
+        proto: PROTO_TCP,
+        _pad: [0; 2],
     }
 }
 
@@ -1137,6 +1228,101 @@ fn batch_unsupported(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524)
     )
+}
+
+/// The owner recorded in the pins at `dir` ((0, 0) when none is: no pins yet, or pins of an
+/// older program).
+fn pinned_owner(dir: &Path) -> (u64, u64) {
+    let Ok(data) = MapData::from_pin(dir.join(maps::OWNER)) else {
+        return (0, 0);
+    };
+    let Ok(a) = Array::<MapData, u64>::try_from(aya::maps::Map::Array(data)) else {
+        return (0, 0);
+    };
+    (
+        a.get(&owner::NETNS_DEV, 0).unwrap_or(0),
+        a.get(&owner::NETNS_INO, 0).unwrap_or(0),
+    )
+}
+
+/// The VLAN interfaces (802.1Q) whose lower interface is one of `interfaces` (and which are
+/// not themselves among them), by ifindex, as the kernel's `SIOCGIFVLAN` tells them.
+pub fn vlan_devices(interfaces: &[String]) -> BTreeMap<u32, VlanDev> {
+    #[repr(C)]
+    struct VlanIoctlArgs {
+        cmd: libc::c_int,
+        device1: [u8; 24],
+        u: [u8; 24],
+        vlan_qos: libc::c_short,
+    }
+    const SIOCGIFVLAN: libc::c_ulong = 0x8982;
+    const GET_VLAN_REALDEV_NAME_CMD: libc::c_int = 8;
+    const GET_VLAN_VID_CMD: libc::c_int = 9;
+    let mut out = BTreeMap::new();
+    // SAFETY: a datagram socket only serves as a handle for the ioctls; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return out;
+    }
+    let ask = |name: &[u8], cmd: libc::c_int| -> Option<[u8; 24]> {
+        let mut a = VlanIoctlArgs {
+            cmd,
+            device1: [0; 24],
+            u: [0; 24],
+            vlan_qos: 0,
+        };
+        let n = name.len().min(23);
+        a.device1[..n].copy_from_slice(&name[..n]);
+        // SAFETY: `a` outlives the call and is the struct the command reads and writes.
+        let rc = unsafe { libc::ioctl(fd, SIOCGIFVLAN as _, &mut a) };
+        (rc == 0).then_some(a.u)
+    };
+    // SAFETY: if_nameindex returns an array ending with a zero entry, freed below.
+    let list = unsafe { libc::if_nameindex() };
+    if !list.is_null() {
+        let mut p = list;
+        // SAFETY: every entry up to the terminating zero one is valid, with a NUL-terminated
+        // name, until if_freenameindex.
+        unsafe {
+            while (*p).if_index != 0 {
+                let name = std::ffi::CStr::from_ptr((*p).if_name).to_bytes().to_vec();
+                let vlan_name = String::from_utf8_lossy(&name).into_owned();
+                if !interfaces.contains(&vlan_name)
+                    && let Some(real) = ask(&name, GET_VLAN_REALDEV_NAME_CMD)
+                {
+                    let end = real.iter().position(|&b| b == 0).unwrap_or(24);
+                    let real = String::from_utf8_lossy(&real[..end]).into_owned();
+                    if interfaces.contains(&real)
+                        && let (Some(vid), Some(lower)) =
+                            (ask(&name, GET_VLAN_VID_CMD), interface_index(&real))
+                    {
+                        let vid = i32::from_ne_bytes([vid[0], vid[1], vid[2], vid[3]]) as u16;
+                        out.insert(
+                            (*p).if_index,
+                            VlanDev {
+                                lower,
+                                vlan: VLAN_TAGGED | (vid & VLAN_ID),
+                                _pad: 0,
+                            },
+                        );
+                    }
+                }
+                p = p.add(1);
+            }
+            libc::if_freenameindex(list);
+        }
+    }
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    out
+}
+
+/// The ifindex of `iface` in this network namespace.
+pub fn interface_index(iface: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: if_nametoindex only reads the NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in ns: the clock `bpf_ktime_get_coarse_ns` reads.
@@ -1204,12 +1390,49 @@ pub fn driver_name(iface: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
-/// A pinned connection table whose size changed: its entries move into the new table.
+/// A pinned connection table whose size (or value layout, from the program before) changed:
+/// its entries move into the new table.
 struct Migration {
     name: &'static str,
     /// The old table, held open by its fd: its pin is removed so the loader creates the new
     /// one (bpffs cannot rename).
     old: MapData,
+    /// The old value size when it is an older layout to convert, `None` when only the size
+    /// of the table changed.
+    old_value_size: Option<usize>,
+}
+
+/// Value sizes of `FlowValue` and `RevValue` in the program before half-open tables, VLAN
+/// tags and sequence windows: their fields are the first bytes of today's values.
+const FLOW_VALUE_V1: usize = 80;
+const REV_VALUE_V1: usize = 72;
+
+/// Copies every entry of `old`, an LRU hash of `FlowKey` to an older value layout of `OLD`
+/// bytes that are the first bytes of `V`, into `new` (the rest of `V` zero); returns how many.
+fn convert_entries<const OLD: usize, V: aya::Pod>(
+    old: MapData,
+    new: &mut aya::maps::Map,
+    name: &'static str,
+) -> Result<usize> {
+    const { assert!(OLD <= size_of::<V>()) };
+    let old = aya::maps::Map::LruHashMap(old);
+    let old: BpfHashMap<MapData, FlowKey, [u8; OLD]> =
+        BpfHashMap::try_from(old).map_err(map_err(name))?;
+    let mut new: BpfHashMap<&mut MapData, FlowKey, V> =
+        BpfHashMap::try_from(new).map_err(map_err(name))?;
+    let mut n = 0;
+    for item in old.iter() {
+        let Ok((k, bytes)) = item else { continue };
+        let mut buf = vec![0u8; size_of::<V>()];
+        buf[..OLD].copy_from_slice(&bytes);
+        // SAFETY: `buf` holds `size_of::<V>()` bytes, and `V` is `Pod`: any bit pattern is a
+        // valid value; the read is unaligned-safe.
+        let v: V = unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const V) };
+        if new.insert(k, v, 0).is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Compares every map pinned by an earlier agent with the layout this binary's program
@@ -1228,13 +1451,18 @@ fn reconcile_pins(pin_dir: &Path, max_flows: u32) -> Result<Vec<Migration>> {
         if !pin.exists() {
             continue;
         }
-        let table = [maps::FLOWS, maps::REV_FLOWS]
-            .into_iter()
-            .find(|t| *t == name.as_str());
-        let want_entries = if table.is_some() {
-            max_flows
-        } else {
-            def.max_entries()
+        let table = [
+            maps::FLOWS,
+            maps::REV_FLOWS,
+            maps::HALF_FLOWS,
+            maps::HALF_REV,
+        ]
+        .into_iter()
+        .find(|t| *t == name.as_str());
+        let want_entries = match table {
+            Some(maps::FLOWS | maps::REV_FLOWS) => max_flows,
+            Some(_) => half_open_entries(max_flows),
+            None => def.max_entries(),
         };
         let info = match aya::maps::MapInfo::from_pin(&pin) {
             Ok(i) => i,
@@ -1264,15 +1492,30 @@ fn reconcile_pins(pin_dir: &Path, max_flows: u32) -> Result<Vec<Migration>> {
             want_entries,
             def.map_flags()
         );
+        // The connection tables of the program before this one: the same fields, and these
+        // after them (zero: unknown, learnt from the next packets).
+        let older = matches!(
+            (table, info.value_size() as usize),
+            (Some(maps::FLOWS), FLOW_VALUE_V1) | (Some(maps::REV_FLOWS), REV_VALUE_V1)
+        ) && info.key_size() == def.key_size()
+            && info.map_flags() == def.map_flags();
         match table {
-            Some(t) if same_types => {
+            Some(t) if same_types || older => {
                 let old = MapData::from_pin(&pin).map_err(map_err(t))?;
                 fs::remove_file(&pin).map_err(|source| DataplaneError::Io {
                     path: pin.clone(),
                     source,
                 })?;
-                info!("map {name}: resized ({was} -> {now}); carrying its entries over");
-                migrations.push(Migration { name: t, old });
+                if older {
+                    info!("map {name}: older layout ({was} -> {now}); carrying its entries over");
+                } else {
+                    info!("map {name}: resized ({was} -> {now}); carrying its entries over");
+                }
+                migrations.push(Migration {
+                    name: t,
+                    old,
+                    old_value_size: older.then_some(info.value_size() as usize),
+                });
             }
             _ => {
                 warn!(

@@ -7,5 +7,6 @@ pub mod dataplane;
 pub mod health;
 mod map_batch;
 pub mod metrics;
+pub mod pins;
 pub mod proxy;
 pub mod selection;

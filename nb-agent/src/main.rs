@@ -121,11 +121,12 @@ fn serving_runtime(workers: u32) -> std::io::Result<Serving> {
 
 fn detach(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = config::load(path)?;
+    let dir = nb_agent::pins::location(&cfg.balancer.bpf_pin_path)?;
     for iface in &cfg.balancer.interfaces {
-        if Dataplane::detach(&cfg.balancer.bpf_pin_path, iface)? {
+        if Dataplane::detach(&dir, iface)? {
             log::info!("{iface}: XDP detached");
         }
     }
-    std::fs::remove_dir_all(&cfg.balancer.bpf_pin_path)?;
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -111,6 +111,9 @@ pub struct NodeCounters {
     pub bytes_in: u64,
     /// Bytes from the node.
     pub bytes_out: u64,
+    /// XDP tcp ports: new connections dropped because no SNAT port towards the node was free
+    /// (22768 per private address and node address; see the README's "SNAT ports").
+    pub no_port: u64,
 }
 
 /// What the agent loop contributes to a scrape.
@@ -203,6 +206,23 @@ pub fn render(snap: &Snapshot) -> String {
                     esc(&n.node)
                 );
             }
+        }
+    }
+    family(
+        &mut out,
+        "nb_node_snat_port_drops_total",
+        "counter",
+        "New connections to the node dropped for want of a free SNAT port (XDP tcp ports): the ports of the private address towards it are in use.",
+    );
+    for n in &snap.nodes {
+        if let Some(c) = n.counters {
+            let _ = writeln!(
+                out,
+                "nb_node_snat_port_drops_total{{port=\"{}\",node=\"{}\"}} {}",
+                n.port,
+                esc(&n.node),
+                c.no_port
+            );
         }
     }
     family(
@@ -370,6 +390,7 @@ mod tests {
                     active: 1,
                     bytes_in: 100,
                     bytes_out: 2000,
+                    no_port: 0,
                 }),
             }],
             xdp: vec![],

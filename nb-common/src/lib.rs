@@ -40,6 +40,26 @@ pub const SNAT_HOLD_SECS: u64 = 65;
 /// connection silent this long, rather than being dropped: among those it tried, one whose
 /// backend's TIME_WAIT will accept its SYN (see `REV_TW_TS`), else the oldest.
 pub const SNAT_TAKEOVER_SECS: u64 = 2;
+/// How long the SNAT port of a reset connection stays with it: a reset leaves no TIME_WAIT
+/// at the backend, so the port only waits out stragglers of the old connection.
+pub const RESET_HOLD_SECS: u64 = 2;
+/// A client's RST inside the window closes nb's view of the connection only after this much
+/// silence from both sides: a forged RST the backend's TCP threw away is followed by the
+/// connection's next packets, which clear it (RFC 5961's challenge ACK is one of them).
+pub const RST_CONFIRM_SECS: u64 = 2;
+/// A connection whose handshake has not completed (no valid ACK from the client) this long
+/// after the client's last SYN is given up: its entries go and its SNAT port is free again.
+/// Linux resends a SYN after 1, 3 and 7 s; a later resend opens the connection afresh.
+pub const HALF_OPEN_SECS: u64 = 5;
+/// How far a client's sequence number may run ahead of the one its flow entry records
+/// before a packet is sent through the table (which records it) instead of a per-CPU copy:
+/// it bounds how stale the window check's reference is.
+pub const SEQ_STEP: u32 = 1 << 19;
+/// A client RST or FIN changes nb's state only when its sequence number lies this far ahead
+/// of the recorded one (covering `SEQ_STEP` on each of several CPUs) ...
+pub const SEQ_WINDOW_AHEAD: u32 = 1 << 21;
+/// ... or this far behind it (a RST answering an old segment carries that segment's ACK).
+pub const SEQ_WINDOW_BEHIND: u32 = 1 << 20;
 
 /// The hashes the XDP program computes. Here rather than in the program so that tests can
 /// predict which SNAT ports a flow tries.
@@ -177,8 +197,15 @@ pub const ALG_LEASTCONN: u32 = 1;
 /// Maglev hash of the client address.
 pub const ALG_SOURCE: u32 = 2;
 
-/// `FlowValue::flags`: the client sent FIN or RST; the entry may be replaced by a new SYN.
+/// `FlowValue::flags`: the client sent a FIN inside the window (its side is closed; the
+/// connection is over once the backend closes too).
 pub const FLOW_CLOSING: u32 = 1;
+/// `FlowValue::flags`: the client sent a RST inside the window, not yet confirmed (see
+/// `RST_CONFIRM_SECS`; the reply entry carries `REV_CLIENT_RST` with its time).
+pub const FLOW_RST: u32 = 2;
+/// `FlowValue::flags`: `seq` holds the client's sequence number (entries carried over from
+/// an older program have none: their first packet records it).
+pub const FLOW_SEQ: u32 = 4;
 /// `RevValue::flags`: the backend answered (any packet back).
 pub const REV_REPLIED: u32 = 1;
 /// `RevValue::flags`: the backend sent FIN or RST.
@@ -197,6 +224,9 @@ pub const REV_TW_TS: u32 = 8;
 pub const REV_TW_SEQ: u32 = 16;
 /// `RevValue::flags`: the backend reset the connection: it holds no TIME_WAIT for it.
 pub const REV_TW_NONE: u32 = 32;
+/// `RevValue::flags`: the client reset the connection (a RST inside the window) at
+/// `last_seen`; confirmed by `RST_CONFIRM_SECS` of silence, cleared by any later packet.
+pub const REV_CLIENT_RST: u32 = 64;
 
 /// Indexes of the per-CPU packet counters (`STATS`). The names are the `action` label of
 /// `nb_xdp_packets_total`.
@@ -209,14 +239,15 @@ pub mod stat {
     pub const PASS_MALFORMED: u32 = 2;
     /// IPv4 fragment or IPv6 extension header: passed untouched.
     pub const PASS_FRAGMENT: u32 = 3;
-    /// Forwarded to a backend (new or established flow).
+    /// Forwarded to a backend (new, opening or established connection).
     pub const FORWARD: u32 = 4;
     /// Reply from a backend translated back to the client.
     pub const REPLY: u32 = 5;
-    /// New flows created by a SYN.
+    /// Connections opened by a client SYN (a backend chosen, a SNAT port taken).
     pub const NEW_FLOW: u32 = 6;
-    /// Non-SYN packet with no flow entry, routed by the Maglev hash of its 5-tuple.
-    pub const FLOW_MISS: u32 = 7;
+    /// Connections whose handshake completed (the client's ACK of the backend's SYN-ACK):
+    /// from here on they are in the connection table, apart from half-open ones.
+    pub const ESTABLISHED: u32 = 7;
     /// SYN answered with RST: no usable backend.
     pub const RST_NO_BACKEND: u32 = 8;
     /// Dropped: no route or neighbour towards the backend.
@@ -231,8 +262,9 @@ pub mod stat {
     pub const REDIRECT: u32 = 13;
     /// Internal error (a map that should hold an entry did not).
     pub const ABORTED: u32 = 14;
-    /// A non-SYN packet for a service with no flow entry that could not be routed (RST, or no
-    /// backend): passed to the kernel.
+    /// A packet for a service that belongs to no connection nb knows (no SYN opened it, or
+    /// its entry is gone): it creates no state and goes to the kernel, which has no socket
+    /// for it and answers with a RST (an orphan RST it ignores).
     pub const PASS_NO_FLOW: u32 = 15;
     /// Translated, then passed to the kernel to forward because the next hop's MAC is not
     /// known yet: the kernel resolves it, and later packets go by XDP again.
@@ -242,12 +274,27 @@ pub mod stat {
     /// backend are running out.
     pub const SNAT_PORT_REUSED: u32 = 17;
     /// Not a packet: of `SNAT_PORT_REUSED`, a port taken over although the backend may still
-    /// hold the old connection in TIME_WAIT and refuse the new SYN there (none of the ports
-    /// tried was known to accept it; see `REV_TW_TS`). The client then resets and resends,
-    /// a delay of its SYN timeout on most systems: the ports are running out.
+    /// hold the old connection (TIME_WAIT or a half-open request) and refuse the new SYN
+    /// there (none of the ports tried was known to accept it; see `REV_TW_TS`). The client
+    /// then resets and resends, a delay of its SYN timeout on most systems.
     pub const SNAT_PORT_REUSED_MAY_REFUSE: u32 = 18;
+    /// Dropped: a client packet on a half-open connection that does not complete its
+    /// handshake (its ACK is not the backend's SYN-ACK's, or the SYN-ACK was never seen).
+    pub const DROP_BAD_HANDSHAKE: u32 = 19;
+    /// A RST or FIN whose sequence number lies outside the connection's window: forwarded
+    /// (the receiver judges it by its own window) but it changes none of nb's state.
+    pub const OUT_OF_WINDOW: u32 = 20;
+    /// Dropped: a packet to a SNAT address and port (a backend's side of a connection) that
+    /// did not come from the backend's side (another interface, or another MAC).
+    pub const DROP_WRONG_SIDE: u32 = 21;
+    /// An ICMP or ICMPv6 error about a forwarded connection (e.g. "fragmentation needed",
+    /// "packet too big"), translated and sent to the connection's backend.
+    pub const ICMP_FORWARD: u32 = 22;
+    /// An ICMP or ICMPv6 error from the backend's side about a connection, translated and
+    /// sent to its client.
+    pub const ICMP_REPLY: u32 = 23;
     /// Number of counters.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 24;
     /// Label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "rx",
@@ -257,7 +304,7 @@ pub mod stat {
         "forward",
         "reply",
         "new_flow",
-        "flow_miss",
+        "established",
         "rst_no_backend",
         "drop_no_route",
         "drop_no_port",
@@ -269,6 +316,11 @@ pub mod stat {
         "pass_no_neigh",
         "snat_port_reused",
         "snat_port_reused_may_refuse",
+        "drop_bad_handshake",
+        "out_of_window",
+        "drop_wrong_side",
+        "icmp_forward",
+        "icmp_reply",
     ];
 }
 
@@ -375,9 +427,10 @@ pub struct FlowValue {
     pub snat_port: u16,
     /// Backend id (per-backend counters; 0 never).
     pub backend_id: u32,
-    /// `bpf_ktime_get_ns` of the last packet (refreshed at most once a second).
+    /// `CLOCK_MONOTONIC_COARSE` (ns) of the last packet (refreshed at most once a second,
+    /// and at a RST).
     pub last_seen: u64,
-    /// `bpf_ktime_get_ns` when `dmac`/`smac`/`ifindex` were looked up.
+    /// `CLOCK_MONOTONIC_COARSE` (ns) when `dmac`/`smac`/`ifindex` were looked up.
     pub fib_ts: u64,
     /// Next hop MAC towards the backend.
     pub dmac: [u8; 6],
@@ -389,8 +442,17 @@ pub struct FlowValue {
     pub flags: u32,
     /// Service id.
     pub svc_id: u32,
+    /// The client's sequence number (host order) as the table last saw it (`FLOW_SEQ`): the
+    /// reference a RST or FIN must be near to change nb's state (see `SEQ_WINDOW_AHEAD`).
+    /// In a half-open entry: the client's initial sequence number plus one.
+    pub seq: u32,
+    /// VLAN towards the backend (`VLAN_TAGGED | id`), 0 = untagged: what the egress
+    /// interface the FIB named needs (see `VlanDev`).
+    pub vlan: u16,
+    /// Reserved, 0.
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<FlowValue>() == 80);
+const _: () = assert!(size_of::<FlowValue>() == 88);
 const _: () = assert!(
     offset_of!(FlowValue, dmac) % 4 == 0
         && offset_of!(FlowValue, smac) == offset_of!(FlowValue, dmac) + 6
@@ -446,11 +508,24 @@ pub struct RevValue {
     /// connection that must take over a closed connection's port pick one whose backend will
     /// accept its SYN (see `new_flow` in the program).
     pub tw_mark: u32,
-    /// `bpf_ktime_get_ns` of the last reply packet (refreshed at most once a second while
-    /// the connection is open; at every packet once the backend has closed).
+    /// `bpf_ktime_get_coarse_ns` of the last reply packet (refreshed at most once a second
+    /// while the connection is open; at every packet once the backend has closed; at a
+    /// client RST). In a half-open entry: of the client's last SYN.
     pub last_seen: u64,
+    /// Interface the backend's packets arrive on: the private side. A packet for this entry
+    /// from anywhere else is not the backend's.
+    pub bk_ifindex: u32,
+    /// MAC the backend's packets come from (its own, or its router's), checked the same way;
+    /// a packet from another MAC is accepted only if the FIB names it as the next hop now.
+    pub bk_mac: [u8; 6],
+    /// VLAN replies go out with towards the client (the one its packets came with), 0 = none.
+    pub vlan: u16,
+    /// VLAN the backend's packets carry on `bk_ifindex`, 0 = none.
+    pub bk_vlan: u16,
+    /// Reserved, 0.
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<RevValue>() == 72);
+const _: () = assert!(size_of::<RevValue>() == 88);
 const _: () = assert!(
     offset_of!(RevValue, dmac) % 4 == 0
         && offset_of!(RevValue, smac) == offset_of!(RevValue, dmac) + 6
@@ -483,8 +558,11 @@ pub struct BackendStats {
     pub refused: u64,
     /// Connections the backend answered with anything but a RST first: passive checks.
     pub answered: u64,
+    /// New connections dropped because none of the SNAT ports tried towards this backend
+    /// was free: the agent logs them with the backend's name.
+    pub no_port: u64,
 }
-const _: () = assert!(size_of::<BackendStats>() == 56);
+const _: () = assert!(size_of::<BackendStats>() == 64);
 
 /// The last next hop looked up towards a backend (`NEXT_HOPS`, per CPU, indexed by backend
 /// id): a new connection copies it instead of asking the FIB again, which was a large part of
@@ -504,14 +582,39 @@ pub struct NextHopCache {
     pub dmac: [u8; 6],
     /// Our MAC on the egress interface.
     pub smac: [u8; 6],
+    /// VLAN the egress needs (`FlowValue::vlan`).
+    pub vlan: u16,
+    /// Reserved, 0.
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<NextHopCache>() == 56);
+const _: () = assert!(size_of::<NextHopCache>() == 64);
+
+/// `FlowValue::vlan` and friends: a tag is present (the VLAN id is in the low 12 bits). VLAN
+/// id 0 (a priority tag) is a tag too, so presence needs a bit of its own.
+pub const VLAN_TAGGED: u16 = 0x1000;
+/// The VLAN id bits of a `VLAN_TAGGED` value.
+pub const VLAN_ID: u16 = 0x0fff;
+
+/// A VLAN interface on top of an XDP interface (`VLAN_DEVS`, by the VLAN interface's
+/// ifindex): the FIB names the VLAN interface as the egress, but XDP can only send on the
+/// interface below it, tagged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VlanDev {
+    /// The interface below (an XDP interface).
+    pub lower: u32,
+    /// `VLAN_TAGGED | id`.
+    pub vlan: u16,
+    /// Reserved, 0.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<VlanDev>() == 8);
 
 /// Token bucket of one client address (`THROTTLE`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ThrottleState {
-    /// `bpf_ktime_get_ns` of the last refill.
+    /// `CLOCK_MONOTONIC_COARSE` (ns) of the last refill.
     pub last_ns: u64,
     /// Tokens left, in thousandths of a connection.
     pub tokens_milli: u64,
@@ -558,6 +661,28 @@ pub mod maps {
     pub const THROTTLE: &str = "NB_THROTTLE";
     /// Load-time settings (u64 array, indexed by `cfg::*`).
     pub const CONFIG: &str = "NB_CONFIG";
+    /// Half-open connections, client side: `FlowKey` -> `FlowValue`, from a client's SYN to
+    /// its ACK of the backend's SYN-ACK. Apart from `FLOWS` so that a flood of SYNs (spoofed
+    /// ones never complete) fills this table and never evicts an established connection.
+    pub const HALF_FLOWS: &str = "NB_HALF_FLOWS";
+    /// Half-open connections, backend side: `FlowKey` -> `RevValue`; holds the SNAT port
+    /// while the handshake runs, and the backend's initial sequence number once it answered.
+    pub const HALF_REV: &str = "NB_HALF_REV";
+    /// VLAN interface ifindex -> `VlanDev`, written by the agent.
+    pub const VLAN_DEVS: &str = "NB_VLAN_DEVS";
+    /// Which agent the pins belong to (u64 array, indexed by `owner::*`), written by the agent.
+    pub const OWNER: &str = "NB_OWNER";
+}
+
+/// Indexes of the `OWNER` array: the network namespace whose interfaces the pinned program
+/// serves, so that an agent in another namespace does not adopt pins it cannot use.
+pub mod owner {
+    /// `st_dev` of the owner's `/proc/self/ns/net`.
+    pub const NETNS_DEV: u32 = 0;
+    /// `st_ino` of the owner's `/proc/self/ns/net`.
+    pub const NETNS_INO: u32 = 1;
+    /// Number of entries.
+    pub const COUNT: u32 = 4;
 }
 
 /// Indexes of the `CONFIG` array: settings the agent can change while the program runs.
@@ -568,12 +693,9 @@ pub mod cfg {
     /// A veth delivers XDP_TX frames only when its peer runs an XDP program of its own; a
     /// redirect reaches a peer that merely has GRO on. Real NICs keep the faster XDP_TX.
     pub const TX_BY_REDIRECT: u32 = 1;
-    /// The agent's `CLOCK_MONOTONIC_COARSE` in ns, rewritten every 100 ms: the time the
-    /// program stamps flows with. A clock helper call cost about 70 ns per packet on a VM
-    /// (a quarter of an established packet's path), an array read costs next to nothing, and
-    /// the timeouts it serves count in seconds. 0 (never written) makes the program fall back
-    /// to the helper.
-    pub const CLOCK_NS: u32 = 2;
+    /// Unused (it held a clock the agent wrote; the program now keeps its own, see its
+    /// `clock` module, so that time moves while no agent runs).
+    pub const UNUSED_2: u32 = 2;
     /// Number of entries.
     pub const COUNT: u32 = 4;
 }
@@ -602,4 +724,6 @@ mod pod {
     unsafe impl aya::Pod for ThrottleState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for NextHopCache {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VlanDev {}
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use nb_common::{
     Backend, BackendStats, FlowKey, FlowValue, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
     NextHopCache, RR_SEQ_LEN, RevValue, SVC_PORT_WORDS, ServiceInfo, ServiceKey, SvcBackends,
-    ThrottleState, cfg, stat,
+    ThrottleState, VlanDev, cfg, owner, stat,
 };
 
 /// Public address and port -> service id.
@@ -63,12 +63,33 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(1 << 20, 0
 #[map(name = "NB_REV_FLOWS")]
 pub static REV_FLOWS: LruHashMap<FlowKey, RevValue> = LruHashMap::pinned(1 << 20, 0);
 
+/// Half-open connections, client side (see `nb_common::maps::HALF_FLOWS`). Sized by the
+/// agent from `max_flows`.
+#[map(name = "NB_HALF_FLOWS")]
+pub static HALF_FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(1 << 18, 0);
+
+/// Half-open connections, backend side (see `nb_common::maps::HALF_REV`).
+#[map(name = "NB_HALF_REV")]
+pub static HALF_REV: LruHashMap<FlowKey, RevValue> = LruHashMap::pinned(1 << 18, 0);
+
+/// VLAN interfaces over the XDP interfaces, by ifindex (written by the agent).
+#[map(name = "NB_VLAN_DEVS")]
+pub static VLAN_DEVS: HashMap<u32, VlanDev> = HashMap::pinned(256, 0);
+
+/// Whose pins these are (written and read by the agent only; see `nb_common::owner`).
+#[map(name = "NB_OWNER")]
+pub static OWNER: Array<u64> = Array::pinned(owner::COUNT, 0);
+
 /// Working space for a new flow's entries, one per CPU: the stack (512 bytes) has no room
 /// left for them.
 #[repr(C)]
 pub struct Scratch {
     /// The new flow's reply entry, as it will be inserted.
     pub rev: RevValue,
+    /// The new flow's client entry, as it will be inserted.
+    pub flow: FlowValue,
+    /// A reply-table key being worked on.
+    pub rkey: FlowKey,
     /// The client key of a connection whose SNAT port a new flow takes over.
     pub old_key: FlowKey,
     /// What the new flow's SYN shows a backend's TIME_WAIT (see `Hello`).

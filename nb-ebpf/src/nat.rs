@@ -3,16 +3,22 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_xdp_adjust_head},
+    macros::map,
+    maps::PerCpuArray,
     programs::XdpContext,
 };
-use nb_common::{cfg, stat};
+use nb_common::{VLAN_ID, cfg, stat};
 
 use crate::{
     csum::{Delta, addr_copy, addr_eq},
-    maps::{NEXT_HOPS, count, setting},
-    parse::{Packet, Skip, ptr_at},
+    maps::{NEXT_HOPS, VLAN_DEVS, count, setting},
+    parse::{ETH_P_8021Q, Packet, Skip, ptr_at},
 };
+
+/// The FIB request of `fib`, one per CPU.
+#[map(name = "NB_FIB_PARAMS")]
+static FIB_PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -70,10 +76,22 @@ pub fn rewrite(
     Ok(())
 }
 
+/// Where to send a frame ourselves.
+pub struct Hop {
+    /// The interface to send on (an XDP interface: below a VLAN interface the FIB named).
+    pub ifindex: u32,
+    /// Our MAC there.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+    /// The VLAN the frame needs there (`VLAN_TAGGED | id`), 0 = untagged.
+    pub vlan: u16,
+}
+
 /// What the kernel's FIB says about the next hop.
 pub enum NextHop {
-    /// Send it ourselves: (egress ifindex, our MAC, next hop MAC).
-    Known(u32, [u8; 6], [u8; 6]),
+    /// Send it ourselves.
+    Known(Hop),
     /// A route exists but the neighbour's MAC is not resolved yet: the kernel must forward
     /// this packet (and so resolve it).
     NoNeigh,
@@ -84,8 +102,14 @@ pub enum NextHop {
 /// Next hop towards `dst` from `src`.
 #[inline(always)]
 pub fn fib(ctx: &XdpContext, v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> NextHop {
+    // The request lives in a per-CPU slot: 64 bytes the stack has no room for.
+    let Some(p) = FIB_PARAMS.get_ptr_mut(0) else {
+        return NextHop::None;
+    };
+    // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
+    let p = unsafe { &mut *p };
     // SAFETY: `bpf_fib_lookup` is plain old data; all-zero is its documented empty request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *p = unsafe { core::mem::zeroed() };
     p.l4_protocol = 6;
     p.ifindex = ctx.ingress_ifindex() as u32;
     if v6 {
@@ -101,13 +125,24 @@ pub fn fib(ctx: &XdpContext, v6: bool, src: &[u32; 4], dst: &[u32; 4]) -> NextHo
     let ret = unsafe {
         fib_lookup_helper(
             ctx.as_ptr(),
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
     if ret == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        NextHop::Known(p.ifindex, p.smac, p.dmac)
+        // A VLAN interface over an XDP interface: XDP sends on the interface below, tagged.
+        // SAFETY: the value is a plain struct copied out at once.
+        let (ifindex, vlan) = match unsafe { VLAN_DEVS.get(&p.ifindex) } {
+            Some(v) => (v.lower, v.vlan),
+            None => (p.ifindex, 0),
+        };
+        NextHop::Known(Hop {
+            ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+            vlan,
+        })
     } else if ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         NextHop::NoNeigh
     } else {
@@ -139,28 +174,46 @@ pub fn cached_fib(
             && addr_eq(&c.src, src)
             && now.wrapping_sub(c.ts) < NEXT_HOP_TTL_NS
         {
-            return NextHop::Known(c.ifindex, c.smac, c.dmac);
+            return NextHop::Known(Hop {
+                ifindex: c.ifindex,
+                smac: c.smac,
+                dmac: c.dmac,
+                vlan: c.vlan,
+            });
         }
     }
     let hop = fib(ctx, v6, src, dst);
-    if let (Some(c), NextHop::Known(ifindex, smac, dmac)) = (slot, &hop) {
+    if let (Some(c), NextHop::Known(h)) = (slot, &hop) {
         // SAFETY: as above.
         let c = unsafe { &mut *c };
         c.dst = addr_copy(dst);
         c.src = addr_copy(src);
         c.ts = now;
-        c.ifindex = *ifindex;
-        c.dmac = *dmac;
-        c.smac = *smac;
+        c.ifindex = h.ifindex;
+        c.dmac = h.dmac;
+        c.smac = h.smac;
+        c.vlan = h.vlan;
     }
     hop
 }
 
-/// Sets the Ethernet addresses and sends the frame: back out of the interface it came in on,
-/// or redirected to another one. `macs` is the next hop's MAC then ours, 12 bytes taken as
-/// three words: written so, they cost 3 stores instead of 12 byte copies.
+/// Sets the Ethernet addresses and the VLAN tag and sends the frame: back out of the
+/// interface it came in on, or redirected to another one. `macs` is the next hop's MAC then
+/// ours, 12 bytes taken as three words: written so, they cost 3 stores instead of 12 byte
+/// copies. The frame came with VLAN `vlan_in` and leaves with `vlan_out` (0 = untagged):
+/// the tag is kept, rewritten, removed or added. Call it last: adding or removing a tag
+/// moves the frame's start, and every offset into it with it.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, macs: &[u32; 3], ifindex: u32) -> Result<u32, Skip> {
+pub fn send(
+    ctx: &XdpContext,
+    macs: &[u32; 3],
+    ifindex: u32,
+    vlan_in: u16,
+    vlan_out: u16,
+) -> Result<u32, Skip> {
+    if vlan_in != vlan_out {
+        retag(ctx, vlan_in, vlan_out)?;
+    }
     let eth: *mut [u32; 3] = ptr_at(ctx, 0)?;
     // SAFETY: `ptr_at` checked the 12 address bytes lie inside the packet.
     let eth = unsafe { &mut *eth };
@@ -175,6 +228,37 @@ pub fn send(ctx: &XdpContext, macs: &[u32; 3], ifindex: u32) -> Result<u32, Skip
         // SAFETY: plain helper call; it only records the target interface.
         Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
     }
+}
+
+/// Makes a frame tagged `vlan_in` (or untagged) carry `vlan_out` (or no tag), leaving the
+/// MAC addresses for `send` to write.
+#[inline(always)]
+fn retag(ctx: &XdpContext, vlan_in: u16, vlan_out: u16) -> Result<(), Skip> {
+    if vlan_in != 0 && vlan_out != 0 {
+        // Another VLAN: the id changes, the priority bits stay.
+        let tci: *mut u16 = ptr_at(ctx, 14)?;
+        // SAFETY: `ptr_at` checked the two bytes lie inside the packet.
+        unsafe {
+            let old = u16::from_be(*tci);
+            *tci = ((old & !VLAN_ID) | (vlan_out & VLAN_ID)).to_be();
+        }
+        return Ok(());
+    }
+    // Removing the tag drops the first 4 bytes: the ethertype after the tag lands where the
+    // untagged frame has it, and the MACs are written afresh. Adding one prepends 4 bytes:
+    // the ethertype lands after where the tag goes.
+    let delta: i32 = if vlan_in != 0 { 4 } else { -4 };
+    // SAFETY: the helper only moves the frame's start within its headroom; every pointer into
+    // the frame is taken again (by `ptr_at`) after it.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return Err(Skip::Malformed);
+    }
+    if vlan_out != 0 {
+        let tag: *mut [u16; 2] = ptr_at(ctx, 12)?;
+        // SAFETY: `ptr_at` checked the 4 bytes lie inside the packet.
+        unsafe { *tag = [ETH_P_8021Q, (vlan_out & VLAN_ID).to_be()] };
+    }
+    Ok(())
 }
 
 /// `dmac` then `smac` as the words `send` takes.
@@ -247,5 +331,11 @@ pub fn refuse(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Skip> {
     let mut src = [0u8; 6];
     src.copy_from_slice(&eth[..6]);
     count(stat::RST_NO_BACKEND);
-    send(ctx, &mac_words(&dst, &src), ctx.ingress_ifindex() as u32)
+    send(
+        ctx,
+        &mac_words(&dst, &src),
+        ctx.ingress_ifindex() as u32,
+        pkt.vlan,
+        pkt.vlan,
+    )
 }

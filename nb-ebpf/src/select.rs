@@ -13,13 +13,6 @@ use crate::{
 
 pub use nb_common::hash::{addr as hash_addr, snat_stride, snat_try};
 
-/// Hash of the client-side 5-tuple: routes flows whose entry was evicted, and picks the SNAT
-/// port, so that a re-created entry most likely gets the same port as the original.
-#[inline(always)]
-pub fn hash_flow(p: &Packet) -> u32 {
-    nb_common::hash::flow(&p.src, &p.dst, p.sport, p.dport)
-}
-
 /// The Maglev ring's backend for hash `h`.
 #[inline(always)]
 pub fn maglev(svc: u32, h: u32) -> Option<u32> {
@@ -28,21 +21,6 @@ pub fn maglev(svc: u32, h: u32) -> Option<u32> {
     }
     let id = *MAGLEV.get(svc * MAGLEV_SIZE + h % MAGLEV_SIZE)?;
     if id == 0 { None } else { Some(id) }
-}
-
-/// Backend for a non-SYN packet with no flow entry: the ring, hashed as the port's algorithm
-/// would have hashed it where that is stable (`source`), by 5-tuple otherwise.
-#[inline(always)]
-pub fn for_orphan(svc: u32, info: &ServiceInfo, p: &Packet) -> Option<u32> {
-    if info.backends == 0 {
-        return None;
-    }
-    let h = if info.algorithm == ALG_SOURCE {
-        hash_addr(&p.src)
-    } else {
-        hash_flow(p)
-    };
-    maglev(svc, h)
 }
 
 /// Backend for a new connection, by the port's algorithm.

@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod packet;
+pub mod rig;
 pub mod topo;
 
 /// Privileged tests run as root or fail loudly: a skipped test checks nothing.

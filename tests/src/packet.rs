@@ -426,6 +426,182 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     }
 }
 
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+
+/// An ICMP (IPv4) or ICMPv6 error message in an Ethernet frame: `outer` source and
+/// destination, type, code, the 4 bytes after the checksum (the MTU of "fragmentation
+/// needed" and "packet too big"), and `embedded`, the start of the IP packet it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IcmpFrame {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: std::net::IpAddr,
+    pub dst: std::net::IpAddr,
+    pub ty: u8,
+    pub code: u8,
+    pub rest: [u8; 4],
+    pub embedded: Vec<u8>,
+}
+
+impl IcmpFrame {
+    /// "Fragmentation needed" (IPv4: type 3 code 4) or "packet too big" (IPv6: type 2) with
+    /// `mtu`, from `src` to `dst`, about `about` (an Ethernet frame: its IP packet is embedded,
+    /// cut to `keep` bytes as routers do).
+    pub fn too_big(
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+        mtu: u32,
+        about: &[u8],
+        keep: usize,
+    ) -> IcmpFrame {
+        let (off, _) = l2(about).expect("an Ethernet frame");
+        let ip = &about[off..];
+        let embedded = ip[..keep.min(ip.len())].to_vec();
+        let (ty, code) = if src.is_ipv4() { (3, 4) } else { (2, 0) };
+        IcmpFrame {
+            dst_mac: [0x02, 0, 0, 0, 0, 0x01],
+            src_mac: [0x02, 0, 0, 0, 0, 0x02],
+            vlan: None,
+            src,
+            dst,
+            ty,
+            code,
+            rest: if src.is_ipv4() {
+                [0, 0, (mtu >> 8) as u8, mtu as u8]
+            } else {
+                mtu.to_be_bytes()
+            },
+            embedded,
+        }
+    }
+
+    /// The frame's bytes with every checksum computed from scratch (the embedded packet's
+    /// are left as they are: it is a copy of another packet's start).
+    pub fn build(&self) -> Vec<u8> {
+        let mut msg = vec![self.ty, self.code, 0, 0];
+        msg.extend_from_slice(&self.rest);
+        msg.extend_from_slice(&self.embedded);
+        let mut out = Vec::new();
+        out.extend_from_slice(&self.dst_mac);
+        out.extend_from_slice(&self.src_mac);
+        if let Some(v) = self.vlan {
+            out.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+            out.extend_from_slice(&(v & 0x0fff).to_be_bytes());
+        }
+        match (self.src, self.dst) {
+            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                let c = internet_checksum(&msg);
+                msg[2..4].copy_from_slice(&c.to_be_bytes());
+                out.extend_from_slice(&ETH_P_IP.to_be_bytes());
+                out.extend_from_slice(&ipv4_header(
+                    s,
+                    d,
+                    64,
+                    7,
+                    &[],
+                    false,
+                    0,
+                    IPPROTO_ICMP,
+                    msg.len(),
+                ));
+            }
+            (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+                let c = l4_checksum_v6(s, d, IPPROTO_ICMPV6, &msg);
+                msg[2..4].copy_from_slice(&c.to_be_bytes());
+                out.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+                out.extend_from_slice(&[0x60, 0, 0, 0]);
+                out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+                out.push(IPPROTO_ICMPV6);
+                out.push(64);
+                out.extend_from_slice(&s.octets());
+                out.extend_from_slice(&d.octets());
+            }
+            _ => panic!("ICMP frame with mixed families"),
+        }
+        out.extend_from_slice(&msg);
+        out
+    }
+}
+
+/// Parses an ICMP or ICMPv6 message frame built like [`IcmpFrame::build`], checking the
+/// outer IPv4 header checksum and the ICMP checksum (with ICMPv6's pseudo-header).
+pub fn parse_icmp(frame: &[u8]) -> Result<IcmpFrame, String> {
+    let (off, ty) = l2(frame)?;
+    let mut dst_mac = [0u8; 6];
+    let mut src_mac = [0u8; 6];
+    dst_mac.copy_from_slice(&frame[0..6]);
+    src_mac.copy_from_slice(&frame[6..12]);
+    let vlan = (off == 18).then(|| u16::from_be_bytes([frame[14], frame[15]]) & 0x0fff);
+    let h = &frame[off..];
+    let (src, dst, msg) = match ty {
+        ETH_P_IP => {
+            if h.len() < 20 || h[9] != IPPROTO_ICMP {
+                return Err("not ICMP over IPv4".into());
+            }
+            let ihl = (h[0] & 0x0f) as usize * 4;
+            let total = u16::from_be_bytes([h[2], h[3]]) as usize;
+            if ihl < 20 || total < ihl + 8 || h.len() < total {
+                return Err("bad IPv4 lengths".into());
+            }
+            if fold(sum(0, &h[..ihl])) != 0xffff {
+                return Err("bad IPv4 header checksum".into());
+            }
+            let msg = &h[ihl..total];
+            if fold(sum(0, msg)) != 0xffff {
+                return Err("bad ICMP checksum".into());
+            }
+            (
+                std::net::IpAddr::V4(Ipv4Addr::new(h[12], h[13], h[14], h[15])),
+                std::net::IpAddr::V4(Ipv4Addr::new(h[16], h[17], h[18], h[19])),
+                msg,
+            )
+        }
+        ETH_P_IPV6 => {
+            if h.len() < 48 || h[6] != IPPROTO_ICMPV6 {
+                return Err("not ICMPv6".into());
+            }
+            let plen = u16::from_be_bytes([h[4], h[5]]) as usize;
+            if plen < 8 || h.len() < 40 + plen {
+                return Err("bad IPv6 payload length".into());
+            }
+            let msg = &h[40..40 + plen];
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&h[8..40]);
+            pseudo.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, IPPROTO_ICMPV6]);
+            if fold(sum(sum(0, &pseudo), msg)) != 0xffff {
+                return Err("bad ICMPv6 checksum".into());
+            }
+            let a = |o: usize| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&h[o..o + 16]);
+                std::net::IpAddr::V6(Ipv6Addr::from(b))
+            };
+            (a(8), a(24), msg)
+        }
+        other => return Err(format!("ethertype {other:#06x}")),
+    };
+    Ok(IcmpFrame {
+        dst_mac,
+        src_mac,
+        vlan,
+        src,
+        dst,
+        ty: msg[0],
+        code: msg[1],
+        rest: [msg[4], msg[5], msg[6], msg[7]],
+        embedded: msg[8..].to_vec(),
+    })
+}
+
+/// The IP packet of an Ethernet frame (what follows its Ethernet header and VLAN tag).
+pub fn ip_packet(frame: &[u8]) -> &[u8] {
+    let (off, _) = l2(frame).expect("an Ethernet frame");
+    &frame[off..]
+}
+
 /// A UDP datagram (8 payload bytes) in an IPv4 frame.
 pub fn udp_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     let payload = b"nb-test!";

@@ -166,7 +166,7 @@ fn connection_keeps_its_backend_while_backends_change() {
 fn removed_port_lets_running_connections_finish() {
     require_root();
     let t = Topology::new("e7", Wiring::TwoNic, 2);
-    let _backends = start_backends(&t, 2, 8080, false);
+    let mut backends = start_backends(&t, 2, 8080, false);
     let both = format!(
         "{}{}",
         tcp_port(80, "roundrobin", &nodes_toml(2, 8080, false)),
@@ -200,7 +200,12 @@ fn removed_port_lets_running_connections_finish() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     which_backend(&t.client, vip(80)).expect("port 80 still served");
 
+    // Both sides close (the test backends keep every socket until stopped; a client's FIN
+    // alone leaves a connection half open, which expires only after 120 s of silence).
     drop(conn);
+    for b in &mut backends {
+        b.stop();
+    }
     // Closed flows expire after 10 s; the sweep (every 2 s) then clears the bit.
     nb_tests::topo::wait_until(
         "port 81's bit cleared",

@@ -64,6 +64,7 @@ impl NodeStats {
             active: active as u64,
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            no_port: 0,
         }
     }
 }
