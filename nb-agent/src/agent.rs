@@ -297,6 +297,9 @@ impl Agent {
         if let Some(mode) = attach_mode(config.balancer.xdp_mode) {
             match start_dataplane(&config, &public, mode) {
                 Ok(dp) => dataplane = Some(dp),
+                // Pins that would not outlive the agent, or that are another namespace's: not
+                // a missing XDP, and no reason to serve in user space.
+                Err(e @ AgentError::Dataplane(DataplaneError::Pins(_))) => return Err(e),
                 Err(e) if mode == AttachMode::Auto => {
                     warn!("XDP unavailable ({e}): tcp ports are served in user space");
                 }

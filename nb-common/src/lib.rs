@@ -42,11 +42,11 @@ pub const SNAT_HOLD_SECS: u64 = 65;
 pub const SNAT_TAKEOVER_SECS: u64 = 2;
 /// How long the SNAT port of a reset connection stays with it: a reset leaves no TIME_WAIT
 /// at the backend, so the port only waits out stragglers of the old connection.
-pub const RESET_HOLD_SECS: u64 = 2;
+pub const RESET_HOLD_SECS: u64 = 1;
 /// A client's RST inside the window closes nb's view of the connection only after this much
 /// silence from both sides: a forged RST the backend's TCP threw away is followed by the
 /// connection's next packets, which clear it (RFC 5961's challenge ACK is one of them).
-pub const RST_CONFIRM_SECS: u64 = 2;
+pub const RST_CONFIRM_SECS: u64 = 1;
 /// A connection whose handshake has not completed (no valid ACK from the client) this long
 /// after the client's last SYN is given up: its entries go and its SNAT port is free again.
 /// Linux resends a SYN after 1, 3 and 7 s; a later resend opens the connection afresh.

@@ -321,7 +321,7 @@ pub fn send_on(ctx: &XdpContext, pkt: &Packet, f: &FlowValue) -> Result<u32, Ski
     count(stat::FORWARD);
     if f.ifindex == 0 {
         count(stat::PASS_NO_NEIGH);
-        return Ok(xdp_action::XDP_PASS);
+        return nat::pass_to_kernel(ctx, pkt.vlan);
     }
     nat::send(ctx, f.macs(), f.ifindex, pkt.vlan, f.vlan)
 }

@@ -120,7 +120,7 @@ pub fn handle(ctx: &XdpContext, ip: &Ip) -> Result<u32, Skip> {
     count(stat::ICMP_FORWARD);
     if f.ifindex == 0 {
         count(stat::PASS_NO_NEIGH);
-        return Ok(xdp_action::XDP_PASS);
+        return nat::pass_to_kernel(ctx, ip.vlan);
     }
     nat::send(ctx, f.macs(), f.ifindex, ip.vlan, f.vlan)
 }

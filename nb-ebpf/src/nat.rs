@@ -230,6 +230,24 @@ pub fn send(
     }
 }
 
+/// Hands a translated frame that came with VLAN `vlan_in` to the kernel (which forwards it
+/// and resolves its next hop): untagged, as a kernel without a VLAN interface for the tag
+/// would drop it, and the tag belonged to the way in, not the way on.
+#[inline(always)]
+pub fn pass_to_kernel(ctx: &XdpContext, vlan_in: u16) -> Result<u32, Skip> {
+    if vlan_in != 0 {
+        // The frame's own MAC addresses, kept: the kernel takes only frames to its MAC.
+        let eth: *const [u32; 3] = ptr_at(ctx, 0)?;
+        // SAFETY: `ptr_at` checked the 12 bytes lie inside the packet.
+        let macs = unsafe { *eth };
+        retag(ctx, vlan_in, 0)?;
+        let eth: *mut [u32; 3] = ptr_at(ctx, 0)?;
+        // SAFETY: as above, in the frame as it is now.
+        unsafe { *eth = macs };
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
 /// Makes a frame tagged `vlan_in` (or untagged) carry `vlan_out` (or no tag), leaving the
 /// MAC addresses for `send` to write.
 #[inline(always)]

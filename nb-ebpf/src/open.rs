@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use nb_common::{
     Backend, FLOW_CLOSING, FLOW_RST, FLOW_SEQ, FlowKey, HALF_OPEN_SECS, PROTO_TCP, REV_CLIENT_RST,
-    REV_CLOSING, REV_REPLIED, REV_TW_NONE, REV_TW_SEQ, REV_TW_TS, RevValue, SNAT_PORT_TRIES,
-    SNAT_TAKEOVER_SECS, ThrottleState, cfg, stat,
+    REV_CLOSING, REV_REPLIED, REV_TW_NONE, REV_TW_SEQ, REV_TW_TS, RST_CONFIRM_SECS, RevValue,
+    SNAT_PORT_TRIES, SNAT_TAKEOVER_SECS, ThrottleState, cfg, stat,
 };
 
 use crate::{
@@ -152,7 +152,7 @@ pub fn new_connection(
     count(stat::FORWARD);
     if hop.ifindex == 0 {
         count(stat::PASS_NO_NEIGH);
-        return Ok(xdp_action::XDP_PASS);
+        return nat::pass_to_kernel(ctx, pkt.vlan);
     }
     nat::send(
         ctx,
@@ -372,11 +372,16 @@ fn tw_fit(r: &RevValue, hello: &Hello) -> TwFit {
 
 /// Whether the SNAT port of reply entry `r` may go to a new connection that found no free
 /// port: the backend closed it (FIN or RST) or its client reset it, and nothing came for
-/// `SNAT_TAKEOVER_SECS` (longer than `RST_CONFIRM_SECS`: a client reset is confirmed).
+/// `SNAT_TAKEOVER_SECS`, or after a reset (which leaves nothing at the backend) for
+/// `RST_CONFIRM_SECS` (a client's reset is confirmed then).
 #[inline(always)]
 fn may_take_over(r: &RevValue, t: u64) -> bool {
-    r.flags & (REV_CLOSING | REV_CLIENT_RST) != 0
-        && t.wrapping_sub(r.last_seen) > SNAT_TAKEOVER_SECS * SECOND
+    let silent = t.wrapping_sub(r.last_seen);
+    if r.flags & (REV_TW_NONE | REV_CLIENT_RST) != 0 {
+        silent > RST_CONFIRM_SECS * SECOND
+    } else {
+        r.flags & REV_CLOSING != 0 && silent > SNAT_TAKEOVER_SECS * SECOND
+    }
 }
 
 /// Whether the half-open connection of reply entry `r` is over: refused, given up by its

@@ -1,8 +1,10 @@
 //! Test support for nb: network namespaces and backends (`netns`), packet frames (`packet`),
-//! and whole test networks with a running agent (`topo`).
+//! the packet-table rig (`rig`), raw packets and tc programs (`raw`), and whole test networks
+//! with a running agent (`topo`).
 
 pub mod netns;
 pub mod packet;
+pub mod raw;
 pub mod rig;
 pub mod topo;
 

@@ -40,10 +40,20 @@ pub enum Wiring {
     TwoNic,
     /// One `eth0` on a bridge shared by client, balancer and backends.
     OneNic,
+    /// As `TwoNic`, with a router between the client and the balancer: the client is
+    /// `ROUTED_CLIENT` (`ROUTED_CLIENT6`) on a network of its own, the router (`switch`) is
+    /// 198.18.0.254 on the balancer's public network, its client side `rc`.
+    Routed,
 }
 
+/// The client's address in the `Routed` wiring.
+pub const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+/// The client's IPv6 address in the `Routed` wiring.
+pub const ROUTED_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 2);
+
 /// A client namespace, a balancer namespace and a backends namespace (all backends' addresses
-/// on one interface there), plus a switch namespace in the one-NIC wiring.
+/// on one interface there), plus a switch namespace in the one-NIC wiring (a router in the
+/// routed one).
 pub struct Topology {
     pub client: Netns,
     pub lb: Netns,
@@ -104,9 +114,39 @@ impl Topology {
                 switch = Some(sw);
                 interfaces = vec!["eth0".to_string()];
             }
+            Wiring::Routed => {
+                let router = Netns::new(&format!("{tag}r"));
+                veth(&client, "c0", &router, "rc");
+                veth(&router, "rl", &lb, "pub0");
+                veth(&lb, "priv0", &backends, "bk0");
+                router.sh(
+                    "ip addr add 198.18.0.254/24 dev rl && ip addr add 198.18.2.1/24 dev rc && \
+                     ip -6 addr add 2001:db8:1::fe/64 dev rl nodad && \
+                     ip -6 addr add 2001:db8:3::1/64 dev rc nodad && \
+                     sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+                );
+                lb.sh(
+                    "ip addr add 198.18.0.1/24 dev pub0 && ip addr add 198.18.0.10/32 dev pub0 && \
+                     ip addr add 198.19.0.1/24 dev priv0 && \
+                     ip -6 addr add 2001:db8:1::1/64 dev pub0 nodad && \
+                     ip -6 addr add 2001:db8:1::10/128 dev pub0 nodad && \
+                     ip -6 addr add 2001:db8:2::1/64 dev priv0 nodad && \
+                     ip route add 198.18.2.0/24 via 198.18.0.254 && \
+                     ip -6 route add 2001:db8:3::/64 via 2001:db8:1::fe",
+                );
+                client.sh(
+                    "ip addr add 198.18.2.2/24 dev c0 && ip -6 addr add 2001:db8:3::2/64 dev c0 nodad \
+                     && ip route add default via 198.18.2.1 && ip -6 route add default via 2001:db8:3::1",
+                );
+                switch = Some(router);
+                interfaces = vec!["pub0".to_string(), "priv0".to_string()];
+            }
         }
-        client
-            .sh("ip addr add 198.18.0.2/24 dev c0 && ip -6 addr add 2001:db8:1::2/64 dev c0 nodad");
+        if wiring != Wiring::Routed {
+            client.sh(
+                "ip addr add 198.18.0.2/24 dev c0 && ip -6 addr add 2001:db8:1::2/64 dev c0 nodad",
+            );
+        }
         let mut cmds = Vec::new();
         for i in 1..=n {
             cmds.push(format!("ip addr add {}/24 dev bk0", backend_v4(i)));
@@ -222,6 +262,15 @@ impl Agent {
         Agent::launch_bin(topo, config, env, xdp, &agent_bin())
     }
 
+    /// Starts the agent as operators run it in a network namespace, `ip netns exec NS
+    /// nb-agent run` (a mount namespace of its own, whose fresh `/sys` hides the host's
+    /// bpffs), and waits until it has attached its program.
+    pub fn start_by_netns_exec(topo: &Topology, config: &Path) -> Agent {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", topo.lb.name()]).arg(agent_bin());
+        Agent::launch_cmd(topo, config, &[], true, cmd)
+    }
+
     fn launch_bin(
         topo: &Topology,
         config: &Path,
@@ -229,11 +278,19 @@ impl Agent {
         xdp: bool,
         bin: &Path,
     ) -> Agent {
+        Agent::launch_cmd(topo, config, env, xdp, topo.lb.command(bin))
+    }
+
+    fn launch_cmd(
+        topo: &Topology,
+        config: &Path,
+        env: &[(&str, &str)],
+        xdp: bool,
+        mut cmd: std::process::Command,
+    ) -> Agent {
         let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");
-        let child = topo
-            .lb
-            .command(bin)
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")

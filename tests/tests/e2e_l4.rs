@@ -368,8 +368,20 @@ fn connect_from_port(
 /// SYN: 1-3 s on many systems). nb takes a port whose TIME_WAIT accepts the SYN.
 #[test]
 fn taken_over_ports_meet_no_time_wait_refusal() {
+    takeover_scene("e8", false);
+}
+
+/// The same with no agent running once the old connections are closed: port takeover counts
+/// time by the program's own clock (which used to stand still with the agent stopped, so no
+/// port was ever old enough to take over).
+#[test]
+fn ports_are_taken_over_with_no_agent_running() {
+    takeover_scene("e9", true);
+}
+
+fn takeover_scene(tag: &str, stop_agent: bool) {
     require_root();
-    let t = Topology::new("e8", Wiring::TwoNic, 1);
+    let t = Topology::new(tag, Wiring::TwoNic, 1);
     // A backend that closes first: greets, then closes.
     let listener = t
         .backends
@@ -408,7 +420,7 @@ fn taken_over_ports_meet_no_time_wait_refusal() {
     }
     let _server = StopServer(stop, Some(server));
     let cfg = t.write_config(&tcp_port(80, "roundrobin", &nodes_toml(1, 8080, false)));
-    let _agent = Agent::start(&t, &cfg);
+    let mut agent = Agent::start(&t, &cfg);
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
 
     // Clients (ports of the client's address) whose SYNs try eight SNAT ports none of the
@@ -483,6 +495,10 @@ fn taken_over_ports_meet_no_time_wait_refusal() {
             "the backend holds the old connections in TIME_WAIT: {time_wait} of 128"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if stop_agent {
+        // Its pins and program stay; nothing sweeps the closed connections' entries now.
+        agent.stop();
     }
     // Closed ports may be taken over once silent for SNAT_TAKEOVER_SECS.
     std::thread::sleep(Duration::from_millis(

@@ -555,11 +555,49 @@ struct EchoLog {
 ///    starts with the same config. The connection never notices, and new connections work.
 #[test]
 fn agent_crash_and_restart_keep_connections() {
+    crash_and_restart("o7", false);
+}
+
+/// The same with the agent run as operators run it in a network namespace, `ip netns exec`
+/// (a mount namespace of its own, whose fresh `/sys` hides the host's bpffs: pins made there
+/// died with the agent). The pins go to the host's bpffs, so the connection never notices,
+/// the counters keep counting across the restart, and a SIGTERM leaves XDP attached.
+#[test]
+fn agent_crash_and_restart_under_ip_netns_exec_keep_connections() {
+    crash_and_restart("o9", true);
+}
+
+/// The sum of `nb_node_connections_total` over the port's nodes.
+fn node_connections(t: &Topology) -> u64 {
+    let (status, text) = nb_tests::topo::admin_call(t, "GET", "/metrics", None, None);
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .filter(|l| l.starts_with("nb_node_connections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn crash_and_restart(tag: &str, netns_exec: bool) {
     require_root();
-    let t = Topology::new("o7", Wiring::TwoNic, 2);
+    let t = Topology::new(tag, Wiring::TwoNic, 2);
     let _backends = start_backends(&t, 2);
     let cfg = t.write_config(&checked_port(2, &accept_nodes(2)));
-    let mut agent = Agent::start(&t, &cfg);
+    let start = |t: &Topology| {
+        if netns_exec {
+            Agent::start_by_netns_exec(t, &cfg)
+        } else {
+            Agent::start(t, &cfg)
+        }
+    };
+    let mut agent = start(&t);
+    if netns_exec {
+        wait_log(
+            &agent,
+            "pinning in the host's bpffs",
+            1,
+            Duration::from_secs(2),
+        );
+    }
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
     let (mut conn, mine) = open_greeted(&t, vip(80));
     conn.set_read_timeout(Some(Duration::from_secs(3)))
@@ -599,6 +637,8 @@ fn agent_crash_and_restart_keep_connections() {
         });
     };
     echoes_after(20, "echoes before the crash", &agent);
+    let counted = node_connections(&t);
+    assert!(counted >= 1, "connections counted before the crash");
 
     agent.kill9();
     // No agent: the pinned program keeps forwarding, old and new connections alike.
@@ -606,7 +646,11 @@ fn agent_crash_and_restart_keep_connections() {
     let label = which_backend(&t.client, vip(80)).expect("new connection with no agent");
     assert!(label.starts_with('b'), "label {label}");
 
-    let restarted = Agent::start(&t, &cfg);
+    let mut restarted = start(&t);
+    assert!(
+        node_connections(&t) > counted,
+        "the counters kept counting across the restart (the pinned maps were adopted)"
+    );
     // Long enough for the new agent's first flow sweep and health checks.
     let until = Instant::now() + INTERVAL + MARGIN;
     while Instant::now() < until {
@@ -639,6 +683,21 @@ fn agent_crash_and_restart_keep_connections() {
     );
     let seen = spread(&t, vip(80), 20);
     assert_eq!(seen.len(), 2, "new connections after the restart: {seen:?}");
+    // A SIGTERM leaves the program attached and pinned: connections go on without an agent.
+    restarted.stop();
+    assert!(
+        restarted
+            .log_text()
+            .contains("the XDP program stays attached and pinned"),
+        "{}",
+        restarted.log_text()
+    );
+    let seen = spread(&t, vip(80), 10);
+    assert_eq!(
+        seen.values().sum::<usize>(),
+        10,
+        "served with no agent: {seen:?}"
+    );
 }
 
 /// Passive checks on a tcp port: a backend that starts refusing connections is marked DOWN by

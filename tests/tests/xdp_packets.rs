@@ -287,6 +287,16 @@ fn a_finished_connections_snat_port_is_held_and_taken_over_only_when_none_is_fre
         let drops = r.counter("drop_no_port");
         assert_eq!(open_from(r, d).0, XDP_DROP, "C's port is too fresh to take");
         assert_eq!(r.counter("drop_no_port"), drops + 1);
+        let no_port: u64 =
+            r.dp.backend_counters()
+                .expect("counters")
+                .values()
+                .map(|c| c.stats.no_port)
+                .sum();
+        assert_eq!(
+            no_port, 1,
+            "counted against the backend (the agent logs it by name)"
+        );
         assert!(client_entry(r, c), "C's client entry stays");
         std::thread::sleep(std::time::Duration::from_millis(
             nb_common::SNAT_TAKEOVER_SECS * 1000 + 1100,

@@ -343,6 +343,8 @@ struct XdpCase {
     /// Median of the per-round ratios to the empty program.
     ratio: f64,
     action: u32,
+    /// Mean ns per packet of each round.
+    means: Vec<f64>,
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
@@ -366,6 +368,16 @@ const RUNS: u32 = 1_000_000;
 const NEW_RUNS: u32 = 30_000;
 const XDP_MAX_FLOWS: u32 = 262_144;
 const NEW_SYN: &str = "nb: new connection (SYN)";
+const ESTABLISHED: &str = "nb: established flow";
+/// The packet that completes a new connection's handshake (its entries move into the
+/// connection tables): with the SYN, what a new connection costs in all.
+const COMPLETING_ACK: &str = "nb: new connection (completing ACK)";
+const UNDER_FLOOD: &str = "nb: established flow, SYN flood";
+/// Spoofed SYNs run before each timed packet of `UNDER_FLOOD`.
+const FLOOD_SYNS: u32 = 2;
+/// The service port the flood's SYNs go to (backends of their own port: their SNAT ports
+/// are not the other cases').
+const FLOOD_PORT: u16 = 82;
 /// The state floor's cases (see `load_state_floor_xdp`), run as often as `NEW_SYN`, each time
 /// with a key never seen before.
 const FLOOR_1: &str = "floor: 1 table, new key";
@@ -386,6 +398,10 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         "[[port]]\nport = {NEW_PORT}\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\ncheck = \"none\"\n\n{}",
         nodes_toml().replace(":8080", ":8081")
     ));
+    text.push_str(&format!(
+        "[[port]]\nport = {FLOOD_PORT}\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\ncheck = \"none\"\n\n{}",
+        nodes_toml().replace(":8080", ":8082")
+    ));
     std::fs::write(&cfg, text)?;
     let agent = Agent::start(&t, &cfg);
     // Resolve the backends' MACs, as traffic would on a live balancer: otherwise every run
@@ -403,9 +419,24 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
     // (which walks the tables every 2 s) takes no CPU from the runs, and the new connections
     // below stay in the table (unanswered, the sweep would expire them after 30 s).
     drop(agent);
+    let priv_ifindex: u32 =
+        t.lb.sh("cat /sys/class/net/priv0/ifindex")
+            .trim()
+            .parse()
+            .context("priv0 ifindex")?;
+    // The empty program is attached to an interface as nb's is: an unattached program is
+    // reached through one more indirect call (about 11 ns on one machine), which would make
+    // it cheaper to beat.
+    t.lb.sh("ip link add bx0 type veth peer name bx1 && ip link set bx0 up && ip link set bx1 up");
+    let bx0: u32 =
+        t.lb.sh("cat /sys/class/net/bx0/ifindex")
+            .trim()
+            .parse()
+            .context("bx0 ifindex")?;
     let cases = t.lb.enter(move || -> io::Result<Vec<XdpCase>> {
         let nb = obj_get(&pin)?;
         let empty = load_empty_xdp()?;
+        let _empty_link = link_xdp(&empty, bx0)?;
         // The floor's tables are as large as nb's, so that their memory is as cold.
         let flows = lru_table::<FlowValue>(XDP_MAX_FLOWS)?;
         let revs = lru_table::<RevValue>(XDP_MAX_FLOWS)?;
@@ -413,12 +444,10 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         let floor2 = load_state_floor_xdp(&[&flows, &revs])?;
         let syn = |ip: Ipv4Addr, port: u16| {
             let mut f = Frame::v4((ip, port), (VIP, 80), SYN);
+            f.tcp.seq = 1000;
             f.tcp.options = vec![2, 4, 5, 0xb4];
             f
         };
-        let mut data = Frame::v4((CLIENT, 40000), (VIP, 80), ACK | PSH);
-        data.tcp.payload = vec![b'x'; 64];
-        let data = data.build();
         let mut pass = syn(CLIENT, 40001);
         pass.tcp.dport = 22;
         let pass = pass.build();
@@ -428,6 +457,37 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         let mut other = Frame::v4((CLIENT, 40002), (Ipv4Addr::new(198, 18, 0, 99), 80), ACK);
         other.tcp.payload = vec![b'x'; 64];
         let other = other.build();
+        // A bare ACK of no connection to the service: three lookups (flow, half-open,
+        // services), nothing made, passed to the kernel.
+        let mut orphan = Frame::v4((CLIENT, 40003), (VIP, 80), ACK);
+        orphan.tcp.seq = 77;
+        orphan.tcp.ack = 99;
+        let orphan = orphan.build();
+
+        // A whole handshake from `client` (SYN, the backend's SYN-ACK on the private NIC),
+        // returning the client's ACK of it, not yet sent: the packet that completes it.
+        let open = |client: (Ipv4Addr, u16), dport: u16| -> io::Result<(Vec<u8>, Frame)> {
+            let mut s = syn(client.0, client.1);
+            s.tcp.dport = dport;
+            let (_, _, out) = test_run_out(&nb, &s.build(), ifindex, 1)?;
+            let sent = nb_tests::packet::parse(&out)
+                .map_err(|e| io::Error::other(format!("forwarded SYN: {e}")))?;
+            let (snat, backend) = match sent.ip {
+                Ip::V4 { src, dst, .. } => ((src, sent.tcp.sport), (dst, sent.tcp.dport)),
+                Ip::V6 { .. } => return Err(io::Error::other("IPv4 SYN forwarded as IPv6")),
+            };
+            let mut back = Frame::v4(backend, snat, SYN | ACK);
+            back.tcp.seq = 5000;
+            back.tcp.ack = 1001;
+            test_run(&nb, &back.build(), priv_ifindex, 1)?;
+            let mut ack = Frame::v4(client, (VIP, dport), ACK);
+            ack.tcp.seq = 1001;
+            ack.tcp.ack = 5001;
+            back.tcp.flags = ACK | PSH;
+            back.tcp.seq = 5001;
+            back.tcp.payload = vec![b'y'; 64];
+            Ok((ack.build(), back))
+        };
 
         // The packet is not restored between repeats of one test run, so a program that
         // rewrites it would see its own output from the second repeat on. Every case is
@@ -435,36 +495,63 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         // empty program is measured the same way. The cases take turns in ROUNDS rounds and
         // each figure is the median over rounds (the ratio: of the per-round ratios), so that
         // load from other work on a shared machine weighs on every case alike.
-        // The connection of the established cases. Its backend's packets come back to the SNAT
-        // address and port its SYN went out with; its SYN-ACK marks it answered.
-        let (_, _, out) = test_run_out(&nb, &syn(CLIENT, 40000).build(), ifindex, 1)?;
-        let sent = nb_tests::packet::parse(&out)
-            .map_err(|e| io::Error::other(format!("forwarded SYN: {e}")))?;
-        let (snat, backend) = match sent.ip {
-            Ip::V4 { src, dst, .. } => ((src, sent.tcp.sport), (dst, sent.tcp.dport)),
-            Ip::V6 { .. } => return Err(io::Error::other("IPv4 SYN forwarded as IPv6")),
-        };
-        let mut back = Frame::v4(backend, snat, SYN | ACK);
-        test_run(&nb, &back.build(), ifindex, 1)?;
-        back.tcp.flags = ACK | PSH;
-        back.tcp.payload = vec![b'y'; 64];
+        // The connection of the established cases: client data one way, the backend's data
+        // (arriving on the private NIC) the other.
+        let (ack, back) = open((CLIENT, 40000), 80)?;
+        test_run(&nb, &ack, ifindex, 1)?;
+        let mut data = Frame::v4((CLIENT, 40000), (VIP, 80), ACK | PSH);
+        data.tcp.seq = 1001;
+        data.tcp.ack = 5001;
+        data.tcp.payload = vec![b'x'; 64];
+        let data = data.build();
         let back = back.build();
-        // A new connection from a client address and port never seen before: both table
+        // A new connection from a client address and port never seen before: its half-open
         // entries are created (NEW_RUNS of them in all).
+        let fresh = |base: Ipv4Addr, i: u32| {
+            (
+                Ipv4Addr::from(u32::from(base) + i / 50_000),
+                1024 + (i % 50_000) as u16,
+            )
+        };
         let fresh_syn = |i: u32| {
-            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 64, 0)) + i / 50_000);
-            let mut f = syn(ip, 1024 + (i % 50_000) as u16);
+            let c = fresh(Ipv4Addr::new(198, 18, 64, 0), i);
+            let mut f = syn(c.0, c.1);
             f.tcp.dport = NEW_PORT;
             test_run(&nb, &f.build(), ifindex, 1)
         };
-        // New connections on the entries of closed ones, over 16384 client ports (cold: the
-        // entries come from memory) or over 16 (hot); a RST (not timed) closes each flow so
+        // The client's ACK that completes a new connection's handshake: both connection
+        // table entries are created, the half-open ones go (the SYN and SYN-ACK before it are
+        // not timed).
+        let completing_ack = |i: u32| {
+            let (ack, _) = open(fresh(Ipv4Addr::new(198, 18, 96, 0), i), 80)?;
+            test_run(&nb, &ack, ifindex, 1)
+        };
+        // The established flow while a flood of spoofed SYNs (from addresses never seen, to
+        // a port of their own) fills the half-open tables: FLOOD_SYNS of them before each
+        // timed packet.
+        let mut flooded = 0u32;
+        let (nb_ref, data_ref) = (&nb, &data);
+        let mut under_flood = move |_| -> io::Result<(u32, u32)> {
+            let (nb, data) = (nb_ref, data_ref);
+            for _ in 0..FLOOD_SYNS {
+                let c = fresh(Ipv4Addr::new(198, 18, 160, 0), flooded);
+                flooded += 1;
+                let mut f = syn(c.0, c.1);
+                f.tcp.dport = FLOOD_PORT;
+                f.tcp.seq = flooded.wrapping_mul(2_654_435_761);
+                test_run(nb, &f.build(), ifindex, 1)?;
+            }
+            test_run(nb, data, ifindex, 1)
+        };
+        // New connections on the entries of given-up ones, over 16384 client ports (cold:
+        // the entries come from memory) or over 16 (hot); a RST (not timed) gives each up so
         // that the next SYN on that port is a new connection again.
         let syns: Vec<(Vec<u8>, Vec<u8>)> = (0..16384u16)
             .map(|p| {
                 let s = syn(Ipv4Addr::new(198, 18, 0, 3), 1024 + p);
                 let mut r = s.clone();
                 r.tcp.flags = RST | ACK;
+                r.tcp.seq = 1001;
                 (s.build(), r.build())
             })
             .collect();
@@ -484,7 +571,7 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
         );
         let mut runs: Vec<Case> = vec![
             (
-                "empty XDP program",
+                "empty XDP program (attached)",
                 Box::new(|_| test_run(&empty, &pass, ifindex, 1)),
             ),
             (
@@ -496,32 +583,36 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
                 Box::new(|_| test_run(&nb, &other, ifindex, 1)),
             ),
             (
-                "nb: established flow",
-                Box::new(|_| test_run(&nb, &data, ifindex, 1)),
+                "nb: ACK of no connection, pass",
+                Box::new(|_| test_run(&nb, &orphan, ifindex, 1)),
             ),
+            (ESTABLISHED, Box::new(|_| test_run(&nb, &data, ifindex, 1))),
             (
                 "nb: established flow, reply",
-                Box::new(|_| test_run(&nb, &back, ifindex, 1)),
+                Box::new(|_| test_run(&nb, &back, priv_ifindex, 1)),
             ),
             (NEW_SYN, Box::new(fresh_syn)),
+            (COMPLETING_ACK, Box::new(completing_ack)),
+            (UNDER_FLOOD, Box::new(&mut under_flood)),
             (FLOOR_1, Box::new(|_| test_run(&floor1, &pass, ifindex, 1))),
             (FLOOR_2, Box::new(|_| test_run(&floor2, &pass, ifindex, 1))),
             (
-                "nb: SYN on a closed flow's entries",
+                "nb: SYN on a given-up connection's entries",
                 Box::new(syn_case(16384)),
             ),
             (
-                "nb: SYN on a closed flow's entries, hot",
+                "nb: SYN on a given-up connection's entries, hot",
                 Box::new(syn_case(16)),
             ),
         ];
         const ROUNDS: u32 = 50;
         let per_round = RUNS / ROUNDS;
+        let names: Vec<&'static str> = runs.iter().map(|(n, _)| *n).collect();
         let mut means = vec![Vec::new(); runs.len()];
         let mut actions = vec![0; runs.len()];
         for round in 0..ROUNDS {
             for (c, (name, f)) in runs.iter_mut().enumerate() {
-                let n = if [NEW_SYN, FLOOR_1, FLOOR_2].contains(name) {
+                let n = if [NEW_SYN, COMPLETING_ACK, UNDER_FLOOD, FLOOR_1, FLOOR_2].contains(name) {
                     NEW_RUNS / ROUNDS
                 } else {
                     per_round
@@ -535,16 +626,18 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
                 means[c].push(total as f64 / f64::from(n));
             }
         }
-        let cases = runs
-            .iter()
+        drop(runs);
+        let cases = names
+            .into_iter()
             .enumerate()
-            .map(|(c, (name, _))| {
+            .map(|(c, name)| {
                 let ratios: Vec<f64> = means[c].iter().zip(&means[0]).map(|(m, e)| m / e).collect();
                 XdpCase {
                     name,
                     ns_per_packet: median(&means[c]),
                     ratio: median(&ratios),
                     action: actions[c],
+                    means: means[c].clone(),
                 }
             })
             .collect();
@@ -579,9 +672,27 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
     json.push_str("  ]\n}\n");
     std::fs::write(out.join("xdp.json"), json)?;
     drop(t);
-    // Targets from the L4 issue: an established flow at most 2x the empty program, a new
-    // SYN at most 4x. The ratio reported is the median of the per-round ratios, so `nb` is
-    // given as that ratio times the empty program's median.
+    // Targets from the L4 issue (open Internet): an established flow at most 2.5x the
+    // attached empty program, a new SYN at most 23x (Katran's in the same harness), and an
+    // established flow under a SYN flood within 1.2x of its quiet cost (the median of the
+    // per-round ratios of the two cases, run in the same rounds). The ratio reported is the
+    // median of the per-round ratios, so `nb` is given as that ratio times the empty
+    // program's median.
+    let quiet = cases.iter().find(|c| c.name == ESTABLISHED);
+    let flood = cases.iter().find(|c| c.name == UNDER_FLOOD);
+    let flood_key = quiet.zip(flood).map(|(q, f)| {
+        let ratios: Vec<f64> = f.means.iter().zip(&q.means).map(|(a, b)| a / b).collect();
+        let r = median(&ratios);
+        println!("   established flow under a SYN flood: {r:.2}x its quiet cost (target <= 1.2x)");
+        Key {
+            part: "xdp",
+            what: "established flow under a SYN flood ns/packet vs quiet".into(),
+            nb: r * q.ns_per_packet,
+            other: Some(q.ns_per_packet),
+            target: Target::AtMost(1.2),
+            assumed: false,
+        }
+    });
     Ok(cases[1..]
         .iter()
         .map(|c| Key {
@@ -593,12 +704,13 @@ fn xdp(out: &Path) -> Result<Vec<Key>> {
             nb: c.ratio * empty,
             other: Some(empty),
             target: match c.name {
-                "nb: established flow" => Target::AtMost(2.0),
-                NEW_SYN => Target::AtMost(4.0),
+                ESTABLISHED => Target::AtMost(2.5),
+                NEW_SYN => Target::AtMost(23.0),
                 _ => Target::None,
             },
             assumed: false,
         })
+        .chain(flood_key)
         .collect())
 }
 
