@@ -224,10 +224,13 @@ impl Default for FlowTimeouts {
     }
 }
 
-/// Entries of each half-open table for `max_flows` connections: a quarter (at least 1024),
-/// so that a flood of SYNs cannot hold more SNAT ports and memory than that.
+/// Entries of each half-open table for `max_flows` connections: a quarter, at least 1024 and
+/// at most 131072. Handshakes last a round trip, so even a large table of them turns over in
+/// milliseconds; what fills it is a flood of SYNs, which also runs into the SNAT ports (22768
+/// per private address and backend) at about this size for a handful of backends. Smaller
+/// tables are also warmer memory: a cold table bucket is a large part of a new SYN's cost.
 pub fn half_open_entries(max_flows: u32) -> u32 {
-    (max_flows / 4).max(1024)
+    (max_flows / 4).clamp(1024, 131_072)
 }
 
 /// The loaded program, its maps, and what the agent last wrote into them.

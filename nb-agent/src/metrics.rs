@@ -1,6 +1,7 @@
-//! Prometheus metrics (SPEC §5): the process-wide counters that code outside the agent loop
-//! records into (health check durations, config reloads, http requests), and the text format
-//! renderer that joins them with what the loop reads from the data path at scrape time.
+//! Prometheus metrics (README "Admin API, nbctl, metrics"): the process-wide counters that code
+//! outside the agent loop records into (health check durations, config reloads, http requests),
+//! and the text format renderer that joins them with what the loop reads from the data path at
+//! scrape time.
 //!
 //! The recorders are global, as in every Prometheus client library: a health check task or a
 //! proxy connection records without holding any reference to the agent, and a scrape never
@@ -136,9 +137,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// Renders every SPEC §5 metric in the Prometheus text format (version 0.0.4). Every family is
-/// announced (HELP and TYPE) even when it has no series yet, so a scraper sees the full set.
-/// Health check histograms are limited to the nodes in `snap`, so a removed node's series go.
+/// Renders every metric the README lists in the Prometheus text format (version 0.0.4). Every
+/// family is announced (HELP and TYPE) even when it has no series yet, so a scraper sees the full
+/// set. Health check histograms are limited to the nodes in `snap`, so a removed node's series go.
 pub fn render(snap: &Snapshot) -> String {
     let mut out = String::new();
     family(

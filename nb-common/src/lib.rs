@@ -26,7 +26,7 @@ pub const SNAT_PORT_MIN: u16 = 10000;
 /// Last SNAT port (inclusive).
 pub const SNAT_PORT_MAX: u16 = 32767;
 /// How many SNAT ports a new flow tries before giving up (each try is one map lookup).
-pub const SNAT_PORT_TRIES: u32 = 8;
+pub const SNAT_PORT_TRIES: u32 = 16;
 /// How long the SNAT port of a closed connection stays with it (its reply entry kept, the
 /// port not given to another client): the backend may still hold the old connection in
 /// TIME_WAIT (60 s on Linux), and a SYN from another client on the same addresses and ports

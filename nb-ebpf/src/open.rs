@@ -2,9 +2,9 @@
 //! the half-open tables until the client acknowledges the backend's SYN-ACK (see `conn`).
 //!
 //! SNAT ports: each (private address, backend address and port) has the 22768 ports of
-//! `SNAT_PORT_MIN..=SNAT_PORT_MAX`. A new connection tries 8 of them (double hashing from
+//! `SNAT_PORT_MIN..=SNAT_PORT_MAX`. A new connection tries 16 of them (double hashing from
 //! the 5-tuple's hash). A port is free when neither table holds it; a port of a connection
-//! that is over (closed, reset, or a handshake given up) is taken over when none of the 8
+//! that is over (closed, reset, or a handshake given up) is taken over when none of the 16
 //! is free, preferring one whose backend will accept the new SYN (see `TwFit`).
 
 use aya_ebpf::{
@@ -208,16 +208,22 @@ fn pick_port(b: &Backend, family: u8, scratch: &mut Scratch, t: u64) -> u16 {
             }
             continue;
         }
-        match HALF_REV.get_ptr(rkey) {
+        // Free in the reply table: reserved unless a half-open connection holds it. The
+        // insert comes first (most ports tried are free), the look only when it failed: a
+        // lookup of a key never seen is a cold bucket, a third of a new SYN's cost here.
+        if insert_half(rkey, rv) {
+            return port;
+        }
+        match HALF_REV.get_ptr_mut(rkey) {
             Some(old) => {
-                // SAFETY: as above.
-                let old = unsafe { &*old };
+                // SAFETY: as above; only this connection's own earlier attempt is written.
+                let old = unsafe { &mut *old };
                 if same_client(old, rv) {
-                    // Left by this client's earlier attempt whose client entry is gone.
-                    if HALF_REV.insert(rkey, rv, BPF_ANY as u64).is_ok() {
-                        return port;
-                    }
-                    continue;
+                    // Left by this client's earlier attempt (given up, or its client entry
+                    // gone): rewritten in place for this one.
+                    crate::csum::copy_words(old, rv);
+                    cache::invalidate(rkey);
+                    return port;
                 }
                 if half_over(old, t) {
                     let fit = half_fit(old);
@@ -229,6 +235,7 @@ fn pick_port(b: &Backend, family: u8, scratch: &mut Scratch, t: u64) -> u16 {
                     }
                 }
             }
+            // Gone meanwhile (another CPU's promotion or the sweep): tried once more.
             None => {
                 if insert_half(rkey, rv) {
                     return port;

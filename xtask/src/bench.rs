@@ -1,6 +1,6 @@
-//! `cargo xtask bench [xdp|l4|l7]`: side-by-side benchmarks (SPEC §7). Every contender runs in
-//! the same run, on the same namespaces and the same backends; the tables report ratios, because
-//! these machines are shared and an absolute number means little. Results go to
+//! `cargo xtask bench [xdp|l4|l7]`: side-by-side benchmarks (README "Benchmarks"). Every contender
+//! runs in the same run, on the same namespaces and the same backends; the tables report ratios,
+//! because these machines are shared and an absolute number means little. Results go to
 //! `target/bench/*.json`; a full run ends with one table of every part's key ratios beside their
 //! targets (`target/bench/summary.json`).
 
@@ -366,7 +366,7 @@ const RUNS: u32 = 1_000_000;
 /// its backend (22768 per backend), so they end at 10000 per backend: no eviction, and the
 /// port search mostly finds a free port at its first try.
 const NEW_RUNS: u32 = 30_000;
-const XDP_MAX_FLOWS: u32 = 262_144;
+const XDP_MAX_FLOWS: u32 = 524_288;
 const NEW_SYN: &str = "nb: new connection (SYN)";
 const ESTABLISHED: &str = "nb: established flow";
 /// The packet that completes a new connection's handshake (its entries move into the

@@ -29,7 +29,7 @@ enum Cmd {
     },
     /// Build, start a test network with nb in front of three backends, show it working.
     Demo,
-    /// Side-by-side benchmarks (SPEC §7): `xdp`, `l4`, `l7`, or all.
+    /// Side-by-side benchmarks (README "Benchmarks"): `xdp`, `l4`, `l7`, or all.
     Bench {
         /// Which part: xdp, l4, l7 (default: all, ending with one table of every ratio).
         part: Option<String>,

@@ -1,7 +1,7 @@
-//! L7 (SPEC §7): nb's http and https ports vs HAProxy in http mode vs nginx as a reverse proxy,
-//! each with the same number of worker threads, the same three nginx backends, and a network of
-//! its own (as in the L4 part: leftover TIME_WAIT state distorts later contenders). Per
-//! contender: kept-alive HTTP and HTTPS requests/s with p50 and p99, new TLS connections/s
+//! L7 (README "Benchmarks"): nb's http and https ports vs HAProxy in http mode vs nginx as a
+//! reverse proxy, each with the same number of worker threads, the same three nginx backends, and
+//! a network of its own (as in the L4 part: leftover TIME_WAIT state distorts later contenders).
+//! Per contender: kept-alive HTTP and HTTPS requests/s with p50 and p99, new TLS connections/s
 //! (`Connection: close`: every request a new TCP + TLS connection) with full handshakes and with
 //! resumed ones, the balancer's CPU during each load, the connections it holds to the backends
 //! mid-load, and its memory (RSS of all its processes) at rest and after the loads.
