@@ -25,7 +25,9 @@ pub const MAX_SVC_BACKENDS: u32 = 64;
 pub const SNAT_PORT_MIN: u16 = 10000;
 /// Last SNAT port (inclusive).
 pub const SNAT_PORT_MAX: u16 = 32767;
-/// How many SNAT ports a new flow tries before giving up (each try is one map lookup).
+/// How many SNAT ports a new flow tries before taking one over or giving up. A try is a lookup
+/// in the reply table and, for a port free there, an insert into the half-open one; most new
+/// flows stop at their first.
 pub const SNAT_PORT_TRIES: u32 = 16;
 /// How long the SNAT port of a closed connection stays with it (its reply entry kept, the
 /// port not given to another client): the backend may still hold the old connection in

@@ -216,7 +216,9 @@ fn pick_port(b: &Backend, family: u8, scratch: &mut Scratch, t: u64) -> u16 {
         }
         match HALF_REV.get_ptr_mut(rkey) {
             Some(old) => {
-                // SAFETY: as above; only this connection's own earlier attempt is written.
+                // SAFETY: as above; only this connection's own earlier attempt is written. A
+                // reader on another CPU (a late SYN-ACK of that attempt) may see fields of
+                // either attempt: both are the same client connection on the same port.
                 let old = unsafe { &mut *old };
                 if same_client(old, rv) {
                     // Left by this client's earlier attempt (given up, or its client entry
