@@ -99,8 +99,19 @@ pub struct Port {
     pub timeout_header: u32,
     /// http/https: seconds to connect to a node before trying another.
     pub timeout_connect: u32,
-    /// http/https: seconds a node has to answer a request (504 after).
+    /// http/https: seconds a node has to answer a request (504 after), and how long a node's
+    /// answer may then stall mid-body before it is cut (HAProxy's `timeout server`).
     pub timeout_server: u32,
+    /// http/https: how long a client may leave nb waiting once a request has begun: a request
+    /// body that stops arriving (408), an answer the client stops taking, an HTTP/2 stream
+    /// the client gives no flow-control window (HAProxy's `timeout client`).
+    pub timeout_client: u32,
+    /// http/https: HTTP/2 streams a client may have open at once on one connection.
+    pub h2_max_streams: u32,
+    /// http/https: requests in flight to one node at once (each holds a connection to it);
+    /// more wait up to `timeout_connect` for one to end, then get 503 (HAProxy's `maxconn` on
+    /// a server line, with its queue).
+    pub max_node_connections: u32,
     /// http/https: client connections open at once on the port; more are refused (503).
     pub max_connections: u32,
     /// http/https: bytes of request line and header a client may send (431 above).
@@ -132,6 +143,9 @@ impl Port {
             timeout_header: 10,
             timeout_connect: 5,
             timeout_server: 60,
+            timeout_client: 60,
+            h2_max_streams: 100,
+            max_node_connections: 10_000,
             max_connections: 10_000,
             max_header_size: 65_536,
             nodes: Vec::new(),
@@ -455,6 +469,9 @@ const WEIGHT: RangeInclusive<i64> = 1..=255;
 const TIMEOUT_HEADER: RangeInclusive<i64> = 1..=3600;
 const TIMEOUT_CONNECT: RangeInclusive<i64> = 1..=60;
 const TIMEOUT_SERVER: RangeInclusive<i64> = 1..=86_400;
+const TIMEOUT_CLIENT: RangeInclusive<i64> = 1..=86_400;
+const H2_MAX_STREAMS: RangeInclusive<i64> = 1..=1000;
+const MAX_NODE_CONNECTIONS: RangeInclusive<i64> = 1..=1_000_000;
 const MAX_CONNECTIONS: RangeInclusive<i64> = 1..=1_000_000;
 const MAX_HEADER_SIZE: RangeInclusive<i64> = 8192..=1_048_576;
 
@@ -490,6 +507,9 @@ const PORT_KEYS: &[&str] = &[
     "timeout_header",
     "timeout_connect",
     "timeout_server",
+    "timeout_client",
+    "h2_max_streams",
+    "max_node_connections",
     "max_connections",
     "max_header_size",
     "node",
@@ -1388,6 +1408,15 @@ fn parse_port(cx: &mut Cx, t: &dyn TableLike, line: usize, index: usize) -> (Por
         timeout_server: s
             .int(cx, "timeout_server", &TIMEOUT_SERVER)
             .unwrap_or(d.timeout_server),
+        timeout_client: s
+            .int(cx, "timeout_client", &TIMEOUT_CLIENT)
+            .unwrap_or(d.timeout_client),
+        h2_max_streams: s
+            .int(cx, "h2_max_streams", &H2_MAX_STREAMS)
+            .unwrap_or(d.h2_max_streams),
+        max_node_connections: s
+            .int(cx, "max_node_connections", &MAX_NODE_CONNECTIONS)
+            .unwrap_or(d.max_node_connections),
         max_connections: s
             .int(cx, "max_connections", &MAX_CONNECTIONS)
             .unwrap_or(d.max_connections),
@@ -1650,9 +1679,14 @@ proxy_protocol = "v2"
         let c = ok(&port80(
             "http",
             "timeout_header = 7\ntimeout_connect = 2\ntimeout_server = 90\n\
-             max_connections = 500\nmax_header_size = 16384\n",
+             max_connections = 500\nmax_header_size = 16384\ntimeout_client = 30\n\
+             h2_max_streams = 20\nmax_node_connections = 7\n",
         ));
         let p = &c.ports[0];
+        assert_eq!(
+            (p.timeout_client, p.h2_max_streams, p.max_node_connections),
+            (30, 20, 7)
+        );
         assert_eq!(
             (
                 p.timeout_header,
@@ -1668,7 +1702,14 @@ proxy_protocol = "v2"
             (d.timeout_header, d.timeout_connect, d.timeout_server),
             (10, 5, 60)
         );
+        assert_eq!(
+            (d.timeout_client, d.h2_max_streams, d.max_node_connections),
+            (60, 100, 10_000)
+        );
         for (line, needle) in [
+            ("timeout_client = 0", "timeout_client (0)"),
+            ("h2_max_streams = 1001", "h2_max_streams (1001)"),
+            ("max_node_connections = 0", "max_node_connections (0)"),
             (
                 "timeout_header = 0",
                 "timeout_header (0) must be between 1 and 3600",

@@ -43,6 +43,10 @@ impl Health {
 pub enum CheckError {
     #[error("connect: {0}")]
     Connect(#[source] std::io::Error),
+    /// The balancer itself is out of descriptors or socket memory: says nothing about the
+    /// node, so it is not counted (see `fds`).
+    #[error("no probe made, the balancer is out of resources: {0}")]
+    Local(#[source] std::io::Error),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("i/o: {0}")]
@@ -139,6 +143,15 @@ impl StateMachine {
 const MAX_RESPONSE: usize = 64 * 1024;
 const MAX_BODY: usize = 16 * 1024;
 
+/// A failed socket, bind or connect: the node's failure, or the balancer's own (`Local`).
+fn connect_error(e: std::io::Error) -> CheckError {
+    if crate::fds::is_exhaustion(&e) {
+        CheckError::Local(e)
+    } else {
+        CheckError::Connect(e)
+    }
+}
+
 /// One probe of `addr`, leaving from `source` (the balancer's private address) when given.
 pub async fn probe(
     spec: &CheckSpec,
@@ -161,12 +174,11 @@ async fn probe_inner(
     } else {
         TcpSocket::new_v6()
     }
-    .map_err(CheckError::Connect)?;
+    .map_err(connect_error)?;
     if let Some(src) = source.filter(|s| s.is_ipv4() == addr.is_ipv4()) {
-        sock.bind(SocketAddr::new(src, 0))
-            .map_err(CheckError::Connect)?;
+        sock.bind(SocketAddr::new(src, 0)).map_err(connect_error)?;
     }
-    let mut stream = sock.connect(addr).await.map_err(CheckError::Connect)?;
+    let mut stream = sock.connect(addr).await.map_err(connect_error)?;
     if spec.kind == CheckKind::Connection {
         return Ok(());
     }
@@ -312,6 +324,15 @@ pub async fn run_node(
         let started = Instant::now();
         let result = probe(&spec, addr, source).await;
         let latency = started.elapsed();
+        if let Err(e @ CheckError::Local(_)) = &result {
+            // Not the node's result: it keeps its state, and the next interval tries again.
+            log::warn!("port {port}: node {label}: {e}");
+            let next = spec.interval.mul_f64(0.9 + 0.2 * rand());
+            if !wait(Instant::now() + next, &mut sm).await {
+                return;
+            }
+            continue;
+        }
         crate::metrics::observe_check(port, &label, latency);
         let ok = result.is_ok();
         let changed = sm.record(ok);

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod dataplane;
+pub mod fds;
 pub mod health;
 mod map_batch;
 pub mod metrics;

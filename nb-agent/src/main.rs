@@ -44,6 +44,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, detach_xdp } => {
+            // Before anything opens descriptors: the client budget follows the limit.
+            nb_agent::fds::init();
             // The control loop (sweeps, reloads) runs on this thread and the tasks it starts
             // (checks, the API) on one worker beside it, so a long sweep delays no check; the
             // ports are served by a runtime of their own that `workers` sizes. A config that

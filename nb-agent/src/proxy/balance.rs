@@ -39,6 +39,8 @@ pub struct NodeView {
     pub active: Arc<AtomicUsize>,
     /// What the node was sent and answered since it joined the port; survives reloads.
     pub stats: Arc<NodeStats>,
+    /// One permit per request that may be in flight to the node (`max_node_connections`).
+    pub slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Traffic of one node of a port served in user space, for `nb_node_connections_total` and
@@ -91,12 +93,22 @@ impl NodeView {
 
 /// Counts a request in flight on a node for leastconn; the count drops with the guard.
 #[derive(Debug)]
-pub struct ActiveGuard(Arc<AtomicUsize>);
+pub struct ActiveGuard(Arc<AtomicUsize>, Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl ActiveGuard {
     pub fn new(counter: &Arc<AtomicUsize>) -> ActiveGuard {
         counter.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(counter.clone())
+        ActiveGuard(counter.clone(), None)
+    }
+
+    /// As [`ActiveGuard::new`], holding the node's connection slot `permit` as long.
+    pub fn holding(
+        counter: &Arc<AtomicUsize>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> ActiveGuard {
+        let mut g = ActiveGuard::new(counter);
+        g.1 = Some(permit);
+        g
     }
 }
 
@@ -280,6 +292,7 @@ mod tests {
             eligible,
             passive: None,
             pool: Arc::new(NodePool::new(addr, Arc::default())),
+            slots: Arc::new(tokio::sync::Semaphore::new(10)),
             active: Arc::new(AtomicUsize::new(0)),
             stats: Arc::default(),
         }

@@ -28,6 +28,7 @@ use crate::{
         balance::{ActiveGuard, NodeView},
         cookie,
         h1::{RawBody, Reader},
+        limits::ClientBody,
         pool::{BackendBody, ForwardError, Head, NodePool, Sender, Sent},
     },
 };
@@ -50,6 +51,20 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     UPGRADE,
 ];
+
+/// Headers a client may send that claim to say who the client is, or which host it asked
+/// for, as a proxy in front would: nb is the edge, so they are the client's own words, and a
+/// node that trusted them could be lied to. They are removed (X-Forwarded-For is kept and
+/// appended to, as proxies do, and nodes are told the address nb saw last in it).
+static UNTRUSTED: [HeaderName; 3] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-host"),
+];
+
+/// The most `NB_SRVID` values of one request that are checked (an HMAC each): a browser sends
+/// one; a client sending a thousand in a 64 KiB Cookie header gets the first few looked at.
+const MAX_STICKY_COOKIES: usize = 4;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -125,8 +140,12 @@ struct Seen {
     hop_by_hop: u16,
     connection: bool,
     host: bool,
+    /// More than one Host field.
+    hosts: bool,
     forwarded_for: bool,
     cookie: bool,
+    /// One of [`UNTRUSTED`] is present.
+    untrusted: bool,
 }
 
 impl Seen {
@@ -134,6 +153,8 @@ impl Seen {
         let mut s = Seen::default();
         for name in h.keys() {
             if name == HOST {
+                // Names come once each, with all their values.
+                s.hosts = h.get_all(HOST).iter().nth(1).is_some();
                 s.host = true;
             } else if name == COOKIE {
                 s.cookie = true;
@@ -142,6 +163,8 @@ impl Seen {
             } else if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
                 s.hop_by_hop |= 1 << i;
                 s.connection |= name == CONNECTION;
+            } else if UNTRUSTED.contains(name) {
+                s.untrusted = true;
             }
         }
         s
@@ -174,6 +197,7 @@ fn strip_seen_hop_by_hop(h: &mut HeaderMap, seen: Seen) -> Seen {
                 !HOP_BY_HOP
                     .iter()
                     .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+                    && !is_protected(t)
             })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
@@ -195,6 +219,32 @@ fn strip_seen_hop_by_hop(h: &mut HeaderMap, seen: Seen) -> Seen {
         h.remove(n);
     }
     Seen::of(h)
+}
+
+/// Header names `Connection` may not remove: Host (the node must see the host the client
+/// asked for; `Connection: host` would otherwise strip it) and the framing headers, which
+/// are hyper's to handle.
+pub(super) fn is_protected(name: &str) -> bool {
+    ["host", "content-length", "transfer-encoding"]
+        .iter()
+        .any(|p| name.eq_ignore_ascii_case(p))
+}
+
+/// The request rules both HTTP/1.1 paths (hyper's and the bodiless relay's) and HTTP/2
+/// apply, as RFC 9112 §3.2 and RFC 9113 §8.3.1 say: exactly one Host in an HTTP/1.1
+/// request (none in HTTP/1.0 is allowed), at most one in HTTP/1.0 and HTTP/2, and a host
+/// (Host or `:authority`) in HTTP/2. A request that breaks them gets 400 and is not sent.
+fn refusal_of(version: Version, seen: Seen, authority: bool) -> Option<Refusal> {
+    let bad = seen.hosts
+        || match version {
+            Version::HTTP_11 => !seen.host,
+            Version::HTTP_2 => !seen.host && !authority,
+            _ => false,
+        };
+    bad.then_some(Refusal {
+        status: StatusCode::BAD_REQUEST,
+        text: "A request needs exactly one Host header.",
+    })
 }
 
 /// The protocol an HTTP/1.1 request asks to switch to, if it asks.
@@ -266,6 +316,11 @@ fn rewrite_request(
         HeaderValue::from_static(if conn.secure { "https" } else { "http" }),
     );
     h.insert(X_FORWARDED_PORT.clone(), conn.port.clone());
+    if seen.untrusted {
+        for n in &UNTRUSTED {
+            h.remove(n);
+        }
+    }
     if seen.cookie {
         let cookies: Vec<String> = h
             .get_all(COOKIE)
@@ -296,6 +351,10 @@ pub async fn handle(
 
 async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> Response<ProxyBody> {
     let view = rt.view();
+    let seen = Seen::of(req.headers());
+    if let Some(r) = refusal_of(req.version(), seen, req.uri().authority().is_some()) {
+        return plain(r.status, r.text);
+    }
     let client = conn.peer.ip().to_canonical();
     let cookies = req.headers().get_all(COOKIE);
     let sticky = Sticky::of(
@@ -304,10 +363,11 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
         client,
         cookies.iter().filter_map(|v| v.to_str().ok()),
     );
-    let seen = Seen::of(req.headers());
     let upgrade = upgrade_of(&req, seen);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     rewrite_request(&mut req, conn, upgrade, seen);
+    let client_timeout = Duration::from_secs(view.port.timeout_client as u64);
+    let req = req.map(|body| ClientBody::new(body, client_timeout));
 
     let (idx, sent, guard) = match dispatch(rt, &view, client, &sticky, req).await {
         Ok(x) => x,
@@ -322,13 +382,23 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
             Response::from_parts(parts, body.boxed_unsync())
         }
         Sent::Hyper(resp, sender) => {
-            hyper_answer(rt, conn, node, resp, sender, guard, client_upgrade)
+            let stall = Duration::from_secs(view.port.timeout_server as u64);
+            hyper_answer(rt, conn, node, resp, sender, guard, client_upgrade, stall)
         }
     };
+    if no_length(out.status()) {
+        out.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     if let Some(v) = set_cookie {
         out.headers_mut().append(SET_COOKIE, v);
     }
     out
+}
+
+/// Whether an answer with `status` may not carry Content-Length (RFC 9110 §8.6: 1xx and
+/// 204; a node that sends one anyway would have the client wait for a body that never comes).
+pub(super) fn no_length(status: StatusCode) -> bool {
+    status.is_informational() || status == StatusCode::NO_CONTENT
 }
 
 /// Where a client's stickiness points: the node its valid cookie names (`http_cookie`), or
@@ -353,6 +423,7 @@ impl Sticky {
                 cookie: view.key.as_ref().and_then(|key| {
                     cookie::find(cookies)
                         .into_iter()
+                        .take(MAX_STICKY_COOKIES)
                         .find_map(|v| key.verify(port.port, v))
                         .map(str::to_string)
                 }),
@@ -387,7 +458,7 @@ pub(super) trait Outgoing: Sized + Send {
     ) -> impl Future<Output = Result<Self::Answer, (ForwardError, Option<Self>)>> + Send + 'a;
 }
 
-impl Outgoing for Request<Incoming> {
+impl Outgoing for Request<ClientBody> {
     type Answer = Sent;
     fn send<'a>(
         self,
@@ -425,6 +496,41 @@ const NO_NODE: Refusal = Refusal {
     text: "No server is available to handle this request.",
 };
 
+const NODE_FULL: Refusal = Refusal {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    text: "The server is busy, try again later.",
+};
+
+/// The answer to a request that failed on nb's side or the client's, not the node's: the
+/// client's body timed out (408) or broke off (400), or nb ran out of descriptors (503).
+fn local_refusal(port: u16, label: &str, e: &ForwardError) -> Refusal {
+    match e {
+        ForwardError::ClientBody {
+            timed_out: true, ..
+        } => {
+            debug!("port {port}: node {label}: {e}");
+            Refusal {
+                status: StatusCode::REQUEST_TIMEOUT,
+                text: "The request body was not received in time.",
+            }
+        }
+        ForwardError::ClientBody { .. } => {
+            debug!("port {port}: node {label}: {e}");
+            Refusal {
+                status: StatusCode::BAD_REQUEST,
+                text: "The request body broke off.",
+            }
+        }
+        _ => {
+            warn!("port {port}: node {label}: {e}");
+            Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                text: "The balancer is out of resources, try again later.",
+            }
+        }
+    }
+}
+
 /// Sends `out` to the client's sticky node if it takes sticky clients, else to the one the
 /// port's algorithm picks; a node that cannot be reached gets one retry on another. The
 /// node's index, its answer, and the in-flight count the answer's body holds until it ends.
@@ -450,17 +556,40 @@ pub(super) async fn dispatch<O: Outgoing>(
     let mut retried = false;
     loop {
         let node = &view.nodes[idx];
-        let guard = ActiveGuard::new(&node.active);
+        let permit = match node.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            // Full: wait for a request to the node to end, as HAProxy queues for a server at
+            // its `maxconn`, for as long as a connect may take.
+            Err(_) => {
+                match tokio::time::timeout(connect_timeout, node.slots.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        warn!(
+                            "port {}: node {}: {} requests in flight (max_node_connections), \
+                         none ended within {connect_timeout:?}: 503",
+                            port.port, node.label, port.max_node_connections
+                        );
+                        return Err(NODE_FULL);
+                    }
+                }
+            }
+        };
+        let guard = ActiveGuard::holding(&node.active, permit);
         let sent = out.send(&node.pool, connect_timeout, server_timeout).await;
         // Forwarded = the request left for the node (answered or not); a failed connect
         // forwarded nothing, and its retry counts on the node that takes it.
-        if !matches!(&sent, Err((e, _)) if e.is_connect()) {
+        if !matches!(&sent, Err((e, _)) if e.is_connect() || e.is_local()) {
             node.stats.forwarded.fetch_add(1, Ordering::Relaxed);
         }
         let (e, back) = match sent {
             Ok(answer) => return Ok((idx, answer, guard)),
             Err(x) => x,
         };
+        if e.is_local() {
+            return Err(local_refusal(port.port, &node.label, &e));
+        }
         node.passive_failure(format!("passive: {e}"));
         match (back, e.is_connect() && !retried) {
             (Some(o), true) => {
@@ -480,6 +609,9 @@ pub(super) async fn dispatch<O: Outgoing>(
                         text: "The server did not answer in time.",
                     },
                     ForwardError::Connect { .. } | ForwardError::ConnectTimeout { .. } => NO_NODE,
+                    ForwardError::LocalResources { .. } | ForwardError::ClientBody { .. } => {
+                        local_refusal(port.port, &node.label, &e)
+                    }
                     ForwardError::Protocol { .. } | ForwardError::Answer { .. } => Refusal {
                         status: StatusCode::BAD_GATEWAY,
                         text: "The server sent an invalid response.",
@@ -536,6 +668,7 @@ fn hyper_answer(
     sender: Sender,
     guard: ActiveGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    stall: Duration,
 ) -> Response<ProxyBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -576,8 +709,8 @@ fn hyper_answer(
     } else {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body =
-            BackendBody::new(body, node.pool.clone(), Some(sender), guard).map_err(BodyError::from);
+        let body = BackendBody::new(body, node.pool.clone(), Some(sender), guard, stall)
+            .map_err(BodyError::from);
         Response::from_parts(parts, body.boxed_unsync())
     }
 }
@@ -639,18 +772,19 @@ mod tests {
     }
 
     #[test]
-    fn what_a_message_carries_is_seen_again_after_connection_named_host_and_cookie() {
+    fn connection_removes_what_it_names_but_host_and_framing_and_what_is_left_is_seen_again() {
         let mut h = headers(&[
             ("Host", "a.test"),
             ("Cookie", "x=1"),
-            ("Connection", "host, cookie"),
+            ("Content-Length", "0"),
+            ("Connection", "host, cookie, content-length"),
             ("X-Forwarded-For", "203.0.113.1"),
         ]);
         let before = Seen::of(&h);
         assert!(before.host && before.cookie && before.connection);
         let seen = strip_seen_hop_by_hop(&mut h, before);
-        assert_eq!(names(&h), ["x-forwarded-for"]);
-        assert!(!seen.host && !seen.cookie && seen.forwarded_for && seen.hop_by_hop == 0);
+        assert_eq!(names(&h), ["content-length", "host", "x-forwarded-for"]);
+        assert!(seen.host && !seen.cookie && seen.forwarded_for && seen.hop_by_hop == 0);
     }
 
     #[test]

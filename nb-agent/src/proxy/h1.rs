@@ -27,7 +27,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version, header};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -74,12 +74,14 @@ pub enum Error {
     Switched,
     #[error("response body cut short")]
     Truncated,
+    #[error("the node sent nothing for {0:?} mid-answer (timeout_server)")]
+    Stalled(Duration),
     #[error("malformed chunked response body")]
     Chunked,
 }
 
 /// Whether `req` can go this way: no body, and nothing that hands the connection over.
-pub fn eligible(req: &Request<Incoming>) -> bool {
+pub fn eligible<B: Body>(req: &Request<B>) -> bool {
     req.body().is_end_stream()
         && req.method() != Method::CONNECT
         && !req.headers().contains_key(header::UPGRADE)
@@ -97,7 +99,7 @@ pub fn idempotent(m: &Method) -> bool {
 /// The request head as it goes to the node: `req` was already rewritten (origin-form target,
 /// the balancer's headers). A POST, PUT or PATCH without a length says it has none, as
 /// hyper's client does, for nodes that refuse such a request without one.
-pub fn encode_request(req: &Request<Incoming>) -> Vec<u8> {
+pub fn encode_request<B>(req: &Request<B>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -206,6 +208,8 @@ impl Conn {
                         conn: self,
                         framing,
                         keep,
+                        stall: timeout,
+                        stalling: false,
                     };
                     return Ok((parts, reader));
                 }
@@ -407,6 +411,10 @@ pub struct Reader {
     conn: Conn,
     framing: Framing,
     keep: bool,
+    /// How long the node may leave the body stalled (`timeout_server`, as for the head).
+    stall: Duration,
+    /// The connection's timer runs for a stall that has begun.
+    stalling: bool,
 }
 
 /// What the buffer gave towards the body.
@@ -599,7 +607,28 @@ impl Body for RawBody {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            match ready!(r.conn.poll_fill(cx)) {
+            let filled = match r.conn.poll_fill(cx) {
+                Poll::Ready(x) => {
+                    r.stalling = false;
+                    x
+                }
+                Poll::Pending => {
+                    // The node is silent mid-body: the connection's timer (the head's, done
+                    // with) bounds the stall.
+                    if !r.stalling {
+                        r.stalling = true;
+                        let at = Instant::now() + r.stall;
+                        r.conn.timer.as_mut().reset(at);
+                    }
+                    if r.conn.timer.as_mut().poll(cx).is_ready() {
+                        let stall = r.stall;
+                        this.fail();
+                        return Poll::Ready(Some(Err(Error::Stalled(stall))));
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match filled {
                 Ok(0) if r.framing == Framing::Close => {
                     r.keep = false;
                     this.finish();

@@ -13,6 +13,7 @@ pub mod cookie;
 mod forward;
 pub mod h1;
 pub mod io;
+pub mod limits;
 pub mod pool;
 mod relay;
 pub mod tcp;
@@ -61,8 +62,6 @@ use crate::{
 const TABLE_TTL: Duration = Duration::from_secs(30 * 60);
 /// Clients remembered per port by `stickiness = "table"`.
 const TABLE_CAPACITY: usize = 1 << 20;
-/// HTTP/2 streams a client may have open at once on one connection.
-const H2_MAX_STREAMS: u32 = 100;
 
 /// Why the proxy cannot serve a config.
 #[derive(Debug, Error)]
@@ -93,6 +92,10 @@ pub struct PortView {
 /// XDP path keeps a node's counters).
 pub(crate) struct NodeShared {
     addr: SocketAddr,
+    /// Permits for requests in flight to the node, `cap` of them (`max_node_connections`);
+    /// replaced when the cap changes (requests holding the old one's finish on it).
+    slots: Arc<tokio::sync::Semaphore>,
+    cap: u32,
     pool: Arc<NodePool>,
     active: Arc<AtomicUsize>,
     stats: Arc<NodeStats>,
@@ -483,11 +486,17 @@ pub(crate) fn node_views(
             let stats = Arc::new(NodeStats::default());
             NodeShared {
                 addr: n.address,
+                slots: Arc::new(tokio::sync::Semaphore::new(p.max_node_connections as usize)),
+                cap: p.max_node_connections,
                 pool: Arc::new(NodePool::new(n.address, stats.clone())),
                 active: Arc::new(AtomicUsize::new(0)),
                 stats,
             }
         });
+        if e.cap != p.max_node_connections {
+            e.slots = Arc::new(tokio::sync::Semaphore::new(p.max_node_connections as usize));
+            e.cap = p.max_node_connections;
+        }
         if e.addr != n.address {
             // Moved: connections to the old address are not reused, the counts go on.
             e.pool.clear();
@@ -504,6 +513,7 @@ pub(crate) fn node_views(
             eligible: crate::agent::takes_new_connections(n.mode, up(health), any_accept_up),
             passive: if p.check_passive { passive } else { None },
             pool: e.pool.clone(),
+            slots: e.slots.clone(),
             active: e.active.clone(),
             stats: e.stats.clone(),
         });
@@ -535,32 +545,40 @@ async fn accept_loop(
     stop: watch::Receiver<bool>,
 ) {
     let open = rt.open.clone();
+    let mut errors = crate::fds::AcceptErrors::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!("{addr}: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                errors.back_off(addr, &e).await;
                 continue;
             }
         };
         let view = rt.view();
-        if open.load(Ordering::Relaxed) >= view.port.max_connections as usize {
+        let slot = if open.load(Ordering::Relaxed) >= view.port.max_connections as usize {
             debug!("{addr}: {peer} refused, max_connections reached");
+            None
+        } else {
+            let slot = crate::fds::ClientSlot::take();
+            if slot.is_none() {
+                debug!("{addr}: {peer} refused, the process's descriptor budget is used up");
+            }
+            slot
+        };
+        let Some(slot) = slot else {
             let tls = view.tls.is_some();
             if !tls {
                 crate::metrics::count_request(addr.port(), 503);
             }
             tokio::spawn(refuse_full(stream, tls));
             continue;
-        }
+        };
         let guard = ConnGuard::new(&open);
         let rt = rt.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             serve_connection(rt, view, stream, peer, addr, stop).await;
-            drop(guard);
+            drop((guard, slot));
         });
     }
 }
@@ -607,6 +625,8 @@ async fn serve_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let port = &view.port;
+    let client_timeout = Duration::from_secs(port.timeout_client as u64);
+    let stream = limits::WriteDeadline::new(stream, client_timeout);
     let header_timeout = Duration::from_secs(port.timeout_header as u64);
     let max_header = port.max_header_size as usize;
     let mut h1 = http1::Builder::new();
@@ -648,7 +668,7 @@ async fn serve_connection(
             if h2 {
                 let conn = Arc::new(forward::Client::new(peer, local, true, stop.clone()));
                 let handler = move |req| forward::handle(rt.clone(), req, conn.clone());
-                serve_h2(tls, handler, max_header as u32, header_timeout, stop).await
+                serve_h2(tls, handler, h2_limits(port), stop).await
             } else {
                 let conn = client(true, &stop);
                 relay::serve(&h1, tls, rt, conn, header_timeout, max_header, stop).await
@@ -700,19 +720,84 @@ where
     Some(h.spawn(serve(listener)))
 }
 
-/// When an HTTP/2 connection last had a request open, and how many it has open now.
+/// The limits of one HTTP/2 connection, from its port's config.
+#[derive(Debug, Clone, Copy)]
+struct H2Limits {
+    /// Bytes of one request's header list (`max_header_size`).
+    max_header: u32,
+    /// Streams open at once (`h2_max_streams`).
+    max_streams: u32,
+    /// How long the connection may sit with no request open (`timeout_header`).
+    idle: Duration,
+    /// How long an answer may wait for the client to take more of it (`timeout_client`).
+    stalled: Duration,
+}
+
+fn h2_limits(port: &Port) -> H2Limits {
+    H2Limits {
+        max_header: port.max_header_size,
+        max_streams: port.h2_max_streams,
+        idle: Duration::from_secs(port.timeout_header as u64),
+        stalled: Duration::from_secs(port.timeout_client as u64),
+    }
+}
+
+/// When an HTTP/2 connection last had a request open, how many it has open now, and since
+/// when each open answer waits for the client.
 #[derive(Debug)]
 struct H2Activity {
     open: AtomicUsize,
     last: Mutex<tokio::time::Instant>,
+    /// The clocks of the answers in progress (dropped ones are pruned as they are looked at).
+    streams: Mutex<Vec<std::sync::Weak<StreamClock>>>,
+    origin: tokio::time::Instant,
 }
+
+/// Since when one answer has waited for the client to take more of it (ms after its
+/// connection's origin, plus one), or 0 while it waits for its node instead. hyper polls an
+/// answer's body only when the stream has flow-control window: a body that gave a frame and
+/// is not asked for the next one waits for the client (a client that opens no window, or
+/// reads nothing, holds it there, and with it a connection to the node).
+#[derive(Debug, Default)]
+struct StreamClock(std::sync::atomic::AtomicU64);
 
 impl H2Activity {
     fn new() -> H2Activity {
         H2Activity {
             open: AtomicUsize::new(0),
             last: Mutex::new(tokio::time::Instant::now()),
+            streams: Mutex::new(Vec::new()),
+            origin: tokio::time::Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    /// A clock for a new answer: its head is out, so it waits for the client (hyper asks for
+    /// the body at once when the window allows).
+    fn clock(&self) -> Arc<StreamClock> {
+        let c = Arc::new(StreamClock(self.now_ms().into()));
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.retain(|w| w.strong_count() > 0);
+        streams.push(Arc::downgrade(&c));
+        c
+    }
+
+    /// Whether an answer has waited for the client for `limit` or more.
+    fn stalled(&self, limit: Duration) -> bool {
+        let now = self.now_ms();
+        let limit = limit.as_millis() as u64;
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.retain(|w| w.strong_count() > 0);
+        streams
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|c| {
+                let since = c.0.load(Ordering::Relaxed);
+                since != 0 && now.saturating_sub(since) >= limit
+            })
     }
 
     fn touch(&self) {
@@ -748,13 +833,15 @@ impl Drop for H2Open {
     }
 }
 
-/// A response body holding `G` until it is dropped: sent in full, or its stream reset.
-struct Held<B, G> {
+/// A response body holding its request open until it is dropped (sent in full, or its
+/// stream reset), and telling its clock whether it waits for the client or for the node.
+struct Held<B> {
     body: B,
-    _held: G,
+    open: H2Open,
+    clock: Arc<StreamClock>,
 }
 
-impl<B: hyper::body::Body + Unpin, G: Unpin> hyper::body::Body for Held<B, G> {
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Held<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -762,7 +849,14 @@ impl<B: hyper::body::Body + Unpin, G: Unpin> hyper::body::Body for Held<B, G> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        let since = match &r {
+            std::task::Poll::Ready(Some(Ok(_))) => this.open.0.now_ms(),
+            _ => 0,
+        };
+        this.clock.0.store(since, Ordering::Relaxed);
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -779,7 +873,10 @@ impl<B: hyper::body::Body + Unpin, G: Unpin> hyper::body::Body for Held<B, G> {
 const H2_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves HTTP/2 on `io` (TLS, ALPN h2) until the client goes, `stop` asks, or no request has
-/// been open for `idle` (the port's `timeout_header`, its keep-alive idle time). Both end with
+/// been open for `idle` (the port's `timeout_header`, its keep-alive idle time). An answer
+/// that has waited `stalled` (`timeout_client`) for the client to take more of it (a client
+/// that opens no flow-control window) ends the connection at once: hyper cannot cut one
+/// stream from outside, and every stream of such a client is stuck the same way. The others end with
 /// GOAWAY: no new streams, the open ones finish. Without the idle limit an HTTP/2 client
 /// that answers keep-alive pings would hold its connection forever; HAProxy closes idle ones
 /// after its client timeout too. The graceful close needs the client's part; a client that
@@ -788,8 +885,7 @@ const H2_CLOSE_GRACE: Duration = Duration::from_secs(2);
 async fn serve_h2<I, F, Fut>(
     io: I,
     handler: F,
-    max_header: u32,
-    idle: Duration,
+    limits: H2Limits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
 where
@@ -807,23 +903,45 @@ where
         let handler = handler.clone();
         async move {
             let resp = handler(req).await;
-            resp.map(|r| r.map(|body| Held { body, _held: open }))
+            resp.map(|r| {
+                r.map(|body| Held {
+                    body,
+                    clock: open.0.clock(),
+                    open,
+                })
+            })
         }
     });
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .max_header_list_size(max_header)
+        .max_concurrent_streams(limits.max_streams)
+        .max_header_list_size(limits.max_header)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let conn = b.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let idle = limits.idle;
+    // How often open answers are looked at for a stall.
+    let look = limits.stalled.min(Duration::from_secs(1));
     loop {
-        let idle_at = activity.idle_at(idle);
+        let busy = activity.open.load(Ordering::Acquire) > 0;
+        let wake = if busy {
+            tokio::time::Instant::now() + look
+        } else {
+            activity.idle_at(idle)
+        };
         tokio::select! {
             r = conn.as_mut() => return r,
             _ = stop_requested(&mut stop) => break,
-            _ = tokio::time::sleep_until(idle_at) => {
+            _ = tokio::time::sleep_until(wake) => {
+                if activity.stalled(limits.stalled) {
+                    debug!(
+                        "HTTP/2 client took nothing of an answer for {:?} (timeout_client); \
+                         connection dropped",
+                        limits.stalled
+                    );
+                    return Ok(());
+                }
                 if activity.open.load(Ordering::Acquire) == 0
                     && activity.idle_at(idle) <= tokio::time::Instant::now()
                 {
@@ -1297,6 +1415,15 @@ mod tests {
         );
     }
 
+    /// H2 limits for a unit test: the idle time given, the rest at the port defaults.
+    fn test_limits(idle: Duration) -> H2Limits {
+        H2Limits {
+            idle,
+            max_header: 16384,
+            ..h2_limits(&Port::new(443, Protocol::Https))
+        }
+    }
+
     /// An idle HTTP/2 connection gets GOAWAY after the idle time; a request open for longer
     /// than that is not cut and the idle time counts from its end; a reset stream does not
     /// hold the connection open.
@@ -1319,7 +1446,7 @@ mod tests {
             ))
         };
         let idle = Duration::from_millis(300);
-        let server = tokio::spawn(serve_h2(server_io, handler, 16384, idle, stop_rx));
+        let server = tokio::spawn(serve_h2(server_io, handler, test_limits(idle), stop_rx));
         let (mut send, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io))
                 .await
@@ -1374,7 +1501,7 @@ mod tests {
         };
         let idle = Duration::from_millis(300);
         let start = std::time::Instant::now();
-        let server = tokio::spawn(serve_h2(server_io, handler, 16384, idle, stop_rx));
+        let server = tokio::spawn(serve_h2(server_io, handler, test_limits(idle), stop_rx));
         client
             .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .await

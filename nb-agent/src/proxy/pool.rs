@@ -37,6 +37,7 @@ use crate::proxy::{
     balance::{ActiveGuard, NodeStats},
     h1,
     io::Counted,
+    limits::{ClientBody, Stall},
 };
 
 /// Idle connections kept per node; more are closed after their response.
@@ -64,6 +65,18 @@ pub enum ForwardError {
         addr: SocketAddr,
         #[source]
         source: hyper::Error,
+    },
+    /// The client's request body timed out or broke off: the client's failure, not the
+    /// node's (no passive check counts it).
+    #[error("{addr}: request body: {}", if *.timed_out { "the client stopped sending it (timeout_client)" } else { "the client broke it off" })]
+    ClientBody { addr: SocketAddr, timed_out: bool },
+    /// This process ran out of file descriptors (or socket memory) connecting: nb's own
+    /// limit, not the node's failure.
+    #[error("connect {addr}: {source} (the balancer's own limit; the node is not at fault)")]
+    LocalResources {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
     },
     /// The node's answer on the bodiless path (`h1`) was not valid HTTP/1.1.
     #[error("{addr}: {source}")]
@@ -106,7 +119,7 @@ pub struct Head {
 
 impl Head {
     /// The head of `req`, rewritten for the node already.
-    pub fn of(req: &Request<Incoming>) -> Head {
+    pub fn of<B: Body>(req: &Request<B>) -> Head {
         Head {
             bytes: Bytes::from(h1::encode_request(req)),
             head_request: req.method() == http::Method::HEAD,
@@ -123,13 +136,22 @@ impl ForwardError {
             ForwardError::Connect { .. } | ForwardError::ConnectTimeout { .. }
         )
     }
+
+    /// True when the node is not at fault (nb's own limits, or the client's body): no passive
+    /// check failure, and no use trying another node.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            ForwardError::LocalResources { .. } | ForwardError::ClientBody { .. }
+        )
+    }
 }
 
 /// A kept-alive connection to a node: hyper's sender, and the watch its task keeps on the
 /// request in flight.
 #[derive(Debug)]
 pub struct Sender {
-    send: http1::SendRequest<Incoming>,
+    send: http1::SendRequest<ClientBody>,
     watch: Arc<Watch>,
 }
 
@@ -313,6 +335,9 @@ impl NodePool {
                     after: connect_timeout,
                 });
             }
+            Ok(Err(source)) if crate::fds::is_exhaustion(&source) => {
+                return Err(ForwardError::LocalResources { addr, source });
+            }
             Ok(Err(source)) => return Err(ForwardError::Connect { addr, source }),
             Ok(Ok(s)) => s,
         };
@@ -353,10 +378,10 @@ impl NodePool {
     #[allow(clippy::result_large_err)]
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<Sent, (ForwardError, Option<Request<Incoming>>)> {
+    ) -> Result<Sent, (ForwardError, Option<Request<ClientBody>>)> {
         if h1::eligible(&req) {
             let head = Head::of(&req);
             return match self
@@ -368,6 +393,7 @@ impl NodePool {
             };
         }
         let addr = self.addr;
+        let body = req.body().outcome();
         loop {
             let (mut sender, reused) = match self.take_idle() {
                 Some(s) => (s, true),
@@ -381,6 +407,10 @@ impl NodePool {
             sender.watch.done();
             match sent {
                 Ok(resp) => return Ok(Sent::Hyper(resp, sender)),
+                Err(_) if body.failed() => {
+                    let timed_out = body.timed_out();
+                    return Err((ForwardError::ClientBody { addr, timed_out }, None));
+                }
                 Err(_) if sender.watch.timed_out.load(Ordering::SeqCst) => {
                     let e = ForwardError::ResponseTimeout {
                         addr,
@@ -521,6 +551,8 @@ pub struct BackendBody {
     inner: Incoming,
     back: Option<(Arc<NodePool>, Sender)>,
     _active: Option<ActiveGuard>,
+    /// The node may leave the body stalled this long (`timeout_server`) before it is cut.
+    stall: Stall,
 }
 
 impl BackendBody {
@@ -529,11 +561,13 @@ impl BackendBody {
         pool: Arc<NodePool>,
         sender: Option<Sender>,
         active: ActiveGuard,
+        stall: Duration,
     ) -> BackendBody {
         let mut b = BackendBody {
             inner,
             back: sender.map(|s| (pool, s)),
             _active: Some(active),
+            stall: Stall::new(stall),
         };
         if b.inner.is_end_stream() {
             b.finish();
@@ -549,14 +583,23 @@ impl BackendBody {
     }
 }
 
+/// Why a node's answer body (hyper's path) broke off.
+#[derive(Debug, Error)]
+pub enum BackendBodyError {
+    #[error("{0}")]
+    Hyper(#[from] hyper::Error),
+    #[error("the node sent nothing for {0:?} mid-answer (timeout_server)")]
+    Stalled(Duration),
+}
+
 impl Body for BackendBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BackendBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BackendBodyError>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
@@ -567,9 +610,16 @@ impl Body for BackendBody {
                 this.back = None;
                 this._active = None;
             }
-            _ => {}
+            Poll::Pending if this.stall.waiting(cx) => {
+                this.back = None;
+                this._active = None;
+                return Poll::Ready(Some(Err(BackendBodyError::Stalled(this.stall.limit()))));
+            }
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(_))) => {}
         }
-        r
+        this.stall.progress();
+        r.map(|f| f.map(|f| f.map_err(BackendBodyError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -599,7 +649,8 @@ mod tests {
         match sent {
             Sent::Hyper(resp, sender) => {
                 let (parts, body) = resp.into_parts();
-                let body = BackendBody::new(body, pool, Some(sender), guard);
+                let body =
+                    BackendBody::new(body, pool, Some(sender), guard, Duration::from_secs(60));
                 Response::from_parts(parts, body.map_err(BodyError::from).boxed_unsync())
             }
             Sent::Raw(parts, reader) => {
@@ -647,7 +698,10 @@ mod tests {
                         let (pool, active) = (pool.clone(), active.clone());
                         async move {
                             let t = Duration::from_secs(5);
-                            let sent = pool.send(req, t, t).await.map_err(|e| e.0)?;
+                            let sent = pool
+                                .send(req.map(|b| ClientBody::new(b, t)), t, t)
+                                .await
+                                .map_err(|e| e.0)?;
                             let guard = ActiveGuard::new(&active);
                             Ok::<_, ForwardError>(answer(sent, pool, guard))
                         }
@@ -768,7 +822,7 @@ mod tests {
                                 .parse()
                                 .unwrap();
                             let t = Duration::from_millis(ms);
-                            match pool.send(req, t, t).await {
+                            match pool.send(req.map(|b| ClientBody::new(b, t)), t, t).await {
                                 Ok(sent) => {
                                     let guard = ActiveGuard::new(&Arc::default());
                                     Ok(answer(sent, pool, guard))

@@ -46,7 +46,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 
 /// Headers that describe one connection, never the message (RFC 9110 §7.6.1), and the
 /// balancer's own, which it sets itself; none of them goes to the node as the client sent it.
-const NOT_FORWARDED: [&str; 11] = [
+const NOT_FORWARDED: [&str; 14] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -58,7 +58,15 @@ const NOT_FORWARDED: [&str; 11] = [
     "upgrade",
     "x-forwarded-proto",
     "x-forwarded-port",
+    // The client's claims about itself (`forward::UNTRUSTED`).
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
 ];
+
+/// The longest request target taken: hyper's limit (it answers 414 above), so that both
+/// paths take the same targets.
+const MAX_TARGET: usize = 65534;
 
 /// Serves HTTP/1.1 on `io`, plain or TLS, as `serve_h1` does (see there for timeouts and
 /// stopping), taking bodiless requests itself.
@@ -81,9 +89,18 @@ where
     tokio::pin!(timer);
     loop {
         timer.as_mut().reset(Instant::now() + header_timeout);
+        // How far `buf` was looked through for the end of a head: each byte is looked at
+        // once, and the head parsed once it is whole, so a head that comes a byte at a time
+        // costs its length, not its length squared.
+        // The first bytes are parsed whatever they hold, so that what is no request at all
+        // goes to hyper (and its 400) at once.
+        let mut scanned = 0;
+        let mut parsed = false;
         // Reads until a whole head is in `buf`, or something ends the wait.
         let req = loop {
-            if !buf.is_empty() {
+            let whole = head_ends(&buf, &mut scanned);
+            if !buf.is_empty() && (whole || !parsed || buf.len() > max_header) {
+                parsed = true;
                 let view = rt.view();
                 match read_head(&buf, &rt, &view, &conn) {
                     Read::Partial if buf.len() <= max_header => {}
@@ -125,6 +142,29 @@ where
     }
 }
 
+/// Whether `buf` holds the end of a request head (an empty line, after CRLF or a bare LF as
+/// httparse takes them), looking only past `scanned` (moved on).
+fn head_ends(buf: &[u8], scanned: &mut usize) -> bool {
+    // Up to two bytes before the new ones are part of a line end that may finish here.
+    let from = scanned.saturating_sub(2);
+    *scanned = buf.len();
+    let mut at = from;
+    while let Some(i) = buf[at..].iter().position(|&b| b == b'\n') {
+        let lf = at + i;
+        match buf.get(lf + 1) {
+            Some(b'\n') => return true,
+            Some(b'\r') if buf.get(lf + 2) == Some(&b'\n') => return true,
+            // The line end may be completed by the next read: look at it again.
+            None | Some(b'\r') if lf + 2 >= buf.len() => {
+                *scanned = lf;
+                return false;
+            }
+            _ => at = lf + 1,
+        }
+    }
+    false
+}
+
 /// A request read from the client, rewritten for the node.
 struct Request {
     /// The head's length in the client's bytes.
@@ -162,17 +202,17 @@ fn read_head(buf: &[u8], rt: &PortRuntime, view: &PortView, conn: &Client) -> Re
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Read::Other;
     };
-    // Origin-form targets of visible ASCII only: anything else is hyper's to accept or refuse.
-    if method == "CONNECT"
-        || !target.starts_with('/')
-        || !target.bytes().all(|b| b.is_ascii_graphic())
-    {
+    // Origin-form targets that hyper would take the same way: anything else is hyper's to
+    // accept or refuse, so that both paths answer a target alike.
+    if method == "CONNECT" || !target_ok(target) {
         return Read::Other;
     }
     // The tokens of Connection: `close`, and the names of more hop-by-hop headers.
     let mut close = false;
     let mut named: Vec<&str> = Vec::new();
+    let mut hosts = 0;
     for f in req.headers.iter() {
+        hosts += usize::from(is(f.name, "host"));
         if is(f.name, "content-length")
             || is(f.name, "transfer-encoding")
             || is(f.name, "upgrade")
@@ -187,11 +227,15 @@ fn read_head(buf: &[u8], rt: &PortRuntime, view: &PortView, conn: &Client) -> Re
             for t in v.split(',').map(str::trim) {
                 if is(t, "close") {
                     close = true;
-                } else if !t.is_empty() {
+                } else if !t.is_empty() && !forward::is_protected(t) {
                     named.push(t);
                 }
             }
         }
+    }
+    // Not exactly one Host: hyper's path answers 400 (`forward::refusal_of`).
+    if hosts != 1 {
+        return Read::Other;
     }
     let mut out = Vec::with_capacity(len + 160);
     out.extend_from_slice(method.as_bytes());
@@ -259,6 +303,16 @@ fn read_head(buf: &[u8], rt: &PortRuntime, view: &PortView, conn: &Client) -> Re
     })
 }
 
+/// Whether `target` is an origin-form target (`/path?query`) that hyper takes as it is: no
+/// fragment, nothing the URI parser refuses or changes, within hyper's length.
+fn target_ok(target: &str) -> bool {
+    target.starts_with('/')
+        && target.len() <= MAX_TARGET
+        && target.bytes().all(|b| b.is_ascii_graphic() && b != b'#')
+        && http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(target.as_bytes()))
+            .is_ok_and(|p| p.as_str() == target)
+}
+
 /// `v` as text, if ASCII (httparse let no control character but tab through).
 fn ascii(v: &[u8]) -> Option<&str> {
     v.is_ascii().then(|| std::str::from_utf8(v).ok()).flatten()
@@ -319,7 +373,9 @@ async fn answer<I: AsyncWrite + Unpin>(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in &parts.headers {
-        if !bodiless && name == CONTENT_LENGTH {
+        // The length goes out as the body's own below; a bodiless answer keeps the node's
+        // (a HEAD or 304 answer's length describes the resource), except where none may be.
+        if name == CONTENT_LENGTH && (!bodiless || forward::no_length(status)) {
             continue;
         }
         field(out, name.as_str().as_bytes(), value.as_bytes());
@@ -529,6 +585,195 @@ mod tests {
             body = std::mem::take(buf);
         }
         (head, body)
+    }
+
+    /// One request sent on a connection of its own: the status, and the head the node saw
+    /// (lower case), if it saw one.
+    async fn exchange(addr: SocketAddr, req: &[u8]) -> (u16, Option<String>) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(req).await.unwrap();
+        let mut buf = Vec::new();
+        let (head, body) =
+            tokio::time::timeout(Duration::from_secs(5), answer_of(&mut s, &mut buf))
+                .await
+                .expect("an answer");
+        let status: u16 = head[9..12].parse().unwrap();
+        let seen = String::from_utf8_lossy(&body).to_ascii_lowercase();
+        (status, seen.contains(" http/1.1\r\n").then_some(seen))
+    }
+
+    /// The request rules, on both paths from one table: each request goes once as it is
+    /// (bodiless: this module's path) and once with `Content-Length: 0` (hyper's), and both
+    /// must get the same answer and send the node the same things.
+    #[tokio::test]
+    async fn both_paths_apply_one_request_policy() {
+        let mut port = http_port(vec![Node::new("b1", mirror().await)]);
+        port.max_header_size = 1_048_576;
+        let (_rt, addr) = serve(port).await;
+        let long = format!("/{}", "a".repeat(70_000));
+        // (request line and fields without the final CRLF, status, in the node's head, not in it)
+        let table: Vec<(String, u16, Vec<&str>, Vec<&str>)> = vec![
+            (
+                "GET /ok HTTP/1.1\r\nHost: h".into(),
+                200,
+                vec!["host: h"],
+                vec![],
+            ),
+            ("GET /nohost HTTP/1.1".into(), 400, vec![], vec![]),
+            (
+                "GET /twohosts HTTP/1.1\r\nHost: a\r\nHost: b".into(),
+                400,
+                vec![],
+                vec![],
+            ),
+            (
+                "GET /conn HTTP/1.1\r\nHost: h\r\nConnection: host, x-gone\r\nX-Gone: 1".into(),
+                200,
+                vec!["host: h"],
+                vec!["x-gone"],
+            ),
+            (
+                "GET /claims HTTP/1.1\r\nHost: h\r\nForwarded: for=1.2.3.4\r\n\
+                 X-Real-IP: 1.2.3.4\r\nX-Forwarded-Host: evil.test\r\nX-Forwarded-For: 192.0.2.7"
+                    .into(),
+                200,
+                vec!["x-forwarded-for: 192.0.2.7, 127.0.0.1"],
+                vec![
+                    "forwarded:",
+                    "x-real-ip",
+                    "x-forwarded-host",
+                    "1.2.3.4",
+                    "evil",
+                ],
+            ),
+            ("GET /a<b HTTP/1.1\r\nHost: h".into(), 400, vec![], vec![]),
+            ("GET /a>b HTTP/1.1\r\nHost: h".into(), 400, vec![], vec![]),
+            ("GET /a`b HTTP/1.1\r\nHost: h".into(), 400, vec![], vec![]),
+            // hyper's URI parser takes a quote and braces, and drops a fragment.
+            (
+                "GET /a\"b HTTP/1.1\r\nHost: h".into(),
+                200,
+                vec!["get /a\"b "],
+                vec![],
+            ),
+            (
+                "GET /a{b} HTTP/1.1\r\nHost: h".into(),
+                200,
+                vec!["get /a{b} "],
+                vec![],
+            ),
+            (
+                "GET /frag#x HTTP/1.1\r\nHost: h".into(),
+                200,
+                vec!["get /frag http/1.1"],
+                vec!["#x"],
+            ),
+            (
+                format!("GET {long} HTTP/1.1\r\nHost: h"),
+                414,
+                vec![],
+                vec![],
+            ),
+        ];
+        for (req, status, has, lacks) in &table {
+            for hyper_path in [false, true] {
+                let extra = if hyper_path {
+                    "\r\nContent-Length: 0"
+                } else {
+                    ""
+                };
+                let raw = format!("{req}{extra}\r\n\r\n");
+                let (got, seen) = exchange(addr, raw.as_bytes()).await;
+                let what = format!("{} (hyper's path: {hyper_path})", &req[..req.len().min(60)]);
+                assert_eq!(got, *status, "{what}");
+                if *status != 200 {
+                    assert!(seen.is_none(), "{what}: the node saw {seen:?}");
+                    continue;
+                }
+                let seen = seen.unwrap_or_else(|| panic!("{what}: the node saw nothing"));
+                for h in has {
+                    assert!(seen.contains(h), "{what}: {h:?} not in {seen}");
+                }
+                for l in lacks {
+                    assert!(!seen.contains(l), "{what}: {l:?} in {seen}");
+                }
+            }
+        }
+    }
+
+    /// A node's 204 with a Content-Length (which no 204 may have) reaches the client without
+    /// it, on both paths; a HEAD answer keeps its length.
+    #[tokio::test]
+    async fn a_204_goes_out_without_a_length_on_both_paths() {
+        let node = loopback_node(|mut s| async move {
+            let mut buf = Vec::new();
+            loop {
+                let end = loop {
+                    if let Some(i) = find(&buf, b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    if !fill(&mut s, &mut buf).await {
+                        return;
+                    }
+                };
+                buf.drain(..end);
+                let answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-N: 1\r\n\r\n";
+                if s.write_all(answer).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        let (_rt, addr) = serve(http_port(vec![Node::new("b1", node)])).await;
+        for extra in ["", "Content-Length: 0\r\n"] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("DELETE /x HTTP/1.1\r\nHost: h\r\n{extra}\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = Vec::new();
+            let end = loop {
+                if let Some(i) = find(&buf, b"\r\n\r\n") {
+                    break i + 4;
+                }
+                assert!(fill(&mut s, &mut buf).await, "closed before a head");
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 204"), "{head}");
+            assert!(head.contains("x-n: 1"), "{head}");
+            assert!(!head.contains("content-length"), "{extra:?}: {head}");
+        }
+    }
+
+    /// The end of a head is found however the bytes come, looking at each once.
+    #[test]
+    fn the_end_of_a_head_is_found_across_reads() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+            b"GET / HTTP/1.1\nHost: h\n\n",
+            b"GET / HTTP/1.1\r\nHost: h\n\r\n",
+        ] {
+            for split in 1..head.len() {
+                let mut buf = Vec::new();
+                let mut scanned = 0;
+                let mut found = None;
+                for (i, chunk) in head.chunks(split).enumerate() {
+                    buf.extend_from_slice(chunk);
+                    if head_ends(&buf, &mut scanned) {
+                        found = Some(i);
+                        break;
+                    }
+                }
+                let last = head.len().div_ceil(split) - 1;
+                assert_eq!(
+                    found,
+                    Some(last),
+                    "{:?} in pieces of {split}",
+                    String::from_utf8_lossy(head)
+                );
+            }
+            let mut scanned = 0;
+            assert!(!head_ends(&head[..head.len() - 1], &mut scanned));
+        }
     }
 
     #[tokio::test]

@@ -356,13 +356,12 @@ impl TcpProxy {
 /// Accepts connections on one address until a reload closes the listener; each is closed
 /// after `idle` without a byte either way.
 async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr, idle: Duration) {
+    let mut errors = crate::fds::AcceptErrors::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!("{addr}: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                errors.back_off(addr, &e).await;
                 continue;
             }
         };
@@ -372,6 +371,11 @@ async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr, 
             reset(stream);
             continue;
         }
+        let Some(slot) = crate::fds::ClientSlot::take() else {
+            debug!("{addr}: {peer} refused, the process's descriptor budget is used up");
+            reset(stream);
+            continue;
+        };
         rt.open.fetch_add(1, Ordering::Relaxed);
         // Chosen here, in the order connections arrive, so that round robin is an exact
         // rotation over them (chosen in their tasks, two connections could swap turns).
@@ -381,6 +385,7 @@ async fn accept_loop(rt: Arc<TcpPort>, listener: TcpListener, addr: SocketAddr, 
             let local = stream.local_addr().unwrap_or(addr);
             serve(&rt, &view, node, stream, peer, local, idle).await;
             rt.open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
         });
     }
 }
@@ -432,6 +437,15 @@ async fn serve(
         };
         let err = match tokio::time::timeout(connect_timeout, TcpStream::connect(n.addr)).await {
             Ok(Ok(s)) => break (n, s),
+            Ok(Err(e)) if crate::fds::is_exhaustion(&e) => {
+                // The balancer's own limit: not the node's failure, and no other node helps.
+                warn!(
+                    "port {}: connect {}: {e}; connection reset",
+                    port.port, n.addr
+                );
+                reset(client);
+                return;
+            }
             Ok(Err(e)) => format!("connect {}: {e}", n.addr),
             Err(_) => format!("connect {}: timed out after {connect_timeout:?}", n.addr),
         };
