@@ -271,6 +271,16 @@ impl Agent {
         Agent::launch_cmd(topo, config, &[], true, cmd)
     }
 
+    /// Starts the agent with its descriptor limit (soft and hard) at `limit`, as `prlimit`
+    /// sets it: what a host with a low `ulimit -n` or `LimitNOFILE` gives it.
+    pub fn start_with_fd_limit(topo: &Topology, config: &Path, limit: u32) -> Agent {
+        let mut cmd = topo.lb.command("prlimit");
+        cmd.arg(format!("--nofile={limit}:{limit}"))
+            .arg("--")
+            .arg(agent_bin());
+        Agent::launch_cmd(topo, config, &[], true, cmd)
+    }
+
     fn launch_bin(
         topo: &Topology,
         config: &Path,

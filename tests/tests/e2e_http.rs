@@ -178,6 +178,16 @@ async fn answer(label: String, mut req: Request<Incoming>) -> Result<Response<Bo
             }
             .boxed(),
         )
+    } else if path == "/stall" {
+        // n bytes of a 2n-byte answer, then nothing: a node that stalls mid-body.
+        let n = query_num(&req, "n");
+        Response::new(
+            StallBody {
+                first: Some(Bytes::from(vec![b's'; n as usize])),
+                len: 2 * n,
+            }
+            .boxed(),
+        )
     } else if path == "/upload" {
         let mut body = req.into_body();
         let mut n = 0u64;
@@ -226,6 +236,31 @@ async fn answer(label: String, mut req: Request<Incoming>) -> Result<Response<Bo
     resp.headers_mut()
         .insert("x-backend", label.parse().expect("label"));
     Ok(resp)
+}
+
+/// The first bytes of an answer of `len`, then nothing, ever.
+struct StallBody {
+    first: Option<Bytes>,
+    len: u64,
+}
+
+impl hyper::body::Body for StallBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut().first.take() {
+            Some(b) => std::task::Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.len)
+    }
 }
 
 /// `n` bytes in `chunk`-sized frames, made as the reader asks for them (nothing buffered).
@@ -1871,4 +1906,400 @@ fn reload_moves_an_address_between_http_and_user_space_tcp() {
         "{log}"
     );
     assert!(!log.contains("reload refused"), "{log}");
+}
+
+/// Connections established to the backends' port, as the backends' namespace counts them.
+fn backend_connections(t: &Topology) -> usize {
+    t.backends
+        .sh(&format!(
+            "ss -Htn state established '( sport = :{BACKEND_PORT} )' | wc -l"
+        ))
+        .trim()
+        .parse()
+        .expect("ss count")
+}
+
+/// Reads what `s` gives until it closes or `limit` passes; the bytes, and whether it closed.
+fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (usize, bool) {
+    let deadline = Instant::now() + limit;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (n, false);
+        }
+        s.set_read_timeout(Some(left)).expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return (n, true),
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return (n, false),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return (n, false),
+            Err(_) => return (n, true),
+        }
+    }
+}
+
+/// Every wait on a client or a node ends: a client that stops reading a 100 MB answer is cut
+/// after `timeout_client` (its node connection released, the agent's memory flat); a request
+/// body that stops mid-way is answered 408 after `timeout_client` and releases its node
+/// connection; a node that stalls mid-body is cut after `timeout_server`, on both HTTP/1.1
+/// paths (bodiless requests, and hyper's); `max_node_connections` queues a request for
+/// `timeout_connect`, then answers 503, and counts against no node.
+#[test]
+fn slow_and_stalled_peers_are_cut_by_their_timeouts() {
+    require_root();
+    let t = one_worker("h11", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let cfg = t.write_config(
+        &(port_toml(
+            80,
+            "http",
+            "timeout_client = 2\ntimeout_server = 2",
+            &accept_nodes(1),
+        ) + &port_toml(
+            81,
+            "http",
+            "max_node_connections = 2\ntimeout_connect = 1",
+            &accept_nodes(1),
+        )),
+    );
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    wait_up(&agent, 81, &["b1"]);
+    let base = rss_kib(&agent);
+
+    // A client that asks for 100 MB and reads nothing.
+    let mut greedy = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
+    greedy
+        .write_all(b"GET /download?n=100000000 HTTP/1.1\r\nHost: h\r\n\r\n")
+        .expect("write");
+    wait_until("the node sends", &agent, Duration::from_secs(5), || {
+        status_active(&t, 80) == 1
+    });
+    let started = Instant::now();
+    wait_until(
+        "the stalled answer released",
+        &agent,
+        Duration::from_secs(10),
+        || status_active(&t, 80) == 0,
+    );
+    let took = started.elapsed();
+    let (got, closed) = read_until_closed(&mut greedy, Duration::from_secs(10));
+    let grown = rss_kib(&agent).saturating_sub(base);
+    println!(
+        "non-reading client: released after {took:?}; it then read {got} bytes, closed {closed}; RSS +{grown} KiB"
+    );
+    assert!(
+        closed && got < 100_000_000,
+        "cut: {got} bytes, closed {closed}"
+    );
+    assert!(took < Duration::from_secs(8), "released after {took:?}");
+    assert!(grown < 16 * 1024, "RSS grew {grown} KiB");
+
+    // A body that stops mid-way: 408 after timeout_client, the node's connection released.
+    let mut up = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
+    up.write_all(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+        .expect("write");
+    up.write_all(&[b'u'; 1000]).expect("write");
+    let started = Instant::now();
+    up.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let answer = read_response(&mut BufReader::new(&mut up)).expect("an answer");
+    let took = started.elapsed();
+    println!("stalled upload answered {} after {took:?}", answer.status);
+    assert_eq!(answer.status, 408, "{answer:?}");
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    wait_until(
+        "the upload's node connection released",
+        &agent,
+        Duration::from_secs(3),
+        || status_active(&t, 80) == 0,
+    );
+
+    // A node that stalls mid-body, on the bodiless path and on hyper's (a request with a
+    // body): the client's answer is cut after timeout_server.
+    for req in [
+        &b"GET /stall?n=1000 HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+        b"POST /stall?n=1000 HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi",
+    ] {
+        let mut s = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
+        s.write_all(req).expect("write");
+        let started = Instant::now();
+        let (got, closed) = read_until_closed(&mut s, Duration::from_secs(10));
+        let took = started.elapsed();
+        println!("stalled node: {got} bytes, closed {closed} after {took:?}");
+        assert!(closed, "not cut after {took:?}");
+        assert!(
+            took >= Duration::from_millis(1800) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        assert!(
+            got > 1000 && got < 2000,
+            "{got} bytes: the head and the first 1000"
+        );
+    }
+    wait_until(
+        "stalled answers released",
+        &agent,
+        Duration::from_secs(3),
+        || status_active(&t, 80) == 0,
+    );
+
+    // max_node_connections = 2 on port 81: two slow requests in flight, a third waits
+    // timeout_connect (1 s) and is answered 503; the node stays UP.
+    let p81 = SocketAddr::new(IpAddr::V4(VIP), 81);
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = Client::connect(&t, p81);
+            std::thread::spawn(move || c.get("/slow?ms=3000", &[]).status)
+        })
+        .collect();
+    wait_until("two in flight", &agent, Duration::from_secs(3), || {
+        status_active(&t, 81) == 2
+    });
+    let started = Instant::now();
+    let third = get(&t, p81, "/echo", &[]);
+    let took = started.elapsed();
+    println!("third request: {} after {took:?}", third.status);
+    assert_eq!(third.status, 503, "{third:?}");
+    assert!(third.text().contains("busy"), "{}", third.text());
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    for s in slow {
+        assert_eq!(s.join().expect("slow request"), 200);
+    }
+    assert_eq!(get(&t, p81, "/echo", &[]).status, 200);
+    assert!(
+        !agent.log_text().contains("is DOWN"),
+        "no node went DOWN:\n{}",
+        agent.log_text()
+    );
+}
+
+/// A TLS client that takes any certificate: the test's own, against its own agent.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// An HTTP/2 client that gives no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE = 0),
+/// opens 150 streams for 1 MB answers and answers PINGs: at most `h2_max_streams` (100) of
+/// them reach nodes at once, and once an answer has waited `timeout_client` for the client
+/// the connection is cut and every node connection it held is released.
+#[test]
+fn an_http2_client_that_opens_no_window_holds_nothing_for_long() {
+    require_root();
+    let t = one_worker("h12", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let (crt, key) = make_cert(&t.dir, "a.test", "");
+    let extra = format!(
+        "ssl_cert = \"{}\"\nssl_key = \"{}\"\ntimeout_client = 3",
+        crt.display(),
+        key.display()
+    );
+    let cfg = t.write_config(&port_toml(443, "https", &extra, &accept_nodes(1)));
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 443, &["b1"]);
+    let idle = backend_connections(&t);
+
+    let tcp = connect_in(&t.client, vip(443), Duration::from_secs(3)).expect("connect");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let opened = Arc::new(AtomicUsize::new(0));
+    let client = {
+        let opened = opened.clone();
+        std::thread::spawn(move || {
+            rt.block_on(async move {
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .expect("versions")
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+                    .with_no_client_auth();
+                tls.alpn_protocols = vec![b"h2".to_vec()];
+                let tcp = tokio::net::TcpStream::from_std(tcp).expect("tokio stream");
+                let name = rustls::pki_types::ServerName::try_from("a.test").expect("name");
+                let io = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                    .connect(name, tcp)
+                    .await
+                    .expect("TLS");
+                let (send, conn) = h2::client::Builder::new()
+                    .initial_window_size(0)
+                    .handshake::<_, Bytes>(io)
+                    .await
+                    .expect("h2 handshake");
+                // The connection task answers PINGs and SETTINGS, and ends when nb cuts it.
+                let conn = tokio::spawn(conn);
+                let mut streams = Vec::new();
+                for _ in 0..150 {
+                    let Ok(mut s) = send.clone().ready().await else {
+                        break;
+                    };
+                    let req = http::Request::get("https://a.test/download?n=1000000")
+                        .body(())
+                        .expect("request");
+                    match s.send_request(req, true) {
+                        Ok((resp, _)) => {
+                            opened.fetch_add(1, Ordering::Relaxed);
+                            streams.push(tokio::spawn(resp));
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let t0 = Instant::now();
+                let ended = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                println!(
+                    "client: connection ended after {:?}: {ended:?}",
+                    t0.elapsed()
+                );
+                drop(streams);
+                ended.is_ok()
+            })
+        })
+    };
+    let mut peak = 0;
+    let started = Instant::now();
+    let released = loop {
+        let n = backend_connections(&t).saturating_sub(idle);
+        peak = peak.max(n);
+        if peak > 0 && n == 0 {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3 + 3),
+            "{n} node connections still held after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let cut = client.join().expect("client");
+    println!(
+        "zero-window h2 client: {} streams opened, at most {peak} node connections, all released after {released:?}; connection cut: {cut}",
+        opened.load(Ordering::Relaxed)
+    );
+    assert!(peak > 0 && peak <= 100, "node connections at most {peak}");
+    assert!(cut, "nb cut the connection");
+    // The port still serves.
+    let tls = format!("--resolve a.test:443:{VIP} --cacert {}", crt.display());
+    assert!(curl(&t, &format!("{tls} --http2 https://a.test/echo")).contains("b1"));
+}
+
+/// With a low descriptor limit (1024), 5000 idle client connections take only the client
+/// share of it: the rest are answered 503 and closed at once; health checks keep working,
+/// so no node goes DOWN; the XDP tcp port keeps serving; and once the idle clients go, new
+/// ones are served again.
+#[test]
+fn a_descriptor_budget_refuses_clients_before_it_fails_nodes() {
+    require_root();
+    nb_tests::raw::raise_fd_limit();
+    let t = one_worker("h13", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let tcp80 = format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"connection\"\ncheck_interval = 2\n\
+         check_timeout = 1\ncheck_attempts = 2\n\n{}",
+        accept_nodes(1)
+    );
+    let cfg =
+        t.write_config(&(tcp80 + &port_toml(81, "http", "timeout_header = 120", &accept_nodes(1))));
+    let agent = Agent::start_with_fd_limit(&t, &cfg, 1024);
+    wait_up(&agent, 81, &["b1"]);
+    assert!(
+        agent.log_text().contains("at most 384 client connections"),
+        "{}",
+        agent.log_text()
+    );
+    let p81 = SocketAddr::new(IpAddr::V4(VIP), 81);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..5000 {
+        match connect_in(&t.client, p81, Duration::from_secs(3)) {
+            Ok(s) => held.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    // The connections nb refused were answered 503 and closed: find them among those held.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut answered_503 = 0;
+    let mut open = Vec::new();
+    for mut s in held {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 && buf.starts_with(b"HTTP/1.1 503") => answered_503 += 1,
+            Ok(0) => refused += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open.push(s),
+            _ => refused += 1,
+        }
+    }
+    println!(
+        "5000 connections: {} held open by nb, {answered_503} answered 503, {refused} refused or reset",
+        open.len()
+    );
+    assert!(
+        open.len() >= 300 && open.len() <= 384,
+        "{} held",
+        open.len()
+    );
+    assert!(answered_503 > 4000, "{answered_503} answered 503");
+    // A new client now: 503 at once, not a hang.
+    let r = get(&t, p81, "/echo", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    // Checks go on: wait three check intervals, no node DOWN.
+    std::thread::sleep(Duration::from_secs(6));
+    let log = agent.log_text();
+    assert!(!log.contains("is DOWN"), "a node went DOWN:\n{log}");
+    // The XDP tcp port serves.
+    let via_xdp = get(&t, vip(80), "/echo", &[]);
+    assert_eq!(via_xdp.status, 200, "{via_xdp:?}");
+    // The idle clients go: new ones are served.
+    drop(open);
+    wait_until(
+        "clients served again",
+        &agent,
+        Duration::from_secs(5),
+        || get(&t, p81, "/echo", &[]).status == 200,
+    );
 }

@@ -383,7 +383,7 @@ async fn serve(rt: &PortRuntime, mut req: Request<Incoming>, conn: &Client) -> R
         }
         Sent::Hyper(resp, sender) => {
             let stall = Duration::from_secs(view.port.timeout_server as u64);
-            hyper_answer(rt, conn, node, resp, sender, guard, client_upgrade, stall)
+            hyper_answer(rt, conn, node, (resp, sender), guard, client_upgrade, stall)
         }
     };
     if no_length(out.status()) {
@@ -659,13 +659,13 @@ pub(super) fn settle(
 }
 
 /// The answer hyper brought back: a body streamed to the client, or (a node that agreed to an
-/// Upgrade) an empty 101 answer and, once both sides have switched, a byte tunnel.
+/// Upgrade) an empty 101 answer and, once both sides have switched, a byte tunnel. `stall`:
+/// how long the node may leave the body stalled (`timeout_server`).
 fn hyper_answer(
     rt: &PortRuntime,
     conn: &Client,
     node: &NodeView,
-    mut resp: Response<Incoming>,
-    sender: Sender,
+    (mut resp, sender): (Response<Incoming>, Sender),
     guard: ActiveGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     stall: Duration,

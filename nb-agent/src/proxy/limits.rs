@@ -174,13 +174,26 @@ pub enum ClientBodyError {
 
 /// How a [`ClientBody`] ended, seen by whoever sent it on: a request that failed because its
 /// body did is the client's failure, never the node's.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BodyOutcome(AtomicU8);
+
+impl Default for BodyOutcome {
+    fn default() -> BodyOutcome {
+        BodyOutcome(AtomicU8::new(BodyOutcome::RUNNING))
+    }
+}
 
 impl BodyOutcome {
     const RUNNING: u8 = 0;
     const TIMED_OUT: u8 = 1;
     const BROKEN: u8 = 2;
+    const ENDED: u8 = 3;
+
+    /// The whole body went: the node's time to answer (`timeout_server`) runs from here;
+    /// while an upload is still coming, the client's timeout bounds it instead.
+    pub fn ended(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::ENDED
+    }
 
     /// The body timed out (`timeout_client`).
     pub fn timed_out(&self) -> bool {
@@ -189,7 +202,10 @@ impl BodyOutcome {
 
     /// The body failed on the client's side: timed out, or broke off.
     pub fn failed(&self) -> bool {
-        self.0.load(Ordering::Acquire) != Self::RUNNING
+        matches!(
+            self.0.load(Ordering::Acquire),
+            Self::TIMED_OUT | Self::BROKEN
+        )
     }
 }
 
@@ -205,10 +221,14 @@ pub struct ClientBody {
 impl ClientBody {
     /// `inner`, which may stall for `limit` at a time.
     pub fn new(inner: Incoming, limit: Duration) -> ClientBody {
+        let outcome = Arc::new(BodyOutcome::default());
+        if inner.is_end_stream() {
+            outcome.0.store(BodyOutcome::ENDED, Ordering::Release);
+        }
         ClientBody {
             inner,
             stall: Stall::new(limit),
-            outcome: Arc::default(),
+            outcome,
         }
     }
 
@@ -234,6 +254,9 @@ impl Body for ClientBody {
             }
             Poll::Ready(r) => {
                 this.stall.progress();
+                if r.is_none() || this.inner.is_end_stream() {
+                    this.outcome.0.store(BodyOutcome::ENDED, Ordering::Release);
+                }
                 Poll::Ready(r.map(|f| f.map_err(ClientBodyError::Broken)))
             }
             Poll::Pending if this.stall.waiting(cx) => {

@@ -924,12 +924,10 @@ where
     // How often open answers are looked at for a stall.
     let look = limits.stalled.min(Duration::from_secs(1));
     loop {
-        let busy = activity.open.load(Ordering::Acquire) > 0;
-        let wake = if busy {
-            tokio::time::Instant::now() + look
-        } else {
-            activity.idle_at(idle)
-        };
+        // Looked at every `look` also while idle: a stream may open meanwhile.
+        let wake = activity
+            .idle_at(idle)
+            .min(tokio::time::Instant::now() + look);
         tokio::select! {
             r = conn.as_mut() => return r,
             _ = stop_requested(&mut stop) => break,

@@ -37,7 +37,7 @@ use crate::proxy::{
     balance::{ActiveGuard, NodeStats},
     h1,
     io::Counted,
-    limits::{ClientBody, Stall},
+    limits::{BodyOutcome, ClientBody, Stall},
 };
 
 /// Idle connections kept per node; more are closed after their response.
@@ -174,6 +174,10 @@ struct Watch {
     /// Set by the task when it closed the connection for a passed deadline.
     timed_out: AtomicBool,
     wake: Notify,
+    /// The body of the request in flight: while it is still being sent, the deadline moves
+    /// on (the node's time counts from the body's end; the client's timeout bounds the
+    /// upload).
+    body: Mutex<Option<Arc<BodyOutcome>>>,
 }
 
 impl Default for Watch {
@@ -185,6 +189,7 @@ impl Default for Watch {
             wakes_at: AtomicU64::new(u64::MAX),
             timed_out: AtomicBool::new(false),
             wake: Notify::new(),
+            body: Mutex::new(None),
         }
     }
 }
@@ -199,7 +204,8 @@ fn ns_since_epoch(t: Instant) -> u64 {
 
 impl Watch {
     /// Gives the request about to be sent `timeout` to get its response head.
-    fn start(&self, timeout: Duration) {
+    fn start(&self, timeout: Duration, body: Arc<BodyOutcome>) {
+        *self.body.lock().unwrap_or_else(|e| e.into_inner()) = (!body.ended()).then_some(body);
         let deadline = ns_since_epoch(Instant::now() + timeout);
         self.timeout
             .store(timeout.as_nanos() as u64, Ordering::Relaxed);
@@ -209,6 +215,12 @@ impl Watch {
         if self.wakes_at.load(Ordering::SeqCst) > deadline {
             self.wake.notify_one();
         }
+    }
+
+    /// Whether the request in flight is still sending its body.
+    fn uploading(&self) -> bool {
+        let body = self.body.lock().unwrap_or_else(|e| e.into_inner());
+        body.as_ref().is_some_and(|b| !b.ended() && !b.failed())
     }
 
     /// The request has its response head, or failed.
@@ -229,6 +241,17 @@ impl Watch {
                 let now = Instant::now();
                 let deadline = self.deadline.load(Ordering::SeqCst);
                 if deadline != 0 && ns_since_epoch(now) >= deadline {
+                    if self.uploading() {
+                        let t = Duration::from_nanos(self.timeout.load(Ordering::Relaxed));
+                        let later = ns_since_epoch(now + t);
+                        let _ = self.deadline.compare_exchange(
+                            deadline,
+                            later,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        );
+                        continue;
+                    }
                     self.timed_out.store(true, Ordering::SeqCst);
                     return;
                 }
@@ -402,7 +425,7 @@ impl NodePool {
                     Err(e) => return Err((e, Some(req))),
                 },
             };
-            sender.watch.start(response_timeout);
+            sender.watch.start(response_timeout, body.clone());
             let sent = sender.send.try_send_request(req).await;
             sender.watch.done();
             match sent {
