@@ -2121,35 +2121,23 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
 }
 
-/// An HTTP/2 client that gives no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE = 0),
-/// opens 150 streams for 1 MB answers and answers PINGs: at most `h2_max_streams` (100) of
-/// them reach nodes at once, and once an answer has waited `timeout_client` for the client
-/// the connection is cut and every node connection it held is released.
-#[test]
-fn an_http2_client_that_opens_no_window_holds_nothing_for_long() {
-    require_root();
-    let t = one_worker("h12", Wiring::TwoNic, 1);
-    let _backends = start_backends(&t, 1);
-    let (crt, key) = make_cert(&t.dir, "a.test", "");
-    let extra = format!(
-        "ssl_cert = \"{}\"\nssl_key = \"{}\"\ntimeout_client = 3",
-        crt.display(),
-        key.display()
-    );
-    let cfg = t.write_config(&port_toml(443, "https", &extra, &accept_nodes(1)));
-    let agent = Agent::start(&t, &cfg);
-    wait_up(&agent, 443, &["b1"]);
-    let idle = backend_connections(&t);
-
+/// An HTTP/2 client on a connection of its own to port 443 that gives no flow-control window
+/// (SETTINGS_INITIAL_WINDOW_SIZE = 0), opens `streams` streams for 1 MB answers and answers
+/// PINGs and SETTINGS, reading nothing; `opened` counts the streams it got open. The thread
+/// ends when nb cuts the connection (true) or after 30 s (false).
+fn zero_window_h2(
+    t: &Topology,
+    streams: usize,
+    opened: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<bool> {
+    let wanted = streams;
     let tcp = connect_in(&t.client, vip(443), Duration::from_secs(3)).expect("connect");
     tcp.set_nonblocking(true).expect("nonblocking");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let opened = Arc::new(AtomicUsize::new(0));
-    let client = {
-        let opened = opened.clone();
+    {
         std::thread::spawn(move || {
             rt.block_on(async move {
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -2174,7 +2162,7 @@ fn an_http2_client_that_opens_no_window_holds_nothing_for_long() {
                 // The connection task answers PINGs and SETTINGS, and ends when nb cuts it.
                 let conn = tokio::spawn(conn);
                 let mut streams = Vec::new();
-                for _ in 0..150 {
+                for _ in 0..wanted {
                     let Ok(mut s) = send.clone().ready().await else {
                         break;
                     };
@@ -2192,14 +2180,43 @@ fn an_http2_client_that_opens_no_window_holds_nothing_for_long() {
                 let t0 = Instant::now();
                 let ended = tokio::time::timeout(Duration::from_secs(30), conn).await;
                 println!(
-                    "client: connection ended after {:?}: {ended:?}",
-                    t0.elapsed()
+                    "zero-window client: connection ended after {:?}: {}",
+                    t0.elapsed(),
+                    if ended.is_ok() {
+                        "cut by nb"
+                    } else {
+                        "not cut"
+                    }
                 );
                 drop(streams);
                 ended.is_ok()
             })
         })
-    };
+    }
+}
+
+/// An HTTP/2 client that gives no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE = 0),
+/// opens 150 streams for 1 MB answers and answers PINGs: at most `h2_max_streams` (100) of
+/// them reach nodes at once, and once an answer has waited `timeout_client` for the client
+/// the connection is cut and every node connection it held is released.
+#[test]
+fn an_http2_client_that_opens_no_window_holds_nothing_for_long() {
+    require_root();
+    let t = one_worker("h12", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let (crt, key) = make_cert(&t.dir, "a.test", "");
+    let extra = format!(
+        "ssl_cert = \"{}\"\nssl_key = \"{}\"\ntimeout_client = 3",
+        crt.display(),
+        key.display()
+    );
+    let cfg = t.write_config(&port_toml(443, "https", &extra, &accept_nodes(1)));
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 443, &["b1"]);
+    let idle = backend_connections(&t);
+
+    let opened = Arc::new(AtomicUsize::new(0));
+    let client = zero_window_h2(&t, 150, opened.clone());
     let mut peak = 0;
     let started = Instant::now();
     let released = loop {
@@ -2302,4 +2319,73 @@ fn a_descriptor_budget_refuses_clients_before_it_fails_nodes() {
         Duration::from_secs(5),
         || get(&t, p81, "/echo", &[]).status == 200,
     );
+}
+
+/// The agent's CPU time (user + system) so far.
+fn cpu_time(agent: &Agent) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid())).expect("stat");
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    Duration::from_secs_f64(ticks / hz)
+}
+
+/// Out of descriptors for real (limit 512, budget 128 clients): six HTTP/2 clients with 100
+/// zero-window streams each ask for 600 node connections. Connects that fail with EMFILE are
+/// answered 503 and count against no node, health checks that cannot get a socket are not
+/// failures, and the accept loop at EMFILE neither spins nor floods the log; once nb cuts the
+/// stalled clients (`timeout_client`), everything serves again.
+#[test]
+fn running_out_of_descriptors_fails_no_node_and_floods_nothing() {
+    require_root();
+    let t = one_worker("h14", Wiring::TwoNic, 1);
+    let _backends = start_backends(&t, 1);
+    let (crt, key) = make_cert(&t.dir, "a.test", "");
+    let extra = format!(
+        "ssl_cert = \"{}\"\nssl_key = \"{}\"\ntimeout_client = 12",
+        crt.display(),
+        key.display()
+    );
+    let cfg = t.write_config(&port_toml(443, "https", &extra, &accept_nodes(1)));
+    let agent = Agent::start_with_fd_limit(&t, &cfg, 512);
+    wait_up(&agent, 443, &["b1"]);
+    let opened = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..6)
+        .map(|_| zero_window_h2(&t, 100, opened.clone()))
+        .collect();
+    wait_until(
+        "descriptors run out",
+        &agent,
+        Duration::from_secs(10),
+        || agent.log_text().contains("Too many open files"),
+    );
+    // New clients meanwhile: they wait in the backlog or are refused, nb does not spin.
+    let waiting: Vec<_> = (0..20)
+        .filter_map(|_| connect_in(&t.client, vip(443), Duration::from_secs(1)).ok())
+        .collect();
+    let cpu0 = cpu_time(&agent);
+    std::thread::sleep(Duration::from_secs(4));
+    let cpu = cpu_time(&agent) - cpu0;
+    let log = agent.log_text();
+    let accept_lines = log.lines().filter(|l| l.contains("accept:")).count();
+    println!(
+        "{} streams opened; agent CPU {cpu:?} over 4 s at the limit; {accept_lines} accept log line(s)",
+        opened.load(Ordering::Relaxed)
+    );
+    assert!(cpu < Duration::from_secs(1), "CPU {cpu:?} in 4 s at EMFILE");
+    assert!(accept_lines <= 4, "{accept_lines} accept lines:\n{log}");
+    assert!(!log.contains("is DOWN"), "a node went DOWN:\n{log}");
+    drop(waiting);
+    for c in clients {
+        assert!(c.join().expect("client"), "nb cut the stalled client");
+    }
+    let tls = format!("--resolve a.test:443:{VIP} --cacert {}", crt.display());
+    wait_until("served again", &agent, Duration::from_secs(10), || {
+        curl_ok(&t, &format!("{tls} --http2 https://a.test/echo"))
+    });
+    let log = agent.log_text();
+    assert!(!log.contains("is DOWN"), "a node went DOWN:\n{log}");
 }
