@@ -1809,6 +1809,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_head_over_its_limit_is_refused() {
+        let dir = token_dir("head");
+        let (addr, _calls) = start(served_config(&dir, false)).await;
+        let big = format!(
+            "GET /v1/ports HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        let (status, _, _) = ask(addr, &big).await;
+        assert_eq!(status, 431);
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[tokio::test]
     async fn idle_connections_cannot_hold_the_listener() {
         use tokio::io::AsyncReadExt;
         let dir = token_dir("cap");
