@@ -75,6 +75,9 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `/v1/status` waits for the agent loop before it answers what the loop last
 /// published (at most one sweep, 2 s, old).
 pub const LOOP_DEADLINE: Duration = Duration::from_millis(500);
+/// How long `/metrics` and `/v1/stats` wait for the agent loop before they answer 503: they
+/// need live counters, which only the loop has.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// Requests waiting for the agent loop; more wait in their connections.
 const QUEUE: usize = 256;
 /// The file under `state_dir` holding the API's changes.
@@ -444,11 +447,20 @@ pub struct Call {
     reply: oneshot::Sender<Reply>,
 }
 
+/// Where a request is answered.
+#[derive(Debug)]
+enum Route {
+    /// From the published config, in the connection task.
+    Ports,
+    Port(u16),
+    /// By the agent loop.
+    Loop(Op),
+}
+
+/// What the agent loop answers.
 #[derive(Debug)]
 enum Op {
     Status,
-    Ports,
-    Port(u16),
     Stats,
     Metrics,
     /// Authorized before it gets here: the token is checked before the body is read.
@@ -718,7 +730,7 @@ fn parse_port(s: &str) -> Result<u16, Reply> {
 }
 
 /// Routes one request: which operation, or the error for a path or method that has none.
-fn route(method: &Method, path: &str) -> Result<Op, Reply> {
+fn route(method: &Method, path: &str) -> Result<Route, Reply> {
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let not_allowed = || {
         Reply::error(
@@ -726,23 +738,25 @@ fn route(method: &Method, path: &str) -> Result<Op, Reply> {
             &format!("{method} is not allowed on {path}"),
         )
     };
-    let get = |op: Op| {
+    let get = |r: Route| {
         if method == Method::GET {
-            Ok(op)
+            Ok(r)
         } else {
             Err(not_allowed())
         }
     };
-    let write = |write: WriteOp| Op::Write {
-        write,
-        body: Bytes::new(),
+    let write = |write: WriteOp| {
+        Route::Loop(Op::Write {
+            write,
+            body: Bytes::new(),
+        })
     };
     match segs.as_slice() {
-        ["metrics"] => get(Op::Metrics),
-        ["v1", "status"] => get(Op::Status),
-        ["v1", "stats"] => get(Op::Stats),
-        ["v1", "ports"] => get(Op::Ports),
-        ["v1", "ports", port] => get(Op::Port(parse_port(port)?)),
+        ["metrics"] => get(Route::Loop(Op::Metrics)),
+        ["v1", "status"] => get(Route::Loop(Op::Status)),
+        ["v1", "stats"] => get(Route::Loop(Op::Stats)),
+        ["v1", "ports"] => get(Route::Ports),
+        ["v1", "ports", port] => get(Route::Port(parse_port(port)?)),
         ["v1", "ports", port, "nodes"] => {
             let port = parse_port(port)?;
             match *method {
@@ -777,50 +791,16 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let reply = async {
-        let mut op = route(req.method(), req.uri().path())?;
+        let route = route(req.method(), req.uri().path())?;
         let now = published.borrow().clone();
         let admin = &now.config.admin;
         let authorization = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let reveal = match &mut op {
-            Op::Write { body, .. } => {
-                // A refusal here leaves the body unread, so the connection cannot be reused.
-                authorize_write(admin, authorization).map_err(|r| Reply::from(r).closing())?;
-                let declared = req
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
-                if declared.is_some_and(|n| n > MAX_BODY as u64) {
-                    return Err(Reply::error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &format!("request body over {MAX_BODY} bytes"),
-                    )
-                    .closing());
-                }
-                let read = Limited::new(req.into_body(), MAX_BODY).collect();
-                *body = tokio::time::timeout(BODY_TIMEOUT, read)
-                    .await
-                    .map_err(|_| {
-                        Reply::error(
-                            StatusCode::REQUEST_TIMEOUT,
-                            &format!("request body not received within {BODY_TIMEOUT:?}"),
-                        )
-                        .closing()
-                    })?
-                    .map_err(|e| {
-                        Reply::error(StatusCode::BAD_REQUEST, &format!("request body: {e}"))
-                            .closing()
-                    })?
-                    .to_bytes();
-                true
-            }
-            _ => authorize_read(admin, authorization)?,
-        };
-        match op {
-            Op::Ports => {
+        let mut op = match route {
+            Route::Ports => {
+                let reveal = authorize_read(admin, authorization)?;
                 let ports: Vec<Value> = now
                     .config
                     .ports
@@ -829,15 +809,52 @@ async fn answer(
                     .collect();
                 return Ok(Reply::json(StatusCode::OK, &json!({ "ports": ports })));
             }
-            Op::Port(port) => {
+            Route::Port(port) => {
+                let reveal = authorize_read(admin, authorization)?;
                 return Ok(match now.config.ports.iter().find(|p| p.port == port) {
                     Some(p) => Reply::json(StatusCode::OK, &port_json(p, reveal)),
                     None => Reply::error(StatusCode::NOT_FOUND, &format!("no port {port}")),
                 });
             }
-            _ => {}
+            Route::Loop(op) => op,
+        };
+        if let Op::Write { body, .. } = &mut op {
+            // A refusal here leaves the body unread, so the connection cannot be reused.
+            authorize_write(admin, authorization).map_err(|r| Reply::from(r).closing())?;
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > MAX_BODY as u64) {
+                return Err(Reply::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body over {MAX_BODY} bytes"),
+                )
+                .closing());
+            }
+            let read = Limited::new(req.into_body(), MAX_BODY).collect();
+            *body = tokio::time::timeout(BODY_TIMEOUT, read)
+                .await
+                .map_err(|_| {
+                    Reply::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        &format!("request body not received within {BODY_TIMEOUT:?}"),
+                    )
+                    .closing()
+                })?
+                .map_err(|e| {
+                    Reply::error(StatusCode::BAD_REQUEST, &format!("request body: {e}")).closing()
+                })?
+                .to_bytes();
+        } else {
+            authorize_read(admin, authorization)?;
         }
-        let status = matches!(op, Op::Status);
+        let kind = match op {
+            Op::Status => Some(true),
+            Op::Stats | Op::Metrics => Some(false),
+            Op::Write { .. } => None,
+        };
         let _busy = slots.busy(slot);
         let (reply_tx, reply_rx) = oneshot::channel();
         let gone = || Reply::error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
@@ -850,18 +867,28 @@ async fn answer(
             .map_err(|_| gone())?;
             reply_rx.await.map_err(|_| gone())
         };
-        if !status {
-            return ask.await;
-        }
-        // The live counters when the loop answers at once; else what it last published.
-        match tokio::time::timeout(LOOP_DEADLINE, ask).await {
-            Ok(r) => r,
-            Err(_) => {
-                let now = published.borrow().clone();
-                let mut r = Reply::json(StatusCode::OK, &now.status);
-                r.snapshot_age = Some(now.at.elapsed());
-                Ok(r)
-            }
+        match kind {
+            // A write waits for its outcome: given up on, it might still be applied.
+            None => ask.await,
+            // The live counters when the loop answers at once; else what it last published.
+            Some(true) => match tokio::time::timeout(LOOP_DEADLINE, ask).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let now = published.borrow().clone();
+                    let mut r = Reply::json(StatusCode::OK, &now.status);
+                    r.snapshot_age = Some(now.at.elapsed());
+                    Ok(r)
+                }
+            },
+            // Bounded, so a stuck loop cannot pin every connection slot as busy.
+            Some(false) => tokio::time::timeout(READ_DEADLINE, ask)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Reply::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("the agent did not answer within {READ_DEADLINE:?}"),
+                    ))
+                }),
         }
     }
     .await
@@ -1261,7 +1288,7 @@ impl Admin {
         {
             warn!(
                 "reload: [admin] listen and balancer.state_dir take effect at the next restart \
-                 (token_file at once)"
+                 (token_file and read_token_file at once)"
             );
         }
         let (cfg, stale) = self.overlay.compose(&base);
@@ -1285,11 +1312,6 @@ impl Admin {
     pub fn handle(&mut self, agent: &mut Agent, call: Call) {
         let reply = match call.op {
             Op::Status => Reply::json(StatusCode::OK, &self.status(agent)),
-            // Answered from what is published; here only if a caller sends them anyway.
-            Op::Ports | Op::Port(_) => Reply::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "not answered by the loop",
-            ),
             Op::Stats => Reply::json(StatusCode::OK, &stats_json(&snapshot(agent))),
             Op::Metrics => Reply {
                 status: StatusCode::OK,
@@ -1805,6 +1827,18 @@ mod tests {
         assert!(t0.elapsed() < LOOP_DEADLINE + Duration::from_millis(500));
         assert!(head.contains("x-nb-snapshot-age-ms"), "{head}");
         assert!(body.contains("\"port\": 80"), "{body}");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[tokio::test]
+    async fn metrics_give_up_on_a_stuck_loop() {
+        let dir = token_dir("stuck");
+        let (addr, _calls) = start(served_config(&dir, false)).await;
+        let t0 = Instant::now();
+        let (status, _, body) = ask(addr, &get("/metrics", None)).await;
+        assert_eq!(status, 503, "{body}");
+        let took = t0.elapsed();
+        assert!(took >= READ_DEADLINE && took < READ_DEADLINE + Duration::from_secs(1));
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 
