@@ -820,8 +820,8 @@ fn scrape(t: &Topology) -> (String, Samples) {
     (body, m)
 }
 
-/// 8. `/metrics`: every SPEC §5 name, valid text format, and counters that move with traffic,
-///    health checks and reloads.
+/// 8. `/metrics`: every name README "Admin API, nbctl, metrics" lists, valid text format, and
+///    counters that move with traffic, health checks and reloads.
 #[test]
 fn metrics_are_scraped_and_move_with_traffic() {
     require_root();
