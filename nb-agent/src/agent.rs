@@ -661,7 +661,8 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
     let api_listener = api::bind(&config.admin).await?;
     let (mut admin, config) = api::Admin::open(config)?;
     let (mut agent, mut checks) = Agent::start(config)?;
-    let mut api_calls = api::serve(api_listener);
+    admin.publish(&agent);
+    let mut api_calls = api::serve(api_listener, admin.subscribe());
     info!(
         "serving {} port(s) on {:?}",
         agent.config.ports.len(),
@@ -689,6 +690,7 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
                     Ok(()) => info!("reloaded {}", agent.config.path.display()),
                     Err(e) => error!("reload refused, running config unchanged:\n{e}"),
                 }
+                admin.publish(&agent);
                 sd_notify("READY=1");
             }
             Some(e) = checks.recv() => agent.on_check(e),
@@ -699,6 +701,8 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
                 if agent.sweep_due() {
                     agent.sweep();
                 }
+                // Health and counters moved: what `/v1/status` shows when the loop is slow.
+                admin.publish(&agent);
             }
         }
     }

@@ -1,9 +1,17 @@
-//! The admin API (SPEC §4) and `/metrics`, on `[admin] listen`.
+//! The admin API and `/metrics`, on `[admin] listen` (README "Admin API, nbctl, metrics").
 //!
-//! Connections are served by hyper on the agent's runtime, but every request, read or write,
-//! is handed through one channel to the agent loop and answered there, one at a time: writes
-//! are serialized with each other and with SIGHUP reloads and health changes, and a read sees
-//! one consistent state.
+//! Connections are served by hyper on the agent's runtime, at most [`MAX_CONNECTIONS`] at
+//! once, each bounded in time (README "Admin API limits"), so slow or idle clients cannot hold
+//! the listener. Every write, and every read that needs live counters, is handed through one
+//! channel to the agent loop and answered there, one at a time: writes are serialized with
+//! each other and with SIGHUP reloads and health changes, and a read sees one consistent
+//! state. What needs only the config (`/v1/ports`, the tokens) is read from what the loop
+//! publishes after every change ([`Published`]), and `/v1/status` falls back to the loop's
+//! last published status when the loop does not answer within [`LOOP_DEADLINE`].
+//!
+//! Tokens are checked in the connection task, before a body is read: an unauthenticated
+//! write costs the agent its head only. Answers to requests without a valid token show no
+//! file paths (README "Redaction").
 //!
 //! API writes are an overlay on the config file: node additions, changes of weight or mode,
 //! and removals, kept in `state_dir/api-changes.json`. The running config is always "the file,
@@ -12,11 +20,14 @@
 
 use std::{
     collections::HashMap,
-    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     str::FromStr,
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -33,7 +44,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::{
     net::TcpListener,
-    sync::{mpsc, oneshot},
+    sync::{Notify, mpsc, oneshot, watch},
 };
 
 use crate::{
@@ -41,10 +52,32 @@ use crate::{
     config::{self, Config, Node, NodeMode, Port, Protocol},
     health::Health,
     metrics::{self, NodeCounters, NodeSample, Snapshot},
+    secret_file,
 };
 
 /// Largest request body accepted: a node is a few dozen bytes.
 const MAX_BODY: usize = 64 * 1024;
+/// Largest request head (request line and headers) hyper buffers: the API's are a few
+/// hundred bytes. hyper's floor is 8 KiB.
+const MAX_HEAD: usize = 16 * 1024;
+/// Connections open at once on the admin listener. Past it, a new connection takes the slot
+/// of the one that has waited longest for its client; when every one is having a request
+/// answered, the new one is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a request head, counted from the connection's start or the
+/// previous answer: also the longest a kept-alive connection may sit idle.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to send a write's whole body once its head is in (408 after).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection may go without progress while no request of it is being answered:
+/// the bound on a client that does not read its answer.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `/v1/status` waits for the agent loop before it answers what the loop last
+/// published (at most one sweep, 2 s, old).
+pub const LOOP_DEADLINE: Duration = Duration::from_millis(500);
+/// How long `/metrics` and `/v1/stats` wait for the agent loop before they answer 503: they
+/// need live counters, which only the loop has.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// Requests waiting for the agent loop; more wait in their connections.
 const QUEUE: usize = 256;
 /// The file under `state_dir` holding the API's changes.
@@ -398,19 +431,10 @@ impl Overlay {
         serde_json::to_string_pretty(&file).unwrap_or_default() + "\n"
     }
 
-    /// Writes the overlay so that a crash at any moment leaves either the old or the new file:
-    /// a temporary file, fsync, rename over the old one, fsync of the directory.
+    /// Writes the overlay so that a crash at any moment leaves either the old or the new file
+    /// (see [`secret_file::write_atomic`]).
     pub fn persist(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(dir)?;
-        let tmp = path.with_extension("json.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(self.to_json().as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        secret_file::write_atomic(path, self.to_json().as_bytes(), 0o600)
     }
 }
 
@@ -423,15 +447,24 @@ pub struct Call {
     reply: oneshot::Sender<Reply>,
 }
 
+/// Where a request is answered.
+#[derive(Debug)]
+enum Route {
+    /// From the published config, in the connection task.
+    Ports,
+    Port(u16),
+    /// By the agent loop.
+    Loop(Op),
+}
+
+/// What the agent loop answers.
 #[derive(Debug)]
 enum Op {
     Status,
-    Ports,
-    Port(u16),
     Stats,
     Metrics,
+    /// Authorized before it gets here: the token is checked before the body is read.
     Write {
-        authorization: Option<String>,
         write: WriteOp,
         body: Bytes,
     },
@@ -450,6 +483,10 @@ pub struct Reply {
     status: StatusCode,
     content_type: &'static str,
     body: String,
+    /// Close the connection after this answer: a request body was left unread.
+    close: bool,
+    /// Set when `/v1/status` came from [`Published`] because the loop was busy: its age.
+    snapshot_age: Option<Duration>,
 }
 
 impl Reply {
@@ -458,17 +495,44 @@ impl Reply {
             status,
             content_type: "application/json",
             body: serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+            close: false,
+            snapshot_age: None,
         }
     }
 
     fn error(status: StatusCode, message: &str) -> Reply {
         Reply::json(status, &json!({ "error": message }))
     }
+
+    fn closing(mut self) -> Reply {
+        self.close = true;
+        self
+    }
 }
 
 impl From<Refusal> for Reply {
     fn from(r: Refusal) -> Reply {
         Reply::error(r.status, &r.message)
+    }
+}
+
+/// What the agent loop last published for the connection tasks: the running config (which
+/// `/v1/ports` shows and whose `[admin]` tokens guard every request, so neither waits for the
+/// loop) and the last `/v1/status`, answered when the loop is slower than [`LOOP_DEADLINE`].
+#[derive(Debug)]
+pub struct Published {
+    config: Arc<Config>,
+    status: Value,
+    at: Instant,
+}
+
+impl Published {
+    fn new(config: Config, status: Value) -> Published {
+        Published {
+            config: Arc::new(config),
+            status,
+            at: Instant::now(),
+        }
     }
 }
 
@@ -483,13 +547,114 @@ pub async fn bind(admin: &config::Admin) -> Result<TcpListener, ApiError> {
         })
 }
 
-/// Serves HTTP on `listener`; the requests come out of the returned channel, for
-/// [`Admin::handle`] in the agent loop.
-pub fn serve(listener: TcpListener) -> mpsc::Receiver<Call> {
+/// One admitted connection, as the accept loop sees it when it must make room.
+struct Slot {
+    /// A request is being answered (the agent loop has it): not to be evicted.
+    busy: AtomicBool,
+    /// Milliseconds after [`Slots::epoch`] of the connection's last progress: admitted, a
+    /// request head read, an answer handed to hyper.
+    since: AtomicU64,
+    /// Told to close by the accept loop (evicted).
+    close: Notify,
+}
+
+/// The connections open on the admin listener, at most [`MAX_CONNECTIONS`].
+struct Slots {
+    epoch: Instant,
+    open: Mutex<(u64, HashMap<u64, Arc<Slot>>)>,
+}
+
+/// Marks a slot busy while it lives.
+struct Busy<'a>(&'a Slots, &'a Slot);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.touch(self.1);
+        self.1.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Slots {
+    fn new() -> Slots {
+        Slots {
+            epoch: Instant::now(),
+            open: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self, s: &Slot) {
+        s.since.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn busy<'a>(&'a self, s: &'a Slot) -> Busy<'a> {
+        s.busy.store(true, Ordering::Relaxed);
+        Busy(self, s)
+    }
+
+    /// How long `s` has gone without progress, when no request of it is being answered.
+    fn stalled(&self, s: &Slot) -> Option<Duration> {
+        (!s.busy.load(Ordering::Relaxed)).then(|| {
+            Duration::from_millis(
+                self.now_ms()
+                    .saturating_sub(s.since.load(Ordering::Relaxed)),
+            )
+        })
+    }
+
+    /// A slot for a new connection. When all are taken, the connection that has waited
+    /// longest for its client (a head, a body, or the client reading an answer) is closed to
+    /// make room: slow or idle clients can hold the listener only until someone else needs
+    /// it. `None` when every connection is having a request answered.
+    fn admit(&self) -> Option<(u64, Arc<Slot>)> {
+        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, open) = &mut *guard;
+        if open.len() >= MAX_CONNECTIONS {
+            let victim = open
+                .iter()
+                .filter(|(_, s)| !s.busy.load(Ordering::Relaxed))
+                .min_by_key(|(_, s)| s.since.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)?;
+            if let Some(s) = open.remove(&victim) {
+                s.close.notify_one();
+            }
+        }
+        let slot = Arc::new(Slot {
+            busy: AtomicBool::new(false),
+            since: AtomicU64::new(self.now_ms()),
+            close: Notify::new(),
+        });
+        *next += 1;
+        open.insert(*next, slot.clone());
+        Some((*next, slot))
+    }
+
+    fn release(&self, id: u64) {
+        let mut guard = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        guard.1.remove(&id);
+    }
+}
+
+/// The answer to a connection that finds every slot busy, written in one go on a fresh
+/// socket (its send buffer is empty) so the accept loop never waits on it.
+const FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+Content-Length: 51\r\nConnection: close\r\n\r\n{\"error\": \"too many admin connections, try again\"}\n";
+
+/// Serves HTTP on `listener`; the requests that need the agent come out of the returned
+/// channel, for [`Admin::handle`] in the agent loop. `published` is what the loop last
+/// published ([`Admin::subscribe`]).
+pub fn serve(
+    listener: TcpListener,
+    published: watch::Receiver<Arc<Published>>,
+) -> mpsc::Receiver<Call> {
     let (tx, rx) = mpsc::channel(QUEUE);
     if let Ok(a) = listener.local_addr() {
         info!("admin API and /metrics on http://{a}");
     }
+    let slots = Arc::new(Slots::new());
     tokio::spawn(async move {
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -500,18 +665,54 @@ pub fn serve(listener: TcpListener) -> mpsc::Receiver<Call> {
                     continue;
                 }
             };
-            let tx = tx.clone();
+            let Some((id, slot)) = slots.admit() else {
+                debug!("admin API: {peer}: every connection busy, 503");
+                let _ = stream.try_write(FULL);
+                continue;
+            };
+            let (tx, published, slots) = (tx.clone(), published.clone(), slots.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let tx = tx.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(tx, req).await) }
-                });
+                let service = {
+                    let (slots, slot) = (slots.clone(), slot.clone());
+                    service_fn(move |req| {
+                        let (tx, published) = (tx.clone(), published.clone());
+                        let (slots, slot) = (slots.clone(), slot.clone());
+                        async move {
+                            slots.touch(&slot);
+                            let r = answer(tx, published, &slots, &slot, req).await;
+                            slots.touch(&slot);
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    })
+                };
                 let mut b = http1::Builder::new();
                 b.timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
-                if let Err(e) = b.serve_connection(TokioIo::new(stream), service).await {
-                    debug!("admin API: {peer}: {e}");
+                    .header_read_timeout(HEAD_TIMEOUT)
+                    .max_buf_size(MAX_HEAD);
+                let conn = b.serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        r = &mut conn => {
+                            if let Err(e) = r {
+                                debug!("admin API: {peer}: {e}");
+                            }
+                            break;
+                        }
+                        _ = slot.close.notified() => {
+                            debug!("admin API: {peer}: closed to make room for a new connection");
+                            break;
+                        }
+                        _ = tick.tick() => {
+                            if slots.stalled(&slot).is_some_and(|d| d > STALL_TIMEOUT) {
+                                debug!("admin API: {peer}: no progress in {STALL_TIMEOUT:?}, closed");
+                                break;
+                            }
+                        }
+                    }
                 }
+                slots.release(id);
             });
         }
     });
@@ -529,7 +730,7 @@ fn parse_port(s: &str) -> Result<u16, Reply> {
 }
 
 /// Routes one request: which operation, or the error for a path or method that has none.
-fn route(method: &Method, path: &str) -> Result<Op, Reply> {
+fn route(method: &Method, path: &str) -> Result<Route, Reply> {
     let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let not_allowed = || {
         Reply::error(
@@ -537,24 +738,25 @@ fn route(method: &Method, path: &str) -> Result<Op, Reply> {
             &format!("{method} is not allowed on {path}"),
         )
     };
-    let get = |op: Op| {
+    let get = |r: Route| {
         if method == Method::GET {
-            Ok(op)
+            Ok(r)
         } else {
             Err(not_allowed())
         }
     };
-    let write = |write: WriteOp| Op::Write {
-        authorization: None,
-        write,
-        body: Bytes::new(),
+    let write = |write: WriteOp| {
+        Route::Loop(Op::Write {
+            write,
+            body: Bytes::new(),
+        })
     };
     match segs.as_slice() {
-        ["metrics"] => get(Op::Metrics),
-        ["v1", "status"] => get(Op::Status),
-        ["v1", "stats"] => get(Op::Stats),
-        ["v1", "ports"] => get(Op::Ports),
-        ["v1", "ports", port] => get(Op::Port(parse_port(port)?)),
+        ["metrics"] => get(Route::Loop(Op::Metrics)),
+        ["v1", "status"] => get(Route::Loop(Op::Status)),
+        ["v1", "stats"] => get(Route::Loop(Op::Stats)),
+        ["v1", "ports"] => get(Route::Ports),
+        ["v1", "ports", port] => get(Route::Port(parse_port(port)?)),
         ["v1", "ports", port, "nodes"] => {
             let port = parse_port(port)?;
             match *method {
@@ -578,50 +780,143 @@ fn route(method: &Method, path: &str) -> Result<Op, Reply> {
     }
 }
 
-/// Answers one HTTP request: routes it, reads its body, and waits for the agent loop.
-async fn answer(tx: mpsc::Sender<Call>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Answers one HTTP request: routes it, checks its token (before any body is read), reads
+/// its body (within [`BODY_TIMEOUT`]), and answers from what the loop published or waits
+/// for the agent loop.
+async fn answer(
+    tx: mpsc::Sender<Call>,
+    published: watch::Receiver<Arc<Published>>,
+    slots: &Slots,
+    slot: &Slot,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let reply = async {
-        let mut op = route(req.method(), req.uri().path())?;
-        if let Op::Write {
-            authorization,
-            body,
-            ..
-        } = &mut op
-        {
-            *authorization = req
+        let route = route(req.method(), req.uri().path())?;
+        let now = published.borrow().clone();
+        let admin = &now.config.admin;
+        let authorization = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let mut op = match route {
+            Route::Ports => {
+                let reveal = authorize_read(admin, authorization)?;
+                let ports: Vec<Value> = now
+                    .config
+                    .ports
+                    .iter()
+                    .map(|p| port_json(p, reveal))
+                    .collect();
+                return Ok(Reply::json(StatusCode::OK, &json!({ "ports": ports })));
+            }
+            Route::Port(port) => {
+                let reveal = authorize_read(admin, authorization)?;
+                return Ok(match now.config.ports.iter().find(|p| p.port == port) {
+                    Some(p) => Reply::json(StatusCode::OK, &port_json(p, reveal)),
+                    None => Reply::error(StatusCode::NOT_FOUND, &format!("no port {port}")),
+                });
+            }
+            Route::Loop(op) => op,
+        };
+        if let Op::Write { body, .. } = &mut op {
+            // A refusal here leaves the body unread, so the connection cannot be reused.
+            authorize_write(admin, authorization).map_err(|r| Reply::from(r).closing())?;
+            let declared = req
                 .headers()
-                .get(header::AUTHORIZATION)
+                .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            *body = Limited::new(req.into_body(), MAX_BODY)
-                .collect()
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > MAX_BODY as u64) {
+                return Err(Reply::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("request body over {MAX_BODY} bytes"),
+                )
+                .closing());
+            }
+            let read = Limited::new(req.into_body(), MAX_BODY).collect();
+            *body = tokio::time::timeout(BODY_TIMEOUT, read)
                 .await
-                .map_err(|e| Reply::error(StatusCode::BAD_REQUEST, &format!("request body: {e}")))?
+                .map_err(|_| {
+                    Reply::error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        &format!("request body not received within {BODY_TIMEOUT:?}"),
+                    )
+                    .closing()
+                })?
+                .map_err(|e| {
+                    Reply::error(StatusCode::BAD_REQUEST, &format!("request body: {e}")).closing()
+                })?
                 .to_bytes();
+        } else {
+            authorize_read(admin, authorization)?;
         }
+        let kind = match op {
+            Op::Status => Some(true),
+            Op::Stats | Op::Metrics => Some(false),
+            Op::Write { .. } => None,
+        };
+        let _busy = slots.busy(slot);
         let (reply_tx, reply_rx) = oneshot::channel();
         let gone = || Reply::error(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping");
-        tx.send(Call {
-            op,
-            reply: reply_tx,
-        })
-        .await
-        .map_err(|_| gone())?;
-        reply_rx.await.map_err(|_| gone())
+        let ask = async {
+            tx.send(Call {
+                op,
+                reply: reply_tx,
+            })
+            .await
+            .map_err(|_| gone())?;
+            reply_rx.await.map_err(|_| gone())
+        };
+        match kind {
+            // A write waits for its outcome: given up on, it might still be applied.
+            None => ask.await,
+            // The live counters when the loop answers at once; else what it last published.
+            Some(true) => match tokio::time::timeout(LOOP_DEADLINE, ask).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let now = published.borrow().clone();
+                    let mut r = Reply::json(StatusCode::OK, &now.status);
+                    r.snapshot_age = Some(now.at.elapsed());
+                    Ok(r)
+                }
+            },
+            // Bounded, so a stuck loop cannot pin every connection slot as busy.
+            Some(false) => tokio::time::timeout(READ_DEADLINE, ask)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Reply::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("the agent did not answer within {READ_DEADLINE:?}"),
+                    ))
+                }),
+        }
     }
     .await
     .unwrap_or_else(|r: Reply| r);
     let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
     *resp.status_mut() = reply.status;
-    resp.headers_mut().insert(
+    let h = resp.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(reply.content_type),
     );
+    if reply.close {
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    if let Some(age) = reply.snapshot_age {
+        h.insert(
+            "x-nb-snapshot-age-ms",
+            header::HeaderValue::from(age.as_millis() as u64),
+        );
+    }
     resp
 }
 
 // ---------------------------------------------------------------------------------------
-// The loop side.
+// Tokens.
 
 /// Compares two secrets in time independent of where they differ and of their lengths:
 /// both are hashed first, then every byte of the digests is compared.
@@ -634,36 +929,76 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Checks `Authorization: Bearer TOKEN` against the token file (read on every write, so a new
-/// token takes effect without a restart). No file, or an empty one, refuses every write.
-fn authorize(token_file: &Path, authorization: Option<&str>) -> Result<(), Refusal> {
-    let unauthorized = |m: String| Refusal::new(StatusCode::UNAUTHORIZED, m);
-    let token = match std::fs::read_to_string(token_file) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-        Ok(_) => {
-            return Err(unauthorized(format!(
-                "writes are disabled: the token file {} is empty",
-                token_file.display()
-            )));
-        }
-        Err(e) => {
-            return Err(unauthorized(format!(
-                "writes are disabled: token file {}: {e}",
-                token_file.display()
-            )));
-        }
-    };
-    let given = authorization
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        })
-        .ok_or_else(|| unauthorized("missing 'Authorization: Bearer TOKEN'".to_string()))?;
-    if same_secret(given.as_bytes(), token.as_bytes()) {
-        Ok(())
-    } else {
-        Err(unauthorized("bad token".to_string()))
+/// The token in a token file (read on every request that carries one, so a new token takes
+/// effect without a restart), or why there is none, for the log: the answer to the caller
+/// never names the file.
+fn token_in(file: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(file) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!("{} is empty", file.display())),
+        Err(e) => Err(format!("{}: {e}", file.display())),
     }
+}
+
+/// The TOKEN of `Authorization: Bearer TOKEN`.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, rest) = authorization?.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Whether `given` is the token in `file`; a missing or empty file matches nothing.
+fn is_token(file: &Path, given: &str) -> bool {
+    token_in(file).is_ok_and(|t| same_secret(given.as_bytes(), t.as_bytes()))
+}
+
+/// A write needs the admin token. No token file, or an empty one, refuses every write; the
+/// read token is refused with 403 (it is known, but may not write).
+fn authorize_write(admin: &config::Admin, authorization: Option<&str>) -> Result<(), Refusal> {
+    let unauthorized = |m: &str| Refusal::new(StatusCode::UNAUTHORIZED, m);
+    if let Err(why) = token_in(&admin.token_file) {
+        info!("admin API: write refused, no admin token: {why}");
+        return Err(unauthorized(
+            "writes are disabled: the agent has no admin token (see its log)",
+        ));
+    }
+    let given = bearer(authorization)
+        .ok_or_else(|| unauthorized("missing 'Authorization: Bearer TOKEN'"))?;
+    if is_token(&admin.token_file, given) {
+        return Ok(());
+    }
+    if admin
+        .read_token_file
+        .as_deref()
+        .is_some_and(|f| is_token(f, given))
+    {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            "the read token may not write: use the admin token",
+        ));
+    }
+    Err(unauthorized("bad token"))
+}
+
+/// Whether a read may see file paths (`true`: it carries the admin or the read token), or its
+/// refusal: with `read_token_file` set, a read without either token is 401. Without it, reads
+/// are open but show no paths.
+fn authorize_read(admin: &config::Admin, authorization: Option<&str>) -> Result<bool, Reply> {
+    let known = bearer(authorization).is_some_and(|given| {
+        is_token(&admin.token_file, given)
+            || admin
+                .read_token_file
+                .as_deref()
+                .is_some_and(|f| is_token(f, given))
+    });
+    if !known && admin.read_token_file.is_some() {
+        let m = if bearer(authorization).is_some() {
+            "bad token"
+        } else {
+            "reads need 'Authorization: Bearer TOKEN' (the read token or the admin token)"
+        };
+        return Err(Reply::error(StatusCode::UNAUTHORIZED, m));
+    }
+    Ok(known)
 }
 
 /// The JSON object of a write's body, with only `allowed` keys.
@@ -742,8 +1077,24 @@ fn node_json(n: &Node) -> Value {
     })
 }
 
-/// A port as it runs, every field under its config name.
-fn port_json(p: &Port) -> Value {
+/// What an answer shows in place of a file path when the request carries no valid token.
+pub const HIDDEN: &str = "(hidden)";
+
+/// A port as it runs, every field under its config name; file paths (certificates and keys)
+/// only when `reveal` (the request carries a valid token), else each is [`HIDDEN`]: a path
+/// tells an attacker where the secrets are.
+fn port_json(p: &Port, reveal: bool) -> Value {
+    let paths = |v: &[PathBuf]| -> Vec<String> {
+        v.iter()
+            .map(|c| {
+                if reveal {
+                    c.display().to_string()
+                } else {
+                    HIDDEN.to_string()
+                }
+            })
+            .collect()
+    };
     json!({
         "port": p.port,
         "addresses": p.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -758,8 +1109,8 @@ fn port_json(p: &Port) -> Value {
         "check_body": p.check_body,
         "check_passive": p.check_passive,
         "proxy_protocol": p.proxy_protocol.as_str(),
-        "ssl_cert": p.ssl_cert.iter().map(|c| c.display().to_string()).collect::<Vec<_>>(),
-        "ssl_key": p.ssl_key.iter().map(|c| c.display().to_string()).collect::<Vec<_>>(),
+        "ssl_cert": paths(&p.ssl_cert),
+        "ssl_key": paths(&p.ssl_key),
         "cipher_suite": p.cipher_suite.as_str(),
         "timeout_header": p.timeout_header,
         "timeout_connect": p.timeout_connect,
@@ -846,11 +1197,13 @@ pub fn snapshot(agent: &Agent) -> Snapshot {
     Snapshot { nodes, xdp }
 }
 
-/// The API's side of the agent: the file as last read, the overlay, and where it is kept.
+/// The API's side of the agent: the file as last read, the overlay, where it is kept, and
+/// what the connection tasks see of the running agent.
 pub struct Admin {
     base: Config,
     overlay: Overlay,
     state_path: PathBuf,
+    published: watch::Sender<Arc<Published>>,
 }
 
 impl Admin {
@@ -860,10 +1213,16 @@ impl Admin {
     pub fn open(base: Config) -> Result<(Admin, Config), ApiError> {
         let state_path = base.balancer.state_dir.join(STATE_FILE);
         let overlay = Overlay::load(&state_path)?;
+        warn_exposed_tokens(&base.admin);
+        let (published, _) = watch::channel(Arc::new(Published::new(
+            base.clone(),
+            json!({ "ports": [] }),
+        )));
         let mut admin = Admin {
             base: base.clone(),
             overlay,
             state_path,
+            published,
         };
         let cfg = admin.compose(base)?;
         if !admin.overlay.entries.is_empty() {
@@ -910,16 +1269,29 @@ impl Admin {
         Ok(cfg)
     }
 
+    /// What the connection tasks read, for [`serve`].
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    /// Publishes the running config and status for the connection tasks; the loop calls it
+    /// after every change of the config and on every sweep (health and counters move).
+    pub fn publish(&self, agent: &Agent) {
+        let p = Published::new(agent.config.clone(), self.status(agent));
+        self.published.send_replace(Arc::new(p));
+    }
+
     /// The SIGHUP reload: the file read again, the API's changes laid over it, the whole
     /// applied by the agent, or (any error) nothing at all.
     pub fn reload(&mut self, agent: &mut Agent) -> Result<(), AgentError> {
         let base = config::load(&agent.config.path)?;
+        warn_exposed_tokens(&base.admin);
         if base.admin != agent.config.admin
             || base.balancer.state_dir != self.base.balancer.state_dir
         {
             warn!(
                 "reload: [admin] listen and balancer.state_dir take effect at the next restart \
-                 (token_file at once)"
+                 (token_file and read_token_file at once)"
             );
         }
         let (cfg, stale) = self.overlay.compose(&base);
@@ -943,26 +1315,19 @@ impl Admin {
     pub fn handle(&mut self, agent: &mut Agent, call: Call) {
         let reply = match call.op {
             Op::Status => Reply::json(StatusCode::OK, &self.status(agent)),
-            Op::Ports => Reply::json(
-                StatusCode::OK,
-                &json!({ "ports": agent.config.ports.iter().map(port_json).collect::<Vec<_>>() }),
-            ),
-            Op::Port(port) => match agent.config.ports.iter().find(|p| p.port == port) {
-                Some(p) => Reply::json(StatusCode::OK, &port_json(p)),
-                None => Reply::error(StatusCode::NOT_FOUND, &format!("no port {port}")),
-            },
             Op::Stats => Reply::json(StatusCode::OK, &stats_json(&snapshot(agent))),
             Op::Metrics => Reply {
                 status: StatusCode::OK,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
                 body: metrics::render(&snapshot(agent)),
+                close: false,
+                snapshot_age: None,
             },
-            Op::Write {
-                authorization,
-                write,
-                body,
-            } => match self.write(agent, authorization.as_deref(), write, &body) {
-                Ok(r) => r,
+            Op::Write { write, body } => match self.write(agent, write, &body) {
+                Ok(r) => {
+                    self.publish(agent);
+                    r
+                }
                 Err(r) => {
                     info!("admin API: write refused ({}): {}", r.status, r.message);
                     r.into()
@@ -1004,16 +1369,10 @@ impl Admin {
         json!({ "ports": ports })
     }
 
-    /// One write: authorized, parsed and checked by the file's rules, applied by the agent
-    /// whole, then recorded. Any failure leaves the agent and the record as they were.
-    fn write(
-        &mut self,
-        agent: &mut Agent,
-        authorization: Option<&str>,
-        write: WriteOp,
-        body: &[u8],
-    ) -> Result<Reply, Refusal> {
-        authorize(&agent.config.admin.token_file, authorization)?;
+    /// One write (authorized by its connection task): parsed and checked by the file's rules,
+    /// applied by the agent whole, then recorded. Any failure leaves the agent and the record
+    /// as they were.
+    fn write(&mut self, agent: &mut Agent, write: WriteOp, body: &[u8]) -> Result<Reply, Refusal> {
         let mut next = self.overlay.clone();
         let running = &agent.config;
         let (port, label, what) = match write {
@@ -1086,6 +1445,14 @@ impl Admin {
                 None => json!({ "port": port, "removed": label }),
             },
         ))
+    }
+}
+
+/// Warns of token files others may read (see [`secret_file::warn_if_exposed`]).
+fn warn_exposed_tokens(admin: &config::Admin) {
+    secret_file::warn_if_exposed(&admin.token_file, "admin token file");
+    if let Some(f) = &admin.read_token_file {
+        secret_file::warn_if_exposed(f, "read token file");
     }
 }
 
@@ -1230,30 +1597,301 @@ mod tests {
         assert_eq!((n.weight, n.mode), (5, NodeMode::Backup));
     }
 
+    /// A scratch directory with `token` (the admin token `adm1n`) and `read` (`r3ad`).
+    fn token_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nb-api-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("token"), "adm1n\n").expect("token");
+        std::fs::write(dir.join("read"), "r3ad\n").expect("read token");
+        dir
+    }
+
+    fn admin_of(dir: &Path, read: bool) -> config::Admin {
+        config::Admin {
+            token_file: dir.join("token"),
+            read_token_file: read.then(|| dir.join("read")),
+            ..config::Admin::default()
+        }
+    }
+
     #[test]
     fn tokens_compare_whole() {
-        let dir = std::env::temp_dir().join(format!("nb-api-token-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let f = dir.join("token");
-        let code = |h: Option<&str>| authorize(&f, h).err().map(|r| r.status);
-        assert_eq!(
-            code(Some("Bearer s3cret")),
-            Some(StatusCode::UNAUTHORIZED),
-            "no file"
+        let dir = token_dir("token");
+        let mut a = admin_of(&dir, false);
+        a.token_file = dir.join("absent");
+        let code = |a: &config::Admin, h: Option<&str>| {
+            authorize_write(a, h).err().map(|r| (r.status, r.message))
+        };
+        let (status, message) = code(&a, Some("Bearer adm1n")).expect("no file");
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(message.contains("writes are disabled"), "{message}");
+        assert!(
+            !message.contains(&dir.display().to_string()),
+            "no path: {message}"
         );
-        std::fs::write(&f, "s3cret\n").expect("write");
-        assert_eq!(code(Some("Bearer s3cret")), None);
-        assert_eq!(code(Some("bearer s3cret")), None);
-        assert_eq!(code(Some("Bearer s3cre")), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(code(Some("Bearer s3crett")), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(code(Some("Basic s3cret")), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(code(None), Some(StatusCode::UNAUTHORIZED));
-        std::fs::write(&f, "\n").expect("write");
+        let a = admin_of(&dir, false);
+        assert_eq!(code(&a, Some("Bearer adm1n")), None);
+        assert_eq!(code(&a, Some("bearer adm1n")), None);
+        for bad in ["Bearer adm1", "Bearer adm1nn", "Basic adm1n", "Bearer r3ad"] {
+            assert_eq!(
+                code(&a, Some(bad)).map(|c| c.0),
+                Some(StatusCode::UNAUTHORIZED),
+                "{bad}"
+            );
+        }
+        assert_eq!(code(&a, None).map(|c| c.0), Some(StatusCode::UNAUTHORIZED));
+        // The read token, once configured, is known but may not write.
+        let r = admin_of(&dir, true);
         assert_eq!(
-            code(Some("Bearer ")),
+            code(&r, Some("Bearer r3ad")).map(|c| c.0),
+            Some(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(code(&r, Some("Bearer adm1n")), None);
+        std::fs::write(&a.token_file, "\n").expect("write");
+        assert_eq!(
+            code(&a, Some("Bearer ")).map(|c| c.0),
             Some(StatusCode::UNAUTHORIZED),
             "empty file"
         );
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[test]
+    fn reads_are_open_without_a_read_token_and_guarded_with_one() {
+        let dir = token_dir("read");
+        let open = admin_of(&dir, false);
+        let guarded = admin_of(&dir, true);
+        let read = |a: &config::Admin, h: Option<&str>| authorize_read(a, h).map_err(|r| r.status);
+        assert_eq!(read(&open, None), Ok(false), "open, paths hidden");
+        assert_eq!(read(&open, Some("Bearer nope")), Ok(false));
+        assert_eq!(read(&open, Some("Bearer adm1n")), Ok(true));
+        assert_eq!(read(&guarded, None), Err(StatusCode::UNAUTHORIZED));
+        assert_eq!(
+            read(&guarded, Some("Bearer nope")),
+            Err(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(read(&guarded, Some("Bearer r3ad")), Ok(true));
+        assert_eq!(read(&guarded, Some("Bearer adm1n")), Ok(true));
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[test]
+    fn the_busy_answer_declares_its_length() {
+        let text = std::str::from_utf8(FULL).expect("ascii");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head");
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{text}"
+        );
+        serde_json::from_str::<Value>(body).expect("JSON");
+    }
+
+    // Real sockets: the listener as `serve` runs it, with a loop that never answers (the
+    // requests these tests make must not need it, or must get past it).
+
+    /// An https port with certificate and key paths, and `[admin]` pointing at `dir`.
+    fn served_config(dir: &Path, read: bool) -> Config {
+        let mut c = cfg(&format!(
+            "{FILE}[[port]]\nport = 443\nprotocol = \"https\"\n\
+             ssl_cert = [\"/etc/nb/secret/a.crt\"]\nssl_key = [\"/etc/nb/secret/a.key\"]\n\
+             [[port.node]]\nlabel = \"w\"\naddress = \"10.0.0.5:80\"\n"
+        ));
+        c.admin = admin_of(dir, read);
+        c
+    }
+
+    async fn start(cfg: Config) -> (SocketAddr, mpsc::Receiver<Call>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let status = json!({ "ports": [{ "port": 80, "nodes": [] }] });
+        let (tx, rx) = watch::channel(Arc::new(Published::new(cfg, status)));
+        let calls = serve(listener, rx);
+        // The sender may go: the receivers keep the last value.
+        drop(tx);
+        (addr, calls)
+    }
+
+    /// Sends `head` (and nothing more), reads the answer to its end: status, head, body.
+    async fn ask(addr: SocketAddr, head: &str) -> (u16, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(head.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut raw))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to {head:?}"))
+            .expect("read");
+        let text = String::from_utf8(raw).expect("utf-8");
+        let (h, b) = text.split_once("\r\n\r\n").expect("HTTP answer");
+        let status = h
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status");
+        (status, h.to_ascii_lowercase(), b.to_string())
+    }
+
+    fn get(path: &str, token: Option<&str>) -> String {
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n")
+    }
+
+    #[tokio::test]
+    async fn a_write_without_the_token_is_refused_before_its_body_is_read() {
+        let dir = token_dir("body");
+        let (addr, mut calls) = start(served_config(&dir, true)).await;
+        let post = |auth: &str, len: usize| {
+            format!(
+                "POST /v1/ports/80/nodes HTTP/1.1\r\nHost: x\r\n{auth}\
+                 Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+            )
+        };
+        // 64 KiB declared, not one byte sent: the answer comes anyway, and closes.
+        for auth in ["", "Authorization: Bearer wrong\r\n"] {
+            let t0 = Instant::now();
+            let (status, head, body) = ask(addr, &post(auth, 65536)).await;
+            assert_eq!(status, 401, "{auth:?}: {body}");
+            assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+            assert!(head.contains("connection: close"), "{head}");
+            assert!(body.contains("\"error\""), "{body}");
+        }
+        let (status, _, body) = ask(addr, &post("Authorization: Bearer r3ad\r\n", 65536)).await;
+        assert_eq!(status, 403, "the read token may not write: {body}");
+        // With the admin token: too big is refused by its declared length, unread.
+        let admin = "Authorization: Bearer adm1n\r\n";
+        let (status, _, body) = ask(addr, &post(admin, MAX_BODY + 1)).await;
+        assert_eq!(status, 413, "{body}");
+        // A body that never comes ends in 408 after BODY_TIMEOUT.
+        let t0 = Instant::now();
+        let (status, _, body) = ask(addr, &post(admin, 20)).await;
+        assert_eq!(status, 408, "{body}");
+        let took = t0.elapsed();
+        assert!(
+            took >= BODY_TIMEOUT && took < BODY_TIMEOUT + Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(calls.try_recv().is_err(), "nothing reached the agent loop");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[tokio::test]
+    async fn reads_without_a_token_show_no_paths() {
+        let dir = token_dir("redact");
+        let (addr, _calls) = start(served_config(&dir, false)).await;
+        for path in ["/v1/ports", "/v1/ports/443"] {
+            for token in [None, Some("wrong")] {
+                let (status, _, body) = ask(addr, &get(path, token)).await;
+                assert_eq!(status, 200, "{body}");
+                assert!(!body.contains("/etc/nb"), "{path} {token:?}: {body}");
+                assert!(body.contains(HIDDEN), "{body}");
+                assert!(!body.contains(&dir.display().to_string()), "{body}");
+            }
+            let (status, _, body) = ask(addr, &get(path, Some("adm1n"))).await;
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("/etc/nb/secret/a.crt"), "{body}");
+            assert!(body.contains("/etc/nb/secret/a.key"), "{body}");
+        }
+        // A write refused for want of a token file does not say where it looked.
+        std::fs::remove_file(dir.join("token")).expect("rm");
+        let (status, _, body) = ask(
+            addr,
+            "DELETE /v1/ports/80/nodes/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer adm1n\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, 401, "{body}");
+        assert!(!body.contains(&dir.display().to_string()), "{body}");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[tokio::test]
+    async fn a_read_token_guards_reads_and_status_answers_though_the_loop_is_stuck() {
+        let dir = token_dir("guard");
+        let (addr, _calls) = start(served_config(&dir, true)).await;
+        for path in [
+            "/v1/status",
+            "/v1/ports",
+            "/v1/ports/80",
+            "/metrics",
+            "/v1/stats",
+        ] {
+            let (status, _, body) = ask(addr, &get(path, None)).await;
+            assert_eq!(status, 401, "{path}: {body}");
+        }
+        let (status, _, body) = ask(addr, &get("/v1/ports", Some("r3ad"))).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("/etc/nb/secret/a.crt"), "{body}");
+        // The loop never answers: status comes from what it published, within the deadline.
+        let t0 = Instant::now();
+        let (status, head, body) = ask(addr, &get("/v1/status", Some("r3ad"))).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(t0.elapsed() < LOOP_DEADLINE + Duration::from_millis(500));
+        assert!(head.contains("x-nb-snapshot-age-ms"), "{head}");
+        assert!(body.contains("\"port\": 80"), "{body}");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[tokio::test]
+    async fn metrics_give_up_on_a_stuck_loop() {
+        let dir = token_dir("stuck");
+        let (addr, _calls) = start(served_config(&dir, false)).await;
+        let t0 = Instant::now();
+        let (status, _, body) = ask(addr, &get("/metrics", None)).await;
+        assert_eq!(status, 503, "{body}");
+        let took = t0.elapsed();
+        assert!(took >= READ_DEADLINE && took < READ_DEADLINE + Duration::from_secs(1));
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[tokio::test]
+    async fn a_head_over_its_limit_is_refused() {
+        let dir = token_dir("head");
+        let (addr, _calls) = start(served_config(&dir, false)).await;
+        let big = format!(
+            "GET /v1/ports HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        let (status, _, _) = ask(addr, &big).await;
+        assert_eq!(status, 431);
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_cannot_hold_the_listener() {
+        use tokio::io::AsyncReadExt;
+        let dir = token_dir("cap");
+        let (addr, _calls) = start(served_config(&dir, false)).await;
+        let mut idle = Vec::new();
+        for _ in 0..200 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+        // A reader still gets in, at once.
+        let t0 = Instant::now();
+        let (status, _, body) = ask(addr, &get("/v1/ports", None)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        // No more than MAX_CONNECTIONS stay open; the oldest were closed to make room.
+        let mut closed = 0;
+        for s in &mut idle {
+            let mut b = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(20), s.read(&mut b)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+                _ => {}
+            }
+        }
+        assert!(closed >= 200 - MAX_CONNECTIONS, "{closed} closed");
+        // And the rest time out as idle.
+        tokio::time::sleep(HEAD_TIMEOUT + Duration::from_millis(500)).await;
+        for s in &mut idle {
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await;
+            assert!(
+                matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+                "closed after {HEAD_TIMEOUT:?}"
+            );
+        }
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 

@@ -53,11 +53,14 @@ impl Default for Balancer {
     }
 }
 
-/// Where the admin API listens and the secret that guards it.
+/// Where the admin API listens and the secrets that guard it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub listen: SocketAddr,
     pub token_file: PathBuf,
+    /// A second token that may read but not write; `None` keeps reads open to anyone who
+    /// reaches `listen` (what monitoring without credentials relies on).
+    pub read_token_file: Option<PathBuf>,
 }
 
 impl Default for Admin {
@@ -66,6 +69,7 @@ impl Default for Admin {
         Admin {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9110),
             token_file: PathBuf::from("/etc/nb/admin.token"),
+            read_token_file: None,
         }
     }
 }
@@ -486,7 +490,7 @@ const BALANCER_KEYS: &[&str] = &[
     "max_flows",
     "workers",
 ];
-const ADMIN_KEYS: &[&str] = &["listen", "token_file"];
+const ADMIN_KEYS: &[&str] = &["listen", "token_file", "read_token_file"];
 const PORT_KEYS: &[&str] = &[
     "address",
     "port",
@@ -1336,10 +1340,23 @@ fn parse_balancer(cx: &mut Cx, t: &dyn TableLike, line: usize) -> (Balancer, Loc
 fn parse_admin(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Admin {
     let mut s = Sec::new(t, line, "[admin]");
     let d = Admin::default();
-    let admin = Admin {
+    let mut admin = Admin {
         listen: s.socket_addr(cx, "listen").unwrap_or(d.listen),
         token_file: s.path(cx, "token_file").unwrap_or(d.token_file),
+        read_token_file: s.path(cx, "read_token_file"),
     };
+    // One file for both would hand every reader the power to write.
+    if admin.read_token_file.as_ref() == Some(&admin.token_file) {
+        let line = s.key_line("read_token_file");
+        s.err(
+            cx,
+            "read_token_file",
+            line,
+            "read_token_file must not be the token_file: the read token would also write"
+                .to_string(),
+        );
+        admin.read_token_file = None;
+    }
     s.finish(cx, ADMIN_KEYS);
     admin
 }
@@ -1530,6 +1547,7 @@ workers = 4
 [admin]
 listen = "[::1]:9000"
 token_file = "/etc/nb/t"
+read_token_file = "/etc/nb/r"
 
 [[port]]
 address = "198.18.0.1"
@@ -1579,6 +1597,10 @@ proxy_protocol = "v2"
         assert_eq!((b.max_flows, b.workers), (65536, 4));
         assert_eq!(c.admin.listen, "[::1]:9000".parse().unwrap());
         assert_eq!(c.admin.token_file, Path::new("/etc/nb/t"));
+        assert_eq!(
+            c.admin.read_token_file.as_deref(),
+            Some(Path::new("/etc/nb/r"))
+        );
 
         let p = &c.ports[0];
         assert_eq!(p.addresses, ["198.18.0.1".parse::<IpAddr>().unwrap()]);
@@ -1822,6 +1844,11 @@ proxy_protocol = "v2"
         );
         let admin = format!("{BAL}[admin]\nlisten = \"127.0.0.1:1\"\ntoken = \"/x\"\n");
         one_error(&admin, 5, "unknown field 'token' in [admin]");
+        let same =
+            format!("{BAL}[admin]\ntoken_file = \"/etc/nb/t\"\nread_token_file = \"/etc/nb/t\"\n");
+        one_error(&same, 5, "must not be the token_file");
+        let relative = format!("{BAL}[admin]\nread_token_file = \"r.token\"\n");
+        one_error(&relative, 4, "read_token_file must be an absolute path");
         let top = format!("{BAL}\n[extra]\nx = 1\n");
         one_error(&top, 4, "unknown field 'extra' in the top level");
         let node =

@@ -28,7 +28,8 @@ pub enum Health {
 }
 
 impl Health {
-    /// The spelling of SPEC §4 (`UP`, `DOWN`, `unknown`).
+    /// The spelling `/v1/status` shows (`UP`, `DOWN`, `unknown`; README "Admin API, nbctl,
+    /// metrics").
     pub fn as_str(self) -> &'static str {
         match self {
             Health::Unknown => "unknown",

@@ -10,4 +10,5 @@ mod map_batch;
 pub mod metrics;
 pub mod pins;
 pub mod proxy;
+pub mod secret_file;
 pub mod selection;

@@ -1,5 +1,5 @@
-//! End to end: the admin API (SPEC §4), `nbctl` (SPEC §1) and `/metrics` (SPEC §5), against the
-//! real nb-agent with its XDP program, real backends and a real client in network namespaces.
+//! End to end: the admin API, `nbctl` and `/metrics` (README "Admin API, nbctl, metrics" and
+//! "Admin API limits"), against the real nb-agent with its XDP program, real backends and a real client in network namespaces.
 //!
 //! The API listens on the balancer namespace's loopback (`Topology::admin`); requests are made
 //! from inside that namespace. What a write does is checked where it matters: in the running
@@ -820,8 +820,8 @@ fn scrape(t: &Topology) -> (String, Samples) {
     (body, m)
 }
 
-/// 8. `/metrics`: every SPEC §5 name, valid text format, and counters that move with traffic,
-///    health checks and reloads.
+/// 8. `/metrics`: every name README "Admin API, nbctl, metrics" lists, valid text format, and
+///    counters that move with traffic, health checks and reloads.
 #[test]
 fn metrics_are_scraped_and_move_with_traffic() {
     require_root();
@@ -986,4 +986,283 @@ fn metrics_are_scraped_and_move_with_traffic() {
             ) == 0.0
         },
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Hardening: limits, tokens before bodies, the read token, redaction (README "Admin API
+// limits", "Redaction").
+
+/// The read token the tests write.
+const READ_TOKEN: &str = "r3ad-t0k3n-for-tests";
+
+/// The config text with `[admin] read_token_file` added when `read`, `xdp_mode = "off"` (these
+/// tests are about the API, not the data path) and `ports`.
+fn api_config(t: &Topology, read: bool, ports: &str) -> PathBuf {
+    let mut text =
+        t.balancer_toml()
+            .replacen("[balancer]\n", "[balancer]\nxdp_mode = \"off\"\n", 1);
+    if read {
+        // `balancer_toml` ends with the [admin] table: this key lands in it.
+        text.push_str(&format!(
+            "read_token_file = \"{}\"\n\n",
+            t.dir.join("read.token").display()
+        ));
+        std::fs::write(t.dir.join("read.token"), format!("{READ_TOKEN}\n")).expect("read token");
+    }
+    let path = t.dir.join("nb.toml");
+    std::fs::write(&path, text + ports).expect("config");
+    path
+}
+
+/// Connections to the admin API from inside the balancer namespace; they keep working from
+/// any thread afterwards.
+fn admin_conns(t: &Topology, n: usize) -> Vec<TcpStream> {
+    let addr = t.admin;
+    t.lb.enter(move || {
+        (0..n)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect"))
+            .collect()
+    })
+}
+
+/// Sends `head`, then reads until the answer's head is in or `within` passes: the status, or
+/// `None` when nothing came.
+fn head_answer(t: &Topology, head: String, within: Duration) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = admin_conns(t, 1).pop().expect("conn");
+    s.write_all(head.as_bytes()).expect("send head");
+    s.set_read_timeout(Some(within)).expect("timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+}
+
+/// (a) 200 slow clients (100 sending a request head a byte a second, 100 with the admin token
+/// sending a body a byte a second) do not stop `/v1/status`: every call answers 200 within
+/// 1 s while they hang on. Measured too: the cap (at least 200 - 64 of them are closed by the
+/// agent within a second of connecting) and the timeouts (every one is closed by the agent
+/// within head/body timeout, 5 s, plus margin).
+#[test]
+fn slow_clients_do_not_stop_status() {
+    use std::io::{ErrorKind, Read, Write};
+    require_root();
+    let t = Topology::new("a9", Wiring::TwoNic, 1);
+    let _b = Backend::start(&t.backends, "b1", backend_addr(1));
+    write_token(&t);
+    let cfg = api_config(&t, false, &checked_port(&node(1)));
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    get_json(&t, "/v1/status");
+
+    const N: usize = 200;
+    let started = Instant::now();
+    let mut conns = admin_conns(&t, N);
+    for (i, c) in conns.iter_mut().enumerate() {
+        let first: &[u8] = if i % 2 == 0 {
+            b"G"
+        } else {
+            b"POST /v1/ports/80/nodes HTTP/1.1\r\nHost: x\r\n\
+              Authorization: Bearer t0k3n-for-tests\r\nContent-Length: 1000\r\n\r\n{"
+        };
+        c.write_all(first).expect("first bytes");
+        c.set_nonblocking(true).expect("nonblocking");
+    }
+    // The drip: a byte a second on each connection still open; when the agent closed it.
+    let drip = std::thread::spawn(move || {
+        let mut closed_at: Vec<Option<Duration>> = vec![None; N];
+        let mut buf = [0u8; 1024];
+        while started.elapsed() < Duration::from_secs(12) && closed_at.iter().any(Option::is_none) {
+            for (i, c) in conns.iter_mut().enumerate() {
+                if closed_at[i].is_some() {
+                    continue;
+                }
+                let gone = loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => break true,
+                        Ok(_) => continue, // a 408 or 503 before the close
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+                        Err(_) => break true,
+                    }
+                };
+                if gone {
+                    closed_at[i] = Some(started.elapsed());
+                }
+            }
+            let second = started.elapsed().as_millis() % 1000 < 100;
+            if second {
+                for (i, c) in conns.iter_mut().enumerate() {
+                    if closed_at[i].is_none() {
+                        let _ = c.write(if i % 2 == 0 { b"E" } else { b" " });
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        closed_at
+    });
+    // Status keeps answering, fast, all the while.
+    let mut worst = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(8) {
+        let t0 = Instant::now();
+        let (status, body) = call(&t, "GET", "/v1/status", None, None);
+        let took = t0.elapsed();
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            took < Duration::from_secs(1),
+            "/v1/status took {took:?} with {N} slow clients"
+        );
+        worst = worst.max(took);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let closed_at = drip.join().expect("drip");
+    let early = closed_at
+        .iter()
+        .filter(|c| c.is_some_and(|d| d < Duration::from_secs(1)))
+        .count();
+    assert!(
+        early >= N - 64,
+        "the cap: {early} of {N} closed within 1 s: {closed_at:?}"
+    );
+    let latest = closed_at
+        .iter()
+        .map(|c| c.unwrap_or_else(|| panic!("a slow client never closed: {closed_at:?}")))
+        .max()
+        .expect("some");
+    assert!(
+        latest < Duration::from_secs(5) + MARGIN * 2,
+        "the timeouts: the last slow client closed after {latest:?}"
+    );
+    eprintln!("worst /v1/status: {worst:?}; last slow client closed at {latest:?}");
+    drop(agent);
+}
+
+/// (b) An unauthenticated POST declaring a 64 KiB body is answered 401 from its head alone:
+/// no byte of the body is sent, and the answer comes within a second. Likewise a wrong token.
+#[test]
+fn unauthenticated_write_is_refused_before_its_body() {
+    require_root();
+    let t = Topology::new("aa", Wiring::TwoNic, 1);
+    write_token(&t);
+    let cfg = api_config(&t, false, &checked_port(&node(1)));
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    for auth in ["", "Authorization: Bearer wrong\r\n"] {
+        let head = format!(
+            "POST /v1/ports/80/nodes HTTP/1.1\r\nHost: x\r\n{auth}\
+             Content-Type: application/json\r\nContent-Length: 65536\r\n\r\n"
+        );
+        let t0 = Instant::now();
+        let status = head_answer(&t, head, Duration::from_secs(3));
+        assert_eq!(status, Some(401), "{auth:?} after {:?}", t0.elapsed());
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+    assert_eq!(status_nodes(&t, 80).len(), 1, "nothing changed");
+    drop(agent);
+}
+
+/// (c) With `read_token_file`: reads without a token are 401; the read token and the admin
+/// token read; the read token cannot write (403); nbctl reads with the read token when the
+/// admin token is out of its reach, and its writes are refused.
+#[test]
+fn read_token_guards_reads_and_cannot_write() {
+    require_root();
+    let t = Topology::new("ab", Wiring::TwoNic, 2);
+    let _b = Backend::start(&t.backends, "b1", backend_addr(1));
+    write_token(&t);
+    let cfg = api_config(&t, true, &checked_port(&node(1)));
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    for path in [
+        "/v1/status",
+        "/v1/ports",
+        "/v1/ports/80",
+        "/metrics",
+        "/v1/stats",
+    ] {
+        for tok in [None, Some("wrong")] {
+            let (status, body) = call(&t, "GET", path, tok, None);
+            assert_eq!(status, 401, "GET {path} with {tok:?}: {body}");
+            assert!(body.contains("\"error\""), "{body}");
+        }
+        for tok in [READ_TOKEN, TOKEN] {
+            let (status, body) = call(&t, "GET", path, Some(tok), None);
+            assert_eq!(status, 200, "GET {path} with {tok}: {body}");
+        }
+    }
+    let add = format!(r#"{{"label":"b2","address":"{}"}}"#, backend_addr(2));
+    for (m, p, b) in [
+        ("POST", "/v1/ports/80/nodes", Some(add.as_str())),
+        ("PUT", "/v1/ports/80/nodes/b1", Some(r#"{"mode":"drain"}"#)),
+        ("DELETE", "/v1/ports/80/nodes/b1", None),
+    ] {
+        let (status, body) = call(&t, m, p, Some(READ_TOKEN), b);
+        assert!(
+            status == 401 || status == 403,
+            "{m} {p} with the read token: {status} {body}"
+        );
+    }
+    let (status, body) = call(&t, "GET", "/v1/status", Some(READ_TOKEN), None);
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["ports"][0]["nodes"].as_array().map(Vec::len), Some(1));
+    // nbctl with only the read token in reach.
+    std::fs::remove_file(t.dir.join("admin.token")).expect("rm admin token");
+    let o = nbctl(&t, &cfg, &["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    assert!(out(&o).contains("b1"), "{}", out(&o));
+    let o = nbctl(&t, &cfg, &["node", "rm", "80", "b1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    drop(agent);
+}
+
+/// (d) Without a token, `/v1/ports` and `/v1/ports/{port}` show no file path (certificate and
+/// key paths are "(hidden)"); with the admin token they show them.
+#[test]
+fn unauthenticated_ports_show_no_file_paths() {
+    require_root();
+    let t = Topology::new("ac", Wiring::TwoNic, 1);
+    write_token(&t);
+    let ck = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).expect("rcgen");
+    let (crt, key) = (t.dir.join("a.test.crt"), t.dir.join("a.test.key"));
+    std::fs::write(&crt, ck.cert.pem()).expect("cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
+    let ports = format!(
+        "[[port]]\nport = 443\nprotocol = \"https\"\nssl_cert = \"{}\"\nssl_key = \"{}\"\n\n{}",
+        crt.display(),
+        key.display(),
+        node(1)
+    );
+    let cfg = api_config(&t, false, &ports);
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    let dir = t.dir.display().to_string();
+    for path in ["/v1/ports", "/v1/ports/443", "/v1/status", "/metrics"] {
+        for tok in [None, Some("wrong")] {
+            let (status, body) = call(&t, "GET", path, tok, None);
+            assert_eq!(status, 200, "GET {path}: {body}");
+            assert!(
+                !body.contains(&dir),
+                "GET {path} with {tok:?} shows a path: {body}"
+            );
+            assert!(
+                !body.contains(".key\"") && !body.contains(".crt\""),
+                "{body}"
+            );
+        }
+    }
+    let v = get_json(&t, "/v1/ports/443");
+    assert_eq!(v["ssl_cert"], serde_json::json!(["(hidden)"]), "{v}");
+    assert_eq!(v["ssl_key"], serde_json::json!(["(hidden)"]), "{v}");
+    let (status, body) = call(&t, "GET", "/v1/ports/443", Some(TOKEN), None);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(v["ssl_cert"][0], crt.display().to_string(), "{v}");
+    assert_eq!(v["ssl_key"][0], key.display().to_string(), "{v}");
+    drop(agent);
 }

@@ -1,5 +1,5 @@
-//! `nbctl`: the admin API from a shell (SPEC §1, §4). Reads the API address and the token from
-//! the agent's config, prints tables (or the API's JSON with `--json`), and exits with a code
+//! `nbctl`: the admin API from a shell (README "Admin API, nbctl, metrics"). Reads the API
+//! address and the tokens from the agent's config, prints tables (or the API's JSON with `--json`), and exits with a code
 //! scripts can act on: 0 done, 1 the API refused (reason printed), 2 the agent cannot be
 //! reached or the command line is wrong.
 
@@ -85,10 +85,23 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// Where to reach the API and with what token.
+/// Where to reach the API and with what tokens.
 struct Target {
     addr: SocketAddr,
-    token: Option<String>,
+    /// The admin token, or why nbctl could not read it (shown when a write is refused).
+    admin: Result<String, String>,
+    /// The read token, when `[admin] read_token_file` is set and nbctl may read it: reads
+    /// use it when the admin token is out of reach (a monitoring user, say).
+    read: Option<String>,
+}
+
+/// The token in `file`, or why there is none.
+fn token_in(file: &std::path::Path) -> Result<String, String> {
+    match std::fs::read_to_string(file) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => Err(format!("{} is empty", file.display())),
+        Err(e) => Err(format!("{}: {e}", file.display())),
+    }
 }
 
 impl Target {
@@ -102,11 +115,23 @@ impl Target {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
         }
-        let token = std::fs::read_to_string(&cfg.admin.token_file)
-            .ok()
-            .map(|t| t.trim().to_string())
-            .filter(|t| !t.is_empty());
-        Ok(Target { addr, token })
+        let admin = token_in(&cfg.admin.token_file);
+        let read = cfg
+            .admin
+            .read_token_file
+            .as_deref()
+            .and_then(|f| token_in(f).ok());
+        Ok(Target { addr, admin, read })
+    }
+
+    /// The token a request sends: the admin token for writes; for reads the admin token, else
+    /// the read token (so reads keep working when `read_token_file` guards them).
+    fn token(&self, write: bool) -> Option<&str> {
+        match (&self.admin, write) {
+            (Ok(t), _) => Some(t),
+            (Err(_), false) => self.read.as_deref(),
+            (Err(_), true) => None,
+        }
     }
 
     /// One HTTP/1.1 request; the parsed JSON answer, or the API's refusal.
@@ -122,10 +147,10 @@ impl Target {
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
             self.addr
         );
+        if let Some(t) = self.token(method != "GET") {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
         if method != "GET" {
-            if let Some(t) = &self.token {
-                req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-            }
             req.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
                 body.len()
@@ -142,11 +167,14 @@ impl Target {
         let value: Value = serde_json::from_slice(&body)
             .with_context(|| format!("the API answered {status} with something not JSON"))?;
         if status >= 400 {
-            let message = value
+            let mut message = value
                 .get("error")
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or_else(|| value.to_string());
+            if let (401 | 403, Err(why)) = (status, &self.admin) {
+                message.push_str(&format!(" (nbctl has no admin token: {why})"));
+            }
             return Err(Failure::Refused { status, message });
         }
         Ok(value)

@@ -218,7 +218,7 @@ fn rendezvous(client: IpAddr, node: &NodeView) -> f64 {
 }
 
 /// Client address to node, for `stickiness = "table"`: bounded, entries live `ttl` from
-/// creation (SPEC: 30 minutes) and go when their node goes DOWN.
+/// creation (30 minutes, README "Every field") and go when their node goes DOWN.
 #[derive(Debug)]
 pub struct StickTable {
     entries: HashMap<IpAddr, (String, Instant)>,

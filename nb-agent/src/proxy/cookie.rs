@@ -4,8 +4,8 @@
 
 use std::{
     fs,
-    io::{Read, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    io::Read,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
@@ -13,7 +13,9 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
 
-/// The cookie's name (SPEC §3).
+use crate::secret_file;
+
+/// The cookie's name (README "Configuration": `stickiness = "http_cookie"`).
 pub const COOKIE_NAME: &str = "NB_SRVID";
 /// The secret's file name inside `state_dir`.
 pub const KEY_FILE: &str = "stickiness.key";
@@ -33,9 +35,17 @@ pub enum KeyError {
         source: std::io::Error,
     },
     #[error(
-        "stickiness secret {path}: {len} bytes, expected {KEY_LEN}; remove it to make a new one"
+        "stickiness secret {path}: {len} bytes, expected {KEY_LEN}; delete it and restart to have \
+         a new one made (cookies signed with the old one then stop sticking: those clients are \
+         balanced afresh, once)"
     )]
     Length { path: PathBuf, len: usize },
+    #[error(
+        "stickiness secret {path} is empty (cut short while it was written); delete it and \
+         restart to have a new one made (cookies signed with the old one then stop sticking: \
+         those clients are balanced afresh, once)"
+    )]
+    Empty { path: PathBuf },
 }
 
 /// The secret that signs and checks `NB_SRVID` cookies.
@@ -58,6 +68,8 @@ impl CookieKey {
 
     /// Reads `state_dir/stickiness.key`, or creates it (mode 0600, from the kernel's random
     /// source) when it does not exist yet: the same file on every restart keeps cookies valid.
+    /// It is created whole or not at all (see [`secret_file::write_atomic`]), so a crash while
+    /// it is made cannot leave a short key that would stop the next start.
     pub fn load_or_create(state_dir: &Path) -> Result<CookieKey, KeyError> {
         let path = state_dir.join(KEY_FILE);
         let io = |source| KeyError::Io {
@@ -68,27 +80,25 @@ impl CookieKey {
             fs::create_dir_all(state_dir).map_err(io)?;
             fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
         }
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                let mut key = [0u8; KEY_LEN];
-                fs::File::open("/dev/urandom")
-                    .and_then(|mut r| r.read_exact(&mut key))
-                    .map_err(io)?;
-                f.write_all(&key).and_then(|_| f.sync_all()).map_err(io)?;
-                Ok(CookieKey { key })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let bytes = fs::read(&path).map_err(io)?;
+        match fs::read(&path) {
+            Ok(bytes) => {
+                secret_file::warn_if_exposed(&path, "stickiness secret");
+                if bytes.is_empty() {
+                    return Err(KeyError::Empty { path });
+                }
                 let key: [u8; KEY_LEN] =
                     bytes.as_slice().try_into().map_err(|_| KeyError::Length {
                         path: path.clone(),
                         len: bytes.len(),
                     })?;
+                Ok(CookieKey { key })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; KEY_LEN];
+                fs::File::open("/dev/urandom")
+                    .and_then(|mut r| r.read_exact(&mut key))
+                    .map_err(io)?;
+                secret_file::write_atomic(&path, &key, 0o600).map_err(io)?;
                 Ok(CookieKey { key })
             }
             Err(e) => Err(io(e)),
@@ -215,24 +225,71 @@ mod tests {
         assert_eq!(k.verify(80, &non_ascii), None);
     }
 
-    #[test]
-    fn key_file_is_created_0600_and_reused() {
-        let dir = std::env::temp_dir().join(format!("nb-cookie-{}", std::process::id()));
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("nb-cookie-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn key_file_is_created_0600_whole_and_reused() {
+        let dir = scratch("create");
         let a = CookieKey::load_or_create(&dir).expect("create");
-        let mode = fs::metadata(dir.join(KEY_FILE))
-            .expect("meta")
-            .permissions()
-            .mode();
+        let path = dir.join(KEY_FILE);
+        let mode = fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(fs::read(&path).expect("read").len(), KEY_LEN);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, [KEY_FILE], "no temporary left beside the key");
         let b = CookieKey::load_or_create(&dir).expect("reuse");
         assert_eq!(a.key, b.key, "the same secret after a restart");
         assert_eq!(b.verify(80, &a.sign(80, "n1")), Some("n1"));
-        fs::write(dir.join(KEY_FILE), b"short").expect("write");
-        assert!(matches!(
-            CookieKey::load_or_create(&dir),
-            Err(KeyError::Length { len: 5, .. })
-        ));
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn empty_or_short_key_is_an_error_naming_the_file_and_the_fix() {
+        let dir = scratch("bad");
+        fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join(KEY_FILE);
+        fs::write(&path, b"").expect("write");
+        let e = CookieKey::load_or_create(&dir).expect_err("empty");
+        assert!(matches!(e, KeyError::Empty { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(m.contains(&path.display().to_string()), "{m}");
+        assert!(m.contains("is empty") && m.contains("delete it"), "{m}");
+        assert_eq!(
+            fs::read(&path).expect("kept"),
+            b"",
+            "an error replaces nothing"
+        );
+        fs::write(&path, b"short").expect("write");
+        let e = CookieKey::load_or_create(&dir).expect_err("short");
+        assert!(matches!(e, KeyError::Length { len: 5, .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(m.contains(&path.display().to_string()), "{m}");
+        assert!(
+            m.contains("5 bytes, expected 32") && m.contains("delete it"),
+            "{m}"
+        );
+        assert!(m.contains("stop sticking"), "says what deleting does: {m}");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_key_others_may_read_is_used_with_a_warning() {
+        let dir = scratch("mode");
+        let a = CookieKey::load_or_create(&dir).expect("create");
+        let path = dir.join(KEY_FILE);
+        assert_eq!(secret_file::exposure(&path, "stickiness secret"), None);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let w = secret_file::exposure(&path, "stickiness secret").expect("a warning");
+        assert!(w.contains(&format!("chmod 600 {}", path.display())), "{w}");
+        let b = CookieKey::load_or_create(&dir).expect("still loads");
+        assert_eq!(a.key, b.key);
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 

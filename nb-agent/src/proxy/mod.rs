@@ -58,7 +58,7 @@ use crate::{
     },
 };
 
-/// Stickiness table entries live this long from creation (SPEC §3).
+/// Stickiness table entries live this long from creation (README "Every field", `stickiness`).
 const TABLE_TTL: Duration = Duration::from_secs(30 * 60);
 /// Clients remembered per port by `stickiness = "table"`.
 const TABLE_CAPACITY: usize = 1 << 20;

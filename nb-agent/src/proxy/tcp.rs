@@ -9,8 +9,8 @@
 //! is a passive check failure and is retried once on another node), preceded by the PROXY
 //! protocol header when the port asks for one, and then copied both ways until both sides
 //! have closed, or until nothing has moved either way for [`idle_timeout`]. With no node to
-//! take it, the client gets a TCP RST (SPEC §3). The node's counters (connections, open
-//! connections, bytes each way) move as the connection does.
+//! take it, the client gets a TCP RST (README "How the L4 path works"). The node's counters
+//! (connections, open connections, bytes each way) move as the connection does.
 //!
 //! Reloads follow the http proxy's two steps ([`TcpProxy::prepare`], [`TcpProxy::commit`]):
 //! listeners that stay keep their socket, removed ones stop accepting, and connections
@@ -53,7 +53,8 @@ use crate::{
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Environment variable that replaces [`IDLE_TIMEOUT`] (whole seconds, at least 1): for the
-/// end-to-end tests, which cannot wait an hour. The config has no such field (SPEC §2).
+/// end-to-end tests, which cannot wait an hour. The config has no such field (README "Every
+/// field").
 pub const IDLE_TIMEOUT_ENV: &str = "NB_TEST_TCP_IDLE_TIMEOUT_SECS";
 
 /// The idle timeout in force: [`IDLE_TIMEOUT`], or the test override, read once.

@@ -25,7 +25,8 @@ pub struct Key {
     /// The contender's value; `None` when nb's number stands alone.
     pub other: Option<f64>,
     pub target: Target,
-    /// The target is ours, not the SPEC's or the issue's (marked `*` in the table).
+    /// The target is ours, not one the README's benchmark section or the issue set (marked `*` in
+    /// the table).
     pub assumed: bool,
 }
 
