@@ -401,6 +401,20 @@ pub(super) fn no_length(status: StatusCode) -> bool {
     status.is_informational() || status == StatusCode::NO_CONTENT
 }
 
+/// The node the first valid `NB_SRVID` among the first [`MAX_STICKY_COOKIES`] of `cookies`
+/// names.
+fn cookie_label<'a>(
+    key: &cookie::CookieKey,
+    port: u16,
+    cookies: impl Iterator<Item = &'a str>,
+) -> Option<String> {
+    cookie::find(cookies)
+        .into_iter()
+        .take(MAX_STICKY_COOKIES)
+        .find_map(|v| key.verify(port, v))
+        .map(str::to_string)
+}
+
 /// Where a client's stickiness points: the node its valid cookie names (`http_cookie`), or
 /// the one the port's table keeps for its address (`table`).
 #[derive(Debug, Default)]
@@ -420,13 +434,10 @@ impl Sticky {
         let port = &view.port;
         match port.stickiness {
             Stickiness::HttpCookie => Sticky {
-                cookie: view.key.as_ref().and_then(|key| {
-                    cookie::find(cookies)
-                        .into_iter()
-                        .take(MAX_STICKY_COOKIES)
-                        .find_map(|v| key.verify(port.port, v))
-                        .map(str::to_string)
-                }),
+                cookie: view
+                    .key
+                    .as_ref()
+                    .and_then(|key| cookie_label(key, port.port, cookies)),
                 table: None,
             },
             Stickiness::Table => Sticky {
@@ -800,6 +811,25 @@ mod tests {
         assert!(seen.host && seen.cookie && seen.forwarded_for && !seen.connection);
         strip_hop_by_hop(&mut h);
         assert_eq!(names(&h), ["cookie", "host", "x-forwarded-for"]);
+    }
+
+    #[test]
+    fn only_the_first_few_sticky_cookies_are_checked() {
+        let key = cookie::CookieKey::from_bytes([7; 32]);
+        let good = key.sign(80, "b2");
+        let forged: Vec<String> = (0..1000).map(|i| format!("NB_SRVID=forged{i}")).collect();
+        let header = |at: usize| {
+            let mut v = forged.clone();
+            v.insert(at, format!("NB_SRVID={good}"));
+            v.join("; ")
+        };
+        let first = header(MAX_STICKY_COOKIES - 1);
+        assert_eq!(
+            cookie_label(&key, 80, std::iter::once(first.as_str())).as_deref(),
+            Some("b2")
+        );
+        let late = header(MAX_STICKY_COOKIES);
+        assert_eq!(cookie_label(&key, 80, std::iter::once(late.as_str())), None);
     }
 
     #[test]
