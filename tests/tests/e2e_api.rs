@@ -1049,7 +1049,7 @@ fn head_answer(t: &Topology, head: String, within: Duration) -> Option<u16> {
 /// (a) 200 slow clients (100 sending a request head a byte a second, 100 with the admin token
 /// sending a body a byte a second) do not stop `/v1/status`: every call answers 200 within
 /// 1 s while they hang on. Measured too: the cap (at least 200 - 64 of them are closed by the
-/// agent within a second of connecting) and the timeouts (every one is closed by the agent
+/// agent within 2 s of the last connecting) and the timeouts (every one is closed by the agent
 /// within head/body timeout, 5 s, plus margin).
 #[test]
 fn slow_clients_do_not_stop_status() {
@@ -1063,7 +1063,8 @@ fn slow_clients_do_not_stop_status() {
     get_json(&t, "/v1/status");
 
     const N: usize = 200;
-    let started = Instant::now();
+    // Opening 200 connections from the namespace takes a while on a loaded machine: the
+    // clock starts once they are open.
     let mut conns = admin_conns(&t, N);
     for (i, c) in conns.iter_mut().enumerate() {
         let first: &[u8] = if i % 2 == 0 {
@@ -1075,6 +1076,7 @@ fn slow_clients_do_not_stop_status() {
         c.write_all(first).expect("first bytes");
         c.set_nonblocking(true).expect("nonblocking");
     }
+    let started = Instant::now();
     // The drip: a byte a second on each connection still open; when the agent closed it.
     let drip = std::thread::spawn(move || {
         let mut closed_at: Vec<Option<Duration>> = vec![None; N];
@@ -1126,11 +1128,11 @@ fn slow_clients_do_not_stop_status() {
     let closed_at = drip.join().expect("drip");
     let early = closed_at
         .iter()
-        .filter(|c| c.is_some_and(|d| d < Duration::from_secs(1)))
+        .filter(|c| c.is_some_and(|d| d < Duration::from_secs(2)))
         .count();
     assert!(
         early >= N - 64,
-        "the cap: {early} of {N} closed within 1 s: {closed_at:?}"
+        "the cap: {early} of {N} closed within 2 s: {closed_at:?}"
     );
     let latest = closed_at
         .iter()
