@@ -4,6 +4,8 @@ pub mod agent;
 pub mod api;
 pub mod config;
 pub mod dataplane;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 mod map_batch;
 pub mod metrics;
