@@ -12,8 +12,8 @@ use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    api::{ApiError, Overlay, Refusal, body_object, mode_field, new_node, weight_field},
-    config::{Node, NodeMode, node_address},
+    api::{Admin, ApiError, Overlay, Refusal, body_object, mode_field, new_node, weight_field},
+    config::{Node, NodeMode, node_address, parse},
 };
 
 /// JSON numbers of every kind serde_json distinguishes, around the weight range.
@@ -301,6 +301,60 @@ proptest! {
     }
 }
 
+/// A state file's changes aimed at the ports and nodes of [`BASE`] (and some that are not
+/// there), as an agent restarted on a changed file meets them.
+fn overlay_file() -> impl Strategy<Value = Vec<u8>> {
+    let entry = (
+        prop::sample::select(vec![80u16, 81, 8080]),
+        prop_oneof![
+            prop::sample::select(vec!["a", "b", "c"]).prop_map(str::to_string),
+            text()
+        ],
+        prop::sample::select(vec!["set", "patch", "removed"]),
+        proptest::option::of(prop_oneof![
+            prop::sample::select(vec![
+                "10.0.0.1:80",
+                "10.0.0.9:80",
+                "0.0.0.0:80",
+                "10.0.0.1:0"
+            ])
+            .prop_map(str::to_string),
+            text(),
+        ]),
+        proptest::option::of(prop_oneof![Just(0u8), any::<u8>()]),
+        proptest::option::of(prop::sample::select(vec![
+            "accept", "reject", "drain", "backup", "x",
+        ])),
+    )
+        .prop_map(|(port, label, change, address, weight, mode)| {
+            let mut m = Map::new();
+            m.insert("port".into(), port.into());
+            m.insert("label".into(), label.into());
+            m.insert("change".into(), change.into());
+            if let Some(a) = address {
+                m.insert("address".into(), a.into());
+            }
+            if let Some(w) = weight {
+                m.insert("weight".into(), w.into());
+            }
+            if let Some(x) = mode {
+                m.insert("mode".into(), x.into());
+            }
+            Value::Object(m)
+        });
+    proptest::collection::vec(entry, 0..6).prop_map(|changes| {
+        json!({"version": 1, "changes": changes})
+            .to_string()
+            .into_bytes()
+    })
+}
+
+/// The config file of the start-up test: one port, two nodes; `state_dir` is filled in.
+const BASE: &str = "[balancer]\ninterfaces = [\"eth0\"]\nstate_dir = \"STATE\"\n\
+    [[port]]\nport = 80\nprotocol = \"tcp\"\n\
+    [[port.node]]\nlabel = \"a\"\naddress = \"10.0.0.1:80\"\n\
+    [[port.node]]\nlabel = \"b\"\naddress = \"10.0.0.2:80\"\n";
+
 proptest! {
     // Each case writes files (and syncs one): fewer of them.
     #![proptest_config(super::settings(512))]
@@ -308,5 +362,41 @@ proptest! {
     #[test]
     fn state_files_load_or_are_refused(b in state_file()) {
         check_state("state", &b)?;
+    }
+
+    /// The start: the state file laid over the config file gives a valid config, or a
+    /// refusal to start that says why; changes of nodes the file lost are dropped.
+    #[test]
+    fn state_files_open_over_the_config_or_are_refused(b in overlay_file()) {
+        let dir = state_path("open");
+        std::fs::create_dir_all(&dir).expect("state dir");
+        let state = dir.join(crate::api::STATE_FILE);
+        std::fs::write(&state, &b).expect("write the state file");
+        let text = BASE.replace("STATE", dir.to_str().expect("UTF-8 path"));
+        let base = parse(std::path::Path::new("nb.toml"), &text).expect("the base config");
+        match Admin::open(base) {
+            Ok((_, cfg)) => {
+                prop_assert!(cfg.validate().is_empty());
+                prop_assert!(cfg.ports.iter().all(|p| p.port == 80), "no port from the state file alone");
+            }
+            Err(ApiError::StateFormat { .. } | ApiError::Composed { .. }) => {}
+            Err(e) => prop_assert!(false, "unexpected error: {}", e),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// JSON is parsed recursively: deep nesting in a body or the state file must be refused
+/// (serde_json's recursion limit), never overflow the agent loop's stack.
+#[test]
+fn deep_nesting_is_refused() {
+    let n = 100_000;
+    for body in [
+        format!("{}{}", "[".repeat(n), "]".repeat(n)),
+        format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n)),
+    ] {
+        refused(&new_node(body.as_bytes()).unwrap_err()).unwrap();
+        refused(&set_body(body.as_bytes()).unwrap_err()).unwrap();
+        check_state("deep", body.as_bytes()).unwrap();
     }
 }

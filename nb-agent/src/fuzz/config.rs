@@ -624,3 +624,18 @@ fn regression_control_characters_in_messages_are_escaped() {
         ["/etc/nb/fuzz.toml:1: unknown field 'a\\nb' in the top level"]
     );
 }
+
+/// Nesting is parsed recursively: deep nesting must be an error (toml_edit's recursion
+/// limit), never a stack overflow that kills the agent at a reload.
+#[test]
+fn deep_nesting_is_an_error() {
+    let n = 100_000;
+    for text in [
+        format!("a = {}{}\n", "[".repeat(n), "]".repeat(n)),
+        format!("a = {}1{}\n", "{a=".repeat(n), "}".repeat(n)),
+        format!("{} = 1\n", vec!["a"; n].join(".")),
+    ] {
+        let errors = check(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!errors.is_empty());
+    }
+}

@@ -33,6 +33,31 @@ proptest! {
         }
     }
 
+    /// Heads with the request generators' irregular fields (obs-fold, bare LF, control
+    /// bytes, huge values, duplicates): an answer or an error, and a kept connection always
+    /// has a body that ends by itself.
+    #[test]
+    fn irregular_heads_give_a_head_or_an_error(
+        status in prop::sample::select(vec!["HTTP/1.1 200 OK", "HTTP/1.0 200 OK", "HTTP/1.1 204 No Content", "HTTP/1.1 200"]),
+        fields in proptest::collection::vec(super::request_heads::field(true), 0..12),
+        tail in proptest::collection::vec(any::<u8>(), 0..8),
+        head_request in any::<bool>(),
+    ) {
+        let mut wire = status.as_bytes().to_vec();
+        wire.extend_from_slice(b"\r\n");
+        for f in &fields {
+            f.encode_into(&mut wire);
+        }
+        wire.extend_from_slice(b"\r\n");
+        let head_len = wire.len();
+        wire.extend_from_slice(&tail);
+        let mut buf = BytesMut::from(&wire[..]);
+        if let Ok(Parsed::Final(_, framing, keep)) = parse(&mut buf, head_request) {
+            prop_assert!(!keep || framing != Framing::Close);
+            prop_assert!(wire.ends_with(&buf) && buf.len() <= wire.len() - head_len + tail.len());
+        }
+    }
+
     #[test]
     fn response_heads_frame_by_rfc_9112(head in response_head(), tail in proptest::collection::vec(any::<u8>(), 0..16)) {
         let mut wire = head.encode();

@@ -20,6 +20,20 @@ pub(crate) struct Field {
     pub(crate) eol: &'static str,
 }
 
+impl Field {
+    /// Appends the field's line (and its continuation, if folded) to `out`.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.name.as_bytes());
+        out.extend_from_slice(self.colon.as_bytes());
+        out.extend_from_slice(self.value.as_bytes());
+        if let Some(fold) = &self.fold {
+            out.extend_from_slice(b"\r\n ");
+            out.extend_from_slice(fold.as_bytes());
+        }
+        out.extend_from_slice(self.eol.as_bytes());
+    }
+}
+
 /// A request head as generated; [`RequestHead::encode`] gives its bytes.
 #[derive(Debug, Clone)]
 pub(crate) struct RequestHead {
@@ -71,14 +85,7 @@ impl RequestHead {
         out.extend_from_slice(line.as_bytes());
         out.extend_from_slice(self.line_eol.as_bytes());
         for f in &self.fields {
-            out.extend_from_slice(f.name.as_bytes());
-            out.extend_from_slice(f.colon.as_bytes());
-            out.extend_from_slice(f.value.as_bytes());
-            if let Some(fold) = &f.fold {
-                out.extend_from_slice(b"\r\n ");
-                out.extend_from_slice(fold.as_bytes());
-            }
-            out.extend_from_slice(f.eol.as_bytes());
+            f.encode_into(&mut out);
         }
         if self.ended {
             out.extend_from_slice(b"\r\n");
@@ -226,7 +233,8 @@ pub(crate) fn header_value(odd: bool) -> BoxedStrategy<String> {
     .boxed()
 }
 
-fn field(odd: bool) -> impl Strategy<Value = Field> {
+/// A field line, irregular ones too with `odd`; also for response heads.
+pub(crate) fn field(odd: bool) -> impl Strategy<Value = Field> {
     let colon = if odd {
         prop_oneof![8 => Just(": "), 2 => Just(":"), 1 => Just(":\t"), 1 => Just(" : "), 1 => Just("\t:")].boxed()
     } else {
