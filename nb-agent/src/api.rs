@@ -1002,7 +1002,7 @@ fn authorize_read(admin: &config::Admin, authorization: Option<&str>) -> Result<
 }
 
 /// The JSON object of a write's body, with only `allowed` keys.
-fn body_object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, Refusal> {
+pub(crate) fn body_object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, Refusal> {
     let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
     let v: Value =
         serde_json::from_slice(body).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
@@ -1029,7 +1029,7 @@ fn str_field<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a st
     }
 }
 
-fn weight_field(map: &Map<String, Value>) -> Result<Option<u8>, Refusal> {
+pub(crate) fn weight_field(map: &Map<String, Value>) -> Result<Option<u8>, Refusal> {
     let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
     match map.get("weight") {
         None => Ok(None),
@@ -1042,7 +1042,7 @@ fn weight_field(map: &Map<String, Value>) -> Result<Option<u8>, Refusal> {
     }
 }
 
-fn mode_field(map: &Map<String, Value>) -> Result<Option<NodeMode>, Refusal> {
+pub(crate) fn mode_field(map: &Map<String, Value>) -> Result<Option<NodeMode>, Refusal> {
     str_field(map, "mode")?
         .map(|m| {
             NodeMode::from_str(m).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))
@@ -1051,7 +1051,7 @@ fn mode_field(map: &Map<String, Value>) -> Result<Option<NodeMode>, Refusal> {
 }
 
 /// A node from a POST body, checked by the file's rules for each field.
-fn new_node(body: &[u8]) -> Result<Node, Refusal> {
+pub(crate) fn new_node(body: &[u8]) -> Result<Node, Refusal> {
     let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
     let map = body_object(body, &["label", "address", "weight", "mode"])?;
     let label = str_field(&map, "label")?.ok_or_else(|| bad("label is required".into()))?;

@@ -881,9 +881,28 @@ impl<'p> Cx<'p> {
         self.errors.push(ConfigError {
             path: self.path.to_path_buf(),
             line,
-            message,
+            message: one_line(message),
         });
     }
+}
+
+/// Messages quote the file's own text (keys, values), which TOML escapes can fill with
+/// newlines and other control characters: escaped here, so that every error stays one
+/// `PATH:LINE: message` line, as `nb-agent check` promises.
+fn one_line(message: String) -> String {
+    if !message.contains(char::is_control) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Where a table's keys were and which of them were wrong, kept after parsing so later

@@ -5,6 +5,8 @@ pub mod api;
 pub mod config;
 pub mod dataplane;
 pub mod fds;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 mod map_batch;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! `cargo xtask build | test | demo | bench | install`: nb's workflows.
+//! `cargo xtask build | test | fuzz | demo | bench | install`: nb's workflows.
 
 mod bench;
 mod demo;
@@ -27,6 +27,15 @@ enum Cmd {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Long runs of the parser fuzz targets (nb-agent's `src/fuzz`, proptest): the same
+    /// tests `cargo test` runs briefly, with many more cases; no root needed.
+    Fuzz {
+        /// One target (proxy_header, cookie, config, api, h1, request_heads); default: all.
+        target: Option<String>,
+        /// Cases per property test.
+        #[arg(long, default_value_t = 100_000)]
+        cases: u32,
+    },
     /// Build, start a test network with nb in front of three backends, show it working.
     Demo,
     /// Side-by-side benchmarks (README "Benchmarks"): `xdp`, `l4`, `l7`, or all.
@@ -50,6 +59,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Build => build(),
         Cmd::Test { filter } => test(filter.as_deref()),
+        Cmd::Fuzz { target, cases } => fuzz(target.as_deref(), cases),
         Cmd::Demo => {
             build()?;
             demo::run(&workspace().join("target/release/nb-agent"))
@@ -168,6 +178,41 @@ fn test(filter: Option<&str>) -> Result<()> {
         cmd.arg(f);
     }
     run(&mut cmd)
+}
+
+/// The modules of nb-agent's `src/fuzz`, each a fuzz target.
+const FUZZ_TARGETS: &[&str] = &[
+    "proxy_header",
+    "cookie",
+    "config",
+    "api",
+    "h1",
+    "request_heads",
+];
+
+/// Runs the fuzz targets' tests in release mode (a case costs a tenth of a debug build's)
+/// with `cases` cases each, through the variable the tests read. A failure prints proptest's
+/// shrunk input, to be kept as a regression test beside its target;
+/// `PROPTEST_RNG_SEED=N` in the environment replays a run.
+fn fuzz(target: Option<&str>, cases: u32) -> Result<()> {
+    if let Some(t) = target
+        && !FUZZ_TARGETS.contains(&t)
+    {
+        bail!(
+            "unknown fuzz target '{t}' (targets: {})",
+            FUZZ_TARGETS.join(", ")
+        );
+    }
+    // nb-agent's build script builds the XDP object, which needs them.
+    prerequisites()?;
+    let filter = match target {
+        Some(t) => format!("fuzz::{t}::"),
+        None => "fuzz::".to_string(),
+    };
+    run(Command::new("cargo")
+        .current_dir(workspace())
+        .args(["test", "--release", "-p", "nb-agent", "--lib", &filter])
+        .env("NB_FUZZ_CASES", cases.to_string()))
 }
 
 fn install(root: &Path) -> Result<()> {

@@ -132,6 +132,11 @@ impl CookieKey {
         if hex.len() != 2 * TAG_LEN || label.is_empty() {
             return None;
         }
+        // Only the spelling `sign` writes: `from_str_radix` alone also takes upper case and a
+        // '+' before a digit, other spellings of the same cookie.
+        if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
         let mut tag = [0u8; TAG_LEN];
         for (i, b) in tag.iter_mut().enumerate() {
             *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;

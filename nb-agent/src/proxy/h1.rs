@@ -254,7 +254,7 @@ fn unless_late<T>(
 }
 
 /// What `parse` found in the buffer.
-enum Parsed {
+pub(crate) enum Parsed {
     /// Not a whole head yet.
     Partial,
     /// An interim (1xx) answer of this many bytes, to skip.
@@ -266,7 +266,7 @@ enum Parsed {
 
 /// How a response body ends.
 #[derive(Debug, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// After this many more bytes.
     Length(u64),
     /// At the last chunk, in this state.
@@ -277,7 +277,7 @@ enum Framing {
 
 /// Where a chunked body's decoding is.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// At a chunk-size line.
     Size,
     /// In a chunk's data, this many bytes left.
@@ -291,7 +291,7 @@ enum Chunk {
 }
 
 /// Parses the response head at the start of `buf`, taking it out when whole.
-fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
+pub(crate) fn parse(buf: &mut BytesMut, head_request: bool) -> Result<Parsed, Error> {
     if buf.is_empty() {
         return Ok(Parsed::Partial);
     }
@@ -418,7 +418,7 @@ pub struct Reader {
 }
 
 /// What the buffer gave towards the body.
-enum Step {
+pub(crate) enum Step {
     Data(Bytes),
     /// The body is over.
     Done,
@@ -472,7 +472,7 @@ fn line(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Error> {
 }
 
 /// Decodes a chunked body from `buf` up to the next data, the end, or the buffer's end.
-fn chunked_step(buf: &mut BytesMut, state: &mut Chunk) -> Result<Step, Error> {
+pub(crate) fn chunked_step(buf: &mut BytesMut, state: &mut Chunk) -> Result<Step, Error> {
     loop {
         match *state {
             Chunk::Size => {
