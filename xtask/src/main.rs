@@ -187,6 +187,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "config",
     "api",
     "h1",
+    "relay",
     "request_heads",
 ];
 

@@ -1,6 +1,7 @@
 //! Property-based fuzzing of the parsers that read what others send or write: the PROXY
 //! header writer (against a reference reader), the `NB_SRVID` cookie, the config file, the
-//! admin API's JSON bodies and state file, and the HTTP/1 response head and chunked framing.
+//! admin API's JSON bodies and state file, the HTTP/1 response head and chunked framing, and
+//! the relay's request head reader and rewriter.
 //!
 //! proptest rather than libFuzzer, because it runs on stable Rust inside `cargo test`: every
 //! `cargo test` (and so CI) runs each target briefly, and `cargo xtask fuzz [TARGET] --cases N`
@@ -17,6 +18,7 @@ mod config;
 mod cookie;
 mod h1;
 mod proxy_header;
+mod relay;
 pub(crate) mod request_heads;
 
 use proptest::test_runner::Config;

@@ -15,7 +15,7 @@ pub mod h1;
 pub mod io;
 pub mod limits;
 pub mod pool;
-mod relay;
+pub(crate) mod relay;
 pub mod tcp;
 pub mod tls;
 

@@ -471,6 +471,65 @@ async fn write<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> bool {
     ok && io.flush().await.is_ok()
 }
 
+/// [`read_head`] on a fixed http port (one node, no stickiness), for the fuzz suite.
+#[cfg(test)]
+pub(crate) mod fuzzing {
+    use std::sync::{Arc, LazyLock};
+
+    use super::{Read, read_head};
+    use crate::{
+        config::{Node, Port, Protocol},
+        proxy::{PortRuntime, PortView, forward::Client},
+    };
+
+    /// What `read_head` made of some bytes.
+    #[derive(Debug)]
+    pub(crate) enum Outcome {
+        Partial,
+        /// Handed to hyper.
+        Other,
+        /// Taken: the head's length in the input, and the head sent to the node.
+        Whole(usize, Vec<u8>),
+    }
+
+    struct Fixture {
+        rt: PortRuntime,
+        view: Arc<PortView>,
+        conn: Client,
+    }
+
+    static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
+        let mut port = Port::new(8000, Protocol::Http);
+        port.nodes = vec![Node::new("b1", "127.0.0.1:9".parse().expect("address"))];
+        let view = PortView {
+            port,
+            tls: None,
+            key: None,
+            nodes: Vec::new(),
+        };
+        let rt = PortRuntime::new(view);
+        let view = rt.view();
+        let (_stop, rx) = tokio::sync::watch::channel(false);
+        let conn = Client::new(
+            "192.0.2.1:40000".parse().expect("peer"),
+            "198.18.0.1:8000".parse().expect("local"),
+            false,
+            rx,
+        );
+        Fixture { rt, view, conn }
+    });
+
+    /// `read_head` of `buf`.
+    pub(crate) fn read(buf: &[u8]) -> Outcome {
+        let f = &*FIXTURE;
+        match read_head(buf, &f.rt, &f.view, &f.conn) {
+            Read::Partial => Outcome::Partial,
+            Read::Other => Outcome::Other,
+            Read::Whole(r) => Outcome::Whole(r.len, r.head.bytes.to_vec()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
