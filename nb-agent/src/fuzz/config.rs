@@ -90,6 +90,38 @@ port = [
 ]
 "#;
 
+/// Lists written one entry a line, whose errors belong on the entry's line.
+const LISTS: &str = r#"[balancer]
+interfaces = [
+  "eth0",
+  "eth1",
+]
+addresses = [
+  "198.18.0.1",
+  "2001:db8::1",
+]
+
+[[port]]
+address = [
+  "198.18.0.1",
+  "2001:db8::1",
+]
+port = 443
+protocol = "https"
+ssl_cert = [
+  "/etc/nb/a.crt",
+  "/etc/nb/b.crt",
+]
+ssl_key = [
+  "/etc/nb/a.key",
+  "/etc/nb/b.key",
+]
+
+[[port.node]]
+label = "a"
+address = "10.0.0.1:80"
+"#;
+
 /// The packaged example, with its commented-out ports switched on.
 fn packaged() -> String {
     include_str!("../../../packaging/nb.toml")
@@ -104,7 +136,12 @@ fn packaged() -> String {
 }
 
 fn templates() -> Vec<String> {
-    vec![FULL.to_string(), INLINE.to_string(), packaged()]
+    vec![
+        FULL.to_string(),
+        INLINE.to_string(),
+        packaged(),
+        LISTS.to_string(),
+    ]
 }
 
 /// Every key the parser knows, in any table: generators put them in the wrong places too.
@@ -508,7 +545,7 @@ proptest! {
 
     #[test]
     fn edited_valid_files(
-        which in 0usize..3,
+        which in 0usize..4,
         edits in proptest::collection::vec(edit(), 1..8),
     ) {
         let text = apply(&templates()[which], &edits);
@@ -519,7 +556,7 @@ proptest! {
     /// every range, or a spelling no string field takes, is blamed on its own line.
     #[test]
     fn a_bad_value_is_blamed_on_its_line(
-        which in 0usize..3,
+        which in 0usize..4,
         at in any::<usize>(),
         bad in prop::sample::select(vec!["1.5", "1979-05-27", "{ x = 1 }", "-1", "\"nope\""]),
     ) {
@@ -554,6 +591,22 @@ proptest! {
             errors.iter().any(|e| e.starts_with(&want) && e.contains(name)),
             "{} = {} on line {}: {:#?}", k, bad, i + 1, errors
         );
+    }
+
+    /// A bad entry of a list written one entry a line is blamed on the entry's line.
+    #[test]
+    fn a_bad_list_entry_is_blamed_on_its_line(
+        at in any::<usize>(),
+        bad in prop::sample::select(vec!["\"a b\"", "1", "[]", "\"\""]),
+    ) {
+        let lines: Vec<&str> = LISTS.split('\n').collect();
+        let entries: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].starts_with("  \"")).collect();
+        let i = entries[at % entries.len()];
+        let mut edited: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        edited[i] = format!("  {bad},");
+        let errors = check(&edited.join("\n"))?;
+        let want = format!("{PATH}:{}: ", i + 1);
+        prop_assert!(errors.iter().any(|e| e.starts_with(&want)), "{} on line {}: {:#?}", bad, i + 1, errors);
     }
 
     /// A required field left out is blamed on the header of the table that lacks it.
