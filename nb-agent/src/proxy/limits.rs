@@ -59,14 +59,16 @@ impl Stall {
     /// The operation is waiting: true once it has waited `limit` (the caller fails it). The
     /// timer's waker is `cx`'s, so the task is woken when the limit passes.
     pub fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = Instant::now() + self.limit;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if !self.armed {
-            timer.as_mut().reset(deadline);
+            // The clock is read once per wait, not on every poll of it.
+            let deadline = Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
             self.armed = true;
         }
+        let timer = self.timer.as_mut().expect("armed above");
         timer.as_mut().poll(cx).is_ready()
     }
 

@@ -555,21 +555,29 @@ mod tests {
         n > 0
     }
 
+    /// The next request head `s` sends (`buf`: bytes read and not used yet), or `None` at
+    /// the close.
+    async fn next_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        let end = loop {
+            if let Some(i) = find(buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            if !fill(s, buf).await {
+                return None;
+            }
+        };
+        Some(buf.drain(..end).collect())
+    }
+
     /// A node that answers each request with the head it received (and the length of the
     /// body that came with it) as its body: with a length, or (`/close`) to the close.
     async fn mirror() -> SocketAddr {
         loopback_node(|mut s| async move {
             let mut buf = Vec::new();
             loop {
-                let end = loop {
-                    if let Some(i) = find(&buf, b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    if !fill(&mut s, &mut buf).await {
-                        return;
-                    }
+                let Some(head) = next_head(&mut s, &mut buf).await else {
+                    return;
                 };
-                let head: Vec<u8> = buf.drain(..end).collect();
                 let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 let body_len: usize = text
                     .lines()
@@ -761,21 +769,12 @@ mod tests {
     }
 
     /// A node's 204 with a Content-Length (which no 204 may have) reaches the client without
-    /// it, on both paths; a HEAD answer keeps its length.
+    /// it, on both paths.
     #[tokio::test]
     async fn a_204_goes_out_without_a_length_on_both_paths() {
         let node = loopback_node(|mut s| async move {
             let mut buf = Vec::new();
-            loop {
-                let end = loop {
-                    if let Some(i) = find(&buf, b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    if !fill(&mut s, &mut buf).await {
-                        return;
-                    }
-                };
-                buf.drain(..end);
+            while next_head(&mut s, &mut buf).await.is_some() {
                 let answer = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-N: 1\r\n\r\n";
                 if s.write_all(answer).await.is_err() {
                     return;
@@ -790,13 +789,8 @@ mod tests {
                 .await
                 .unwrap();
             let mut buf = Vec::new();
-            let end = loop {
-                if let Some(i) = find(&buf, b"\r\n\r\n") {
-                    break i + 4;
-                }
-                assert!(fill(&mut s, &mut buf).await, "closed before a head");
-            };
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let head = next_head(&mut s, &mut buf).await.expect("a head");
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
             assert!(head.starts_with("http/1.1 204"), "{head}");
             assert!(head.contains("x-n: 1"), "{head}");
             assert!(!head.contains("content-length"), "{extra:?}: {head}");
