@@ -4,6 +4,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -24,6 +25,7 @@ use crate::{
     },
     health::{self, CheckEvent, CheckSpec, Health},
     metrics,
+    model::{NodeKey, PortKey, port_names},
     proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
 };
 
@@ -111,19 +113,22 @@ pub fn takes_new_connections(mode: NodeMode, up: bool, any_accept_up: bool) -> b
 }
 
 /// Builds the data-path services of the config's tcp ports: one per port and address family.
-/// `health` gives each node's state by (port, label). Ports with a PROXY protocol header are
+/// `health` gives each node's state. Ports with a PROXY protocol header are
 /// left out: their packets pass to the kernel and the agent's user-space tcp path serves them.
 pub fn tcp_services(
     cfg: &Config,
     public: &[IpAddr],
-    health: &dyn Fn(u16, &str) -> Health,
+    health: &dyn Fn(&NodeKey) -> Health,
 ) -> Vec<ServiceSpec> {
     let mut out = Vec::new();
-    for p in cfg
+    let names = port_names(&cfg.ports);
+    for (p, name) in cfg
         .ports
         .iter()
-        .filter(|p| p.protocol == Protocol::Tcp && p.proxy_protocol == ProxyProtocol::None)
+        .zip(&names)
+        .filter(|(p, _)| p.protocol == Protocol::Tcp && p.proxy_protocol == ProxyProtocol::None)
     {
+        let key = PortKey::of(p);
         let vips: Vec<IpAddr> = if p.addresses.is_empty() {
             public.to_vec()
         } else {
@@ -143,7 +148,7 @@ pub fn tcp_services(
                 continue;
             }
             let nodes: Vec<_> = p.nodes.iter().filter(|n| fam(&n.address.ip())).collect();
-            let up = |n: &config::Node| health(p.port, &n.label) != Health::Down;
+            let up = |n: &config::Node| health(&NodeKey::new(&key, &n.label)) != Health::Down;
             let any_accept_up = nodes.iter().any(|n| n.mode == NodeMode::Accept && up(n));
             let mut backends = Vec::new();
             for n in nodes {
@@ -151,8 +156,8 @@ pub fn tcp_services(
                     Ok(ip) => ip,
                     Err(e) => {
                         warn!(
-                            "port {}: node {} ({}): no route: {e}",
-                            p.port, n.label, n.address
+                            "port {name}: node {} ({}): no route: {e}",
+                            n.label, n.address
                         );
                         continue;
                     }
@@ -168,6 +173,7 @@ pub fn tcp_services(
                 });
             }
             out.push(ServiceSpec {
+                key: key.clone(),
                 port: p.port,
                 family,
                 vips: fvips,
@@ -245,6 +251,9 @@ fn attach_mode(m: XdpMode) -> Option<AttachMode> {
 struct CheckTask {
     addr: SocketAddr,
     spec: CheckSpec,
+    /// The port's name in the task's log lines and metrics (it changes when another port
+    /// takes the same number).
+    name: Arc<str>,
     handle: JoinHandle<()>,
     /// Passive check failures from the proxy go to the task's state machine through here.
     passive: mpsc::UnboundedSender<String>,
@@ -267,16 +276,16 @@ pub struct Agent {
     pub config: Config,
     pub public: Vec<IpAddr>,
     pub dataplane: Option<Dataplane>,
-    /// Health by (port, node label); absent = unknown.
-    pub health: HashMap<(u16, String), Health>,
-    checks: HashMap<(u16, String), CheckTask>,
+    /// Health by node; absent = unknown.
+    pub health: HashMap<NodeKey, Health>,
+    checks: HashMap<NodeKey, CheckTask>,
     events_tx: mpsc::UnboundedSender<CheckEvent>,
     /// Refused and answered connection counts per (port, node) at the last sweep: the
     /// difference is what passive checks judge.
-    passive_last: HashMap<(u16, String), (u64, u64)>,
+    passive_last: HashMap<NodeKey, (u64, u64)>,
     /// New connections dropped for want of a SNAT port per (port, node) at the last sweep:
     /// a rise is logged with the node's name.
-    no_port_last: HashMap<(u16, String), u64>,
+    no_port_last: HashMap<NodeKey, u64>,
     /// The http/https ports.
     pub proxy: Proxy,
     /// The tcp ports served in user space (PROXY header, or no XDP).
@@ -336,30 +345,23 @@ impl Agent {
         Ok((agent, events_rx))
     }
 
-    fn health_of(&self, port: u16, label: &str) -> Health {
-        self.health
-            .get(&(port, label.to_string()))
-            .copied()
-            .unwrap_or_default()
+    fn health_of(&self, node: &NodeKey) -> Health {
+        self.health.get(node).copied().unwrap_or_default()
     }
 
     /// Writes the data path for the current config and health.
     fn program(&mut self) -> Result<(), AgentError> {
         let health = &self.health;
-        let services = tcp_services(&self.config, &self.public, &|port, label| {
-            health
-                .get(&(port, label.to_string()))
-                .copied()
-                .unwrap_or_default()
+        let services = tcp_services(&self.config, &self.public, &|node| {
+            health.get(node).copied().unwrap_or_default()
         });
         if let Some(dp) = self.dataplane.as_mut() {
             dp.apply(&services)?;
         }
         let checks = &self.checks;
-        let state = |port, label: &str| {
-            let key = (port, label.to_string());
-            let h = health.get(&key).copied().unwrap_or_default();
-            (h, checks.get(&key).map(|t| t.passive.clone()))
+        let state = |node: &NodeKey| {
+            let h = health.get(node).copied().unwrap_or_default();
+            (h, checks.get(node).map(|t| t.passive.clone()))
         };
         self.proxy.refresh(&self.config, &state);
         self.tcp.refresh(&self.config, &state);
@@ -369,24 +371,28 @@ impl Agent {
     /// Starts, keeps or stops check tasks so that every checked node has exactly one, running
     /// with its current settings. Nodes in `reject` mode are not checked and show DOWN.
     fn sync_checks(&mut self) {
-        let mut want: HashMap<(u16, String), (SocketAddr, CheckSpec)> = HashMap::new();
+        let mut want: HashMap<NodeKey, (SocketAddr, CheckSpec, Arc<str>)> = HashMap::new();
         let mut rejected = Vec::new();
-        for p in &self.config.ports {
+        let names = port_names(&self.config.ports);
+        for (p, name) in self.config.ports.iter().zip(names) {
             let Some(spec) = CheckSpec::of(p) else {
                 continue;
             };
+            let key = PortKey::of(p);
+            let name: Arc<str> = name.into();
             for n in &p.nodes {
+                let node = NodeKey::new(&key, &n.label);
                 if n.mode == NodeMode::Reject {
-                    rejected.push((p.port, n.label.clone()));
+                    rejected.push(node);
                     continue;
                 }
-                want.insert((p.port, n.label.clone()), (n.address, spec.clone()));
+                want.insert(node, (n.address, spec.clone(), name.clone()));
             }
         }
         self.checks.retain(|k, t| {
             let keep = want
                 .get(k)
-                .is_some_and(|(a, s)| *a == t.addr && *s == t.spec);
+                .is_some_and(|(a, s, name)| *a == t.addr && *s == t.spec && *name == t.name);
             if !keep {
                 t.handle.abort();
             }
@@ -399,15 +405,15 @@ impl Agent {
         for k in rejected {
             self.health.insert(k, Health::Down);
         }
-        for (k, (addr, spec)) in want {
+        for (k, (addr, spec, name)) in want {
             if self.checks.contains_key(&k) {
                 continue;
             }
             let source = source_address_towards(addr).ok();
             let (passive, passive_rx) = mpsc::unbounded_channel();
             let handle = tokio::spawn(health::run_node(
-                k.0,
-                k.1.clone(),
+                k.clone(),
+                name.clone(),
                 addr,
                 source,
                 spec.clone(),
@@ -419,6 +425,7 @@ impl Agent {
                 CheckTask {
                     addr,
                     spec,
+                    name,
                     handle,
                     passive,
                 },
@@ -429,22 +436,20 @@ impl Agent {
     /// Applies one check result: a state change reaches the data path at once.
     pub fn on_check(&mut self, e: CheckEvent) {
         let Some(state) = e.changed else { return };
-        let key = (e.port, e.label.clone());
-        if !self.checks.contains_key(&key) {
+        let Some(name) = self.checks.get(&e.node).map(|t| t.name.clone()) else {
             return; // a result from a task stopped by a reload
-        }
-        let before = self.health_of(e.port, &e.label);
-        self.health.insert(key, state);
+        };
+        let before = self.health_of(&e.node);
+        self.health.insert(e.node.clone(), state);
         // Program first, log after: when the line appears, the data path already acts on it.
         if let Err(err) = self.program() {
             error!("writing the data path after a health change: {err}");
         }
         match (&e.error, state) {
-            (Some(err), Health::Down) => warn!("port {} node {} is DOWN ({err})", e.port, e.label),
+            (Some(err), Health::Down) => warn!("port {name} node {} is DOWN ({err})", e.node.label),
             _ => info!(
-                "port {} node {} is {} (was {})",
-                e.port,
-                e.label,
+                "port {name} node {} is {} (was {})",
+                e.node.label,
                 state.as_str(),
                 before.as_str()
             ),
@@ -503,20 +508,22 @@ impl Agent {
                 return;
             }
         };
-        for p in &self.config.ports {
+        let names = port_names(&self.config.ports);
+        for (p, name) in self.config.ports.iter().zip(&names) {
             if p.protocol != Protocol::Tcp {
                 continue;
             }
+            let port = PortKey::of(p);
             for n in &p.nodes {
                 let family = if n.address.is_ipv4() {
                     FAMILY_V4
                 } else {
                     FAMILY_V6
                 };
-                let Some(c) = counters.get(&(family, p.port, n.label.clone())) else {
+                let key = NodeKey::new(&port, &n.label);
+                let Some(c) = counters.get(&(family, key.clone())) else {
                     continue;
                 };
-                let key = (p.port, n.label.clone());
                 let dropped = c.stats.no_port;
                 if let Some(last) = self.no_port_last.insert(key.clone(), dropped)
                     && dropped > last
@@ -524,10 +531,9 @@ impl Agent {
                     let snat = source_address_towards(n.address)
                         .map_or("its private address".to_string(), |a| a.to_string());
                     warn!(
-                        "port {} node {} ({}): {} new connection(s) dropped since the last \
+                        "port {name} node {} ({}): {} new connection(s) dropped since the last \
                          sweep, no free SNAT port: the 22768 ports of {snat} towards it are \
                          in use (see the README's \"SNAT ports\")",
-                        p.port,
                         n.label,
                         n.address,
                         dropped - last
@@ -617,7 +623,7 @@ fn start_dataplane(
 ) -> Result<Dataplane, AgentError> {
     let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
     dp.set_throttle(config.balancer.client_conn_throttle)?;
-    dp.apply(&tcp_services(config, public, &|_, _| Health::Unknown))?;
+    dp.apply(&tcp_services(config, public, &|_| Health::Unknown))?;
     let veths: Vec<&String> = config
         .balancer
         .interfaces

@@ -214,7 +214,7 @@ macro_rules! config_enum {
         { $($(#[$vdoc:meta])* $variant:ident => $text:literal,)+ }
     ) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum $name {
             $($(#[$vdoc])* $variant,)+
         }
@@ -426,6 +426,27 @@ pub fn validate_port(port: &Port) -> Vec<String> {
             None => format!("port {}: {}", port.port, p.message),
         })
         .collect()
+}
+
+/// One port from a `[[port]]` table built in memory (its nodes under `node`), read by the
+/// file's parser and checked by its per-port rules: the admin API's rebuild, whose JSON body
+/// is turned into such a table, accepts exactly what the file does. Messages name the
+/// port and field; there is no line to name.
+pub fn port_from_table(t: &toml_edit::Table) -> Result<Port, Vec<String>> {
+    let path = Path::new("");
+    let mut cx = Cx::new(path, "");
+    let (port, loc, nodes) = parse_port(&mut cx, t, 0, 0);
+    for p in port_problems(&port) {
+        let loc = p.node.map_or(&loc, |i| &nodes[i]);
+        if loc.place(&p).is_some() {
+            cx.push(0, format!("{}{}", loc.prefix, p.message));
+        }
+    }
+    if cx.errors.is_empty() {
+        Ok(port)
+    } else {
+        Err(cx.errors.into_iter().map(|e| e.message).collect())
+    }
 }
 
 /// A node weight as the file reads it (1-255), with the file's message when out of range;

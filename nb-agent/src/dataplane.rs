@@ -27,7 +27,9 @@ use nb_common::{
 use thiserror::Error;
 
 use crate::{
-    map_batch, pins,
+    map_batch,
+    model::{NodeKey, PortKey},
+    pins,
     selection::{MaglevBackend, maglev_update, wrr_sequence},
 };
 
@@ -114,9 +116,12 @@ pub struct BackendSpec {
     pub eligible: bool,
 }
 
-/// One service: a port number on one address family, with the public addresses it serves.
+/// One service: a port on one address family, with the public addresses it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
+    /// Which port this is: two ports with one number on different addresses are two
+    /// services, with their own ids, tables and backends.
+    pub key: PortKey,
     pub port: u16,
     pub family: u8,
     pub vips: Vec<IpAddr>,
@@ -174,12 +179,12 @@ pub struct SweepReport {
     pub expired: u64,
     /// Half-open connections' client entries that expired.
     pub expired_half_open: u64,
-    /// Live (not closing) flows per backend key `(service port, node key)`.
-    pub active: HashMap<(u16, String), u64>,
+    /// Live (not closing) flows per node.
+    pub active: HashMap<NodeKey, u64>,
     /// Connections first seen unanswered by their backend at this sweep (a client's SYN
     /// forwarded more than `UNANSWERED_AFTER_SECS` ago, no reply yet, the client not given
     /// up), per backend key: passive checks.
-    pub unanswered: HashMap<(u16, String), u64>,
+    pub unanswered: HashMap<NodeKey, u64>,
     /// Whether the tables were read in batches (false: entry by entry).
     pub batched: bool,
 }
@@ -237,13 +242,14 @@ pub fn half_open_entries(max_flows: u32) -> u32 {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    /// Backend ids by (family, service port, node key): stable across applies and restarts
+    /// Backend ids by (family, service id, node key): stable across applies and restarts
     /// (recovered from the pinned backend map), so flows keep attributing to the right node.
-    ids: HashMap<(u8, u16, String), u32>,
+    ids: HashMap<(u8, u32, String), u32>,
     /// Ids released, not handed out again while flows may still carry them.
     released: Vec<u32>,
-    /// Service ids by (port, family).
-    svc_ids: HashMap<(u16, u8), u32>,
+    /// Service ids by (port, family); after a restart, until the first apply, only `keys`
+    /// knows them (see [`Dataplane::service_ids`]).
+    svc_ids: HashMap<(PortKey, u8), u32>,
     /// Rings, sequences and lists as last written, to write only what changed.
     rings: HashMap<u32, Vec<u32>>,
     seqs: HashMap<u32, Vec<u32>>,
@@ -408,9 +414,7 @@ impl Dataplane {
         let ring_map: Array<&aya::maps::MapData, u32> =
             Array::try_from(self.map(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?;
         let mut rings = HashMap::new();
-        let mut svc_ids = Vec::new();
-        for (k, v) in &keys {
-            svc_ids.push(((u16::from_be(k.port), k.family), *v));
+        for v in keys.values() {
             if rings.contains_key(v) {
                 continue;
             }
@@ -422,7 +426,6 @@ impl Dataplane {
                 .map_err(map_err(maps::MAGLEV))?;
             rings.insert(*v, ring);
         }
-        self.svc_ids.extend(svc_ids);
         self.rings = rings;
         let ports: BTreeSet<u16> = keys.keys().map(|k| u16::from_be(k.port)).collect();
         self.keys = keys;
@@ -632,11 +635,11 @@ impl Dataplane {
     fn backend_id(
         &mut self,
         family: u8,
-        port: u16,
+        svc_id: u32,
         b: &BackendSpec,
         want: &Backend,
     ) -> Result<u32> {
-        let k = (family, port, b.key.clone());
+        let k = (family, svc_id, b.key.clone());
         if let Some(id) = self.ids.get(&k) {
             return Ok(*id);
         }
@@ -677,24 +680,8 @@ impl Dataplane {
     pub fn apply(&mut self, services: &[ServiceSpec]) -> Result<()> {
         let mut want_keys: BTreeMap<ServiceKey, u32> = BTreeMap::new();
         let mut live_ids = std::collections::HashSet::new();
-        let mut live_svcs = std::collections::HashSet::new();
-        for svc in services {
-            let svc_id = match self.svc_ids.get(&(svc.port, svc.family)) {
-                Some(id) => *id,
-                None => {
-                    let used: std::collections::HashSet<u32> =
-                        self.svc_ids.values().copied().collect();
-                    let id = (0..MAX_SERVICES).find(|i| !used.contains(i)).ok_or(
-                        DataplaneError::Full {
-                            what: "services",
-                            max: MAX_SERVICES,
-                        },
-                    )?;
-                    self.svc_ids.insert((svc.port, svc.family), id);
-                    id
-                }
-            };
-            live_svcs.insert(svc_id);
+        let svc_ids = self.service_ids(services)?;
+        for (svc, &svc_id) in services.iter().zip(&svc_ids) {
             let mut eligible = Vec::new();
             for b in svc
                 .backends
@@ -708,7 +695,7 @@ impl Dataplane {
                     family: svc.family,
                     _pad: 0,
                 };
-                let id = self.backend_id(svc.family, svc.port, b, &want)?;
+                let id = self.backend_id(svc.family, svc_id, b, &want)?;
                 live_ids.insert(id);
                 if self.backends.get(&id) != Some(&want) {
                     let mut a = self.array_mut::<Backend>(maps::BACKENDS)?;
@@ -755,7 +742,11 @@ impl Dataplane {
         }
         self.keys = want_keys;
         // Services gone: forget their ids (their tables are rewritten when the id is reused).
-        self.svc_ids.retain(|_, id| live_svcs.contains(id));
+        self.svc_ids = services
+            .iter()
+            .zip(&svc_ids)
+            .map(|(svc, id)| ((svc.key.clone(), svc.family), *id))
+            .collect();
         // Backends gone: their slot is cleared, the id held back while flows may carry it.
         let gone: Vec<u32> = self
             .backends
@@ -772,6 +763,57 @@ impl Dataplane {
             self.released.push(id);
         }
         Ok(())
+    }
+
+    /// The service id of each of `services`: the one it had; else, after a restart or when
+    /// its address list was edited, the id one of its addresses had (so its ring, and the
+    /// backend ids its flows carry, continue); else a free one.
+    fn service_ids(&self, services: &[ServiceSpec]) -> Result<Vec<u32>> {
+        let mut out: Vec<Option<u32>> = services
+            .iter()
+            .map(|svc| self.svc_ids.get(&(svc.key.clone(), svc.family)).copied())
+            .collect();
+        let mut claimed: std::collections::HashSet<u32> = out.iter().flatten().copied().collect();
+        let held: std::collections::HashSet<u32> = self
+            .svc_ids
+            .values()
+            .chain(self.keys.values())
+            .copied()
+            .collect();
+        for (svc, slot) in services.iter().zip(out.iter_mut()) {
+            if slot.is_some() {
+                continue;
+            }
+            let inherited = svc
+                .vips
+                .iter()
+                .filter(|v| family_of(v) == svc.family)
+                .filter_map(|vip| {
+                    self.keys.get(&ServiceKey {
+                        addr: addr_words(*vip),
+                        port: svc.port.to_be(),
+                        family: svc.family,
+                        proto: PROTO_TCP,
+                    })
+                })
+                .copied()
+                .find(|id| !claimed.contains(id));
+            let id = inherited
+                .or_else(|| (0..MAX_SERVICES).find(|i| !claimed.contains(i) && !held.contains(i)))
+                .or_else(|| (0..MAX_SERVICES).find(|i| !claimed.contains(i)))
+                .ok_or(DataplaneError::Full {
+                    what: "services",
+                    max: MAX_SERVICES,
+                })?;
+            claimed.insert(id);
+            *slot = Some(id);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// The port of each service id in use.
+    fn service_ports(&self) -> HashMap<u32, &PortKey> {
+        self.svc_ids.iter().map(|((k, _), id)| (*id, k)).collect()
     }
 
     fn write_selection(
@@ -848,8 +890,9 @@ impl Dataplane {
     }
 
     /// Backend id the data path uses for a node (tests and metrics).
-    pub fn id_of(&self, family: u8, port: u16, key: &str) -> Option<u32> {
-        self.ids.get(&(family, port, key.to_string())).copied()
+    pub fn id_of(&self, family: u8, port: &PortKey, key: &str) -> Option<u32> {
+        let svc = self.svc_ids.get(&(port.clone(), family))?;
+        self.ids.get(&(family, *svc, key.to_string())).copied()
     }
 
     /// Per-CPU packet counters, summed, by `stat::NAMES`.
@@ -864,15 +907,19 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Counters of every backend known to the data path, by (family, port, node key).
-    pub fn backend_counters(&self) -> Result<HashMap<(u8, u16, String), BackendCounters>> {
+    /// Counters of every backend known to the data path, by family and node.
+    pub fn backend_counters(&self) -> Result<HashMap<(u8, NodeKey), BackendCounters>> {
         let stats: PerCpuArray<&MapData, BackendStats> =
             PerCpuArray::try_from(self.map(maps::BACKEND_STATS)?)
                 .map_err(map_err(maps::BACKEND_STATS))?;
         let active: Array<&MapData, u64> =
             Array::try_from(self.map(maps::ACTIVE)?).map_err(map_err(maps::ACTIVE))?;
         let mut out = HashMap::new();
-        for (k, id) in &self.ids {
+        let ports = self.service_ports();
+        for ((family, svc, label), id) in &self.ids {
+            let Some(port) = ports.get(svc) else {
+                continue;
+            };
             let per_cpu = stats.get(id, 0).map_err(map_err(maps::BACKEND_STATS))?;
             let mut s = BackendStats::default();
             for c in per_cpu.iter() {
@@ -887,7 +934,7 @@ impl Dataplane {
             }
             let a = active.get(id, 0).map_err(map_err(maps::ACTIVE))?;
             out.insert(
-                k.clone(),
+                (*family, NodeKey::new(port, label)),
                 BackendCounters {
                     active: a,
                     stats: s,
@@ -1141,13 +1188,16 @@ impl Dataplane {
                 }
             }
         }
-        for ((_, port, key), id) in &self.ids {
-            report.active.insert(
-                (*port, key.clone()),
-                active_by_id.get(id).copied().unwrap_or(0),
-            );
+        let ports = self.service_ports();
+        for ((_, svc, label), id) in &self.ids {
+            let Some(port) = ports.get(svc) else {
+                continue;
+            };
+            let node = NodeKey::new(port, label);
+            *report.active.entry(node.clone()).or_default() +=
+                active_by_id.get(id).copied().unwrap_or(0);
             if let Some(n) = unanswered_by_id.get(id) {
-                *report.unanswered.entry((*port, key.clone())).or_default() += n;
+                *report.unanswered.entry(node).or_default() += n;
             }
         }
         // Each unanswered connection counts once, however many sweeps it stays.

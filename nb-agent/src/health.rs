@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -15,7 +16,10 @@ use tokio::{
     time::{Instant, timeout},
 };
 
-use crate::config::{CheckKind, Port};
+use crate::{
+    config::{CheckKind, Port},
+    model::NodeKey,
+};
 
 /// A node's health as the data path and the API report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -242,8 +246,7 @@ fn parse_status(buf: &[u8]) -> Option<u16> {
 /// A state change (or a result, for latency metrics) reported by a node's check task.
 #[derive(Debug, Clone)]
 pub struct CheckEvent {
-    pub port: u16,
-    pub label: String,
+    pub node: NodeKey,
     /// The new state, when it changed.
     pub changed: Option<Health>,
     pub ok: bool,
@@ -269,17 +272,18 @@ fn jitter_source(seed: u64) -> impl FnMut() -> f64 {
 /// 5xx answers, each with its reason): they count in the same state machine as failed probes,
 /// so `check_attempts` of them in a row (with no successful probe between) mark the node DOWN.
 pub async fn run_node(
-    port: u16,
-    label: String,
+    node: NodeKey,
+    name: Arc<str>,
     addr: SocketAddr,
     source: Option<IpAddr>,
     spec: CheckSpec,
     events: mpsc::UnboundedSender<CheckEvent>,
     mut passive: mpsc::UnboundedReceiver<String>,
 ) {
+    let label = node.label.clone();
     let seed = label
         .bytes()
-        .fold(port as u64 ^ std::process::id() as u64, |h, b| {
+        .fold(node.port.port as u64 ^ std::process::id() as u64, |h, b| {
             h.wrapping_mul(31).wrapping_add(b as u64)
         })
         ^ Instant::now().elapsed().as_nanos() as u64
@@ -297,8 +301,7 @@ pub async fn run_node(
                 Some(why) = passive.recv() => {
                     let changed = sm.record(false);
                     let event = CheckEvent {
-                        port,
-                        label: label.clone(),
+                        node: node.clone(),
                         changed,
                         ok: false,
                         latency: Duration::ZERO,
@@ -327,19 +330,18 @@ pub async fn run_node(
         let latency = started.elapsed();
         if let Err(e @ CheckError::Local(_)) = &result {
             // Not the node's result: it keeps its state, and the next interval tries again.
-            log::warn!("port {port}: node {label}: {e}");
+            log::warn!("port {name}: node {label}: {e}");
             let next = spec.interval.mul_f64(0.9 + 0.2 * rand());
             if !wait(Instant::now() + next, &mut sm).await {
                 return;
             }
             continue;
         }
-        crate::metrics::observe_check(port, &label, latency);
+        crate::metrics::observe_check(&name, &label, latency);
         let ok = result.is_ok();
         let changed = sm.record(ok);
         let event = CheckEvent {
-            port,
-            label: label.clone(),
+            node: node.clone(),
             changed,
             ok,
             latency,
@@ -358,6 +360,11 @@ pub async fn run_node(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node() -> NodeKey {
+        let p = Port::new(80, crate::config::Protocol::Tcp);
+        NodeKey::new(&crate::model::PortKey::of(&p), "n1")
+    }
     use tokio::{net::TcpListener, time::sleep};
 
     #[test]
@@ -486,7 +493,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let s = spec(CheckKind::Connection, None);
         let (_passive_tx, passive_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run_node(80, "n1".into(), addr, None, s, tx, passive_rx));
+        let task = tokio::spawn(run_node(node(), "80".into(), addr, None, s, tx, passive_rx));
         let first = rx.recv().await.expect("event");
         assert_eq!(first.changed, Some(Health::Up));
         drop(l);
@@ -522,7 +529,7 @@ mod tests {
         let (passive_tx, passive_rx) = mpsc::unbounded_channel();
         let mut s = spec(CheckKind::Connection, None);
         s.interval = Duration::from_secs(60);
-        let task = tokio::spawn(run_node(80, "n1".into(), addr, None, s, tx, passive_rx));
+        let task = tokio::spawn(run_node(node(), "80".into(), addr, None, s, tx, passive_rx));
         assert_eq!(rx.recv().await.expect("event").changed, Some(Health::Up));
         let t0 = Instant::now();
         passive_tx.send("passive: HTTP 500".into()).expect("send");

@@ -10,6 +10,7 @@ mod fuzz;
 pub mod health;
 mod map_batch;
 pub mod metrics;
+pub mod model;
 pub mod pins;
 pub mod proxy;
 pub mod secret_file;

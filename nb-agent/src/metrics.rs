@@ -11,7 +11,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write,
     sync::{
-        LazyLock, Mutex,
+        Arc, LazyLock, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -45,11 +45,47 @@ impl Histogram {
     }
 }
 
+/// Answers of one http/https port by status code: a handle the port's connections count
+/// into with one atomic add, so no request takes a lock to be counted.
+pub struct PortRequests {
+    /// Codes 100-999 (all hyper sends), by `code - 100`.
+    by_code: Box<[AtomicU64]>,
+}
+
+impl PortRequests {
+    const FIRST: u16 = 100;
+    const LAST: u16 = 999;
+
+    fn new() -> PortRequests {
+        PortRequests {
+            by_code: (Self::FIRST..=Self::LAST)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+
+    /// Counts one answer with status `code`.
+    pub fn count(&self, code: u16) {
+        let i = code.clamp(Self::FIRST, Self::LAST) - Self::FIRST;
+        self.by_code[usize::from(i)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn each(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.by_code.iter().enumerate().filter_map(|(i, c)| {
+            let v = c.load(Ordering::Relaxed);
+            (v > 0).then_some((Self::FIRST + i as u16, v))
+        })
+    }
+}
+
 /// What is recorded outside the agent loop.
 #[derive(Default)]
 struct Recorders {
-    checks: Mutex<HashMap<(u16, String), Histogram>>,
-    requests: Mutex<BTreeMap<(u16, u16), u64>>,
+    /// By (port name, node label).
+    checks: Mutex<HashMap<(String, String), Histogram>>,
+    /// By port name; an entry is made when a port starts serving and kept, so a port's
+    /// counts survive reloads as a Prometheus counter must.
+    requests: Mutex<BTreeMap<String, Arc<PortRequests>>>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
 }
@@ -57,18 +93,20 @@ struct Recorders {
 static RECORDERS: LazyLock<Recorders> = LazyLock::new(Recorders::default);
 
 /// Records how long one active health check probe of a node took (success or failure).
-pub fn observe_check(port: u16, node: &str, took: Duration) {
+pub fn observe_check(port: &str, node: &str, took: Duration) {
     let mut m = RECORDERS.checks.lock().unwrap_or_else(|e| e.into_inner());
-    m.entry((port, node.to_string()))
+    m.entry((port.to_string(), node.to_string()))
         .or_default()
         .observe(took.as_secs_f64());
 }
 
-/// Records one answer of an http/https port with its status code (`nb_port_requests_total`);
-/// for the proxy to call once per response it sends.
-pub fn count_request(port: u16, code: u16) {
+/// The answer counts (`nb_port_requests_total`) of the http/https port named `port`: taken
+/// once when the port starts serving, counted into once per response.
+pub fn port_requests(port: &str) -> Arc<PortRequests> {
     let mut m = RECORDERS.requests.lock().unwrap_or_else(|e| e.into_inner());
-    *m.entry((port, code)).or_default() += 1;
+    m.entry(port.to_string())
+        .or_insert_with(|| Arc::new(PortRequests::new()))
+        .clone()
 }
 
 /// Records the outcome of one config reload (SIGHUP).
@@ -82,15 +120,16 @@ pub fn count_reload(ok: bool) {
 }
 
 /// The health check histogram of a node, if it was ever probed (tests, `nbctl stats`).
-pub fn check_histogram(port: u16, node: &str) -> Option<Histogram> {
+pub fn check_histogram(port: &str, node: &str) -> Option<Histogram> {
     let m = RECORDERS.checks.lock().unwrap_or_else(|e| e.into_inner());
-    m.get(&(port, node.to_string())).cloned()
+    m.get(&(port.to_string(), node.to_string())).cloned()
 }
 
 /// One node as the agent loop sees it at scrape time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeSample {
-    pub port: u16,
+    /// The port's name (see [`crate::model::port_names`]).
+    pub port: String,
     pub node: String,
     /// Not DOWN: the node takes traffic as far as health goes (UP, or no result yet).
     pub up: bool,
@@ -152,7 +191,7 @@ pub fn render(snap: &Snapshot) -> String {
         let _ = writeln!(
             out,
             "nb_node_up{{port=\"{}\",node=\"{}\"}} {}",
-            n.port,
+            esc(&n.port),
             esc(&n.node),
             u8::from(n.up)
         );
@@ -168,7 +207,7 @@ pub fn render(snap: &Snapshot) -> String {
             let _ = writeln!(
                 out,
                 "nb_node_connections_total{{port=\"{}\",node=\"{}\"}} {}",
-                n.port,
+                esc(&n.port),
                 esc(&n.node),
                 c.connections
             );
@@ -185,7 +224,7 @@ pub fn render(snap: &Snapshot) -> String {
             let _ = writeln!(
                 out,
                 "nb_node_active_connections{{port=\"{}\",node=\"{}\"}} {}",
-                n.port,
+                esc(&n.port),
                 esc(&n.node),
                 c.active
             );
@@ -203,7 +242,7 @@ pub fn render(snap: &Snapshot) -> String {
                 let _ = writeln!(
                     out,
                     "nb_node_bytes_total{{port=\"{}\",node=\"{}\",direction=\"{dir}\"}} {v}",
-                    n.port,
+                    esc(&n.port),
                     esc(&n.node)
                 );
             }
@@ -220,7 +259,7 @@ pub fn render(snap: &Snapshot) -> String {
             let _ = writeln!(
                 out,
                 "nb_node_snat_port_drops_total{{port=\"{}\",node=\"{}\"}} {}",
-                n.port,
+                esc(&n.port),
                 esc(&n.node),
                 c.no_port
             );
@@ -234,11 +273,14 @@ pub fn render(snap: &Snapshot) -> String {
     );
     {
         let m = RECORDERS.requests.lock().unwrap_or_else(|e| e.into_inner());
-        for ((port, code), v) in m.iter() {
-            let _ = writeln!(
-                out,
-                "nb_port_requests_total{{port=\"{port}\",code=\"{code}\"}} {v}"
-            );
+        for (port, counts) in m.iter() {
+            let port = esc(port);
+            for (code, v) in counts.each() {
+                let _ = writeln!(
+                    out,
+                    "nb_port_requests_total{{port=\"{port}\",code=\"{code}\"}} {v}"
+                );
+            }
         }
     }
     family(
@@ -259,10 +301,10 @@ pub fn render(snap: &Snapshot) -> String {
     {
         let m = RECORDERS.checks.lock().unwrap_or_else(|e| e.into_inner());
         for n in &snap.nodes {
-            let Some(h) = m.get(&(n.port, n.node.clone())) else {
+            let Some(h) = m.get(&(n.port.clone(), n.node.clone())) else {
                 continue;
             };
-            let labels = format!("port=\"{}\",node=\"{}\"", n.port, esc(&n.node));
+            let labels = format!("port=\"{}\",node=\"{}\"", esc(&n.port), esc(&n.node));
             let mut cumulative = 0;
             for (i, le) in CHECK_BUCKETS.iter().enumerate() {
                 cumulative += h.buckets[i];
@@ -306,12 +348,12 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_when_rendered() {
         // Ports no other test uses: the recorders are process-wide.
-        observe_check(60001, "a", Duration::from_micros(300));
-        observe_check(60001, "a", Duration::from_millis(40));
-        observe_check(60001, "a", Duration::from_secs(40));
+        observe_check("60001", "a", Duration::from_micros(300));
+        observe_check("60001", "a", Duration::from_millis(40));
+        observe_check("60001", "a", Duration::from_secs(40));
         let snap = Snapshot {
             nodes: vec![NodeSample {
-                port: 60001,
+                port: "60001".into(),
                 node: "a".into(),
                 up: true,
                 counters: None,
@@ -333,16 +375,16 @@ mod tests {
         assert_eq!(line("30"), "2");
         assert_eq!(line("+Inf"), "3");
         assert!(text.contains("nb_health_check_seconds_count{port=\"60001\",node=\"a\"} 3"));
-        let h = check_histogram(60001, "a").expect("recorded");
+        let h = check_histogram("60001", "a").expect("recorded");
         assert!((h.sum - 40.0403).abs() < 1e-9, "{}", h.sum);
     }
 
     #[test]
     fn removed_nodes_have_no_histogram_and_unserved_nodes_no_counters() {
-        observe_check(60002, "gone", Duration::from_millis(1));
+        observe_check("60002", "gone", Duration::from_millis(1));
         let snap = Snapshot {
             nodes: vec![NodeSample {
-                port: 60003,
+                port: "60003".into(),
                 node: "web\"1".into(),
                 up: false,
                 counters: None,
@@ -379,11 +421,13 @@ mod tests {
 
     #[test]
     fn counters_render_per_node_and_direction() {
-        count_request(60004, 503);
-        count_request(60004, 503);
+        let requests = port_requests("60004");
+        requests.count(503);
+        requests.count(503);
+        assert!(Arc::ptr_eq(&requests, &port_requests("60004")));
         let snap = Snapshot {
             nodes: vec![NodeSample {
-                port: 80,
+                port: "198.18.0.1:80".into(),
                 node: "b1".into(),
                 up: true,
                 counters: Some(NodeCounters {
@@ -398,10 +442,10 @@ mod tests {
         };
         let text = render(&snap);
         for want in [
-            "nb_node_connections_total{port=\"80\",node=\"b1\"} 3",
-            "nb_node_active_connections{port=\"80\",node=\"b1\"} 1",
-            "nb_node_bytes_total{port=\"80\",node=\"b1\",direction=\"in\"} 100",
-            "nb_node_bytes_total{port=\"80\",node=\"b1\",direction=\"out\"} 2000",
+            "nb_node_connections_total{port=\"198.18.0.1:80\",node=\"b1\"} 3",
+            "nb_node_active_connections{port=\"198.18.0.1:80\",node=\"b1\"} 1",
+            "nb_node_bytes_total{port=\"198.18.0.1:80\",node=\"b1\",direction=\"in\"} 100",
+            "nb_node_bytes_total{port=\"198.18.0.1:80\",node=\"b1\",direction=\"out\"} 2000",
             "nb_port_requests_total{port=\"60004\",code=\"503\"} 2",
         ] {
             assert!(text.lines().any(|l| l == want), "{want} in\n{text}");

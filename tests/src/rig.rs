@@ -229,6 +229,7 @@ pub fn backend(key: &str, addr: IpAddr, port: u16, snat: IpAddr) -> BackendSpec 
 
 pub fn service_v4(backends: Vec<BackendSpec>) -> ServiceSpec {
     ServiceSpec {
+        key: nb_agent::model::PortKey::tcp(80, &[]),
         port: 80,
         family: FAMILY_V4,
         vips: vec![VIP.into()],
@@ -243,6 +244,7 @@ pub fn one_backend() -> Vec<ServiceSpec> {
     vec![
         service_v4(vec![backend("b1", B1.into(), 8080, LB_PRIV.into())]),
         ServiceSpec {
+            key: nb_agent::model::PortKey::tcp(80, &[]),
             port: 80,
             family: FAMILY_V6,
             vips: vec![VIP6.into()],

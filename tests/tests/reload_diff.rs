@@ -50,6 +50,7 @@ fn specs(model: &Model) -> Vec<ServiceSpec> {
     model
         .iter()
         .map(|(port, (alg, nodes))| ServiceSpec {
+            key: nb_agent::model::PortKey::tcp(*port, &[]),
             port: *port,
             family: FAMILY_V4,
             vips: vec![VIP.into()],

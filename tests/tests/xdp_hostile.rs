@@ -305,6 +305,7 @@ fn replies_are_taken_only_from_the_backends_side() {
     let services = vec![
         service_v4(vec![backend("b1", B1.into(), 8080, LB_PRIV.into())]),
         nb_agent::dataplane::ServiceSpec {
+            key: nb_agent::model::PortKey::tcp(82, &[]),
             port: 82,
             family: FAMILY_V4,
             vips: vec![VIP.into()],
@@ -503,6 +504,7 @@ fn vlan_tags_follow_the_next_hop_both_ways() {
     let two = vec![
         service_v4(vec![backend("b1", B1.into(), 8080, LB_PRIV.into())]),
         nb_agent::dataplane::ServiceSpec {
+            key: nb_agent::model::PortKey::tcp(82, &[]),
             port: 82,
             family: FAMILY_V4,
             vips: vec![VIP.into()],

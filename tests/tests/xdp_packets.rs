@@ -745,6 +745,7 @@ fn no_backend_answers_rst_and_second_nic_redirects() {
     none.backends[0].eligible = false;
     none.port = 81;
     let other = ServiceSpec {
+        key: nb_agent::model::PortKey::tcp(82, &[]),
         port: 82,
         family: nb_common::FAMILY_V4,
         vips: vec![VIP.into()],

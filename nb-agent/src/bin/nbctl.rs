@@ -33,8 +33,14 @@ struct Cli {
 enum Command {
     /// Every port with its nodes: address, weight, mode, health, active connections.
     Status,
-    /// The nodes of one port.
-    Nodes { port: u16 },
+    /// The nodes of one port (PORT, or ADDRESS:PORT where the number is used on several
+    /// addresses).
+    Nodes { port: String },
+    /// Show or rebuild a port's config.
+    Port {
+        #[command(subcommand)]
+        command: PortCommand,
+    },
     /// Add, change or remove a node.
     Node {
         #[command(subcommand)]
@@ -45,10 +51,19 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum PortCommand {
+    /// The port's config as it runs (JSON).
+    Show { port: String },
+    /// Replace the port's config and all its nodes with FILE (JSON, as `port show` prints
+    /// it; `-` reads stdin), applied as a difference: unchanged nodes keep their connections.
+    Rebuild { port: String, file: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum NodeCommand {
     /// Add a node to a port.
     Add {
-        port: u16,
+        port: String,
         label: String,
         /// IP:port (IPv6 as [addr]:port).
         address: String,
@@ -60,7 +75,7 @@ enum NodeCommand {
     },
     /// Change a node's weight and/or mode.
     Set {
-        port: u16,
+        port: String,
         label: String,
         #[arg(long)]
         weight: Option<i64>,
@@ -68,7 +83,7 @@ enum NodeCommand {
         mode: Option<String>,
     },
     /// Remove a node from a port.
-    Rm { port: u16, label: String },
+    Rm { port: String, label: String },
 }
 
 /// How a command failed, which decides the exit code.
@@ -272,7 +287,10 @@ fn node_rows(port: &Value, with_port: bool) -> Vec<Vec<String>> {
         .map(|n| {
             let mut r = Vec::new();
             if with_port {
-                r.push(format!("{}/{}", cell(port, "port"), cell(port, "protocol")));
+                let name = port
+                    .get("name")
+                    .map_or_else(|| cell(port, "port"), |_| cell(port, "name"));
+                r.push(format!("{name}/{}", cell(port, "protocol")));
             }
             for k in [
                 "label",
@@ -307,14 +325,21 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             table(&h, &rows)
         }
         Command::Nodes { port } => {
+            // The API says which port PORT names (or why none); the status has its health.
+            let want = t.call("GET", &format!("/v1/ports/{}", escape(port)), None)?;
             let v = t.call("GET", "/v1/status", None)?;
             let empty = Vec::new();
+            let same = |p: &&Value| {
+                ["port", "protocol", "addresses"]
+                    .iter()
+                    .all(|k| p.get(k) == want.get(k))
+            };
             let p = v
                 .get("ports")
                 .and_then(Value::as_array)
                 .unwrap_or(&empty)
                 .iter()
-                .find(|p| p.get("port").and_then(Value::as_u64) == Some(u64::from(*port)))
+                .find(same)
                 .ok_or_else(|| Failure::Refused {
                     status: 404,
                     message: format!("no port {port}"),
@@ -324,6 +349,31 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             }
             table(&NODE_HEADER, &node_rows(p, false))
         }
+        Command::Port { command } => match command {
+            PortCommand::Show { port } => {
+                pretty(&t.call("GET", &format!("/v1/ports/{}", escape(port)), None)?)
+            }
+            PortCommand::Rebuild { port, file } => {
+                let text = if file.as_os_str() == "-" {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading the port from stdin")?;
+                    s
+                } else {
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                };
+                let body: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not JSON", file.display()))?;
+                let v = t.call("PUT", &format!("/v1/ports/{}", escape(port)), Some(&body))?;
+                if cli.json {
+                    return Ok(pretty(&v));
+                }
+                let n = v.get("nodes").and_then(Value::as_array).map_or(0, Vec::len);
+                format!("port {port}: rebuilt, {n} node(s)\n")
+            }
+        },
         Command::Node { command } => {
             let (method, path, body) = match command {
                 NodeCommand::Add {
@@ -340,7 +390,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     if let Some(m) = mode {
                         b["mode"] = json!(m);
                     }
-                    ("POST", format!("/v1/ports/{port}/nodes"), Some(b))
+                    ("POST", format!("/v1/ports/{}/nodes", escape(port)), Some(b))
                 }
                 NodeCommand::Set {
                     port,
@@ -360,10 +410,12 @@ fn run(cli: &Cli) -> Result<String, Failure> {
                     if let Some(m) = mode {
                         b["mode"] = json!(m);
                     }
-                    ("PUT", format!("/v1/ports/{port}/nodes/{label}"), Some(b))
+                    let path = format!("/v1/ports/{}/nodes/{label}", escape(port));
+                    ("PUT", path, Some(b))
                 }
                 NodeCommand::Rm { port, label } => {
-                    ("DELETE", format!("/v1/ports/{port}/nodes/{label}"), None)
+                    let path = format!("/v1/ports/{}/nodes/{label}", escape(port));
+                    ("DELETE", path, None)
                 }
             };
             let v = t.call(method, &path, body.as_ref())?;
@@ -443,6 +495,23 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         }
     };
     Ok(out)
+}
+
+/// A `{port}` as a path segment: the brackets of `[v6]:PORT` escaped (a URI path may not hold
+/// them raw), and anything that would end the segment.
+fn escape(port: &str) -> String {
+    port.chars()
+        .map(|c| match c {
+            '[' => "%5B".to_string(),
+            ']' => "%5D".to_string(),
+            '/' => "%2F".to_string(),
+            '%' => "%25".to_string(),
+            '?' => "%3F".to_string(),
+            '#' => "%23".to_string(),
+            ' ' => "%20".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 fn pretty(v: &Value) -> String {

@@ -345,7 +345,7 @@ pub async fn handle(
     conn: Arc<Client>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let resp = serve(&rt, req, &conn).await;
-    crate::metrics::count_request(conn.local.port(), resp.status().as_u16());
+    rt.view().requests.count(resp.status().as_u16());
     Ok(resp)
 }
 
@@ -514,7 +514,7 @@ const NODE_FULL: Refusal = Refusal {
 
 /// The answer to a request that failed on nb's side or the client's, not the node's: the
 /// client's body timed out (408) or broke off (400), or nb ran out of descriptors (503).
-fn local_refusal(port: u16, label: &str, e: &ForwardError) -> Refusal {
+fn local_refusal(port: &str, label: &str, e: &ForwardError) -> Refusal {
     match e {
         ForwardError::ClientBody {
             timed_out: true, ..
@@ -580,7 +580,7 @@ pub(super) async fn dispatch<O: Outgoing>(
                         warn!(
                             "port {}: node {}: {} requests in flight (max_node_connections), \
                          none ended within {connect_timeout:?}: 503",
-                            port.port, node.label, port.max_node_connections
+                            view.name, node.label, port.max_node_connections
                         );
                         return Err(NODE_FULL);
                     }
@@ -599,21 +599,21 @@ pub(super) async fn dispatch<O: Outgoing>(
             Err(x) => x,
         };
         if e.is_local() {
-            return Err(local_refusal(port.port, &node.label, &e));
+            return Err(local_refusal(&view.name, &node.label, &e));
         }
         node.passive_failure(format!("passive: {e}"));
         match (back, e.is_connect() && !retried) {
             (Some(o), true) => {
                 warn!(
                     "port {}: node {}: {e}; retrying on another node",
-                    port.port, node.label
+                    view.name, node.label
                 );
                 retried = true;
                 out = o;
                 idx = pick(rt, view, client, Some(&node.label)).ok_or(NO_NODE)?;
             }
             _ => {
-                warn!("port {}: node {}: {e}", port.port, node.label);
+                warn!("port {}: node {}: {e}", view.name, node.label);
                 return Err(match e {
                     ForwardError::ResponseTimeout { .. } => Refusal {
                         status: StatusCode::GATEWAY_TIMEOUT,
@@ -621,7 +621,7 @@ pub(super) async fn dispatch<O: Outgoing>(
                     },
                     ForwardError::Connect { .. } | ForwardError::ConnectTimeout { .. } => NO_NODE,
                     ForwardError::LocalResources { .. } | ForwardError::ClientBody { .. } => {
-                        local_refusal(port.port, &node.label, &e)
+                        local_refusal(&view.name, &node.label, &e)
                     }
                     ForwardError::Protocol { .. } | ForwardError::Answer { .. } => Refusal {
                         status: StatusCode::BAD_GATEWAY,

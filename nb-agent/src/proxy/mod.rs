@@ -49,7 +49,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     config::{Config, NodeMode, Port, Protocol, Stickiness},
     health::Health,
-    metrics::NodeCounters,
+    metrics::{NodeCounters, PortRequests},
+    model::{NodeKey, PortKey, port_names},
     proxy::{
         balance::{Balancer, NodeStats, NodeView, StickTable},
         cookie::{CookieKey, KeyError},
@@ -72,7 +73,7 @@ pub enum ProxyError {
     Key(#[from] KeyError),
     #[error("port {port}: listen on {addr}: {source}")]
     Listen {
-        port: u16,
+        port: String,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -82,9 +83,29 @@ pub enum ProxyError {
 /// What a port serves with at one moment; swapped whole on reloads and health changes.
 pub struct PortView {
     pub port: Port,
+    /// The port's name in logs and metrics (see [`crate::model::port_names`]).
+    pub name: Arc<str>,
+    /// Where the port's answers are counted (`nb_port_requests_total`).
+    pub requests: Arc<PortRequests>,
     pub tls: Option<TlsAcceptor>,
     pub key: Option<Arc<CookieKey>>,
     pub nodes: Vec<NodeView>,
+}
+
+#[cfg(test)]
+impl PortView {
+    /// A view of `port` with no TLS, no cookie key and no nodes yet, for tests.
+    pub(crate) fn bare(port: Port) -> PortView {
+        let name: Arc<str> = port.port.to_string().into();
+        PortView {
+            port,
+            requests: crate::metrics::port_requests(&name),
+            name,
+            tls: None,
+            key: None,
+            nodes: Vec::new(),
+        }
+    }
 }
 
 /// What a node keeps across views, by label: its connection pool (replaced when its address
@@ -177,7 +198,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The proxy side of the agent: every http/https listener and port.
 #[derive(Default)]
 pub struct Proxy {
-    ports: HashMap<u16, Arc<PortRuntime>>,
+    ports: HashMap<PortKey, Arc<PortRuntime>>,
     listeners: HashMap<SocketAddr, Listener>,
 }
 
@@ -190,8 +211,8 @@ impl Prepared {
 
 /// A checked config, ready to swap in (see the module docs).
 pub struct Prepared {
-    ports: Vec<(Port, Option<TlsAcceptor>)>,
-    bound: HashMap<SocketAddr, (u16, std::net::TcpListener)>,
+    ports: Vec<(Port, Arc<str>, Option<TlsAcceptor>)>,
+    bound: HashMap<SocketAddr, (PortKey, std::net::TcpListener)>,
     wanted: HashSet<SocketAddr>,
     key: Option<Arc<CookieKey>>,
 }
@@ -205,7 +226,7 @@ pub type NodeState = (Health, Option<mpsc::UnboundedSender<String>>);
 /// while the other proxy still listens, and its queued connections would be lost at the swap.
 pub(crate) fn take_or_bind(
     addr: SocketAddr,
-    port: u16,
+    port: &str,
     other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
 ) -> Result<std::net::TcpListener, ProxyError> {
     match other(addr) {
@@ -255,8 +276,12 @@ pub(crate) fn second_descriptor(
     }
 }
 
-fn bind(addr: SocketAddr, port: u16) -> Result<std::net::TcpListener, ProxyError> {
-    let err = |source| ProxyError::Listen { port, addr, source };
+fn bind(addr: SocketAddr, port: &str) -> Result<std::net::TcpListener, ProxyError> {
+    let err = |source| ProxyError::Listen {
+        port: port.to_string(),
+        addr,
+        source,
+    };
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -294,9 +319,9 @@ impl Proxy {
     /// The counters of a node of an http/https port: requests forwarded, requests in flight
     /// (upgraded tunnels included), bytes each way; `None` for a port or node the proxy does
     /// not serve.
-    pub fn counters(&self, port: u16, label: &str) -> Option<NodeCounters> {
-        let view = self.ports.get(&port)?.view();
-        let n = view.nodes.iter().find(|n| n.label == label)?;
+    pub fn counters(&self, node: &NodeKey) -> Option<NodeCounters> {
+        let view = self.ports.get(&node.port)?.view();
+        let n = view.nodes.iter().find(|n| n.label == node.label)?;
         Some(n.counters())
     }
 
@@ -319,7 +344,13 @@ impl Proxy {
         let mut bound = HashMap::new();
         let mut wanted = HashSet::new();
         let mut key = None;
-        for p in cfg.ports.iter().filter(|p| p.protocol != Protocol::Tcp) {
+        let names = port_names(&cfg.ports);
+        for (p, name) in cfg
+            .ports
+            .iter()
+            .zip(names)
+            .filter(|(p, _)| p.protocol != Protocol::Tcp)
+        {
             let tls = match p.protocol {
                 Protocol::Https => Some(tls::acceptor(p)?),
                 _ => None,
@@ -338,10 +369,11 @@ impl Proxy {
                 let addr = SocketAddr::new(*ip, p.port);
                 wanted.insert(addr);
                 if !self.listeners.contains_key(&addr) && !bound.contains_key(&addr) {
-                    bound.insert(addr, (p.port, take_or_bind(addr, p.port, other)?));
+                    let l = take_or_bind(addr, &name, other)?;
+                    bound.insert(addr, (PortKey::of(p), l));
                 }
             }
-            ports.push((p.clone(), tls));
+            ports.push((p.clone(), name.into(), tls));
         }
         Ok(Prepared {
             ports,
@@ -355,24 +387,26 @@ impl Proxy {
     /// next [`Proxy::refresh`], which the agent calls right after. `taken` names the addresses
     /// whose sockets the user-space tcp proxy takes over.
     pub fn commit(&mut self, p: Prepared, taken: &HashSet<SocketAddr>) {
-        let numbers: HashSet<u16> = p.ports.iter().map(|(port, _)| port.port).collect();
-        self.ports.retain(|n, _| numbers.contains(n));
-        for (port, tls) in p.ports {
-            let number = port.port;
+        let keys: HashSet<PortKey> = p.ports.iter().map(|(port, ..)| PortKey::of(port)).collect();
+        self.ports.retain(|k, _| keys.contains(k));
+        for (port, name, tls) in p.ports {
+            let k = PortKey::of(&port);
             let view = PortView {
                 port,
+                requests: crate::metrics::port_requests(&name),
+                name,
                 tls,
                 key: p.key.clone(),
                 nodes: Vec::new(),
             };
-            match self.ports.get(&number) {
+            match self.ports.get(&k) {
                 Some(rt) => {
                     let old = rt.view();
                     let nodes = old.nodes.clone();
                     rt.set_view(PortView { nodes, ..view });
                 }
                 None => {
-                    self.ports.insert(number, Arc::new(PortRuntime::new(view)));
+                    self.ports.insert(k, Arc::new(PortRuntime::new(view)));
                 }
             }
         }
@@ -391,8 +425,8 @@ impl Proxy {
                 let _ = l.stop.send(true);
             }
         }
-        for (addr, (number, std_listener)) in p.bound {
-            let Some(rt) = self.ports.get(&number).cloned() else {
+        for (addr, (k, std_listener)) in p.bound {
+            let Some(rt) = self.ports.get(&k).cloned() else {
                 continue;
             };
             let protocol = rt.view().port.protocol;
@@ -416,16 +450,18 @@ impl Proxy {
     }
 
     /// Rebuilds every port's node set from `cfg` and the nodes' states; `state` gives a
-    /// node's health (and its passive-check channel) by (port, label).
-    pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(u16, &str) -> NodeState) {
+    /// node's health (and its passive-check channel).
+    pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(&NodeKey) -> NodeState) {
         for p in cfg.ports.iter().filter(|p| p.protocol != Protocol::Tcp) {
-            let Some(rt) = self.ports.get(&p.port) else {
+            let Some(rt) = self.ports.get(&PortKey::of(p)) else {
                 continue;
             };
             let nodes = node_views(p, state, &rt.pools, &rt.balancer, &rt.table);
             let old = rt.view();
             rt.set_view(PortView {
                 port: p.clone(),
+                name: old.name.clone(),
+                requests: old.requests.clone(),
                 tls: old.tls.clone(),
                 key: old.key.clone(),
                 nodes,
@@ -459,19 +495,24 @@ impl Proxy {
 }
 
 /// A port's node set as requests see it, from the config and the nodes' states (`state` gives
-/// health and the passive-check channel by (port, label)). Each node keeps its pool,
+/// health and the passive-check channel of a node). Each node keeps its pool,
 /// in-flight count and counters across refreshes (a changed address gets a new pool, the
 /// old one emptied); those of nodes that left are dropped (pools emptied), and the
 /// balancer's and stick table's memory is trimmed to the nodes left.
 /// The http and the user-space tcp paths share it, so both apply the same eligibility.
 pub(crate) fn node_views(
     p: &Port,
-    state: &dyn Fn(u16, &str) -> NodeState,
+    state: &dyn Fn(&NodeKey) -> NodeState,
     shared: &SharedNodes,
     balancer: &Mutex<Balancer>,
     table: &Mutex<StickTable>,
 ) -> Vec<NodeView> {
-    let states: Vec<NodeState> = p.nodes.iter().map(|n| state(p.port, &n.label)).collect();
+    let key = PortKey::of(p);
+    let states: Vec<NodeState> = p
+        .nodes
+        .iter()
+        .map(|n| state(&NodeKey::new(&key, &n.label)))
+        .collect();
     let up = |h: Health| h != Health::Down;
     let any_accept_up = p
         .nodes
@@ -568,7 +609,7 @@ async fn accept_loop(
         let Some(slot) = slot else {
             let tls = view.tls.is_some();
             if !tls {
-                crate::metrics::count_request(addr.port(), 503);
+                view.requests.count(503);
             }
             tokio::spawn(refuse_full(stream, tls));
             continue;
@@ -985,6 +1026,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (peer, local) = (conn.peer, conn.local);
+    let requests = rt.view().requests.clone();
     let service = service_fn(move |req| forward::handle(rt.clone(), req, conn.clone()));
     let mut conn = h1
         .serve_connection(TokioIo::new(io), service)
@@ -1010,7 +1052,7 @@ where
                     "{peer} -> {local}: request head incomplete after the header timeout ({} bytes), 408",
                     parts.read_buf.len()
                 );
-                request_timeout(parts.io.into_inner(), local.port()).await;
+                request_timeout(parts.io.into_inner(), &requests).await;
             }
             Ok(())
         }
@@ -1027,8 +1069,8 @@ async fn stop_requested(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Answers `408 Request Timeout` and closes; counted in `nb_port_requests_total`.
-async fn request_timeout<I: AsyncWrite + Unpin>(mut io: I, port: u16) {
-    crate::metrics::count_request(port, 408);
+async fn request_timeout<I: AsyncWrite + Unpin>(mut io: I, requests: &PortRequests) {
+    requests.count(408);
     let body = "408 Request Timeout\n\nThe request was not received in time.\n";
     let resp = format!(
         "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\
@@ -1051,7 +1093,7 @@ mod tests {
     use http_body_util::{BodyExt, Full};
     use hyper::{Request, Response, body::Incoming};
 
-    fn up(_: u16, _: &str) -> NodeState {
+    fn up(_: &NodeKey) -> NodeState {
         (Health::Up, None)
     }
 
@@ -1160,26 +1202,19 @@ mod tests {
 
     /// As [`serve`], with the [`Proxy`] holding the port and its listener.
     async fn serve_proxy(port: Port) -> (Proxy, Arc<PortRuntime>, SocketAddr) {
-        let number = port.port;
-        let rt = Arc::new(PortRuntime::new(PortView {
-            port: port.clone(),
-            tls: None,
-            key: None,
-            nodes: Vec::new(),
-        }));
+        let k = PortKey::of(&port);
+        let rt = Arc::new(PortRuntime::new(PortView::bare(port.clone())));
         let nodes = node_views(&port, &up, &rt.pools, &rt.balancer, &rt.table);
         rt.set_view(PortView {
-            port,
-            tls: None,
-            key: None,
             nodes,
+            ..PortView::bare(port)
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (stop, stop_rx) = watch::channel(false);
         let handle = tokio::spawn(accept_loop(rt.clone(), l, addr, stop_rx));
         let mut proxy = Proxy::new();
-        proxy.ports.insert(number, rt.clone());
+        proxy.ports.insert(k, rt.clone());
         proxy.listeners.insert(
             addr,
             Listener {

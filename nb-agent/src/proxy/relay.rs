@@ -84,7 +84,7 @@ where
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(READ_CHUNK);
-    let port = conn.local.port();
+    let requests = rt.view().requests.clone();
     let timer = tokio::time::sleep(header_timeout);
     tokio::pin!(timer);
     loop {
@@ -125,7 +125,7 @@ where
                 },
                 () = &mut timer => {
                     if !buf.is_empty() {
-                        request_timeout(io, port).await;
+                        request_timeout(io, &requests).await;
                     }
                     return Ok(());
                 }
@@ -339,20 +339,19 @@ async fn answer<I: AsyncWrite + Unpin>(
     req: Request,
 ) -> bool {
     let client: IpAddr = conn.peer.ip().to_canonical();
-    let port = conn.local.port();
     let head_request = req.head.head_request;
     let sent = forward::dispatch(rt, view, client, &req.sticky, req.head).await;
     let closing = req.close || *conn.stop.borrow();
     let (idx, (mut parts, reader), guard) = match sent {
         Ok(x) => x,
         Err(r) => {
-            crate::metrics::count_request(port, r.status.as_u16());
+            view.requests.count(r.status.as_u16());
             refusal(out, r, closing);
             return write(io, out).await && !closing;
         }
     };
     let status = parts.status;
-    crate::metrics::count_request(port, status.as_u16());
+    view.requests.count(status.as_u16());
     let set_cookie = forward::settle(rt, view, idx, &req.sticky, client, conn.secure, status);
     let node = &view.nodes[idx];
     let mut body = RawBody::new(reader, node.pool.clone(), guard);
@@ -501,13 +500,7 @@ pub(crate) mod fuzzing {
     static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
         let mut port = Port::new(8000, Protocol::Http);
         port.nodes = vec![Node::new("b1", "127.0.0.1:9".parse().expect("address"))];
-        let view = PortView {
-            port,
-            tls: None,
-            key: None,
-            nodes: Vec::new(),
-        };
-        let rt = PortRuntime::new(view);
+        let rt = PortRuntime::new(PortView::bare(port));
         let view = rt.view();
         let (_stop, rx) = tokio::sync::watch::channel(false);
         let conn = Client::new(

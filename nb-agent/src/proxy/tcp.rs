@@ -36,6 +36,7 @@ use tokio::{
 use crate::{
     config::{Config, Port, Protocol, ProxyProtocol, Stickiness},
     metrics::NodeCounters,
+    model::{NodeKey, PortKey, port_names},
     proxy::{
         NodeState, ProxyError, SharedNodes, TABLE_CAPACITY, TABLE_TTL,
         balance::{ActiveGuard, Balancer, NodeView, StickTable},
@@ -133,6 +134,8 @@ pub fn proxy_header(version: ProxyProtocol, src: SocketAddr, dst: SocketAddr) ->
 /// health changes.
 struct TcpView {
     port: Port,
+    /// The port's name in logs (see [`crate::model::port_names`]).
+    name: Arc<str>,
     nodes: Vec<NodeView>,
 }
 
@@ -147,10 +150,11 @@ struct TcpPort {
 
 impl TcpPort {
     /// A new port's state: no nodes until the first refresh, no algorithm memory.
-    fn new(port: Port) -> TcpPort {
+    fn new(port: Port, name: Arc<str>) -> TcpPort {
         TcpPort {
             view: RwLock::new(Arc::new(TcpView {
                 port,
+                name,
                 nodes: Vec::new(),
             })),
             balancer: Mutex::new(Balancer::default()),
@@ -178,7 +182,7 @@ impl TcpPort {
 /// Every user-space tcp port and listener of the agent.
 #[derive(Default)]
 pub struct TcpProxy {
-    ports: HashMap<u16, Arc<TcpPort>>,
+    ports: HashMap<PortKey, Arc<TcpPort>>,
     /// Each listener's task, and a second descriptor of its socket (see
     /// [`TcpProxy::listening`]).
     listeners: HashMap<SocketAddr, (JoinHandle<()>, Option<std::net::TcpListener>)>,
@@ -194,8 +198,8 @@ impl TcpPrepared {
 /// A checked config for [`TcpProxy::commit`]: the ports it serves and sockets already bound
 /// for listeners that do not exist yet.
 pub struct TcpPrepared {
-    ports: Vec<Port>,
-    bound: HashMap<SocketAddr, (u16, std::net::TcpListener)>,
+    ports: Vec<(Port, Arc<str>)>,
+    bound: HashMap<SocketAddr, (PortKey, std::net::TcpListener)>,
     wanted: HashSet<SocketAddr>,
 }
 
@@ -206,16 +210,16 @@ impl TcpProxy {
     }
 
     /// Whether `port` is served here.
-    pub fn serves(&self, port: u16) -> bool {
-        self.ports.contains_key(&port)
+    pub fn serves(&self, port: &PortKey) -> bool {
+        self.ports.contains_key(port)
     }
 
     /// The counters of a node of a user-space tcp port: connections forwarded, connections
     /// open, bytes each way so far (open connections included); `None` for a port or node not
     /// served here.
-    pub fn counters(&self, port: u16, label: &str) -> Option<NodeCounters> {
-        let view = self.ports.get(&port)?.view();
-        let n = view.nodes.iter().find(|n| n.label == label)?;
+    pub fn counters(&self, node: &NodeKey) -> Option<NodeCounters> {
+        let view = self.ports.get(&node.port)?.view();
+        let n = view.nodes.iter().find(|n| n.label == node.label)?;
         Some(n.counters())
     }
 
@@ -239,7 +243,13 @@ impl TcpProxy {
         let mut ports = Vec::new();
         let mut bound = HashMap::new();
         let mut wanted = HashSet::new();
-        for p in cfg.ports.iter().filter(|p| in_user_space(p, xdp)) {
+        let names = port_names(&cfg.ports);
+        for (p, name) in cfg
+            .ports
+            .iter()
+            .zip(names)
+            .filter(|(p, _)| in_user_space(p, xdp))
+        {
             let ips = if p.addresses.is_empty() {
                 public
             } else {
@@ -249,10 +259,11 @@ impl TcpProxy {
                 let addr = SocketAddr::new(*ip, p.port);
                 wanted.insert(addr);
                 if !self.listeners.contains_key(&addr) && !bound.contains_key(&addr) {
-                    bound.insert(addr, (p.port, take_or_bind(addr, p.port, other)?));
+                    let l = take_or_bind(addr, &name, other)?;
+                    bound.insert(addr, (PortKey::of(p), l));
                 }
             }
-            ports.push(p.clone());
+            ports.push((p.clone(), name.into()));
         }
         Ok(TcpPrepared {
             ports,
@@ -266,17 +277,17 @@ impl TcpProxy {
     /// the next [`TcpProxy::refresh`].
     /// `taken` names the addresses whose sockets the http proxy takes over.
     pub fn commit(&mut self, p: TcpPrepared, taken: &HashSet<SocketAddr>) {
-        let numbers: HashSet<u16> = p.ports.iter().map(|port| port.port).collect();
-        self.ports.retain(|n, _| numbers.contains(n));
-        for port in p.ports {
-            let number = port.port;
-            match self.ports.get(&number) {
+        let keys: HashSet<PortKey> = p.ports.iter().map(|(port, _)| PortKey::of(port)).collect();
+        self.ports.retain(|k, _| keys.contains(k));
+        for (port, name) in p.ports {
+            let k = PortKey::of(&port);
+            match self.ports.get(&k) {
                 Some(rt) => {
                     let nodes = rt.view().nodes.clone();
-                    rt.set_view(TcpView { port, nodes });
+                    rt.set_view(TcpView { port, name, nodes });
                 }
                 None => {
-                    self.ports.insert(number, Arc::new(TcpPort::new(port)));
+                    self.ports.insert(k, Arc::new(TcpPort::new(port, name)));
                 }
             }
         }
@@ -293,8 +304,8 @@ impl TcpProxy {
                 super::close_now(addr, socket, taken.contains(&addr));
             }
         }
-        for (addr, (number, std_listener)) in p.bound {
-            let Some(rt) = self.ports.get(&number).cloned() else {
+        for (addr, (k, std_listener)) in p.bound {
+            let Some(rt) = self.ports.get(&k).cloned() else {
                 continue;
             };
             let pp = rt.view().port.proxy_protocol;
@@ -339,15 +350,17 @@ impl TcpProxy {
     }
 
     /// Rebuilds every port's node set from `cfg` and the nodes' states, as the http proxy
-    /// does: `state` gives a node's health and passive-check channel by (port, label).
-    pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(u16, &str) -> NodeState) {
+    /// does: `state` gives a node's health and passive-check channel.
+    pub fn refresh(&mut self, cfg: &Config, state: &dyn Fn(&NodeKey) -> NodeState) {
         for p in cfg.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-            let Some(rt) = self.ports.get(&p.port) else {
+            let Some(rt) = self.ports.get(&PortKey::of(p)) else {
                 continue;
             };
             let nodes = node_views(p, state, &rt.shared, &rt.balancer, &rt.table);
+            let name = rt.view().name.clone();
             rt.set_view(TcpView {
                 port: p.clone(),
+                name,
                 nodes,
             });
         }
@@ -432,7 +445,7 @@ async fn serve(
     let mut retried = false;
     let (n, backend) = loop {
         let Some(n) = node else {
-            debug!("port {}: {peer}: no node available, reset", port.port);
+            debug!("port {}: {peer}: no node available, reset", view.name);
             reset(client);
             return;
         };
@@ -442,7 +455,7 @@ async fn serve(
                 // The balancer's own limit: not the node's failure, and no other node helps.
                 warn!(
                     "port {}: connect {}: {e}; connection reset",
-                    port.port, n.addr
+                    view.name, n.addr
                 );
                 reset(client);
                 return;
@@ -452,13 +465,13 @@ async fn serve(
         };
         n.passive_failure(format!("passive: {err}"));
         if retried {
-            warn!("port {}: node {}: {err}", port.port, n.label);
+            warn!("port {}: node {}: {err}", view.name, n.label);
             reset(client);
             return;
         }
         warn!(
             "port {}: node {}: {err}; retrying on another node",
-            port.port, n.label
+            view.name, n.label
         );
         retried = true;
         node = rt.pick(view, client_ip, Some(&n.label));
@@ -479,7 +492,7 @@ async fn serve(
     if !header.is_empty()
         && let Err(e) = backend.write_all(&header).await
     {
-        debug!("port {}: node {}: PROXY header: {e}", port.port, n.label);
+        debug!("port {}: node {}: PROXY header: {e}", view.name, n.label);
         reset(client);
         return;
     }
@@ -491,13 +504,13 @@ async fn serve(
         r = tokio::io::copy_bidirectional(&mut client, &mut backend) => match r {
             Ok((up, down)) => debug!(
                 "port {}: {peer} <-> {} ({}): {up} bytes up, {down} down",
-                port.port, n.label, n.addr
+                view.name, n.label, n.addr
             ),
-            Err(e) => debug!("port {}: {peer} <-> {}: {e}", port.port, n.label),
+            Err(e) => debug!("port {}: {peer} <-> {}: {e}", view.name, n.label),
         },
         _ = activity.idle_for(idle) => debug!(
             "port {}: {peer} <-> {}: idle for {idle:?}, closed",
-            port.port, n.label
+            view.name, n.label
         ),
     }
 }
@@ -572,10 +585,15 @@ mod tests {
     ) -> (Arc<TcpPort>, SocketAddr) {
         let mut p = Port::new(9000, Protocol::Tcp);
         p.nodes = nodes;
-        let rt = Arc::new(TcpPort::new(p.clone()));
-        let up = |_: u16, _: &str| (crate::health::Health::Up, None);
+        let name: Arc<str> = "9000".into();
+        let rt = Arc::new(TcpPort::new(p.clone(), name.clone()));
+        let up = |_: &NodeKey| (crate::health::Health::Up, None);
         let nodes = node_views(&p, &up, &rt.shared, &rt.balancer, &rt.table);
-        rt.set_view(TcpView { port: p, nodes });
+        rt.set_view(TcpView {
+            port: p,
+            name,
+            nodes,
+        });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(accept_loop(rt.clone(), l, addr, idle));

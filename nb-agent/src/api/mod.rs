@@ -13,16 +13,28 @@
 //! write costs the agent its head only. Answers to requests without a valid token show no
 //! file paths (README "Redaction").
 //!
-//! API writes are an overlay on the config file: node additions, changes of weight or mode,
-//! and removals, kept in `state_dir/api-changes.json`. The running config is always "the file,
+//! API writes are an overlay on the config file ([`overlay`]): node additions, changes of
+//! weight or mode, removals and whole ports rebuilt, kept in `state_dir/api-changes.json`.
+//! A path's `{port}` is read by [`crate::model::find`]: `PORT` where the number is used once,
+//! else `ADDRESS:PORT`; an ambiguous one is a 409 naming the choices. The running config is always "the file,
 //! then the overlay", both at start and at every reload, and it is validated whole by the same
 //! rules as the file before the agent applies it; a refused write or reload changes nothing.
 
+mod auth;
+mod body;
+mod overlay;
+mod views;
+
+pub(crate) use self::body::{body_object, mode_field, new_node, weight_field};
+pub use self::{
+    overlay::Overlay,
+    views::{HIDDEN, snapshot},
+};
+
 use std::{
     collections::HashMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    str::FromStr,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -38,22 +50,56 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, info, warn};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
+use serde_json::{Value, json};
 use thiserror::Error;
 use tokio::{
     net::TcpListener,
     sync::{Notify, mpsc, oneshot, watch},
 };
 
+use self::{
+    auth::{authorize_read, authorize_write},
+    views::{dataplane_counters, node_counters, node_json, port_json, port_value, stats_json},
+};
 use crate::{
     agent::{Agent, AgentError},
-    config::{self, Config, Node, NodeMode, Port, Protocol},
-    health::Health,
-    metrics::{self, NodeCounters, NodeSample, Snapshot},
+    config::{self, Config, Port},
+    metrics,
+    model::{self, FindError, NodeKey, PortKey, port_names},
     secret_file,
 };
+
+/// A refused write: its HTTP status and the reason shown to the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<FindError> for Refusal {
+    fn from(e: FindError) -> Refusal {
+        let status = match e {
+            FindError::Malformed(_) => StatusCode::BAD_REQUEST,
+            FindError::NotFound(_) => StatusCode::NOT_FOUND,
+            FindError::Ambiguous { .. } => StatusCode::CONFLICT,
+        };
+        Refusal::new(status, e.to_string())
+    }
+}
+
+/// The running port a path's `{port}` names (see [`model::find`]).
+fn find_port<'c>(cfg: &'c Config, public: &[IpAddr], text: &str) -> Result<&'c Port, Refusal> {
+    Ok(&cfg.ports[model::find(&cfg.ports, public, text)?])
+}
 
 /// Largest request body accepted: a node is a few dozen bytes.
 const MAX_BODY: usize = 64 * 1024;
@@ -113,332 +159,6 @@ pub enum ApiError {
 }
 
 // ---------------------------------------------------------------------------------------
-// The overlay: what the API changed, relative to the file.
-
-/// One API change of one node.
-#[derive(Debug, Clone, PartialEq)]
-enum Change {
-    /// The node as the API added (or re-added) it: replaces a file node of that label.
-    Set(Node),
-    /// Weight and/or mode changed on a node that comes from the file.
-    Patch {
-        weight: Option<u8>,
-        mode: Option<NodeMode>,
-    },
-    /// A node of the file removed.
-    Removed,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Entry {
-    port: u16,
-    label: String,
-    change: Change,
-}
-
-/// The API's changes, in the order they were made, at most one per (port, label).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Overlay {
-    entries: Vec<Entry>,
-}
-
-/// How the overlay is written to `state_dir`.
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateFile {
-    version: u32,
-    changes: Vec<StateEntry>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateEntry {
-    port: u16,
-    label: String,
-    /// `set`, `patch` or `removed`.
-    change: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    address: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    weight: Option<u8>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    mode: Option<String>,
-}
-
-/// A refused write: its HTTP status and the reason shown to the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-/// The one port numbered `port`: writes name ports by number, so two `[[port]]` tables with
-/// the same number (on different addresses) cannot be told apart by the API.
-fn find_port(cfg: &Config, port: u16) -> Result<&Port, Refusal> {
-    let mut it = cfg.ports.iter().filter(|p| p.port == port);
-    let first = it
-        .next()
-        .ok_or_else(|| Refusal::new(StatusCode::NOT_FOUND, format!("no port {port}")))?;
-    if it.next().is_some() {
-        return Err(Refusal::new(
-            StatusCode::CONFLICT,
-            format!(
-                "port {port} is configured more than once (on different addresses); change it in the config file"
-            ),
-        ));
-    }
-    Ok(first)
-}
-
-impl Overlay {
-    /// `base` with the changes applied, and the indices of changes that no longer apply
-    /// (their port or node is gone from the file).
-    fn compose(&self, base: &Config) -> (Config, Vec<usize>) {
-        let mut cfg = base.clone();
-        let mut stale = Vec::new();
-        for (i, e) in self.entries.iter().enumerate() {
-            let Some(p) = cfg.ports.iter_mut().find(|p| p.port == e.port) else {
-                stale.push(i);
-                continue;
-            };
-            let at = p.nodes.iter().position(|n| n.label == e.label);
-            match (&e.change, at) {
-                (Change::Set(n), Some(j)) => p.nodes[j] = n.clone(),
-                (Change::Set(n), None) => p.nodes.push(n.clone()),
-                (Change::Patch { weight, mode }, Some(j)) => {
-                    if let Some(w) = weight {
-                        p.nodes[j].weight = *w;
-                    }
-                    if let Some(m) = mode {
-                        p.nodes[j].mode = *m;
-                    }
-                }
-                (Change::Removed, Some(j)) => {
-                    p.nodes.remove(j);
-                }
-                (Change::Patch { .. } | Change::Removed, None) => stale.push(i),
-            }
-        }
-        (cfg, stale)
-    }
-
-    fn position(&self, port: u16, label: &str) -> Option<usize> {
-        self.entries
-            .iter()
-            .position(|e| e.port == port && e.label == label)
-    }
-
-    fn put(&mut self, port: u16, label: &str, change: Change) {
-        let e = Entry {
-            port,
-            label: label.to_string(),
-            change,
-        };
-        match self.position(port, label) {
-            Some(i) => self.entries[i] = e,
-            None => self.entries.push(e),
-        }
-    }
-
-    /// Records an added node; `running` is the config now in force.
-    fn add(&mut self, running: &Config, port: u16, node: Node) -> Result<(), Refusal> {
-        let p = find_port(running, port)?;
-        if p.node(&node.label).is_some() {
-            return Err(Refusal::new(
-                StatusCode::CONFLICT,
-                format!("port {port} already has a node '{}'", node.label),
-            ));
-        }
-        let label = node.label.clone();
-        self.put(port, &label, Change::Set(node));
-        Ok(())
-    }
-
-    /// Records a change of weight and/or mode.
-    fn set(
-        &mut self,
-        running: &Config,
-        port: u16,
-        label: &str,
-        weight: Option<u8>,
-        mode: Option<NodeMode>,
-    ) -> Result<(), Refusal> {
-        let p = find_port(running, port)?;
-        if p.node(label).is_none() {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                format!("port {port} has no node '{label}'"),
-            ));
-        }
-        let existing = self.position(port, label).map(|i| &mut self.entries[i]);
-        match existing {
-            Some(Entry {
-                change: Change::Set(n),
-                ..
-            }) => {
-                if let Some(w) = weight {
-                    n.weight = w;
-                }
-                if let Some(m) = mode {
-                    n.mode = m;
-                }
-            }
-            Some(Entry {
-                change:
-                    Change::Patch {
-                        weight: pw,
-                        mode: pm,
-                    },
-                ..
-            }) => {
-                *pw = weight.or(*pw);
-                *pm = mode.or(*pm);
-            }
-            _ => self.put(port, label, Change::Patch { weight, mode }),
-        }
-        Ok(())
-    }
-
-    /// Records a removal; `base` is the file, which decides whether the removal must be kept
-    /// (the file has the node) or the API's own addition simply forgotten.
-    fn remove(
-        &mut self,
-        base: &Config,
-        running: &Config,
-        port: u16,
-        label: &str,
-    ) -> Result<(), Refusal> {
-        let p = find_port(running, port)?;
-        if p.node(label).is_none() {
-            return Err(Refusal::new(
-                StatusCode::NOT_FOUND,
-                format!("port {port} has no node '{label}'"),
-            ));
-        }
-        let in_file = base
-            .ports
-            .iter()
-            .any(|p| p.port == port && p.node(label).is_some());
-        if in_file {
-            self.put(port, label, Change::Removed);
-        } else if let Some(i) = self.position(port, label) {
-            self.entries.remove(i);
-        }
-        Ok(())
-    }
-
-    /// Reads the overlay from `path`; absent file = no changes.
-    pub fn load(path: &Path) -> Result<Overlay, ApiError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Overlay::default()),
-            Err(source) => {
-                return Err(ApiError::State {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        };
-        let bad = |message: String| ApiError::StateFormat {
-            path: path.to_path_buf(),
-            message,
-        };
-        let file: StateFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if file.version != 1 {
-            return Err(bad(format!("unknown version {}", file.version)));
-        }
-        let mut out = Overlay::default();
-        for e in file.changes {
-            let what = format!("port {} node {}", e.port, e.label);
-            let mode = e
-                .mode
-                .as_deref()
-                .map(NodeMode::from_str)
-                .transpose()
-                .map_err(|m| bad(format!("{what}: {m}")))?;
-            let change = match e.change.as_str() {
-                "set" => {
-                    let addr = e
-                        .address
-                        .as_deref()
-                        .ok_or_else(|| bad(format!("{what}: no address")))?;
-                    let address =
-                        config::node_address(addr).map_err(|m| bad(format!("{what}: {m}")))?;
-                    let mut n = Node::new(e.label.clone(), address);
-                    if let Some(w) = e.weight {
-                        n.weight = w;
-                    }
-                    if let Some(m) = mode {
-                        n.mode = m;
-                    }
-                    Change::Set(n)
-                }
-                "patch" => Change::Patch {
-                    weight: e.weight,
-                    mode,
-                },
-                "removed" => Change::Removed,
-                other => return Err(bad(format!("{what}: unknown change '{other}'"))),
-            };
-            out.put(e.port, &e.label, change);
-        }
-        Ok(out)
-    }
-
-    fn to_json(&self) -> String {
-        let changes = self
-            .entries
-            .iter()
-            .map(|e| {
-                let mut s = StateEntry {
-                    port: e.port,
-                    label: e.label.clone(),
-                    change: String::new(),
-                    address: None,
-                    weight: None,
-                    mode: None,
-                };
-                match &e.change {
-                    Change::Set(n) => {
-                        s.change = "set".into();
-                        s.address = Some(n.address.to_string());
-                        s.weight = Some(n.weight);
-                        s.mode = Some(n.mode.as_str().into());
-                    }
-                    Change::Patch { weight, mode } => {
-                        s.change = "patch".into();
-                        s.weight = *weight;
-                        s.mode = mode.map(|m| m.as_str().into());
-                    }
-                    Change::Removed => s.change = "removed".into(),
-                }
-                s
-            })
-            .collect();
-        let file = StateFile {
-            version: 1,
-            changes,
-        };
-        serde_json::to_string_pretty(&file).unwrap_or_default() + "\n"
-    }
-
-    /// Writes the overlay so that a crash at any moment leaves either the old or the new file
-    /// (see [`secret_file::write_atomic`]).
-    pub fn persist(&self, path: &Path) -> std::io::Result<()> {
-        secret_file::write_atomic(path, self.to_json().as_bytes(), 0o600)
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Requests, as the connection tasks hand them to the agent loop.
 
 /// A request routed, waiting for the agent loop's answer.
@@ -452,7 +172,7 @@ pub struct Call {
 enum Route {
     /// From the published config, in the connection task.
     Ports,
-    Port(u16),
+    Port(String),
     /// By the agent loop.
     Loop(Op),
 }
@@ -472,9 +192,11 @@ enum Op {
 
 #[derive(Debug)]
 enum WriteOp {
-    Add(u16),
-    Set(u16, String),
-    Remove(u16, String),
+    Add(String),
+    Set(String, String),
+    Remove(String, String),
+    /// `PUT /v1/ports/{port}`.
+    Rebuild(String),
 }
 
 /// An answer: status, content type and body.
@@ -522,14 +244,17 @@ impl From<Refusal> for Reply {
 #[derive(Debug)]
 pub struct Published {
     config: Arc<Config>,
+    /// The balancer's addresses, which ports without their own serve (for `{port}`).
+    public: Vec<IpAddr>,
     status: Value,
     at: Instant,
 }
 
 impl Published {
-    fn new(config: Config, status: Value) -> Published {
+    fn new(config: Config, public: Vec<IpAddr>, status: Value) -> Published {
         Published {
             config: Arc::new(config),
+            public,
             status,
             at: Instant::now(),
         }
@@ -719,14 +444,25 @@ pub fn serve(
     rx
 }
 
-fn parse_port(s: &str) -> Result<u16, Reply> {
-    match s.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(Reply::error(
-            StatusCode::BAD_REQUEST,
-            &format!("'{s}' is not a port number (1-65535)"),
-        )),
+/// A path segment with its `%XX` escapes decoded (`[`, `]` and `:` of an IPv6 `{port}` may
+/// come escaped); malformed escapes and non-UTF-8 results are refused.
+fn segment(s: &str) -> Result<String, Reply> {
+    let bad = || Reply::error(StatusCode::BAD_REQUEST, &format!("bad escape in '{s}'"));
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).ok_or_else(bad)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
     }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
 /// Routes one request: which operation, or the error for a path or method that has none.
@@ -756,17 +492,24 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
         ["v1", "status"] => get(Route::Loop(Op::Status)),
         ["v1", "stats"] => get(Route::Loop(Op::Stats)),
         ["v1", "ports"] => get(Route::Ports),
-        ["v1", "ports", port] => get(Route::Port(parse_port(port)?)),
+        ["v1", "ports", port] => {
+            let port = segment(port)?;
+            match *method {
+                Method::GET => Ok(Route::Port(port)),
+                Method::PUT => Ok(write(WriteOp::Rebuild(port))),
+                _ => Err(not_allowed()),
+            }
+        }
         ["v1", "ports", port, "nodes"] => {
-            let port = parse_port(port)?;
+            let port = segment(port)?;
             match *method {
                 Method::POST => Ok(write(WriteOp::Add(port))),
                 _ => Err(not_allowed()),
             }
         }
         ["v1", "ports", port, "nodes", label] => {
-            let port = parse_port(port)?;
-            let label = label.to_string();
+            let port = segment(port)?;
+            let label = segment(label)?;
             match *method {
                 Method::PUT => Ok(write(WriteOp::Set(port, label))),
                 Method::DELETE => Ok(write(WriteOp::Remove(port, label))),
@@ -811,9 +554,9 @@ async fn answer(
             }
             Route::Port(port) => {
                 let reveal = authorize_read(admin, authorization)?;
-                return Ok(match now.config.ports.iter().find(|p| p.port == port) {
-                    Some(p) => Reply::json(StatusCode::OK, &port_json(p, reveal)),
-                    None => Reply::error(StatusCode::NOT_FOUND, &format!("no port {port}")),
+                return Ok(match find_port(&now.config, &now.public, &port) {
+                    Ok(p) => Reply::json(StatusCode::OK, &port_json(p, reveal)),
+                    Err(r) => r.into(),
                 });
             }
             Route::Loop(op) => op,
@@ -915,289 +658,6 @@ async fn answer(
     resp
 }
 
-// ---------------------------------------------------------------------------------------
-// Tokens.
-
-/// Compares two secrets in time independent of where they differ and of their lengths:
-/// both are hashed first, then every byte of the digests is compared.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
-    let diff = da
-        .iter()
-        .zip(db.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
-
-/// The token in a token file (read on every request that carries one, so a new token takes
-/// effect without a restart), or why there is none, for the log: the answer to the caller
-/// never names the file.
-fn token_in(file: &Path) -> Result<String, String> {
-    match std::fs::read_to_string(file) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
-        Ok(_) => Err(format!("{} is empty", file.display())),
-        Err(e) => Err(format!("{}: {e}", file.display())),
-    }
-}
-
-/// The TOKEN of `Authorization: Bearer TOKEN`.
-fn bearer(authorization: Option<&str>) -> Option<&str> {
-    let (scheme, rest) = authorization?.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-}
-
-/// Whether `given` is the token in `file`; a missing or empty file matches nothing.
-fn is_token(file: &Path, given: &str) -> bool {
-    token_in(file).is_ok_and(|t| same_secret(given.as_bytes(), t.as_bytes()))
-}
-
-/// A write needs the admin token. No token file, or an empty one, refuses every write; the
-/// read token is refused with 403 (it is known, but may not write).
-fn authorize_write(admin: &config::Admin, authorization: Option<&str>) -> Result<(), Refusal> {
-    let unauthorized = |m: &str| Refusal::new(StatusCode::UNAUTHORIZED, m);
-    if let Err(why) = token_in(&admin.token_file) {
-        info!("admin API: write refused, no admin token: {why}");
-        return Err(unauthorized(
-            "writes are disabled: the agent has no admin token (see its log)",
-        ));
-    }
-    let given = bearer(authorization)
-        .ok_or_else(|| unauthorized("missing 'Authorization: Bearer TOKEN'"))?;
-    if is_token(&admin.token_file, given) {
-        return Ok(());
-    }
-    if admin
-        .read_token_file
-        .as_deref()
-        .is_some_and(|f| is_token(f, given))
-    {
-        return Err(Refusal::new(
-            StatusCode::FORBIDDEN,
-            "the read token may not write: use the admin token",
-        ));
-    }
-    Err(unauthorized("bad token"))
-}
-
-/// Whether a read may see file paths (`true`: it carries the admin or the read token), or its
-/// refusal: with `read_token_file` set, a read without either token is 401. Without it, reads
-/// are open but show no paths.
-fn authorize_read(admin: &config::Admin, authorization: Option<&str>) -> Result<bool, Reply> {
-    let known = bearer(authorization).is_some_and(|given| {
-        is_token(&admin.token_file, given)
-            || admin
-                .read_token_file
-                .as_deref()
-                .is_some_and(|f| is_token(f, given))
-    });
-    if !known && admin.read_token_file.is_some() {
-        let m = if bearer(authorization).is_some() {
-            "bad token"
-        } else {
-            "reads need 'Authorization: Bearer TOKEN' (the read token or the admin token)"
-        };
-        return Err(Reply::error(StatusCode::UNAUTHORIZED, m));
-    }
-    Ok(known)
-}
-
-/// The JSON object of a write's body, with only `allowed` keys.
-pub(crate) fn body_object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, Refusal> {
-    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
-    let Value::Object(map) = v else {
-        return Err(bad("body must be a JSON object".to_string()));
-    };
-    if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(bad(format!(
-            "unknown field '{k}' (expected one of: {})",
-            allowed.join(", ")
-        )));
-    }
-    Ok(map)
-}
-
-fn str_field<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, Refusal> {
-    match map.get(key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(Refusal::new(
-            StatusCode::BAD_REQUEST,
-            format!("{key} must be a string, not {other}"),
-        )),
-    }
-}
-
-pub(crate) fn weight_field(map: &Map<String, Value>) -> Result<Option<u8>, Refusal> {
-    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
-    match map.get("weight") {
-        None => Ok(None),
-        Some(v) => {
-            let n = v
-                .as_i64()
-                .ok_or_else(|| bad(format!("weight must be an integer, not {v}")))?;
-            config::node_weight(n).map(Some).map_err(bad)
-        }
-    }
-}
-
-pub(crate) fn mode_field(map: &Map<String, Value>) -> Result<Option<NodeMode>, Refusal> {
-    str_field(map, "mode")?
-        .map(|m| {
-            NodeMode::from_str(m).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))
-        })
-        .transpose()
-}
-
-/// A node from a POST body, checked by the file's rules for each field.
-pub(crate) fn new_node(body: &[u8]) -> Result<Node, Refusal> {
-    let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
-    let map = body_object(body, &["label", "address", "weight", "mode"])?;
-    let label = str_field(&map, "label")?.ok_or_else(|| bad("label is required".into()))?;
-    Node::validate_label(label).map_err(bad)?;
-    let address = str_field(&map, "address")?.ok_or_else(|| bad("address is required".into()))?;
-    let address = config::node_address(address).map_err(bad)?;
-    let mut n = Node::new(label, address);
-    if let Some(w) = weight_field(&map)? {
-        n.weight = w;
-    }
-    if let Some(m) = mode_field(&map)? {
-        n.mode = m;
-    }
-    Ok(n)
-}
-
-fn node_json(n: &Node) -> Value {
-    json!({
-        "label": n.label,
-        "address": n.address.to_string(),
-        "weight": n.weight,
-        "mode": n.mode.as_str(),
-    })
-}
-
-/// What an answer shows in place of a file path when the request carries no valid token.
-pub const HIDDEN: &str = "(hidden)";
-
-/// A port as it runs, every field under its config name; file paths (certificates and keys)
-/// only when `reveal` (the request carries a valid token), else each is [`HIDDEN`]: a path
-/// tells an attacker where the secrets are.
-fn port_json(p: &Port, reveal: bool) -> Value {
-    let paths = |v: &[PathBuf]| -> Vec<String> {
-        v.iter()
-            .map(|c| {
-                if reveal {
-                    c.display().to_string()
-                } else {
-                    HIDDEN.to_string()
-                }
-            })
-            .collect()
-    };
-    json!({
-        "port": p.port,
-        "addresses": p.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        "protocol": p.protocol.as_str(),
-        "algorithm": p.algorithm.as_str(),
-        "stickiness": p.stickiness.as_str(),
-        "check": p.check.as_str(),
-        "check_interval": p.check_interval,
-        "check_timeout": p.check_timeout,
-        "check_attempts": p.check_attempts,
-        "check_path": p.check_path,
-        "check_body": p.check_body,
-        "check_passive": p.check_passive,
-        "proxy_protocol": p.proxy_protocol.as_str(),
-        "ssl_cert": paths(&p.ssl_cert),
-        "ssl_key": paths(&p.ssl_key),
-        "cipher_suite": p.cipher_suite.as_str(),
-        "timeout_header": p.timeout_header,
-        "timeout_connect": p.timeout_connect,
-        "timeout_server": p.timeout_server,
-        "timeout_client": p.timeout_client,
-        "h2_max_streams": p.h2_max_streams,
-        "max_node_connections": p.max_node_connections,
-        "max_connections": p.max_connections,
-        "max_header_size": p.max_header_size,
-        "nodes": p.nodes.iter().map(node_json).collect::<Vec<_>>(),
-    })
-}
-
-/// Data-path counters per (port, node label), summed over address families; empty without a
-/// data path (or when it cannot be read, which is logged).
-fn dataplane_counters(agent: &Agent) -> HashMap<(u16, String), NodeCounters> {
-    let mut out: HashMap<(u16, String), NodeCounters> = HashMap::new();
-    let Some(dp) = agent.dataplane.as_ref() else {
-        return out;
-    };
-    match dp.backend_counters() {
-        Ok(all) => {
-            for ((_family, port, label), c) in all {
-                let e = out.entry((port, label)).or_default();
-                e.connections += c.stats.new_conns;
-                e.active += c.active;
-                e.bytes_in += c.stats.bytes_in;
-                e.bytes_out += c.stats.bytes_out;
-                e.no_port += c.stats.no_port;
-            }
-        }
-        Err(e) => warn!("reading backend counters: {e}"),
-    }
-    out
-}
-
-/// A node's counters from the path that serves its port: the user-space tcp proxy, the http
-/// proxy, or the XDP program (`dp`, from [`dataplane_counters`]). `None` only for a tcp port
-/// nothing serves.
-fn node_counters(
-    agent: &Agent,
-    dp: &HashMap<(u16, String), NodeCounters>,
-    p: &Port,
-    label: &str,
-) -> Option<NodeCounters> {
-    if agent.tcp.serves(p.port) {
-        // Served in user space: the XDP counters know nothing of it.
-        Some(agent.tcp.counters(p.port, label).unwrap_or_default())
-    } else if p.protocol != Protocol::Tcp {
-        Some(agent.proxy.counters(p.port, label).unwrap_or_default())
-    } else {
-        agent.dataplane.is_some().then(|| {
-            dp.get(&(p.port, label.to_string()))
-                .copied()
-                .unwrap_or_default()
-        })
-    }
-}
-
-/// What a scrape or `GET /v1/stats` shows of the running agent.
-pub fn snapshot(agent: &Agent) -> Snapshot {
-    let dp = dataplane_counters(agent);
-    let mut nodes = Vec::new();
-    for p in &agent.config.ports {
-        for n in &p.nodes {
-            let key = (p.port, n.label.clone());
-            let health = agent.health.get(&key).copied().unwrap_or_default();
-            nodes.push(NodeSample {
-                port: p.port,
-                node: n.label.clone(),
-                up: health != Health::Down,
-                counters: node_counters(agent, &dp, p, &n.label),
-            });
-        }
-    }
-    let xdp = match agent.dataplane.as_ref().map(|dp| dp.packet_counters()) {
-        Some(Ok(v)) => v,
-        Some(Err(e)) => {
-            warn!("reading packet counters: {e}");
-            Vec::new()
-        }
-        None => Vec::new(),
-    };
-    Snapshot { nodes, xdp }
-}
-
-/// The API's side of the agent: the file as last read, the overlay, where it is kept, and
 /// what the connection tasks see of the running agent.
 pub struct Admin {
     base: Config,
@@ -1212,10 +672,12 @@ impl Admin {
     /// a warning; a result that breaks a rule stops the start, as a bad file does.
     pub fn open(base: Config) -> Result<(Admin, Config), ApiError> {
         let state_path = base.balancer.state_dir.join(STATE_FILE);
-        let overlay = Overlay::load(&state_path)?;
+        let mut overlay = Overlay::load(&state_path)?;
+        overlay.pin_numbers(&base);
         warn_exposed_tokens(&base.admin);
         let (published, _) = watch::channel(Arc::new(Published::new(
             base.clone(),
+            Vec::new(),
             json!({ "ports": [] }),
         )));
         let mut admin = Admin {
@@ -1249,17 +711,9 @@ impl Admin {
         }
         self.base = base;
         if !stale.is_empty() {
-            for &i in stale.iter().rev() {
-                let e = self.overlay.entries.remove(i);
+            for what in self.overlay.drop_stale(&stale) {
                 warn!(
-                    "API change of port {} node {} dropped: the config file no longer has that {}",
-                    e.port,
-                    e.label,
-                    if cfg.ports.iter().any(|p| p.port == e.port) {
-                        "node"
-                    } else {
-                        "port"
-                    }
+                    "API change dropped ({what}): the config file no longer has that port or node"
                 );
             }
             if let Err(e) = self.overlay.persist(&self.state_path) {
@@ -1277,7 +731,11 @@ impl Admin {
     /// Publishes the running config and status for the connection tasks; the loop calls it
     /// after every change of the config and on every sweep (health and counters move).
     pub fn publish(&self, agent: &Agent) {
-        let p = Published::new(agent.config.clone(), self.status(agent));
+        let p = Published::new(
+            agent.config.clone(),
+            agent.public.clone(),
+            self.status(agent),
+        );
         self.published.send_replace(Arc::new(p));
     }
 
@@ -1339,18 +797,21 @@ impl Admin {
 
     fn status(&self, agent: &Agent) -> Value {
         let dp = dataplane_counters(agent);
+        let names = port_names(&agent.config.ports);
         let ports: Vec<Value> = agent
             .config
             .ports
             .iter()
-            .map(|p| {
+            .zip(&names)
+            .map(|(p, name)| {
+                let port = PortKey::of(p);
                 let nodes: Vec<Value> = p
                     .nodes
                     .iter()
                     .map(|n| {
-                        let key = (p.port, n.label.clone());
+                        let key = NodeKey::new(&port, &n.label);
                         let health = agent.health.get(&key).copied().unwrap_or_default();
-                        let active = node_counters(agent, &dp, p, &n.label).map(|c| c.active);
+                        let active = node_counters(agent, &dp, p, &key).map(|c| c.active);
                         let mut v = node_json(n);
                         v["status"] = json!(health.as_str());
                         v["active_connections"] = json!(active);
@@ -1359,6 +820,7 @@ impl Admin {
                     .collect();
                 json!({
                     "port": p.port,
+                    "name": name,
                     "addresses": p.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                     "protocol": p.protocol.as_str(),
                     "algorithm": p.algorithm.as_str(),
@@ -1375,35 +837,47 @@ impl Admin {
     fn write(&mut self, agent: &mut Agent, write: WriteOp, body: &[u8]) -> Result<Reply, Refusal> {
         let mut next = self.overlay.clone();
         let running = &agent.config;
-        let (port, label, what) = match write {
+        let public = &agent.public;
+        let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
+        // The port as it runs, and which node the answer shows (none: the whole port).
+        let (at, label, what) = match write {
             WriteOp::Add(port) => {
+                let p = find_port(running, public, &port)?;
                 let node = new_node(body)?;
                 let label = node.label.clone();
-                next.add(running, port, node)?;
-                (port, label, "added")
+                next.add(p, node)?;
+                (PortKey::of(p), Some(label), "added")
             }
             WriteOp::Set(port, label) => {
+                let p = find_port(running, public, &port)?;
                 let map = body_object(body, &["weight", "mode"])?;
                 let weight = weight_field(&map)?;
                 let mode = mode_field(&map)?;
                 if weight.is_none() && mode.is_none() {
-                    return Err(Refusal::new(
-                        StatusCode::BAD_REQUEST,
-                        "nothing to change: give weight and/or mode",
-                    ));
+                    return Err(bad("nothing to change: give weight and/or mode".into()));
                 }
-                next.set(running, port, &label, weight, mode)?;
-                (port, label, "changed")
+                next.set(p, &label, weight, mode)?;
+                (PortKey::of(p), Some(label), "changed")
             }
             WriteOp::Remove(port, label) => {
-                next.remove(&self.base, running, port, &label)?;
-                (port, label, "removed")
+                let p = find_port(running, public, &port)?;
+                next.remove(&self.base, p, &label)?;
+                (PortKey::of(p), Some(label), "removed")
+            }
+            WriteOp::Rebuild(port) => {
+                let p = find_port(running, public, &port)?;
+                let v: Value = serde_json::from_slice(body)
+                    .map_err(|e| bad(format!("body is not valid JSON: {e}")))?;
+                let rebuilt = body::port_from_json(&v, Some(p)).map_err(bad)?;
+                let key = PortKey::of(&rebuilt);
+                next.rebuild(p, rebuilt);
+                (key, None, "rebuilt")
             }
         };
         let (cfg, _stale) = next.compose(&self.base);
         let problems = cfg.validate();
         if !problems.is_empty() {
-            return Err(Refusal::new(StatusCode::BAD_REQUEST, problems.join("; ")));
+            return Err(bad(problems.join("; ")));
         }
         let old = agent.config.clone();
         if let Err(e) = agent.apply(cfg) {
@@ -1426,25 +900,28 @@ impl Admin {
             ));
         }
         self.overlay = next;
-        info!("admin API: port {port} node {label} {what}");
-        let node = agent
-            .config
-            .ports
-            .iter()
-            .find(|p| p.port == port)
-            .and_then(|p| p.node(&label));
+        let names = port_names(&agent.config.ports);
+        let i = agent.config.ports.iter().position(|p| PortKey::of(p) == at);
+        let name = i.map_or_else(|| at.to_string(), |i| names[i].clone());
+        let port = i.map(|i| &agent.config.ports[i]);
+        match &label {
+            Some(l) => info!("admin API: port {name} node {l} {what}"),
+            None => info!("admin API: port {name} {what}"),
+        }
         let status = if what == "added" {
             StatusCode::CREATED
         } else {
             StatusCode::OK
         };
-        Ok(Reply::json(
-            status,
-            &match node {
-                Some(n) => json!({ "port": port, "node": node_json(n) }),
-                None => json!({ "port": port, "removed": label }),
+        let answer = match (&label, port) {
+            (None, Some(p)) => port_json(p, true),
+            (Some(l), p) => match p.and_then(|p| p.node(l)) {
+                Some(n) => json!({ "port": port_value(&name), "node": node_json(n) }),
+                None => json!({ "port": port_value(&name), "removed": l }),
             },
-        ))
+            (None, None) => json!({ "port": port_value(&name) }),
+        };
+        Ok(Reply::json(status, &answer))
     }
 }
 
@@ -1456,37 +933,12 @@ fn warn_exposed_tokens(admin: &config::Admin) {
     }
 }
 
-/// `GET /v1/stats`: the scrape's numbers as JSON, for `nbctl stats`.
-fn stats_json(s: &Snapshot) -> Value {
-    let nodes: Vec<Value> = s
-        .nodes
-        .iter()
-        .map(|n| {
-            let h = metrics::check_histogram(n.port, &n.node);
-            json!({
-                "port": n.port,
-                "node": n.node,
-                "up": n.up,
-                "connections_total": n.counters.map(|c| c.connections),
-                "active_connections": n.counters.map(|c| c.active),
-                "bytes_in": n.counters.map(|c| c.bytes_in),
-                "bytes_out": n.counters.map(|c| c.bytes_out),
-                "health_checks": h.as_ref().map(|h| h.count).unwrap_or(0),
-                "health_check_mean_seconds": h.filter(|h| h.count > 0).map(|h| h.sum / h.count as f64),
-            })
-        })
-        .collect();
-    let xdp: Map<String, Value> = s
-        .xdp
-        .iter()
-        .map(|(k, v)| (k.to_string(), json!(v)))
-        .collect();
-    json!({ "nodes": nodes, "xdp_packets": xdp })
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::config::NodeMode;
 
     fn cfg(text: &str) -> Config {
         config::parse(Path::new("nb.toml"), text).unwrap_or_else(|e| panic!("{e:?}"))
@@ -1494,82 +946,7 @@ mod tests {
 
     const FILE: &str = "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [\"198.18.0.10\"]\n\
         [[port]]\nport = 80\nprotocol = \"tcp\"\n\
-        [[port.node]]\nlabel = \"a\"\naddress = \"10.0.0.1:80\"\n\
-        [[port.node]]\nlabel = \"b\"\naddress = \"10.0.0.2:80\"\n";
-
-    fn labels(c: &Config) -> Vec<(String, u8, NodeMode)> {
-        c.ports[0]
-            .nodes
-            .iter()
-            .map(|n| (n.label.clone(), n.weight, n.mode))
-            .collect()
-    }
-
-    #[test]
-    fn overlay_adds_changes_removes_and_survives_a_round_trip() {
-        let base = cfg(FILE);
-        let mut o = Overlay::default();
-        let n = Node::new("c", "10.0.0.3:80".parse().expect("addr"));
-        o.add(&base, 80, n.clone()).expect("add");
-        let running = o.compose(&base).0;
-        assert_eq!(
-            o.add(&running, 80, n).expect_err("twice").status,
-            StatusCode::CONFLICT
-        );
-        o.set(&running, 80, "a", Some(7), None).expect("patch a");
-        o.set(&running, 80, "c", None, Some(NodeMode::Drain))
-            .expect("set c");
-        o.remove(&base, &running, 80, "b").expect("remove b");
-        let (c, stale) = o.compose(&base);
-        assert!(stale.is_empty());
-        assert_eq!(
-            labels(&c),
-            vec![
-                ("a".into(), 7, NodeMode::Accept),
-                ("c".into(), 100, NodeMode::Drain)
-            ]
-        );
-        let dir = std::env::temp_dir().join(format!("nb-api-test-{}", std::process::id()));
-        let path = dir.join(STATE_FILE);
-        o.persist(&path).expect("persist");
-        assert_eq!(Overlay::load(&path).expect("load"), o);
-        std::fs::remove_dir_all(&dir).expect("clean");
-        // Removing an API-added node forgets it; a file node's removal is remembered.
-        let running = o.compose(&base).0;
-        o.remove(&base, &running, 80, "c").expect("remove c");
-        assert_eq!(o.entries.len(), 2, "{o:?}");
-        assert_eq!(
-            o.remove(&base, &o.compose(&base).0, 80, "b")
-                .expect_err("gone")
-                .status,
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            o.add(
-                &base,
-                81,
-                Node::new("x", "10.0.0.9:1".parse().expect("addr"))
-            )
-            .expect_err("no port")
-            .status,
-            StatusCode::NOT_FOUND
-        );
-    }
-
-    #[test]
-    fn stale_changes_are_reported_when_the_file_drops_their_node() {
-        let base = cfg(FILE);
-        let mut o = Overlay::default();
-        o.set(&base, 80, "b", Some(3), None).expect("patch");
-        o.remove(&base, &base, 80, "a").expect("remove");
-        let edited = cfg(&FILE.replace(
-            "[[port.node]]\nlabel = \"b\"\naddress = \"10.0.0.2:80\"\n",
-            "",
-        ));
-        let (c, stale) = o.compose(&edited);
-        assert_eq!(stale, vec![0], "the patch of b no longer applies");
-        assert!(c.ports[0].nodes.is_empty());
-    }
+        [[port.node]]\nlabel = \"a\"\naddress = \"10.0.0.1:80\"\n";
 
     #[test]
     fn bodies_are_checked_by_the_file_rules() {
@@ -1705,7 +1082,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let status = json!({ "ports": [{ "port": 80, "nodes": [] }] });
-        let (tx, rx) = watch::channel(Arc::new(Published::new(cfg, status)));
+        let (tx, rx) = watch::channel(Arc::new(Published::new(cfg, Vec::new(), status)));
         let calls = serve(listener, rx);
         // The sender may go: the receivers keep the last value.
         drop(tx);
@@ -1906,14 +1283,22 @@ mod tests {
         );
         assert_eq!(r(Method::GET, "/v2/x"), Err(StatusCode::NOT_FOUND));
         assert_eq!(
-            r(Method::GET, "/v1/ports/abc"),
+            r(Method::GET, "/v1/ports/%zz"),
             Err(StatusCode::BAD_REQUEST)
         );
-        assert_eq!(r(Method::GET, "/v1/ports/0"), Err(StatusCode::BAD_REQUEST));
         assert!(
             r(Method::DELETE, "/v1/ports/80/nodes/web1")
                 .expect("route")
-                .contains("Remove(80, \"web1\")")
+                .contains("Remove(\"80\", \"web1\")")
+        );
+        assert!(
+            r(Method::PUT, "/v1/ports/%5B2001:db8::1%5D:80")
+                .expect("route")
+                .contains("Rebuild(\"[2001:db8::1]:80\")")
+        );
+        assert_eq!(
+            r(Method::POST, "/v1/ports/80"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
         );
     }
 }
