@@ -349,8 +349,17 @@ impl Agent {
         self.health.get(node).copied().unwrap_or_default()
     }
 
-    /// Writes the data path for the current config and health.
+    /// Writes the data path for the current config and health, then gives the proxies their
+    /// node sets.
     fn program(&mut self) -> Result<(), AgentError> {
+        self.write_dataplane()?;
+        self.refresh_proxies();
+        Ok(())
+    }
+
+    /// Makes the XDP maps match the current config and health; on an error they may be
+    /// half-written, and writing them for the previous config again puts them back.
+    fn write_dataplane(&mut self) -> Result<(), AgentError> {
         let health = &self.health;
         let services = tcp_services(&self.config, &self.public, &|node| {
             health.get(node).copied().unwrap_or_default()
@@ -358,6 +367,13 @@ impl Agent {
         if let Some(dp) = self.dataplane.as_mut() {
             dp.apply(&services)?;
         }
+        Ok(())
+    }
+
+    /// Gives the http and user-space tcp proxies their node sets from the current config and
+    /// health; cannot fail, so it may follow steps that cannot be undone.
+    fn refresh_proxies(&mut self) {
+        let health = &self.health;
         let checks = &self.checks;
         let state = |node: &NodeKey| {
             let h = health.get(node).copied().unwrap_or_default();
@@ -365,7 +381,6 @@ impl Agent {
         };
         self.proxy.refresh(&self.config, &state);
         self.tcp.refresh(&self.config, &state);
-        Ok(())
     }
 
     /// Starts, keeps or stops check tasks so that every checked node has exactly one, running
@@ -592,24 +607,35 @@ impl Agent {
                 "reload: interfaces, xdp_mode, bpf_pin_path and max_flows take effect at the next restart"
             );
         }
+        // The steps that can fail and be undone: the throttle, then the XDP maps. Nothing
+        // else has changed until both are done.
+        let old_throttle = self.config.balancer.client_conn_throttle;
+        if let Some(dp) = self.dataplane.as_mut() {
+            dp.set_throttle(new.balancer.client_conn_throttle)?;
+        }
         let old = std::mem::replace(&mut self.config, new);
         let old_public = std::mem::replace(&mut self.public, public);
-        if let Err(e) = self.program() {
+        if let Err(e) = self.write_dataplane() {
             // Put the running state back exactly as it was.
             self.config = old;
             self.public = old_public;
-            let _ = self.program();
+            if let Err(again) = self.write_dataplane() {
+                error!("restoring the data path after a refused reload: {again}");
+            }
+            if let Some(dp) = self.dataplane.as_mut()
+                && let Err(again) = dp.set_throttle(old_throttle)
+            {
+                error!("restoring client_conn_throttle after a refused reload: {again}");
+            }
             return Err(e);
         }
-        if let Some(dp) = self.dataplane.as_mut() {
-            dp.set_throttle(self.config.balancer.client_conn_throttle)?;
-        }
+        // From here on nothing fails: checks, listeners and node sets follow the new config.
         self.sync_checks();
         // A socket one proxy takes over from the other stays open when the other lets go.
         let (to_http, to_tcp) = (prepared.new_addresses(), tcp_prepared.new_addresses());
         self.proxy.commit(prepared, &to_tcp);
         self.tcp.commit(tcp_prepared, &to_http);
-        self.program()?;
+        self.refresh_proxies();
         Ok(())
     }
 }

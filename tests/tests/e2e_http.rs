@@ -2389,3 +2389,338 @@ fn running_out_of_descriptors_fails_no_node_and_floods_nothing() {
     let log = agent.log_text();
     assert!(!log.contains("is DOWN"), "a node went DOWN:\n{log}");
 }
+
+// ---------------------------------------------------------------------------------------
+// One port number on two public addresses.
+
+/// The second public address of the identity tests.
+const VIP_B: &str = "198.18.0.11";
+
+/// A topology with [`VIP_B`] on the balancer beside [`VIP`], and a config whose
+/// `balancer.addresses` holds both; `ports` are appended.
+fn two_vips(t: &Topology, ports: &str) -> PathBuf {
+    t.lb.sh(&format!("ip addr add {VIP_B}/32 dev pub0"));
+    let balancer = t.balancer_toml().replacen(
+        &format!("addresses = [\"{VIP}\""),
+        &format!("addresses = [\"{VIP}\", \"{VIP_B}\""),
+        1,
+    );
+    let path = t.dir.join("nb.toml");
+    std::fs::write(&path, format!("{balancer}{ports}")).expect("write config");
+    std::fs::write(t.dir.join("admin.token"), "t0ken\n").expect("token");
+    path
+}
+
+fn nbctl(t: &Topology, cfg: &Path, args: &[&str]) -> std::process::Output {
+    let bin = agent_bin().with_file_name("nbctl");
+    t.lb.command(&bin)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+}
+
+/// Two tcp ports (XDP) and two http ports share a number each, on two addresses; each
+/// address reaches only its own nodes, though a node label repeats on the other port. The
+/// API and nbctl name each by `ADDRESS:PORT`, refuse the bare number as ambiguous (409 naming
+/// both), and a write to one leaves the other as it was; metrics tell them apart.
+/// (Before ports were keyed by address, both addresses answered from the last port's nodes.)
+#[test]
+fn one_number_on_two_addresses_serves_each_addresss_own_nodes() {
+    require_root();
+    let t = one_worker("id1", Wiring::TwoNic, 4);
+    let _http = start_backends(&t, 4);
+    let tcp_addr = |i: u8| SocketAddr::new(IpAddr::V4(backend_v4(i)), 9000);
+    let _tcp: Vec<nb_tests::netns::Backend> = (1..=2)
+        .map(|i| nb_tests::netns::Backend::start(&t.backends, &format!("t{i}"), tcp_addr(i)))
+        .collect();
+    let http_port = |address: &str, nodes: &[(&str, u8)]| {
+        let nodes: String = nodes
+            .iter()
+            .map(|(label, i)| {
+                format!(
+                    "[[port.node]]\nlabel = \"{label}\"\naddress = \"{}\"\n\n",
+                    backend_addr(*i)
+                )
+            })
+            .collect();
+        port_toml(80, "http", &format!("address = \"{address}\""), &nodes)
+    };
+    let tcp_port = |address: &str, i: u8| {
+        format!(
+            "[[port]]\nport = 7000\nprotocol = \"tcp\"\naddress = \"{address}\"\n\
+             check_interval = 2\ncheck_timeout = 1\n\n\
+             [[port.node]]\nlabel = \"t\"\naddress = \"{}\"\n\n",
+            tcp_addr(i)
+        )
+    };
+    let cfg = two_vips(
+        &t,
+        &format!(
+            "{}{}{}{}",
+            http_port(&VIP.to_string(), &[("b1", 1), ("b2", 2)]),
+            http_port(VIP_B, &[("b1", 3)]),
+            tcp_port(&VIP.to_string(), 1),
+            tcp_port(VIP_B, 2),
+        ),
+    );
+    let agent = Agent::start(&t, &cfg);
+    for (port, label) in [
+        ("198.18.0.10:80", "b1"),
+        ("198.18.0.10:80", "b2"),
+        ("198.18.0.11:80", "b1"),
+        ("198.18.0.10:7000", "t"),
+        ("198.18.0.11:7000", "t"),
+    ] {
+        wait_log(
+            &agent,
+            &format!("port {port} node {label} is UP"),
+            1,
+            Duration::from_secs(10),
+        );
+    }
+    let vip_b = |port: u16| SocketAddr::new(VIP_B.parse().expect("ip"), port);
+
+    // Each address, its own nodes.
+    let mut seen_a = std::collections::BTreeSet::new();
+    let mut a = Client::connect(&t, vip(80));
+    let mut b = Client::connect(&t, vip_b(80));
+    for i in 0..20 {
+        seen_a.insert(a.get("/echo", &[]).backend());
+        assert_eq!(
+            b.get("/echo", &[]).backend(),
+            "b3",
+            "request {i} on {VIP_B}"
+        );
+    }
+    assert_eq!(
+        seen_a,
+        ["b1", "b2"].iter().map(|s| s.to_string()).collect(),
+        "{VIP} spreads over its own two nodes only"
+    );
+    for i in 0..10 {
+        let (_s, on_a) = nb_tests::topo::open_greeted(&t, vip(7000));
+        let (_s, on_b) = nb_tests::topo::open_greeted(&t, vip_b(7000));
+        assert_eq!(
+            (on_a.as_str(), on_b.as_str()),
+            ("t1", "t2"),
+            "tcp connection {i}"
+        );
+    }
+
+    // The API: the bare number is ambiguous, each address names one port.
+    let (status, body) = admin_get(&t, "/v1/ports/80");
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("198.18.0.10:80") && body.contains("198.18.0.11:80"),
+        "{body}"
+    );
+    let port_of = |name: &str| -> serde_json::Value {
+        let (status, body) = admin_get(&t, &format!("/v1/ports/{name}"));
+        assert_eq!(status, 200, "{name}: {body}");
+        serde_json::from_str(&body).expect("JSON")
+    };
+    assert_eq!(
+        port_of("198.18.0.11:80")["nodes"][0]["address"],
+        backend_addr(3).to_string()
+    );
+    let token = Some("t0ken");
+    let (status, body) = nb_tests::topo::admin_call(
+        &t,
+        "PUT",
+        "/v1/ports/80/nodes/b1",
+        token,
+        Some(r#"{"weight":5}"#),
+    );
+    assert_eq!(status, 409, "a write to the bare number is refused: {body}");
+    let o = nbctl(
+        &t,
+        &cfg,
+        &["node", "set", "198.18.0.10:80", "b1", "--weight", "5"],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(port_of("198.18.0.10:80")["nodes"][0]["weight"], 5);
+    assert_eq!(
+        port_of("198.18.0.11:80")["nodes"][0]["weight"],
+        100,
+        "the other port's b1 is untouched"
+    );
+    let o = nbctl(&t, &cfg, &["nodes", "198.18.0.11:7000"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && text.contains(&tcp_addr(2).to_string()),
+        "{o:?}"
+    );
+    assert!(!text.contains(&tcp_addr(1).to_string()), "{text}");
+    let o = nbctl(&t, &cfg, &["nodes", "7000"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ambiguous"),
+        "{o:?}"
+    );
+    let o = nbctl(&t, &cfg, &["status"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("198.18.0.10:7000/tcp") && text.contains("198.18.0.11:7000/tcp"),
+        "{text}"
+    );
+
+    // Metrics keep the two apart.
+    let m = node_metrics(&t);
+    for port in [
+        "198.18.0.10:80",
+        "198.18.0.11:80",
+        "198.18.0.10:7000",
+        "198.18.0.11:7000",
+    ] {
+        let node = if port.ends_with(":80") { "b1" } else { "t" };
+        let key = format!("nb_node_up{{port=\"{port}\",node=\"{node}\"}}");
+        assert_eq!(m.get(&key), Some(&1.0), "{key} in {:?}", m.keys());
+    }
+    let b_count = m["nb_node_connections_total{port=\"198.18.0.11:80\",node=\"b1\"}"];
+    assert!(b_count >= 20.0, "20 requests on {VIP_B}: {b_count}");
+    let t_count = m["nb_node_connections_total{port=\"198.18.0.11:7000\",node=\"t\"}"];
+    assert!(t_count >= 10.0, "10 connections on {VIP_B}: {t_count}");
+}
+
+/// `PUT /v1/ports/{port}` (the NodeBalancer "rebuild") replaces a port's config and nodes in
+/// one call, applied as a difference: a node that stays keeps its open connections (a tcp
+/// connection through XDP, a kept-alive http client), its counters and its cookie clients,
+/// while another node is changed and a third added. A body that would move the port, or
+/// breaks a rule, is refused and changes nothing.
+#[test]
+fn a_rebuild_keeps_the_nodes_it_keeps() {
+    require_root();
+    let t = one_worker("id2", Wiring::TwoNic, 3);
+    let _http = start_backends(&t, 3);
+    let tcp_addr = |i: u8| SocketAddr::new(IpAddr::V4(backend_v4(i)), 9000);
+    let _tcp: Vec<nb_tests::netns::Backend> = (1..=2)
+        .map(|i| nb_tests::netns::Backend::start(&t.backends, &format!("t{i}"), tcp_addr(i)))
+        .collect();
+    let ports = format!(
+        "{}[[port]]\nport = 7000\nprotocol = \"tcp\"\ncheck_interval = 2\ncheck_timeout = 1\n\n\
+         [[port.node]]\nlabel = \"t1\"\naddress = \"{}\"\n\n",
+        port_toml(80, "http", "stickiness = \"http_cookie\"", &accept_nodes(2)),
+        tcp_addr(1)
+    );
+    let cfg = two_vips(&t, &ports);
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b1", "b2"]);
+    wait_log(
+        &agent,
+        "port 7000 node t1 is UP",
+        1,
+        Duration::from_secs(10),
+    );
+
+    let first = get(&t, vip(80), "/echo", &[]);
+    let sticky = first.backend();
+    let (value, _) = first.srvid().expect("a cookie");
+    let cookie = format!("NB_SRVID={value}");
+    let other = if sticky == "b1" { "b2" } else { "b1" };
+    let mut kept = Client::connect(&t, vip(80));
+    for _ in 0..5 {
+        assert_eq!(kept.get("/echo", &[("Cookie", &cookie)]).backend(), sticky);
+    }
+    let (mut tcp_conn, greeted) = nb_tests::topo::open_greeted(&t, vip(7000));
+    assert_eq!(greeted, "t1");
+    let before = node_metrics(&t);
+    let count = |m: &HashMap<String, f64>, port: u16, node: &str| {
+        node_metric(m, "nb_node_connections_total", port, node, "")
+    };
+
+    // The http port: the sticky node as it was, the other re-weighted, a third added.
+    let node_json = |label: &str, i: u8, weight: u8| {
+        format!(
+            r#"{{"label":"{label}","address":"{}","weight":{weight}}}"#,
+            backend_addr(i)
+        )
+    };
+    let sticky_i: u8 = sticky[1..].parse().expect("bN");
+    let other_i: u8 = other[1..].parse().expect("bN");
+    let body = format!(
+        r#"{{"stickiness":"http_cookie","check":"http","check_interval":2,"check_timeout":1,
+            "check_path":"/echo","nodes":[{},{},{}]}}"#,
+        node_json(&sticky, sticky_i, 100),
+        node_json(other, other_i, 7),
+        node_json("b3", 3, 100),
+    );
+    let token = Some("t0ken");
+    let put =
+        |path: &str, body: &str| nb_tests::topo::admin_call(&t, "PUT", path, token, Some(body));
+    // Refused first, with nothing changed: a body moving the port, one breaking a rule.
+    for bad in [
+        body.replacen('{', r#"{"port":81,"#, 1),
+        body.replacen('{', r#"{"check_interval":1,"#, 1)
+            .replacen(r#""check_interval":2,"#, "", 1),
+    ] {
+        let (status, answer) = put("/v1/ports/80", &bad);
+        assert_eq!(status, 400, "{bad}: {answer}");
+    }
+    let (status, answer) = put("/v1/ports/80", &body);
+    assert_eq!(status, 200, "{answer}");
+    let shown: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(shown["nodes"].as_array().map(Vec::len), Some(3), "{answer}");
+    wait_up(&agent, 80, &["b3"]);
+    for i in 0..20 {
+        let r = kept.get("/echo", &[("Cookie", &cookie)]);
+        assert_eq!(
+            r.backend(),
+            sticky,
+            "request {i} after the rebuild left the cookie's node"
+        );
+        assert!(r.srvid().is_none(), "the cookie still holds");
+    }
+    let weights: HashMap<String, u64> =
+        serde_json::from_str::<serde_json::Value>(&admin_get(&t, "/v1/ports/80").1).expect("JSON")
+            ["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| {
+                (
+                    n["label"].as_str().expect("label").to_string(),
+                    n["weight"].as_u64().expect("w"),
+                )
+            })
+            .collect();
+    assert_eq!(weights[other], 7);
+
+    // The tcp port: t1 kept, t2 added; the open connection through XDP goes on.
+    let (status, answer) = put(
+        "/v1/ports/7000",
+        &format!(
+            r#"{{"check_interval":2,"check_timeout":1,"nodes":[
+                {{"label":"t1","address":"{}"}},{{"label":"t2","address":"{}"}}]}}"#,
+            tcp_addr(1),
+            tcp_addr(2)
+        ),
+    );
+    assert_eq!(status, 200, "{answer}");
+    wait_log(
+        &agent,
+        "port 7000 node t2 is UP",
+        1,
+        Duration::from_secs(10),
+    );
+    nb_tests::topo::echo(&mut tcp_conn, b"still here").expect("the kept tcp connection runs on");
+    let seen = nb_tests::topo::spread(&t, vip(7000), 40);
+    assert!(
+        seen.contains_key("t1") && seen.contains_key("t2"),
+        "{seen:?}"
+    );
+
+    // Counters of the kept nodes went on from where they were.
+    let after = node_metrics(&t);
+    assert!(count(&after, 80, &sticky) >= count(&before, 80, &sticky) + 20.0);
+    assert!(count(&after, 7000, "t1") >= count(&before, 7000, "t1"));
+    // And the rebuild survives a restart (it is in the state file).
+    drop(agent);
+    let agent = Agent::start(&t, &cfg);
+    wait_up(&agent, 80, &["b3"]);
+    assert_eq!(
+        get(&t, vip(80), "/echo", &[("Cookie", &cookie)]).backend(),
+        sticky
+    );
+}

@@ -1,7 +1,8 @@
 //! Property test: whatever sequence of config changes the agent applies, the maps then hold
 //! exactly the new config, and they change only where the config did. A service whose nodes
 //! did not change keeps its Maglev ring byte for byte; when nodes only leave a service, no slot
-//! moves from one surviving node to another.
+//! moves from one surviving node to another. Services share port numbers on two public
+//! addresses: each (address, number) is a service of its own, with its own ring.
 //!
 //! The sequence is random (xorshift, seed from `NB_PROPTEST_SEED` or a fixed default so a
 //! failure can be replayed), and read back from the pinned maps as the kernel holds them.
@@ -20,13 +21,17 @@ use nb_common::{
 };
 use nb_tests::{netns::unique_suffix, require_root};
 
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
-const PORTS: [u16; 3] = [80, 81, 82];
+/// Two public addresses: a port number may be a service on either, or on both.
+const VIPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 10), Ipv4Addr::new(198, 18, 0, 11)];
+const PORTS: [u16; 2] = [80, 81];
 const NODES: u8 = 6;
-const STEPS: usize = 24;
+const STEPS: usize = 40;
+
+/// A service: port number and index into [`VIPS`].
+type Svc = (u16, usize);
 
 /// One node of the model: label index, weight, eligible.
-type Model = BTreeMap<u16, (u32, BTreeMap<u8, (u32, bool)>)>;
+type Model = BTreeMap<Svc, (u32, BTreeMap<u8, (u32, bool)>)>;
 
 struct Rng(u64);
 
@@ -49,11 +54,11 @@ fn node_addr(i: u8) -> IpAddr {
 fn specs(model: &Model) -> Vec<ServiceSpec> {
     model
         .iter()
-        .map(|(port, (alg, nodes))| ServiceSpec {
-            key: nb_agent::model::PortKey::tcp(*port, &[]),
+        .map(|((port, vip), (alg, nodes))| ServiceSpec {
+            key: nb_agent::model::PortKey::tcp(*port, &[VIPS[*vip].into()]),
             port: *port,
             family: FAMILY_V4,
-            vips: vec![VIP.into()],
+            vips: vec![VIPS[*vip].into()],
             algorithm: *alg,
             backends: nodes
                 .iter()
@@ -73,18 +78,21 @@ fn specs(model: &Model) -> Vec<ServiceSpec> {
 /// One random change: a port added or removed, a node added or removed, a node's
 /// eligibility or weight flipped, a port's algorithm changed.
 fn mutate(model: &mut Model, rng: &mut Rng) -> String {
-    let port = PORTS[rng.below(PORTS.len() as u64) as usize];
+    let port = (
+        PORTS[rng.below(PORTS.len() as u64) as usize],
+        rng.below(VIPS.len() as u64) as usize,
+    );
     let node = 1 + rng.below(NODES as u64) as u8;
     match rng.below(7) {
         0 if !model.contains_key(&port) => {
             let mut nodes = BTreeMap::new();
             nodes.insert(node, (100, true));
             model.insert(port, (ALG_ROUNDROBIN, nodes));
-            format!("add port {port} with n{node}")
+            format!("add port {port:?} with n{node}")
         }
         1 if model.len() > 1 => {
             model.remove(&port);
-            format!("remove port {port}")
+            format!("remove port {port:?}")
         }
         2 | 3 => {
             let Some((_, nodes)) = model.get_mut(&port) else {
@@ -92,30 +100,30 @@ fn mutate(model: &mut Model, rng: &mut Rng) -> String {
             };
             if nodes.contains_key(&node) && nodes.len() > 1 {
                 nodes.remove(&node);
-                format!("port {port}: remove n{node}")
+                format!("port {port:?}: remove n{node}")
             } else {
                 nodes.insert(node, (50 + 50 * rng.below(4) as u32, true));
-                format!("port {port}: add n{node}")
+                format!("port {port:?}: add n{node}")
             }
         }
         4 => match model.get_mut(&port).and_then(|(_, n)| n.get_mut(&node)) {
             Some(n) => {
                 n.1 = !n.1;
-                format!("port {port}: n{node} eligible = {}", n.1)
+                format!("port {port:?}: n{node} eligible = {}", n.1)
             }
             None => "nothing".into(),
         },
         5 => match model.get_mut(&port).and_then(|(_, n)| n.get_mut(&node)) {
             Some(n) => {
                 n.0 = 1 + rng.below(255) as u32;
-                format!("port {port}: n{node} weight {}", n.0)
+                format!("port {port:?}: n{node} weight {}", n.0)
             }
             None => "nothing".into(),
         },
         _ => match model.get_mut(&port) {
             Some(p) => {
                 p.0 = [ALG_ROUNDROBIN, ALG_LEASTCONN, ALG_SOURCE][rng.below(3) as usize];
-                format!("port {port}: algorithm {}", p.0)
+                format!("port {port:?}: algorithm {}", p.0)
             }
             None => "nothing".into(),
         },
@@ -128,7 +136,7 @@ struct Seen {
     ring: Vec<Option<IpAddr>>,
 }
 
-fn read(pin: &Path) -> BTreeMap<u16, Seen> {
+fn read(pin: &Path) -> BTreeMap<Svc, Seen> {
     let open = |name: &str| MapData::from_pin(pin.join(name)).expect("open pinned map");
     let services: BpfHashMap<MapData, ServiceKey, u32> =
         BpfHashMap::try_from(Map::HashMap(open(maps::SERVICES))).expect("services");
@@ -143,9 +151,16 @@ fn read(pin: &Path) -> BTreeMap<u16, Seen> {
     let mut out = BTreeMap::new();
     for item in services.iter() {
         let (k, id) = item.expect("service entry");
-        assert_eq!(k.addr, addr_words(VIP.into()), "only the VIP is served");
+        let vip = VIPS
+            .iter()
+            .position(|v| k.addr == addr_words((*v).into()))
+            .expect("only the VIPs are served");
         assert_eq!(k.proto, PROTO_TCP);
         let port = u16::from_be(k.port);
+        assert!(
+            !out.contains_key(&(port, vip)),
+            "one service key per address and port"
+        );
         let word = ports.get(&u32::from(port / 64), 0).expect("port bitmap");
         assert!(
             word & (1 << (port % 64)) != 0,
@@ -161,7 +176,7 @@ fn read(pin: &Path) -> BTreeMap<u16, Seen> {
             })
             .collect();
         out.insert(
-            port,
+            (port, vip),
             Seen {
                 info: info.get(&id, 0).expect("info"),
                 ring: slots,
@@ -187,7 +202,11 @@ fn applying_changes_writes_exactly_the_difference() {
     first.insert(1, (100, true));
     first.insert(2, (100, true));
     first.insert(3, (100, true));
-    model.insert(80, (ALG_ROUNDROBIN, first));
+    model.insert((80, 0), (ALG_ROUNDROBIN, first.clone()));
+    // The same number on the other address, with other nodes: a service of its own.
+    first.remove(&1);
+    first.insert(4, (100, true));
+    model.insert((80, 1), (ALG_ROUNDROBIN, first));
     dp.apply(&specs(&model)).expect("apply");
     let mut prev_model = model.clone();
     let mut prev = read(&pin);
@@ -211,11 +230,11 @@ fn applying_changes_writes_exactly_the_difference() {
                 .filter(|(_, (_, e))| *e)
                 .map(|(i, _)| node_addr(*i))
                 .collect();
-            assert_eq!(s.info.algorithm, *alg, "port {port} algorithm; {}", ctx());
+            assert_eq!(s.info.algorithm, *alg, "port {port:?} algorithm; {}", ctx());
             assert_eq!(
                 s.info.backends as usize,
                 eligible.len(),
-                "port {port} eligible count; {}",
+                "port {port:?} eligible count; {}",
                 ctx()
             );
             if !eligible.is_empty() {
@@ -223,7 +242,7 @@ fn applying_changes_writes_exactly_the_difference() {
                 assert_eq!(
                     in_ring,
                     eligible,
-                    "port {port}: the ring holds exactly the eligible nodes; {}",
+                    "port {port:?}: the ring holds exactly the eligible nodes; {}",
                     ctx()
                 );
             }
@@ -233,7 +252,7 @@ fn applying_changes_writes_exactly_the_difference() {
             if same_nodes {
                 assert!(
                     p.ring == s.ring,
-                    "port {port} unchanged: its ring must not change; {}",
+                    "port {port:?} unchanged: its ring must not change; {}",
                     ctx()
                 );
             }
@@ -263,7 +282,7 @@ fn applying_changes_writes_exactly_the_difference() {
                 assert_eq!(
                     moved,
                     0,
-                    "port {port}: nodes only left, yet {moved} slots moved between survivors; {}",
+                    "port {port:?}: nodes only left, yet {moved} slots moved between survivors; {}",
                     ctx()
                 );
             }
