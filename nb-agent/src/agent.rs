@@ -404,19 +404,29 @@ impl Agent {
                 want.insert(node, (n.address, spec.clone(), name.clone()));
             }
         }
+        // Checks whose port was only renamed (another port took or left its number) restart
+        // with the new name in their log lines and metrics; their node keeps its state.
+        let mut renamed = std::collections::HashSet::new();
         self.checks.retain(|k, t| {
-            let keep = want
-                .get(k)
-                .is_some_and(|(a, s, name)| *a == t.addr && *s == t.spec && *name == t.name);
-            if !keep {
+            let Some((a, s, name)) = want.get(k) else {
                 t.handle.abort();
+                return false;
+            };
+            let same = *a == t.addr && *s == t.spec;
+            if same && *name != t.name {
+                renamed.insert(k.clone());
             }
-            keep
+            if !same || *name != t.name {
+                t.handle.abort();
+                return false;
+            }
+            true
         });
         // A node keeps its state while its check runs unchanged; a node no longer checked
         // (check = "none", removed) forgets it; a rejected node shows DOWN.
         let checks = &self.checks;
-        self.health.retain(|k, _| checks.contains_key(k));
+        self.health
+            .retain(|k, _| checks.contains_key(k) || renamed.contains(k));
         for k in rejected {
             self.health.insert(k, Health::Down);
         }

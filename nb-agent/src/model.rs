@@ -140,7 +140,7 @@ impl fmt::Display for FindError {
         match self {
             FindError::Malformed(s) => write!(
                 f,
-                "'{s}' is not a port: give PORT, ADDRESS:PORT or [IPv6]:PORT (1-65535)"
+                "'{s}' is not a port number (1-65535), ADDRESS:PORT or [IPv6]:PORT"
             ),
             FindError::NotFound(s) => write!(f, "no port {s}"),
             FindError::Ambiguous { given, choices } => write!(
