@@ -536,3 +536,14 @@ pub fn spread(
     }
     seen
 }
+
+/// Runs nbctl (beside the agent binary) in the balancer namespace with `--config cfg`.
+pub fn nbctl(t: &Topology, cfg: &Path, args: &[&str]) -> std::process::Output {
+    let bin = agent_bin().with_file_name("nbctl");
+    t.lb.command(&bin)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+}

@@ -20,8 +20,8 @@ use nb_tests::{
     require_root,
     topo::spread,
     topo::{
-        Agent, Topology, Wiring, admin_call as call, agent_bin, backend_v4, echo, open_greeted,
-        vip, wait_connectable, wait_until,
+        Agent, Topology, Wiring, admin_call as call, backend_v4, echo, open_greeted, vip,
+        wait_connectable, wait_until,
     },
 };
 use serde_json::Value;
@@ -603,15 +603,7 @@ fn concurrent_writes_lose_no_update() {
     assert_eq!(have, want_sorted, "all {N} after a restart");
 }
 
-fn nbctl(t: &Topology, cfg: &std::path::Path, args: &[&str]) -> Output {
-    let bin = agent_bin().with_file_name("nbctl");
-    t.lb.command(&bin)
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
-}
+use nb_tests::topo::nbctl;
 
 fn out(o: &Output) -> String {
     format!(

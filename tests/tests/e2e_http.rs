@@ -2411,15 +2411,7 @@ fn two_vips(t: &Topology, ports: &str) -> PathBuf {
     path
 }
 
-fn nbctl(t: &Topology, cfg: &Path, args: &[&str]) -> std::process::Output {
-    let bin = agent_bin().with_file_name("nbctl");
-    t.lb.command(&bin)
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
-}
+use nb_tests::topo::nbctl;
 
 /// Two tcp ports (XDP) and two http ports share a number each, on two addresses; each
 /// address reaches only its own nodes, though a node label repeats on the other port. The

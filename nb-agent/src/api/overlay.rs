@@ -117,8 +117,15 @@ struct StateEntry {
     config: Option<Value>,
 }
 
-fn not_found(m: String) -> Refusal {
-    Refusal::new(StatusCode::NOT_FOUND, m)
+/// 404 unless the running port has a node `label`.
+fn has_node(running: &Port, label: &str) -> Result<(), Refusal> {
+    match running.node(label) {
+        Some(_) => Ok(()),
+        None => Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("port {} has no node '{label}'", running.port),
+        )),
+    }
 }
 
 impl Overlay {
@@ -236,12 +243,7 @@ impl Overlay {
         weight: Option<u8>,
         mode: Option<NodeMode>,
     ) -> Result<(), Refusal> {
-        if running.node(label).is_none() {
-            return Err(not_found(format!(
-                "port {} has no node '{label}'",
-                running.port
-            )));
-        }
+        has_node(running, label)?;
         let key = PortKey::of(running);
         match self.position(&key, label).map(|i| &mut self.entries[i]) {
             Some(Entry::Node {
@@ -280,12 +282,7 @@ impl Overlay {
         running: &Port,
         label: &str,
     ) -> Result<(), Refusal> {
-        if running.node(label).is_none() {
-            return Err(not_found(format!(
-                "port {} has no node '{label}'",
-                running.port
-            )));
-        }
+        has_node(running, label)?;
         let key = PortKey::of(running);
         let mut without = self.clone();
         if let Some(i) = without.position(&key, label) {
