@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -41,6 +41,9 @@ pub struct NodeView {
     pub stats: Arc<NodeStats>,
     /// One permit per request that may be in flight to the node (`max_node_connections`).
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The node's incarnation ([`next_epoch`]): new when it joined the port and each time it
+    /// went DOWN since. Stickiness recorded for an older one no longer holds.
+    pub epoch: u64,
 }
 
 /// Traffic of one node of a port served in user space, for `nb_node_connections_total` and
@@ -118,24 +121,62 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// The state one port's algorithm keeps between picks.
+/// Most entries of a round-robin cycle: weights of many nodes are scaled down to fit (see
+/// [`crate::selection::wrr_sequence`]), so a port's cycle stays a few hundred KiB at most.
+const CYCLE_MAX: usize = 1 << 16;
+
+/// A port's nodes as requests see them, with one cycle of smooth weighted round robin over
+/// those that take new clients: built once per view (a reload or a health change), so that a
+/// round-robin pick is one atomic increment and an index, with no lock and no per-node state.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSet {
+    nodes: Vec<NodeView>,
+    /// Indices into `nodes`, in nginx's smooth order (5,1,1 gives `a a b a c a a`).
+    cycle: Arc<[u32]>,
+}
+
+impl NodeSet {
+    pub fn new(nodes: Vec<NodeView>) -> NodeSet {
+        let weights: Vec<(u32, u32)> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.eligible)
+            .map(|(i, n)| (i as u32, n.weight))
+            .collect();
+        NodeSet {
+            cycle: crate::selection::wrr_sequence(&weights, CYCLE_MAX).into(),
+            nodes,
+        }
+    }
+}
+
+impl std::ops::Deref for NodeSet {
+    type Target = [NodeView];
+
+    fn deref(&self) -> &[NodeView] {
+        &self.nodes
+    }
+}
+
+/// The state one port's algorithm keeps between picks: two counters, shared by every request
+/// of the port without a lock.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    /// Smooth weighted round robin (as nginx): current weight per label. Hashed with
-    /// foldhash: looked up for every candidate of every request.
-    current: HashMap<String, i64, foldhash::fast::RandomState>,
+    /// Position in the view's round-robin cycle; runs on across views (a new cycle starts
+    /// anywhere in it, which keeps the proportions).
+    next: AtomicUsize,
     /// Where leastconn starts looking, turned every pick: ties (an idle port) then go round
     /// instead of always to the first node.
-    rotor: usize,
+    rotor: AtomicUsize,
 }
 
 impl Balancer {
     /// Picks among the eligible nodes of `nodes` not in `exclude` (a node that just refused a
     /// connection), by `algorithm`; `None` when no node can take a new client.
     pub fn pick<'a>(
-        &mut self,
+        &self,
         algorithm: Algorithm,
-        nodes: &'a [NodeView],
+        nodes: &'a NodeSet,
         client: IpAddr,
         exclude: Option<&str>,
     ) -> Option<&'a NodeView> {
@@ -152,10 +193,16 @@ impl Balancer {
             return Some(first);
         }
         match algorithm {
-            Algorithm::RoundRobin => Some(self.round_robin(candidates())),
+            Algorithm::RoundRobin => {
+                let cycle = &nodes.cycle;
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                // At most one label is excluded, so this ends at the first other entry.
+                (0..cycle.len())
+                    .map(|k| &nodes.nodes[cycle[(start + k) % cycle.len()] as usize])
+                    .find(|n| Some(n.label.as_str()) != exclude)
+            }
             Algorithm::LeastConn => {
-                self.rotor = self.rotor.wrapping_add(1);
-                let start = self.rotor % count;
+                let start = self.rotor.fetch_add(1, Ordering::Relaxed) % count;
                 candidates()
                     .skip(start)
                     .chain(candidates().take(start))
@@ -170,35 +217,6 @@ impl Balancer {
                 candidates().max_by(|a, b| rendezvous(client, a).total_cmp(&rendezvous(client, b)))
             }
         }
-    }
-
-    fn round_robin<'a>(&mut self, candidates: impl Iterator<Item = &'a NodeView>) -> &'a NodeView {
-        let mut total = 0i64;
-        let mut best: Option<(&'a NodeView, i64)> = None;
-        for n in candidates {
-            let w = n.weight.max(1) as i64;
-            total += w;
-            // Looked up by `&str` first: no label copied but the first time.
-            let cw = match self.current.get_mut(n.label.as_str()) {
-                Some(cw) => cw,
-                None => self.current.entry(n.label.clone()).or_insert(0),
-            };
-            *cw += w;
-            if best.is_none_or(|(_, b)| *cw > b) {
-                best = Some((n, *cw));
-            }
-        }
-        let (best, _) = best.expect("round_robin is given at least one candidate");
-        *self
-            .current
-            .get_mut(best.label.as_str())
-            .expect("inserted above") -= total;
-        best
-    }
-
-    /// Forgets nodes no longer configured, so their stale weights never skew a pick.
-    pub fn retain(&mut self, labels: &[&str]) {
-        self.current.retain(|k, _| labels.contains(&k.as_str()));
     }
 }
 
@@ -217,63 +235,112 @@ fn rendezvous(client: IpAddr, node: &NodeView) -> f64 {
     node.weight.max(1) as f64 / -u.ln()
 }
 
+/// A new node incarnation number: taken when a node joins a port and each time it goes DOWN.
+/// Process-wide, so that a node removed and added again under its label never matches what
+/// was recorded for the one before.
+pub fn next_epoch() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Shards of a stick table: requests of different clients rarely wait on one another.
+const SHARDS: usize = 64;
+
+/// Where one client is stuck: the node's label and incarnation ([`NodeView::epoch`]).
+#[derive(Debug)]
+struct Stuck {
+    label: Box<str>,
+    epoch: u64,
+    created: Instant,
+}
+
 /// Client address to node, for `stickiness = "table"`: bounded, entries live `ttl` from
-/// creation (30 minutes, README "Every field") and go when their node goes DOWN.
+/// creation (30 minutes, README "Every field") and go when their node goes DOWN or leaves.
+///
+/// That last rule is applied when an entry is read, not when the node changes: an entry
+/// records the node's incarnation, and one that no longer matches is dropped then. A health
+/// change therefore never walks the table (a million entries would hold the request path
+/// for tens of milliseconds), and lookups of different clients take different locks.
 #[derive(Debug)]
 pub struct StickTable {
-    entries: HashMap<IpAddr, (String, Instant)>,
-    capacity: usize,
+    shards: Box<[Mutex<HashMap<IpAddr, Stuck>>]>,
+    per_shard: usize,
     ttl: Duration,
 }
 
 impl StickTable {
+    /// A table of at most `capacity` clients (rounded up to a multiple of the shard count).
     pub fn new(capacity: usize, ttl: Duration) -> StickTable {
+        let shards = if capacity >= SHARDS * 64 { SHARDS } else { 1 };
         StickTable {
-            entries: HashMap::new(),
-            capacity,
+            shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(shards),
             ttl,
         }
     }
 
-    /// The node `client` is stuck to, if the entry has not expired.
-    pub fn get(&mut self, client: IpAddr, now: Instant) -> Option<String> {
-        match self.entries.get(&client) {
-            Some((label, created)) if now.duration_since(*created) < self.ttl => {
-                Some(label.clone())
+    fn shard(&self, client: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Stuck>> {
+        let bytes = match client {
+            IpAddr::V4(a) => a.to_bits() as u64,
+            IpAddr::V6(a) => {
+                let b = a.to_bits();
+                (b as u64) ^ ((b >> 64) as u64)
             }
-            Some(_) => {
-                self.entries.remove(&client);
-                None
-            }
-            None => None,
+        };
+        // fmix64's multiplier: the low bits of an address alone would cluster a subnet.
+        let i = (bytes.wrapping_mul(0xff51_afd7_ed55_8ccd) >> 32) as usize % self.shards.len();
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node `client` is stuck to, if the entry has not expired and names a node of
+    /// `nodes` in the incarnation it was recorded for; a stale entry is dropped.
+    pub fn get(&self, client: IpAddr, now: Instant, nodes: &[NodeView]) -> Option<String> {
+        let mut shard = self.shard(client);
+        let e = shard.get(&client)?;
+        let live = now.duration_since(e.created) < self.ttl
+            && nodes
+                .iter()
+                .any(|n| n.epoch == e.epoch && *n.label == *e.label);
+        if live {
+            Some(e.label.to_string())
+        } else {
+            shard.remove(&client);
+            None
         }
     }
 
-    /// Sticks `client` to `label` from `now` on. When full, expired entries go first; if the
-    /// table is still full the client is balanced without an entry (memory stays bounded).
-    pub fn put(&mut self, client: IpAddr, label: &str, now: Instant) {
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&client) {
+    /// Sticks `client` to `node` from `now` on. When its shard is full, expired entries go
+    /// first; if it is still full the client is balanced without an entry (memory stays
+    /// bounded).
+    pub fn put(&self, client: IpAddr, node: &NodeView, now: Instant) {
+        let mut shard = self.shard(client);
+        if shard.len() >= self.per_shard && !shard.contains_key(&client) {
             let ttl = self.ttl;
-            self.entries
-                .retain(|_, (_, created)| now.duration_since(*created) < ttl);
-            if self.entries.len() >= self.capacity {
+            shard.retain(|_, e| now.duration_since(e.created) < ttl);
+            if shard.len() >= self.per_shard {
                 return;
             }
         }
-        self.entries.insert(client, (label.to_string(), now));
+        shard.insert(
+            client,
+            Stuck {
+                label: node.label.as_str().into(),
+                epoch: node.epoch,
+                created: now,
+            },
+        );
     }
 
-    /// Drops the entries of nodes that are DOWN or gone.
-    pub fn retain_nodes(&mut self, keep: impl Fn(&str) -> bool) {
-        self.entries.retain(|_, (label, _)| keep(label));
-    }
-
+    /// Entries held, stale ones included until they are read or expire.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 }
 
@@ -295,7 +362,12 @@ mod tests {
             slots: Arc::new(tokio::sync::Semaphore::new(10)),
             active: Arc::new(AtomicUsize::new(0)),
             stats: Arc::default(),
+            epoch: next_epoch(),
         }
+    }
+
+    fn set(nodes: Vec<NodeView>) -> NodeSet {
+        NodeSet::new(nodes)
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -304,8 +376,12 @@ mod tests {
 
     #[test]
     fn round_robin_follows_weights_and_skips_ineligible() {
-        let nodes = vec![node("a", 3, true), node("b", 1, true), node("c", 5, false)];
-        let mut b = Balancer::default();
+        let nodes = set(vec![
+            node("a", 3, true),
+            node("b", 1, true),
+            node("c", 5, false),
+        ]);
+        let b = Balancer::default();
         let mut count: HashMap<String, usize> = HashMap::new();
         for _ in 0..400 {
             let n = b
@@ -327,10 +403,10 @@ mod tests {
 
     #[test]
     fn leastconn_takes_the_least_loaded_per_weight() {
-        let nodes = vec![node("a", 1, true), node("b", 2, true)];
+        let nodes = set(vec![node("a", 1, true), node("b", 2, true)]);
         nodes[0].active.store(1, Ordering::Relaxed);
         nodes[1].active.store(3, Ordering::Relaxed);
-        let mut b = Balancer::default();
+        let b = Balancer::default();
         // a: 1/1 = 1, b: 3/2 = 1.5
         assert_eq!(
             b.pick(Algorithm::LeastConn, &nodes, ip("1.1.1.1"), None)
@@ -361,8 +437,12 @@ mod tests {
 
     #[test]
     fn source_is_stable_per_client_and_spreads() {
-        let nodes = vec![node("a", 1, true), node("b", 1, true), node("c", 1, true)];
-        let mut b = Balancer::default();
+        let nodes = set(vec![
+            node("a", 1, true),
+            node("b", 1, true),
+            node("c", 1, true),
+        ]);
+        let b = Balancer::default();
         let mut seen = std::collections::HashSet::new();
         for i in 0..50u8 {
             let client = IpAddr::from([10, 0, 0, i]);
@@ -386,7 +466,7 @@ mod tests {
 
     #[test]
     fn nothing_eligible_is_none() {
-        let nodes = vec![node("a", 1, false)];
+        let nodes = set(vec![node("a", 1, false)]);
         assert!(
             Balancer::default()
                 .pick(Algorithm::RoundRobin, &nodes, ip("1.1.1.1"), None)
@@ -395,23 +475,69 @@ mod tests {
     }
 
     #[test]
+    fn round_robin_interleaves_as_nginx_does() {
+        let nodes = set(vec![
+            node("a", 5, true),
+            node("b", 1, true),
+            node("c", 1, true),
+        ]);
+        let b = Balancer::default();
+        let order: String = (0..14)
+            .map(|_| {
+                let n = b.pick(Algorithm::RoundRobin, &nodes, ip("1.1.1.1"), None);
+                n.unwrap().label.clone()
+            })
+            .collect();
+        assert_eq!(order, "aabacaaaabacaa");
+    }
+
+    #[test]
     fn stick_table_expires_and_stays_bounded() {
         let t0 = Instant::now();
-        let mut t = StickTable::new(2, Duration::from_secs(60));
-        t.put(ip("1.1.1.1"), "a", t0);
-        t.put(ip("1.1.1.2"), "b", t0 + Duration::from_secs(30));
-        t.put(ip("1.1.1.3"), "c", t0 + Duration::from_secs(40));
+        let (a, b, c) = (node("a", 1, true), node("b", 1, true), node("c", 1, true));
+        let nodes = vec![a.clone(), b.clone(), c.clone()];
+        let t = StickTable::new(2, Duration::from_secs(60));
+        t.put(ip("1.1.1.1"), &a, t0);
+        t.put(ip("1.1.1.2"), &b, t0 + Duration::from_secs(30));
+        t.put(ip("1.1.1.3"), &c, t0 + Duration::from_secs(40));
         assert_eq!(t.len(), 2, "full: no entry for the third client");
-        assert_eq!(t.get(ip("1.1.1.3"), t0), None);
+        assert_eq!(t.get(ip("1.1.1.3"), t0, &nodes), None);
         // At 61 s the first entry has expired: it makes room.
-        t.put(ip("1.1.1.3"), "c", t0 + Duration::from_secs(61));
+        t.put(ip("1.1.1.3"), &c, t0 + Duration::from_secs(61));
+        let at61 = t0 + Duration::from_secs(61);
+        assert_eq!(t.get(ip("1.1.1.3"), at61, &nodes).as_deref(), Some("c"));
+        assert_eq!(t.get(ip("1.1.1.1"), at61, &nodes), None);
         assert_eq!(
-            t.get(ip("1.1.1.3"), t0 + Duration::from_secs(61))
-                .as_deref(),
-            Some("c")
+            t.get(ip("1.1.1.2"), t0 + Duration::from_secs(31), &nodes[..1]),
+            None,
+            "b left the port: its client is balanced anew"
         );
-        assert_eq!(t.get(ip("1.1.1.1"), t0 + Duration::from_secs(61)), None);
-        t.retain_nodes(|l| l != "b");
-        assert_eq!(t.get(ip("1.1.1.2"), t0 + Duration::from_secs(31)), None);
+        assert_eq!(t.len(), 1, "and its entry is gone");
+    }
+
+    #[test]
+    fn a_node_that_went_down_loses_its_clients_without_a_walk() {
+        let now = Instant::now();
+        let a = node("a", 1, true);
+        let t = StickTable::new(1 << 20, Duration::from_secs(60));
+        for i in 0..1000u32 {
+            t.put(IpAddr::from((0x0a00_0000 + i).to_be_bytes()), &a, now);
+        }
+        let client = ip("10.0.0.7");
+        assert_eq!(
+            t.get(client, now, std::slice::from_ref(&a)).as_deref(),
+            Some("a")
+        );
+        // DOWN and back: a new incarnation. The table is not touched by the change...
+        let again = NodeView {
+            epoch: next_epoch(),
+            ..a.clone()
+        };
+        assert_eq!(t.len(), 1000);
+        // ...and the entry recorded before it no longer holds, as it is read.
+        assert_eq!(t.get(client, now, std::slice::from_ref(&again)), None);
+        assert_eq!(t.len(), 999);
+        t.put(client, &again, now);
+        assert_eq!(t.get(client, now, &[again]).as_deref(), Some("a"));
     }
 }

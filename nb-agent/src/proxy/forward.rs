@@ -442,11 +442,7 @@ impl Sticky {
             },
             Stickiness::Table => Sticky {
                 cookie: None,
-                table: rt
-                    .table
-                    .lock()
-                    .expect("table lock")
-                    .get(client, Instant::now()),
+                table: rt.table.get(client, Instant::now(), &view.nodes),
             },
             Stickiness::None => Sticky::default(),
         }
@@ -659,10 +655,7 @@ pub(super) fn settle(
             HeaderValue::from_str(&v).ok()
         }
         Stickiness::Table if sticky.table.as_deref() != Some(node.label.as_str()) => {
-            rt.table
-                .lock()
-                .expect("table lock")
-                .put(client, &node.label, Instant::now());
+            rt.table.put(client, node, Instant::now());
             None
         }
         _ => None,
@@ -733,8 +726,9 @@ fn pick(
     client: std::net::IpAddr,
     exclude: Option<&str>,
 ) -> Option<usize> {
-    let mut b = rt.balancer.lock().expect("balancer lock");
-    let n = b.pick(view.port.algorithm, &view.nodes, client, exclude)?;
+    let n = rt
+        .balancer
+        .pick(view.port.algorithm, &view.nodes, client, exclude)?;
     view.nodes.iter().position(|x| std::ptr::eq(x, n))
 }
 

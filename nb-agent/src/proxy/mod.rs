@@ -24,12 +24,13 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, OnceLock, RwLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use hyper::{
     server::conn::{http1, http2},
     service::service_fn,
@@ -52,7 +53,7 @@ use crate::{
     metrics::{NodeCounters, PortRequests},
     model::{NodeKey, PortKey, port_names},
     proxy::{
-        balance::{Balancer, NodeStats, NodeView, StickTable},
+        balance::{Balancer, NodeSet, NodeStats, NodeView, StickTable, next_epoch},
         cookie::{CookieKey, KeyError},
         pool::NodePool,
         tls::TlsError,
@@ -89,7 +90,7 @@ pub struct PortView {
     pub requests: Arc<PortRequests>,
     pub tls: Option<TlsAcceptor>,
     pub key: Option<Arc<CookieKey>>,
-    pub nodes: Vec<NodeView>,
+    pub nodes: NodeSet,
 }
 
 #[cfg(test)]
@@ -103,7 +104,7 @@ impl PortView {
             name,
             tls: None,
             key: None,
-            nodes: Vec::new(),
+            nodes: NodeSet::default(),
         }
     }
 }
@@ -120,17 +121,24 @@ pub(crate) struct NodeShared {
     pool: Arc<NodePool>,
     active: Arc<AtomicUsize>,
     stats: Arc<NodeStats>,
+    /// The node's incarnation, and whether it was DOWN at the last refresh (see
+    /// [`NodeView::epoch`]).
+    epoch: u64,
+    down: bool,
 }
 
 /// The [`NodeShared`] of every node of a port, by label.
 pub(crate) type SharedNodes = Mutex<HashMap<String, NodeShared>>;
 
 /// A port's state that outlives reloads: its current view, the algorithm's memory, the
-/// stickiness table, and its nodes' connection pools.
+/// stickiness table, and its nodes' connection pools. What requests touch takes no lock but
+/// the stick table's shard of their client (`stickiness = "table"` only).
 pub struct PortRuntime {
-    view: RwLock<Arc<PortView>>,
-    balancer: Mutex<Balancer>,
-    table: Mutex<StickTable>,
+    /// Replaced whole by reloads and health changes; a request loads it with two atomic
+    /// operations (no lock a refresh could hold it on).
+    view: ArcSwap<PortView>,
+    balancer: Balancer,
+    table: StickTable,
     /// What each node keeps across reloads and health changes.
     pools: SharedNodes,
     /// Client connections open on all the port's addresses, against `max_connections`.
@@ -141,21 +149,21 @@ impl PortRuntime {
     /// A port's state as a new port starts: no algorithm memory, no stickiness, no pools.
     fn new(view: PortView) -> PortRuntime {
         PortRuntime {
-            view: RwLock::new(Arc::new(view)),
-            balancer: Mutex::new(Balancer::default()),
-            table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
+            view: ArcSwap::from_pointee(view),
+            balancer: Balancer::default(),
+            table: StickTable::new(TABLE_CAPACITY, TABLE_TTL),
             pools: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// The view requests read; cheap (one Arc clone).
+    /// The view requests read; cheap (an Arc clone, no lock).
     pub fn view(&self) -> Arc<PortView> {
-        self.view.read().expect("view lock").clone()
+        self.view.load_full()
     }
 
     fn set_view(&self, v: PortView) {
-        *self.view.write().expect("view lock") = Arc::new(v);
+        self.view.store(Arc::new(v));
     }
 }
 
@@ -397,7 +405,7 @@ impl Proxy {
                 name,
                 tls,
                 key: p.key.clone(),
-                nodes: Vec::new(),
+                nodes: NodeSet::default(),
             };
             match self.ports.get(&k) {
                 Some(rt) => {
@@ -456,7 +464,7 @@ impl Proxy {
             let Some(rt) = self.ports.get(&PortKey::of(p)) else {
                 continue;
             };
-            let nodes = node_views(p, state, &rt.pools, &rt.balancer, &rt.table);
+            let nodes = node_views(p, state, &rt.pools);
             let old = rt.view();
             rt.set_view(PortView {
                 port: p.clone(),
@@ -497,16 +505,15 @@ impl Proxy {
 /// A port's node set as requests see it, from the config and the nodes' states (`state` gives
 /// health and the passive-check channel of a node). Each node keeps its pool,
 /// in-flight count and counters across refreshes (a changed address gets a new pool, the
-/// old one emptied); those of nodes that left are dropped (pools emptied), and the
-/// balancer's and stick table's memory is trimmed to the nodes left.
-/// The http and the user-space tcp paths share it, so both apply the same eligibility.
+/// old one emptied); those of nodes that left are dropped (pools emptied). A node that went
+/// DOWN gets a new incarnation, which voids its stickiness entries as they are read: the
+/// stick table is not walked here. The http and the user-space tcp paths share it, so both
+/// apply the same eligibility.
 pub(crate) fn node_views(
     p: &Port,
     state: &dyn Fn(&NodeKey) -> NodeState,
     shared: &SharedNodes,
-    balancer: &Mutex<Balancer>,
-    table: &Mutex<StickTable>,
-) -> Vec<NodeView> {
+) -> NodeSet {
     let key = PortKey::of(p);
     let states: Vec<NodeState> = p
         .nodes
@@ -532,8 +539,14 @@ pub(crate) fn node_views(
                 pool: Arc::new(NodePool::new(n.address, stats.clone())),
                 active: Arc::new(AtomicUsize::new(0)),
                 stats,
+                epoch: next_epoch(),
+                down: health == Health::Down,
             }
         });
+        if health == Health::Down && !e.down {
+            e.epoch = next_epoch();
+        }
+        e.down = health == Health::Down;
         if e.cap != p.max_node_connections {
             e.slots = Arc::new(tokio::sync::Semaphore::new(p.max_node_connections as usize));
             e.cap = p.max_node_connections;
@@ -557,6 +570,7 @@ pub(crate) fn node_views(
             slots: e.slots.clone(),
             active: e.active.clone(),
             stats: e.stats.clone(),
+            epoch: e.epoch,
         });
     }
     shared.retain(|label, e| {
@@ -566,15 +580,7 @@ pub(crate) fn node_views(
         }
         k_keep
     });
-    drop(shared);
-    let labels: Vec<&str> = nodes.iter().map(|n| n.label.as_str()).collect();
-    balancer.lock().expect("balancer lock").retain(&labels);
-    table.lock().expect("table lock").retain_nodes(|l| {
-        nodes
-            .iter()
-            .any(|n| n.label == l && n.health != Health::Down)
-    });
-    nodes
+    NodeSet::new(nodes)
 }
 
 /// Accepts connections on one address until the listener is closed by a reload or the
@@ -1110,15 +1116,11 @@ mod tests {
     #[test]
     fn node_counters_follow_the_label_across_refreshes() {
         let shared: SharedNodes = Mutex::new(HashMap::new());
-        let (b, t) = (
-            Mutex::new(Balancer::default()),
-            Mutex::new(StickTable::new(16, TABLE_TTL)),
-        );
         let p = http_port(vec![
             Node::new("a", sa("127.0.0.1:1")),
             Node::new("b", sa("127.0.0.1:2")),
         ]);
-        let v1 = node_views(&p, &up, &shared, &b, &t);
+        let v1 = node_views(&p, &up, &shared);
         v1[0].stats.forwarded.store(7, Ordering::Relaxed);
         v1[0].stats.bytes_in.store(100, Ordering::Relaxed);
         let _in_flight = ActiveGuard::new(&v1[0].active);
@@ -1127,7 +1129,7 @@ mod tests {
         let mut p2 = p.clone();
         p2.nodes[0].weight = 5;
         p2.nodes[0].address = sa("127.0.0.1:3");
-        let v2 = node_views(&p2, &up, &shared, &b, &t);
+        let v2 = node_views(&p2, &up, &shared);
         assert!(Arc::ptr_eq(&v1[0].stats, &v2[0].stats));
         assert!(
             !Arc::ptr_eq(&v1[0].pool, &v2[0].pool),
@@ -1139,9 +1141,9 @@ mod tests {
 
         // Removed, then added again: it starts from zero.
         let p3 = http_port(vec![p.nodes[1].clone()]);
-        let v3 = node_views(&p3, &up, &shared, &b, &t);
+        let v3 = node_views(&p3, &up, &shared);
         assert_eq!(v3.len(), 1);
-        let v4 = node_views(&p, &up, &shared, &b, &t);
+        let v4 = node_views(&p, &up, &shared);
         assert!(!Arc::ptr_eq(&v1[0].stats, &v4[0].stats));
         assert_eq!(v4[0].counters(), NodeCounters::default());
         assert!(
@@ -1204,7 +1206,7 @@ mod tests {
     async fn serve_proxy(port: Port) -> (Proxy, Arc<PortRuntime>, SocketAddr) {
         let k = PortKey::of(&port);
         let rt = Arc::new(PortRuntime::new(PortView::bare(port.clone())));
-        let nodes = node_views(&port, &up, &rt.pools, &rt.balancer, &rt.table);
+        let nodes = node_views(&port, &up, &rt.pools);
         rt.set_view(PortView {
             nodes,
             ..PortView::bare(port)

@@ -20,12 +20,13 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex, OnceLock, RwLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use log::{debug, info, warn};
 use tokio::{
     io::AsyncWriteExt,
@@ -39,7 +40,7 @@ use crate::{
     model::{NodeKey, PortKey, port_names},
     proxy::{
         NodeState, ProxyError, SharedNodes, TABLE_CAPACITY, TABLE_TTL,
-        balance::{ActiveGuard, Balancer, NodeView, StickTable},
+        balance::{ActiveGuard, Balancer, NodeSet, NodeView, StickTable},
         io::{Activity, Counted},
         node_views, take_or_bind,
     },
@@ -136,14 +137,15 @@ struct TcpView {
     port: Port,
     /// The port's name in logs (see [`crate::model::port_names`]).
     name: Arc<str>,
-    nodes: Vec<NodeView>,
+    nodes: NodeSet,
 }
 
-/// A user-space tcp port's state that outlives reloads.
+/// A user-space tcp port's state that outlives reloads; new connections read it without a
+/// lock (as [`super::PortRuntime`]).
 struct TcpPort {
-    view: RwLock<Arc<TcpView>>,
-    balancer: Mutex<Balancer>,
-    table: Mutex<StickTable>,
+    view: ArcSwap<TcpView>,
+    balancer: Balancer,
+    table: StickTable,
     shared: SharedNodes,
     open: Arc<AtomicUsize>,
 }
@@ -152,29 +154,29 @@ impl TcpPort {
     /// A new port's state: no nodes until the first refresh, no algorithm memory.
     fn new(port: Port, name: Arc<str>) -> TcpPort {
         TcpPort {
-            view: RwLock::new(Arc::new(TcpView {
+            view: ArcSwap::from_pointee(TcpView {
                 port,
                 name,
-                nodes: Vec::new(),
-            })),
-            balancer: Mutex::new(Balancer::default()),
-            table: Mutex::new(StickTable::new(TABLE_CAPACITY, TABLE_TTL)),
+                nodes: NodeSet::default(),
+            }),
+            balancer: Balancer::default(),
+            table: StickTable::new(TABLE_CAPACITY, TABLE_TTL),
             shared: Mutex::new(HashMap::new()),
             open: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     fn view(&self) -> Arc<TcpView> {
-        self.view.read().expect("view lock").clone()
+        self.view.load_full()
     }
 
     fn set_view(&self, v: TcpView) {
-        *self.view.write().expect("view lock") = Arc::new(v);
+        self.view.store(Arc::new(v));
     }
 
     fn pick(&self, view: &TcpView, client: IpAddr, exclude: Option<&str>) -> Option<NodeView> {
-        let mut b = self.balancer.lock().expect("balancer lock");
-        b.pick(view.port.algorithm, &view.nodes, client, exclude)
+        self.balancer
+            .pick(view.port.algorithm, &view.nodes, client, exclude)
             .cloned()
     }
 }
@@ -356,7 +358,7 @@ impl TcpProxy {
             let Some(rt) = self.ports.get(&PortKey::of(p)) else {
                 continue;
             };
-            let nodes = node_views(p, state, &rt.shared, &rt.balancer, &rt.table);
+            let nodes = node_views(p, state, &rt.shared);
             let name = rt.view().name.clone();
             rt.set_view(TcpView {
                 port: p.clone(),
@@ -415,11 +417,7 @@ fn reset(stream: TcpStream) {
 fn first_choice(rt: &TcpPort, view: &TcpView, peer: SocketAddr) -> Option<NodeView> {
     let client_ip = peer.ip().to_canonical();
     let sticky = match view.port.stickiness {
-        Stickiness::Table => rt
-            .table
-            .lock()
-            .expect("table lock")
-            .get(client_ip, Instant::now()),
+        Stickiness::Table => rt.table.get(client_ip, Instant::now(), &view.nodes),
         _ => None,
     };
     sticky
@@ -477,10 +475,7 @@ async fn serve(
         node = rt.pick(view, client_ip, Some(&n.label));
     };
     if port.stickiness == Stickiness::Table {
-        rt.table
-            .lock()
-            .expect("table lock")
-            .put(client_ip, &n.label, now);
+        rt.table.put(client_ip, &n, now);
     }
     let _active = ActiveGuard::new(&n.active);
     n.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -588,7 +583,7 @@ mod tests {
         let name: Arc<str> = "9000".into();
         let rt = Arc::new(TcpPort::new(p.clone(), name.clone()));
         let up = |_: &NodeKey| (crate::health::Health::Up, None);
-        let nodes = node_views(&p, &up, &rt.shared, &rt.balancer, &rt.table);
+        let nodes = node_views(&p, &up, &rt.shared);
         rt.set_view(TcpView {
             port: p,
             name,
