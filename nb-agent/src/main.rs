@@ -48,17 +48,17 @@ fn main() -> ExitCode {
             nb_agent::fds::init();
             // The control loop (sweeps, reloads) runs on this thread and the tasks it starts
             // (checks, the API) on one worker beside it, so a long sweep delays no check; the
-            // ports are served by a runtime of their own that `workers` sizes. A config that
+            // ports are served by runtimes of their own, `workers` of them. A config that
             // does not load is reported by `agent::run` below.
             let workers = config::load(&config).map_or(0, |c| c.balancer.workers);
-            let serving = match serving_runtime(workers) {
+            let serving = match serving_runtimes(workers) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("tokio runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            nb_agent::proxy::set_runtime(serving.handle.clone());
+            nb_agent::proxy::set_runtimes(serving.handles.clone());
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("nb-control")
@@ -86,39 +86,32 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtime that serves http/https and user-space tcp ports.
+/// The runtimes that serve http/https and user-space tcp ports: each a current-thread
+/// runtime owned by its thread, running until the process exits.
 struct Serving {
-    handle: tokio::runtime::Handle,
-    /// A multi-thread runtime, owned here; a current-thread one is owned by its thread.
-    _runtime: Option<tokio::runtime::Runtime>,
+    handles: Vec<tokio::runtime::Handle>,
 }
 
-/// One worker: a current-thread runtime on a thread of its own (no work stealing, no
-/// cross-thread wake-ups: about 20% more requests per CPU than a one-worker multi-thread
-/// runtime). More, or 0 (one per CPU): a multi-thread runtime.
-fn serving_runtime(workers: u32) -> std::io::Result<Serving> {
-    use tokio::runtime::Builder;
-    if workers == 1 {
-        let rt = Builder::new_current_thread().enable_all().build()?;
-        let handle = rt.handle().clone();
-        // Runs until the process exits: tasks spawned through the handle run while it waits.
+/// `workers` current-thread runtimes, each on a thread of its own (thread per core, as
+/// HAProxy's threads and nginx's workers; no work stealing, no cross-thread wake-ups); 0 is
+/// one per CPU.
+fn serving_runtimes(workers: u32) -> std::io::Result<Serving> {
+    let n = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    };
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(rt.handle().clone());
+        // Tasks spawned through the handle run while the thread waits here.
         std::thread::Builder::new()
-            .name("nb-serve".into())
+            .name(format!("nb-serve-{i}"))
             .spawn(move || rt.block_on(std::future::pending::<()>()))?;
-        return Ok(Serving {
-            handle,
-            _runtime: None,
-        });
     }
-    let mut b = Builder::new_multi_thread();
-    if workers > 0 {
-        b.worker_threads(workers as usize);
-    }
-    let rt = b.thread_name("nb-serve").enable_all().build()?;
-    Ok(Serving {
-        handle: rt.handle().clone(),
-        _runtime: Some(rt),
-    })
+    Ok(Serving { handles })
 }
 
 fn detach(path: &std::path::Path) -> anyhow::Result<()> {

@@ -269,12 +269,18 @@ pub struct StickTable {
 }
 
 impl StickTable {
-    /// A table of at most `capacity` clients (rounded up to a multiple of the shard count).
+    /// A table of `capacity` clients, and up to an eighth more: each shard holds an even
+    /// share and an eighth of it again, as hashing spreads clients nearly, not exactly, evenly.
     pub fn new(capacity: usize, ttl: Duration) -> StickTable {
         let shards = if capacity >= SHARDS * 64 { SHARDS } else { 1 };
+        let share = capacity.div_ceil(shards);
         StickTable {
             shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
-            per_shard: capacity.div_ceil(shards),
+            per_shard: if shards == 1 {
+                share
+            } else {
+                share + share / 8
+            },
             ttl,
         }
     }

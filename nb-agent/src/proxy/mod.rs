@@ -168,7 +168,7 @@ impl PortRuntime {
 }
 
 struct Listener {
-    handle: JoinHandle<()>,
+    handle: ListenerTasks,
     /// Set to true to ask the listener's connections to finish; every connection holds a
     /// receiver, so [`watch::Sender::closed`] tells when the last one has gone.
     stop: watch::Sender<bool>,
@@ -189,9 +189,8 @@ impl Listener {
             socket,
         } = self;
         drop(socket);
-        handle.abort();
-        // Wait for the task to be dropped: its socket is closed when this returns.
-        let _ = handle.await;
+        // Wait for the tasks to be dropped: the socket is closed when this returns.
+        handle.stop().await;
         let _ = stop.send(true);
         stop
     }
@@ -440,9 +439,9 @@ impl Proxy {
             let protocol = rt.view().port.protocol;
             let (stop, stop_rx) = watch::channel(false);
             let socket = second_descriptor(addr, &std_listener);
-            let Some(handle) =
-                serve_listener(addr, std_listener, |l| accept_loop(rt, l, addr, stop_rx))
-            else {
+            let Some(handle) = serve_listener(addr, std_listener, |l| {
+                accept_loop(rt.clone(), l, addr, stop_rx.clone())
+            }) else {
                 continue;
             };
             info!("{addr}: serving {protocol}");
@@ -727,44 +726,88 @@ async fn serve_connection(
     }
 }
 
-/// The runtime that serves the ports, set once at start (see `set_runtime`).
-static SERVING: OnceLock<Handle> = OnceLock::new();
+/// The runtimes that serve the ports, set once at start (see `set_runtimes`).
+static SERVING: OnceLock<Vec<Handle>> = OnceLock::new();
 
-/// Serves every listener started from now on on `h`: a runtime of their own, apart from the
-/// agent's control loop, so that a flow sweep or a reload never stalls a request, and so that
-/// one worker can be a current-thread runtime (about 20% more requests per CPU than a
-/// one-worker multi-thread runtime, measured with `cargo xtask bench l7`).
-pub fn set_runtime(h: Handle) {
-    let _ = SERVING.set(h);
+/// Serves every listener started from now on on the runtimes `hs`: runtimes of their own,
+/// apart from the agent's control loop, so that a flow sweep or a reload never stalls a
+/// request. Each is a current-thread runtime on a thread of its own (`workers`, README
+/// "Every field"): a connection lives on the worker that accepted it, with no work stealing
+/// and no cross-thread wake-ups (a one-worker multi-thread runtime served about 20% fewer
+/// requests per CPU, measured with `cargo xtask bench l7`).
+pub fn set_runtimes(hs: Vec<Handle>) {
+    let _ = SERVING.set(hs);
 }
 
-/// Hands a listener bound while a config was prepared to the serving runtime (the current one
-/// when none was set, as in unit tests) and starts `serve` on it there: the socket must be
-/// registered with the runtime that polls it. `None`, logged, when that fails (the address is
-/// then not served, the rest of the config is).
+/// The accept loops of one listening socket, one per serving runtime.
+pub(crate) struct ListenerTasks(Vec<JoinHandle<()>>);
+
+impl ListenerTasks {
+    /// Stops every accept loop (their sockets close as their runtimes drop them).
+    pub(crate) fn abort(&self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+
+    /// Stops every accept loop and returns once each has been dropped (the socket is closed).
+    pub(crate) async fn stop(self) {
+        self.abort();
+        for h in self.0 {
+            let _ = h.await;
+        }
+    }
+}
+
+/// Hands a listener bound while a config was prepared to the serving runtimes (the current
+/// one when none was set, as in unit tests) and starts `serve` on it in each, on a descriptor
+/// of its own: each worker accepts from the one socket when it is free to (nginx's workers
+/// share their listening sockets the same way), and the socket must be registered with the
+/// runtime that polls it. `None`, logged, when that fails (the address is then not served,
+/// the rest of the config is).
 pub(crate) fn serve_listener<F>(
     addr: SocketAddr,
     l: std::net::TcpListener,
-    serve: impl FnOnce(TcpListener) -> F,
-) -> Option<JoinHandle<()>>
+    serve: impl Fn(TcpListener) -> F,
+) -> Option<ListenerTasks>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let h = SERVING.get().cloned().unwrap_or_else(Handle::current);
-    let listener = {
-        let _in = h.enter();
-        match l
-            .set_nonblocking(true)
-            .and_then(|_| TcpListener::from_std(l))
-        {
-            Ok(l) => l,
-            Err(e) => {
-                warn!("{addr}: {e}");
-                return None;
-            }
+    let current;
+    let hs: &[Handle] = match SERVING.get() {
+        Some(hs) if !hs.is_empty() => hs,
+        _ => {
+            current = [Handle::current()];
+            &current
         }
     };
-    Some(h.spawn(serve(listener)))
+    if let Err(e) = l.set_nonblocking(true) {
+        warn!("{addr}: {e}");
+        return None;
+    }
+    let mut sockets = Vec::with_capacity(hs.len());
+    for _ in 1..hs.len() {
+        match l.try_clone() {
+            Ok(d) => sockets.push(d),
+            Err(e) => {
+                warn!("{addr}: a descriptor for another worker: {e}");
+                break;
+            }
+        }
+    }
+    sockets.insert(0, l);
+    let mut tasks = Vec::with_capacity(sockets.len());
+    for (h, socket) in hs.iter().zip(sockets) {
+        let _in = h.enter();
+        match TcpListener::from_std(socket) {
+            Ok(listener) => tasks.push(h.spawn(serve(listener))),
+            Err(e) => warn!("{addr}: {e}"),
+        }
+    }
+    if tasks.is_empty() {
+        return None;
+    }
+    Some(ListenerTasks(tasks))
 }
 
 /// The limits of one HTTP/2 connection, from its port's config.
@@ -1113,6 +1156,66 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A health flip on a port of 1000 nodes whose stick table holds a million clients:
+    /// requests never wait for it (the view is swapped whole, the table is not touched), and
+    /// the flipped node's clients are balanced anew as they come back. The time the refresh
+    /// itself takes is printed (`--nocapture`), not judged: timing belongs to benchmarks.
+    #[test]
+    fn a_health_flip_leaves_the_request_path_and_the_stick_table_alone() {
+        let nodes: Vec<Node> = (0..1000u32)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::from(0xc612_0000 + i);
+                Node::new(format!("n{i}"), SocketAddr::new(ip.into(), 80))
+            })
+            .collect();
+        let mut p = http_port(nodes);
+        p.stickiness = Stickiness::Table;
+        let rt = PortRuntime::new(PortView::bare(p.clone()));
+        let v = node_views(&p, &up, &rt.pools);
+        let now = std::time::Instant::now();
+        for c in 0..(1u32 << 20) {
+            let node = &v[(c % 1000) as usize];
+            rt.table.put(IpAddr::from(c.to_be_bytes()), node, now);
+        }
+        assert_eq!(rt.table.len(), 1 << 20);
+        rt.set_view(PortView {
+            nodes: v,
+            ..PortView::bare(p.clone())
+        });
+        let before = rt.view();
+        let down = |k: &NodeKey| {
+            let h = if &*k.label == "n7" {
+                Health::Down
+            } else {
+                Health::Up
+            };
+            (h, None)
+        };
+        let started = std::time::Instant::now();
+        let flipped = node_views(&p, &down, &rt.pools);
+        rt.set_view(PortView {
+            nodes: flipped,
+            ..PortView::bare(p.clone())
+        });
+        let took = started.elapsed();
+        println!("health flip, 1000 nodes, 2^20 stuck clients: refresh took {took:?}");
+        assert_eq!(rt.table.len(), 1 << 20, "the table was not walked");
+        let after = rt.view();
+        assert!(!Arc::ptr_eq(&before, &after));
+        // Client 7 was stuck to n7, client 8 to n8.
+        let (c7, c8) = (
+            IpAddr::from(7u32.to_be_bytes()),
+            IpAddr::from(8u32.to_be_bytes()),
+        );
+        assert_eq!(rt.table.get(c7, now, &after.nodes), None, "n7 went DOWN");
+        assert_eq!(rt.table.get(c8, now, &after.nodes).as_deref(), Some("n8"));
+        // n7 back UP: its clients of before stay balanced anew (their entries went at DOWN).
+        let back = node_views(&p, &up, &rt.pools);
+        let c1007 = IpAddr::from(1007u32.to_be_bytes());
+        assert_eq!(rt.table.get(c1007, now, &back), None);
+        assert!(back.iter().filter(|n| n.eligible).count() == 1000);
+    }
+
     #[test]
     fn node_counters_follow_the_label_across_refreshes() {
         let shared: SharedNodes = Mutex::new(HashMap::new());
@@ -1220,7 +1323,7 @@ mod tests {
         proxy.listeners.insert(
             addr,
             Listener {
-                handle,
+                handle: ListenerTasks(vec![handle]),
                 stop,
                 socket: None,
             },

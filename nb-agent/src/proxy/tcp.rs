@@ -31,7 +31,6 @@ use log::{debug, info, warn};
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
-    task::JoinHandle,
 };
 
 use crate::{
@@ -187,7 +186,7 @@ pub struct TcpProxy {
     ports: HashMap<PortKey, Arc<TcpPort>>,
     /// Each listener's task, and a second descriptor of its socket (see
     /// [`TcpProxy::listening`]).
-    listeners: HashMap<SocketAddr, (JoinHandle<()>, Option<std::net::TcpListener>)>,
+    listeners: HashMap<SocketAddr, (super::ListenerTasks, Option<std::net::TcpListener>)>,
 }
 
 impl TcpPrepared {
@@ -313,7 +312,7 @@ impl TcpProxy {
             let pp = rt.view().port.proxy_protocol;
             let socket = super::second_descriptor(addr, &std_listener);
             let Some(handle) = super::serve_listener(addr, std_listener, |l| {
-                accept_loop(rt, l, addr, idle_timeout())
+                accept_loop(rt.clone(), l, addr, idle_timeout())
             }) else {
                 continue;
             };
@@ -327,9 +326,8 @@ impl TcpProxy {
     pub async fn stop_accepting(&mut self) {
         for (_, (handle, socket)) in self.listeners.drain() {
             drop(socket);
-            handle.abort();
-            // The task dropped, its socket closed.
-            let _ = handle.await;
+            // The tasks dropped, the socket closed.
+            handle.stop().await;
         }
     }
 

@@ -67,6 +67,14 @@ const HTTPS: u16 = 443;
 const ROUNDS: usize = 3;
 const ROUND_SECONDS: u64 = 4;
 
+/// `NB_BENCH_L7_COOKIE=1`: cookie stickiness on nb (`stickiness = "http_cookie"`) and HAProxy
+/// (`cookie NB_SRVID insert indirect nocache`), nginx unchanged (open-source nginx has no
+/// cookie insertion). wrk sends no cookie, so every answer of nb and HAProxy inserts one: the
+/// cost of signing (nb: an HMAC) and of the extra header, on top of the plain proxying.
+fn cookie() -> bool {
+    std::env::var("NB_BENCH_L7_COOKIE").is_ok_and(|v| v == "1")
+}
+
 /// `ROUNDS`, or `NB_BENCH_L7_ROUNDS` when set.
 fn rounds() -> Result<usize> {
     match std::env::var("NB_BENCH_L7_ROUNDS") {
@@ -88,7 +96,12 @@ pub fn run(out: &Path, workers: u32) -> Result<Vec<Key>> {
     let rounds = rounds()?;
     println!(
         "== L7: nb's http/https ports vs HAProxy (http mode) vs nginx (proxy), {workers} worker \
-         thread(s) each, {rounds} rounds of {ROUND_SECONDS} s per load, taking turns"
+         thread(s) each, {rounds} rounds of {ROUND_SECONDS} s per load, taking turns{}",
+        if cookie() {
+            "; cookie stickiness on nb and HAProxy (a cookie inserted in every answer), none on nginx"
+        } else {
+            ""
+        }
     );
     let files = Files::new()?;
     // All run at once (four with a base build), each in a network of its own; only the one
@@ -428,10 +441,11 @@ fn start(
 /// nb: an http and an https port over the three backends, `workers` runtime threads.
 fn nb_config(t: &Topology, workers: u32, files: &Files) -> Result<PathBuf> {
     let nodes = nodes_toml();
+    let sticky = if cookie() { "http_cookie" } else { "none" };
     let port = |port: u16, protocol: &str, tls: &str| {
         format!(
             "[[port]]\nport = {port}\nprotocol = \"{protocol}\"\nalgorithm = \"roundrobin\"\n\
-             stickiness = \"none\"\ncheck = \"connection\"\ncheck_interval = 10\n{tls}\n{nodes}"
+             stickiness = \"{sticky}\"\ncheck = \"connection\"\ncheck_interval = 10\n{tls}\n{nodes}"
         )
     };
     let tls = format!(
@@ -456,8 +470,20 @@ fn nb_config(t: &Topology, workers: u32, files: &Files) -> Result<PathBuf> {
 
 fn haproxy_config(workers: u32, files: &Files) -> String {
     let servers: String = (1..=BACKENDS)
-        .map(|i| format!("  server b{i} {}:8080 check inter 10s\n", backend_v4(i)))
+        .map(|i| {
+            let c = if cookie() {
+                format!(" cookie b{i}")
+            } else {
+                String::new()
+            };
+            format!("  server b{i} {}:8080 check inter 10s{c}\n", backend_v4(i))
+        })
         .collect();
+    let sticky = if cookie() {
+        "  cookie NB_SRVID insert indirect nocache\n"
+    } else {
+        ""
+    };
     format!(
         "global\n  nbthread {workers}\n  maxconn 8000\n\n\
          defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n  \
@@ -468,7 +494,7 @@ fn haproxy_config(workers: u32, files: &Files) -> String {
          http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}\n  \
          http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}\n  \
          http-request set-header X-Forwarded-Port %[dst_port]\n  default_backend nodes\n\n\
-         backend nodes\n  balance roundrobin\n{servers}",
+         backend nodes\n  balance roundrobin\n{sticky}{servers}",
         files.pem.display()
     )
 }
@@ -811,8 +837,9 @@ fn json(rows: &[Row], workers: u32, rounds: usize, keys: &[Key]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "{{\n  \"rounds\": {rounds},\n  \"seconds_per_round\": {ROUND_SECONDS},\n  \"workers\": {workers},\n  \"rows\": [\n{}\n  ],\n  \
+        "{{\n  \"rounds\": {rounds},\n  \"seconds_per_round\": {ROUND_SECONDS},\n  \"workers\": {workers},\n  \"cookie\": {},\n  \"rows\": [\n{}\n  ],\n  \
          \"keys\": {}\n}}\n",
+        cookie(),
         rows.join(",\n"),
         summary::json(keys)
     );
