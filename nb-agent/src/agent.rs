@@ -26,6 +26,7 @@ use crate::{
     health::{self, CheckEvent, CheckSpec, Health},
     metrics,
     model::{NodeKey, PortKey, port_names},
+    plan::{DataTarget, move_data_path},
     proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
 };
 
@@ -617,28 +618,22 @@ impl Agent {
                 "reload: interfaces, xdp_mode, bpf_pin_path and max_flows take effect at the next restart"
             );
         }
-        // The steps that can fail and be undone: the throttle, then the XDP maps. Nothing
-        // else has changed until both are done.
-        let old_throttle = self.config.balancer.client_conn_throttle;
+        // The steps that can fail and be undone: the throttle, then the XDP maps (see
+        // `plan`). Nothing else has changed until both are done.
         if let Some(dp) = self.dataplane.as_mut() {
-            dp.set_throttle(new.balancer.client_conn_throttle)?;
+            let health = |node: &NodeKey| self.health.get(node).copied().unwrap_or_default();
+            let from = DataTarget {
+                throttle: self.config.balancer.client_conn_throttle,
+                services: tcp_services(&self.config, &self.public, &health),
+            };
+            let to = DataTarget {
+                throttle: new.balancer.client_conn_throttle,
+                services: tcp_services(&new, &public, &health),
+            };
+            move_data_path(dp, &from, &to)?;
         }
-        let old = std::mem::replace(&mut self.config, new);
-        let old_public = std::mem::replace(&mut self.public, public);
-        if let Err(e) = self.write_dataplane() {
-            // Put the running state back exactly as it was.
-            self.config = old;
-            self.public = old_public;
-            if let Err(again) = self.write_dataplane() {
-                error!("restoring the data path after a refused reload: {again}");
-            }
-            if let Some(dp) = self.dataplane.as_mut()
-                && let Err(again) = dp.set_throttle(old_throttle)
-            {
-                error!("restoring client_conn_throttle after a refused reload: {again}");
-            }
-            return Err(e);
-        }
+        self.config = new;
+        self.public = public;
         // From here on nothing fails: checks, listeners and node sets follow the new config.
         self.sync_checks();
         // A socket one proxy takes over from the other stays open when the other lets go.

@@ -12,6 +12,7 @@ mod map_batch;
 pub mod metrics;
 pub mod model;
 pub mod pins;
+pub mod plan;
 pub mod proxy;
 pub mod secret_file;
 pub mod selection;
