@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            nb_agent::proxy::set_runtimes(serving.handles.clone());
+            nb_agent::proxy::set_runtimes(serving);
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("nb-control")
@@ -72,7 +72,6 @@ fn main() -> ExitCode {
                 }
             };
             let result = rt.block_on(agent::run(&config));
-            drop(serving);
             if let Err(e) = result {
                 eprintln!("nb-agent: {e}");
                 return ExitCode::FAILURE;
@@ -86,16 +85,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The runtimes that serve http/https and user-space tcp ports: each a current-thread
-/// runtime owned by its thread, running until the process exits.
-struct Serving {
-    handles: Vec<tokio::runtime::Handle>,
-}
-
 /// `workers` current-thread runtimes, each on a thread of its own (thread per core, as
 /// HAProxy's threads and nginx's workers; no work stealing, no cross-thread wake-ups); 0 is
-/// one per CPU.
-fn serving_runtimes(workers: u32) -> std::io::Result<Serving> {
+/// one per CPU. Each runtime is owned by its thread and runs until the process exits.
+fn serving_runtimes(workers: u32) -> std::io::Result<Vec<tokio::runtime::Handle>> {
     let n = match workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n as usize,
@@ -111,7 +104,7 @@ fn serving_runtimes(workers: u32) -> std::io::Result<Serving> {
             .name(format!("nb-serve-{i}"))
             .spawn(move || rt.block_on(std::future::pending::<()>()))?;
     }
-    Ok(Serving { handles })
+    Ok(handles)
 }
 
 fn detach(path: &std::path::Path) -> anyhow::Result<()> {
