@@ -24,8 +24,8 @@ use crate::{
         AttachMode, BackendSpec, Dataplane, DataplaneError, FlowTimeouts, ServiceSpec, SweepReport,
     },
     health::{self, CheckEvent, CheckSpec, Health},
-    metrics,
-    model::{NodeKey, PortKey, port_names},
+    metrics::{self, NodeCounters, NodeSample, Snapshot},
+    model::{NodeKey, PortKey, port_names, takes_new_connections},
     plan::{DataTarget, move_data_path},
     proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
 };
@@ -100,17 +100,6 @@ pub fn source_address_towards(backend: SocketAddr) -> std::io::Result<IpAddr> {
     // A UDP connect sends nothing: it only asks the kernel for the route and source.
     s.connect(backend)?;
     Ok(s.local_addr()?.ip())
-}
-
-/// Whether a node takes new clients (those without stickiness to it), the same rule for tcp
-/// ports (XDP) and http/https ports (proxy): `accept` while not DOWN, `backup` only while no
-/// `accept` node is up, `drain` and `reject` never.
-pub fn takes_new_connections(mode: NodeMode, up: bool, any_accept_up: bool) -> bool {
-    up && match mode {
-        NodeMode::Accept => true,
-        NodeMode::Backup => !any_accept_up,
-        NodeMode::Reject | NodeMode::Drain => false,
-    }
 }
 
 /// Builds the data-path services of the config's tcp ports: one per port and address family.
@@ -642,6 +631,96 @@ impl Agent {
         self.tcp.commit(tcp_prepared, &to_http);
         self.refresh_proxies();
         Ok(())
+    }
+}
+
+impl Agent {
+    /// Data-path counters per node, summed over address families; empty without a data path
+    /// (or when it cannot be read, which is logged).
+    fn dataplane_counters(&self) -> HashMap<NodeKey, NodeCounters> {
+        let mut out: HashMap<NodeKey, NodeCounters> = HashMap::new();
+        let Some(dp) = self.dataplane.as_ref() else {
+            return out;
+        };
+        match dp.backend_counters() {
+            Ok(all) => {
+                for ((_family, node), c) in all {
+                    let e = out.entry(node).or_default();
+                    e.connections += c.stats.new_conns;
+                    e.active += c.active;
+                    e.bytes_in += c.stats.bytes_in;
+                    e.bytes_out += c.stats.bytes_out;
+                    e.no_port += c.stats.no_port;
+                }
+            }
+            Err(e) => warn!("reading backend counters: {e}"),
+        }
+        out
+    }
+
+    /// A node's counters from the path that serves its port: the user-space tcp proxy, the
+    /// http proxy, or the XDP program (`dp`, from [`Agent::dataplane_counters`]). `None` only
+    /// for a tcp port nothing serves.
+    fn node_counters(
+        &self,
+        dp: &HashMap<NodeKey, NodeCounters>,
+        p: &config::Port,
+        node: &NodeKey,
+    ) -> Option<NodeCounters> {
+        if self.tcp.serves(&node.port) {
+            // Served in user space: the XDP counters know nothing of it.
+            Some(self.tcp.counters(node).unwrap_or_default())
+        } else if p.protocol != Protocol::Tcp {
+            Some(self.proxy.counters(node).unwrap_or_default())
+        } else {
+            self.dataplane
+                .is_some()
+                .then(|| dp.get(node).copied().unwrap_or_default())
+        }
+    }
+}
+
+/// The admin API reads the agent through snapshots and changes it only through `apply`.
+impl api::Running for Agent {
+    type Error = AgentError;
+
+    fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn public(&self) -> &[IpAddr] {
+        &self.public
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let dp = self.dataplane_counters();
+        let mut nodes = Vec::new();
+        let names = port_names(&self.config.ports);
+        for (p, name) in self.config.ports.iter().zip(names) {
+            let port = PortKey::of(p);
+            for n in &p.nodes {
+                let key = NodeKey::new(&port, &n.label);
+                nodes.push(NodeSample {
+                    port: name.clone(),
+                    node: n.label.clone(),
+                    health: self.health_of(&key),
+                    counters: self.node_counters(&dp, p, &key),
+                });
+            }
+        }
+        let xdp = match self.dataplane.as_ref().map(|dp| dp.packet_counters()) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                warn!("reading packet counters: {e}");
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
+        Snapshot { nodes, xdp }
+    }
+
+    fn apply(&mut self, cfg: Config) -> Result<(), AgentError> {
+        Agent::apply(self, cfg)
     }
 }
 

@@ -21,27 +21,8 @@ use crate::{
     model::NodeKey,
 };
 
-/// A node's health as the data path and the API report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Health {
-    /// No result yet: takes traffic, as a freshly added server does in HAProxy.
-    #[default]
-    Unknown,
-    Up,
-    Down,
-}
-
-impl Health {
-    /// The spelling `/v1/status` shows (`UP`, `DOWN`, `unknown`; README "Admin API, nbctl,
-    /// metrics").
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Health::Unknown => "unknown",
-            Health::Up => "UP",
-            Health::Down => "DOWN",
-        }
-    }
-}
+/// Defined with the model (the API and metrics read it too); named here for the checks.
+pub use crate::model::Health;
 
 /// Why one probe failed.
 #[derive(Debug, Error)]

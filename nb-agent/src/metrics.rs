@@ -17,6 +17,8 @@ use std::{
     time::Duration,
 };
 
+use crate::model::Health;
+
 /// Upper bounds (seconds) of the health check histogram: from a LAN connect (sub-millisecond)
 /// to the largest `check_timeout` the config allows (30 s).
 pub const CHECK_BUCKETS: [f64; 14] = [
@@ -131,8 +133,8 @@ pub struct NodeSample {
     /// The port's name (see [`crate::model::port_names`]).
     pub port: String,
     pub node: String,
-    /// Not DOWN: the node takes traffic as far as health goes (UP, or no result yet).
-    pub up: bool,
+    /// Its health: all but DOWN take traffic as far as health goes (`nb_node_up` is 1).
+    pub health: Health,
     /// Traffic counters from the path that serves the port (XDP, user-space tcp, http
     /// proxy); `None` where nothing serves it.
     pub counters: Option<NodeCounters>,
@@ -193,7 +195,7 @@ pub fn render(snap: &Snapshot) -> String {
             "nb_node_up{{port=\"{}\",node=\"{}\"}} {}",
             esc(&n.port),
             esc(&n.node),
-            u8::from(n.up)
+            u8::from(n.health != Health::Down)
         );
     }
     family(
@@ -355,7 +357,7 @@ mod tests {
             nodes: vec![NodeSample {
                 port: "60001".into(),
                 node: "a".into(),
-                up: true,
+                health: Health::Up,
                 counters: None,
             }],
             xdp: vec![],
@@ -386,7 +388,7 @@ mod tests {
             nodes: vec![NodeSample {
                 port: "60003".into(),
                 node: "web\"1".into(),
-                up: false,
+                health: Health::Down,
                 counters: None,
             }],
             xdp: vec![("rx", 7)],
@@ -429,7 +431,7 @@ mod tests {
             nodes: vec![NodeSample {
                 port: "198.18.0.1:80".into(),
                 node: "b1".into(),
-                up: true,
+                health: Health::Up,
                 counters: Some(NodeCounters {
                     connections: 3,
                     active: 1,

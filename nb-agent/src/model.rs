@@ -15,7 +15,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::config::{Port, Protocol};
+use crate::config::{NodeMode, Port, Protocol};
 
 /// Identity of a port: equal keys are the same port across reloads and API writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -188,6 +188,39 @@ pub fn find(ports: &[Port], public: &[IpAddr], text: &str) -> Result<usize, Find
                 choices: hits.iter().map(|&i| names[i].clone()).collect(),
             })
         }
+    }
+}
+
+/// A node's health as the data path and the API report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Health {
+    /// No result yet: takes traffic, as a freshly added server does in HAProxy.
+    #[default]
+    Unknown,
+    Up,
+    Down,
+}
+
+impl Health {
+    /// The spelling `/v1/status` shows (`UP`, `DOWN`, `unknown`; README "Admin API, nbctl,
+    /// metrics").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "UP",
+            Health::Down => "DOWN",
+        }
+    }
+}
+
+/// Whether a node takes new clients (those without stickiness to it), the same rule for tcp
+/// ports (XDP) and http/https ports (proxy): `accept` while not DOWN, `backup` only while no
+/// `accept` node is up, `drain` and `reject` never.
+pub fn takes_new_connections(mode: NodeMode, up: bool, any_accept_up: bool) -> bool {
+    up && match mode {
+        NodeMode::Accept => true,
+        NodeMode::Backup => !any_accept_up,
+        NodeMode::Reject | NodeMode::Drain => false,
     }
 }
 

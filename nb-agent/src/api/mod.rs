@@ -26,10 +26,7 @@ mod overlay;
 mod views;
 
 pub(crate) use self::body::{body_object, mode_field, new_node, weight_field};
-pub use self::{
-    overlay::Overlay,
-    views::{HIDDEN, snapshot},
-};
+pub use self::{overlay::Overlay, views::HIDDEN};
 
 use std::{
     collections::HashMap,
@@ -59,13 +56,12 @@ use tokio::{
 
 use self::{
     auth::{authorize_read, authorize_write},
-    views::{dataplane_counters, node_counters, node_json, port_json, port_value, stats_json},
+    views::{node_json, port_json, port_value, stats_json},
 };
 use crate::{
-    agent::{Agent, AgentError},
     config::{self, Config, Port},
-    metrics,
-    model::{self, FindError, NodeKey, PortKey, port_names},
+    metrics::{self, NodeSample, Snapshot},
+    model::{self, FindError, PortKey, port_names},
     secret_file,
 };
 
@@ -658,6 +654,21 @@ async fn answer(
     resp
 }
 
+/// What the API needs of the running agent: what runs, read as a whole, and the one way to
+/// change it. The API keeps no reference into the agent's state between calls.
+pub trait Running {
+    type Error: std::fmt::Display + From<ApiError> + From<config::LoadError>;
+    /// The config that runs (the file with the API's changes over it).
+    fn config(&self) -> &Config;
+    /// The addresses ports without their own listen on.
+    fn public(&self) -> &[std::net::IpAddr];
+    /// Every node's health and counters, and the XDP packet counters, read now.
+    fn snapshot(&self) -> Snapshot;
+    /// Makes `cfg` the running config, whole or not at all.
+    fn apply(&mut self, cfg: Config) -> Result<(), Self::Error>;
+}
+
+/// The API's side of the agent: the file as last read, the overlay, where it is kept, and
 /// what the connection tasks see of the running agent.
 pub struct Admin {
     base: Config,
@@ -730,21 +741,21 @@ impl Admin {
 
     /// Publishes the running config and status for the connection tasks; the loop calls it
     /// after every change of the config and on every sweep (health and counters move).
-    pub fn publish(&self, agent: &Agent) {
+    pub fn publish(&self, agent: &impl Running) {
         let p = Published::new(
-            agent.config.clone(),
-            agent.public.clone(),
-            self.status(agent),
+            agent.config().clone(),
+            agent.public().to_vec(),
+            self.status(agent.config(), &agent.snapshot()),
         );
         self.published.send_replace(Arc::new(p));
     }
 
     /// The SIGHUP reload: the file read again, the API's changes laid over it, the whole
     /// applied by the agent, or (any error) nothing at all.
-    pub fn reload(&mut self, agent: &mut Agent) -> Result<(), AgentError> {
-        let base = config::load(&agent.config.path)?;
+    pub fn reload<R: Running>(&mut self, agent: &mut R) -> Result<(), R::Error> {
+        let base = config::load(&agent.config().path)?;
         warn_exposed_tokens(&base.admin);
-        if base.admin != agent.config.admin
+        if base.admin != agent.config().admin
             || base.balancer.state_dir != self.base.balancer.state_dir
         {
             warn!(
@@ -770,14 +781,17 @@ impl Admin {
     }
 
     /// Answers one request in the agent loop.
-    pub fn handle(&mut self, agent: &mut Agent, call: Call) {
+    pub fn handle(&mut self, agent: &mut impl Running, call: Call) {
         let reply = match call.op {
-            Op::Status => Reply::json(StatusCode::OK, &self.status(agent)),
-            Op::Stats => Reply::json(StatusCode::OK, &stats_json(&snapshot(agent))),
+            Op::Status => Reply::json(
+                StatusCode::OK,
+                &self.status(agent.config(), &agent.snapshot()),
+            ),
+            Op::Stats => Reply::json(StatusCode::OK, &stats_json(&agent.snapshot())),
             Op::Metrics => Reply {
                 status: StatusCode::OK,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: metrics::render(&snapshot(agent)),
+                body: metrics::render(&agent.snapshot()),
                 close: false,
                 snapshot_age: None,
             },
@@ -795,23 +809,27 @@ impl Admin {
         let _ = call.reply.send(reply);
     }
 
-    fn status(&self, agent: &Agent) -> Value {
-        let dp = dataplane_counters(agent);
-        let names = port_names(&agent.config.ports);
-        let ports: Vec<Value> = agent
-            .config
+    /// `/v1/status`: every port of `cfg` with its nodes' health and open connections as
+    /// `snap` (read from the same running agent) has them.
+    fn status(&self, cfg: &Config, snap: &Snapshot) -> Value {
+        let by_node: HashMap<(&str, &str), &NodeSample> = snap
+            .nodes
+            .iter()
+            .map(|n| ((n.port.as_str(), n.node.as_str()), n))
+            .collect();
+        let names = port_names(&cfg.ports);
+        let ports: Vec<Value> = cfg
             .ports
             .iter()
             .zip(&names)
             .map(|(p, name)| {
-                let port = PortKey::of(p);
                 let nodes: Vec<Value> = p
                     .nodes
                     .iter()
                     .map(|n| {
-                        let key = NodeKey::new(&port, &n.label);
-                        let health = agent.health.get(&key).copied().unwrap_or_default();
-                        let active = node_counters(agent, &dp, p, &key).map(|c| c.active);
+                        let sample = by_node.get(&(name.as_str(), n.label.as_str()));
+                        let health = sample.map(|s| s.health).unwrap_or_default();
+                        let active = sample.and_then(|s| s.counters).map(|c| c.active);
                         let mut v = node_json(n);
                         v["status"] = json!(health.as_str());
                         v["active_connections"] = json!(active);
@@ -834,10 +852,15 @@ impl Admin {
     /// One write (authorized by its connection task): parsed and checked by the file's rules,
     /// applied by the agent whole, then recorded. Any failure leaves the agent and the record
     /// as they were.
-    fn write(&mut self, agent: &mut Agent, write: WriteOp, body: &[u8]) -> Result<Reply, Refusal> {
+    fn write(
+        &mut self,
+        agent: &mut impl Running,
+        write: WriteOp,
+        body: &[u8],
+    ) -> Result<Reply, Refusal> {
         let mut next = self.overlay.clone();
-        let running = &agent.config;
-        let public = &agent.public;
+        let running = agent.config();
+        let public = agent.public();
         let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
         // The port as it runs, and which node the answer shows (none: the whole port).
         let (at, label, what) = match write {
@@ -879,7 +902,7 @@ impl Admin {
         if !problems.is_empty() {
             return Err(bad(problems.join("; ")));
         }
-        let old = agent.config.clone();
+        let old = agent.config().clone();
         if let Err(e) = agent.apply(cfg) {
             return Err(Refusal::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -900,10 +923,11 @@ impl Admin {
             ));
         }
         self.overlay = next;
-        let names = port_names(&agent.config.ports);
-        let i = agent.config.ports.iter().position(|p| PortKey::of(p) == at);
+        let ports = &agent.config().ports;
+        let names = port_names(ports);
+        let i = ports.iter().position(|p| PortKey::of(p) == at);
         let name = i.map_or_else(|| at.to_string(), |i| names[i].clone());
-        let port = i.map(|i| &agent.config.ports[i]);
+        let port = i.map(|i| &ports[i]);
         match &label {
             Some(l) => info!("admin API: port {name} node {l} {what}"),
             None => info!("admin API: port {name} {what}"),

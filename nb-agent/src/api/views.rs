@@ -1,17 +1,14 @@
 //! What the API answers with: ports and nodes as JSON, the counters of the path that serves
 //! each port, and the snapshot that `/metrics` and `/v1/stats` render.
 
-use std::{collections::HashMap, path::PathBuf};
+use std::path::PathBuf;
 
-use log::warn;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    agent::Agent,
-    config::{Node, Port, Protocol},
-    health::Health,
-    metrics::{self, NodeCounters, NodeSample, Snapshot},
-    model::{NodeKey, PortKey, port_names},
+    config::{Node, Port},
+    metrics::{self, Snapshot},
+    model::Health,
 };
 
 pub(super) fn node_json(n: &Node) -> Value {
@@ -70,51 +67,6 @@ pub(super) fn port_json(p: &Port, reveal: bool) -> Value {
     })
 }
 
-/// Data-path counters per node, summed over address families; empty without a data path (or
-/// when it cannot be read, which is logged).
-pub(super) fn dataplane_counters(agent: &Agent) -> HashMap<NodeKey, NodeCounters> {
-    let mut out: HashMap<NodeKey, NodeCounters> = HashMap::new();
-    let Some(dp) = agent.dataplane.as_ref() else {
-        return out;
-    };
-    match dp.backend_counters() {
-        Ok(all) => {
-            for ((_family, node), c) in all {
-                let e = out.entry(node).or_default();
-                e.connections += c.stats.new_conns;
-                e.active += c.active;
-                e.bytes_in += c.stats.bytes_in;
-                e.bytes_out += c.stats.bytes_out;
-                e.no_port += c.stats.no_port;
-            }
-        }
-        Err(e) => warn!("reading backend counters: {e}"),
-    }
-    out
-}
-
-/// A node's counters from the path that serves its port: the user-space tcp proxy, the http
-/// proxy, or the XDP program (`dp`, from [`dataplane_counters`]). `None` only for a tcp port
-/// nothing serves.
-pub(super) fn node_counters(
-    agent: &Agent,
-    dp: &HashMap<NodeKey, NodeCounters>,
-    p: &Port,
-    node: &NodeKey,
-) -> Option<NodeCounters> {
-    if agent.tcp.serves(&node.port) {
-        // Served in user space: the XDP counters know nothing of it.
-        Some(agent.tcp.counters(node).unwrap_or_default())
-    } else if p.protocol != Protocol::Tcp {
-        Some(agent.proxy.counters(node).unwrap_or_default())
-    } else {
-        agent
-            .dataplane
-            .is_some()
-            .then(|| dp.get(node).copied().unwrap_or_default())
-    }
-}
-
 /// A port's name as a JSON value: the number, as every answer gave it before one number
 /// could serve on two addresses, or the `ADDRESS:PORT` string that tells such ports apart.
 pub(super) fn port_value(name: &str) -> Value {
@@ -124,36 +76,6 @@ pub(super) fn port_value(name: &str) -> Value {
     }
 }
 
-/// What a scrape or `GET /v1/stats` shows of the running agent.
-pub fn snapshot(agent: &Agent) -> Snapshot {
-    let dp = dataplane_counters(agent);
-    let mut nodes = Vec::new();
-    let names = port_names(&agent.config.ports);
-    for (p, name) in agent.config.ports.iter().zip(names) {
-        let port = PortKey::of(p);
-        for n in &p.nodes {
-            let key = NodeKey::new(&port, &n.label);
-            let health = agent.health.get(&key).copied().unwrap_or_default();
-            nodes.push(NodeSample {
-                port: name.clone(),
-                node: n.label.clone(),
-                up: health != Health::Down,
-                counters: node_counters(agent, &dp, p, &key),
-            });
-        }
-    }
-    let xdp = match agent.dataplane.as_ref().map(|dp| dp.packet_counters()) {
-        Some(Ok(v)) => v,
-        Some(Err(e)) => {
-            warn!("reading packet counters: {e}");
-            Vec::new()
-        }
-        None => Vec::new(),
-    };
-    Snapshot { nodes, xdp }
-}
-
-/// The API's side of the agent: the file as last read, the overlay, where it is kept, and
 /// `GET /v1/stats`: the scrape's numbers as JSON, for `nbctl stats`.
 pub(super) fn stats_json(s: &Snapshot) -> Value {
     let nodes: Vec<Value> = s
@@ -164,7 +86,7 @@ pub(super) fn stats_json(s: &Snapshot) -> Value {
             json!({
                 "port": port_value(&n.port),
                 "node": n.node,
-                "up": n.up,
+                "up": n.health != Health::Down,
                 "connections_total": n.counters.map(|c| c.connections),
                 "active_connections": n.counters.map(|c| c.active),
                 "bytes_in": n.counters.map(|c| c.bytes_in),

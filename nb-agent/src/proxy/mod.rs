@@ -563,7 +563,7 @@ pub(crate) fn node_views(
             weight: n.weight as u32,
             mode: n.mode,
             health,
-            eligible: crate::agent::takes_new_connections(n.mode, up(health), any_accept_up),
+            eligible: crate::model::takes_new_connections(n.mode, up(health), any_accept_up),
             passive: if p.check_passive { passive } else { None },
             pool: e.pool.clone(),
             slots: e.slots.clone(),

@@ -5,7 +5,7 @@
 //!
 //! Each connection is accepted on a public address, given a node by the same rules as the
 //! http proxy (the algorithms of [`Balancer`], the `table` stickiness, the mode/health
-//! eligibility of [`crate::agent::takes_new_connections`]), connected to it (a failed connect
+//! eligibility of [`crate::model::takes_new_connections`]), connected to it (a failed connect
 //! is a passive check failure and is retried once on another node), preceded by the PROXY
 //! protocol header when the port asks for one, and then copied both ways until both sides
 //! have closed, or until nothing has moved either way for [`idle_timeout`]. With no node to
