@@ -24,7 +24,7 @@ use crate::{
         AttachMode, BackendSpec, Dataplane, DataplaneError, FlowTimeouts, ServiceSpec, SweepReport,
     },
     health::{self, CheckEvent, CheckSpec, Health},
-    metrics::{self, NodeCounters, NodeSample, Snapshot},
+    metrics::{self, NodeCounters, NodeSample},
     model::{NodeKey, PortKey, port_names, takes_new_connections},
     plan::{DataTarget, move_data_path},
     proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
@@ -692,7 +692,7 @@ impl api::Running for Agent {
         &self.public
     }
 
-    fn snapshot(&self) -> Snapshot {
+    fn nodes(&self) -> Vec<NodeSample> {
         let dp = self.dataplane_counters();
         let mut nodes = Vec::new();
         let names = port_names(&self.config.ports);
@@ -708,15 +708,18 @@ impl api::Running for Agent {
                 });
             }
         }
-        let xdp = match self.dataplane.as_ref().map(|dp| dp.packet_counters()) {
+        nodes
+    }
+
+    fn xdp_packets(&self) -> Vec<(&'static str, u64)> {
+        match self.dataplane.as_ref().map(|dp| dp.packet_counters()) {
             Some(Ok(v)) => v,
             Some(Err(e)) => {
                 warn!("reading packet counters: {e}");
                 Vec::new()
             }
             None => Vec::new(),
-        };
-        Snapshot { nodes, xdp }
+        }
     }
 
     fn apply(&mut self, cfg: Config) -> Result<(), AgentError> {

@@ -662,8 +662,17 @@ pub trait Running {
     fn config(&self) -> &Config;
     /// The addresses ports without their own listen on.
     fn public(&self) -> &[std::net::IpAddr];
-    /// Every node's health and counters, and the XDP packet counters, read now.
-    fn snapshot(&self) -> Snapshot;
+    /// Every node's health and counters, read now.
+    fn nodes(&self) -> Vec<NodeSample>;
+    /// The XDP program's packet counters by verdict, read now (empty without XDP).
+    fn xdp_packets(&self) -> Vec<(&'static str, u64)>;
+    /// What a scrape or `GET /v1/stats` shows: both of the above.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            nodes: self.nodes(),
+            xdp: self.xdp_packets(),
+        }
+    }
     /// Makes `cfg` the running config, whole or not at all.
     fn apply(&mut self, cfg: Config) -> Result<(), Self::Error>;
 }
@@ -745,7 +754,7 @@ impl Admin {
         let p = Published::new(
             agent.config().clone(),
             agent.public().to_vec(),
-            self.status(agent.config(), &agent.snapshot()),
+            self.status(agent.config(), &agent.nodes()),
         );
         self.published.send_replace(Arc::new(p));
     }
@@ -783,10 +792,7 @@ impl Admin {
     /// Answers one request in the agent loop.
     pub fn handle(&mut self, agent: &mut impl Running, call: Call) {
         let reply = match call.op {
-            Op::Status => Reply::json(
-                StatusCode::OK,
-                &self.status(agent.config(), &agent.snapshot()),
-            ),
+            Op::Status => Reply::json(StatusCode::OK, &self.status(agent.config(), &agent.nodes())),
             Op::Stats => Reply::json(StatusCode::OK, &stats_json(&agent.snapshot())),
             Op::Metrics => Reply {
                 status: StatusCode::OK,
@@ -810,10 +816,9 @@ impl Admin {
     }
 
     /// `/v1/status`: every port of `cfg` with its nodes' health and open connections as
-    /// `snap` (read from the same running agent) has them.
-    fn status(&self, cfg: &Config, snap: &Snapshot) -> Value {
-        let by_node: HashMap<(&str, &str), &NodeSample> = snap
-            .nodes
+    /// `nodes` (read from the same running agent) has them.
+    fn status(&self, cfg: &Config, nodes: &[NodeSample]) -> Value {
+        let by_node: HashMap<(&str, &str), &NodeSample> = nodes
             .iter()
             .map(|n| ((n.port.as_str(), n.node.as_str()), n))
             .collect();
