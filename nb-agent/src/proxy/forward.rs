@@ -24,11 +24,12 @@ use tokio::sync::watch;
 use crate::{
     config::Stickiness,
     proxy::{
-        ConnGuard, PortRuntime, PortView,
+        PortRuntime, PortView,
         balance::{ActiveGuard, NodeView},
         cookie,
         h1::{RawBody, Reader},
         limits::ClientBody,
+        listen::ConnGuard,
         pool::{BackendBody, ForwardError, Head, NodePool, Sender, Sent},
     },
 };

@@ -33,7 +33,7 @@ use crate::proxy::{
     h1::{self, RawBody},
     io::Rewind,
     pool::Head,
-    request_timeout, serve_h1, stop_requested,
+    serve::{request_timeout, serve_h1, stop_requested},
 };
 
 /// The most header fields a request may have here; more goes to hyper, which answers 431.

@@ -38,10 +38,12 @@ use crate::{
     metrics::NodeCounters,
     model::{NodeKey, PortKey, port_names},
     proxy::{
-        NodeState, ProxyError, SharedNodes, TABLE_CAPACITY, TABLE_TTL,
+        NodeState, ProxyError, SharedNodes,
         balance::{ActiveGuard, Balancer, NodeSet, NodeView, StickTable},
         io::{Activity, Counted},
-        node_views, take_or_bind,
+        listen::take_or_bind,
+        node_views,
+        view::{TABLE_CAPACITY, TABLE_TTL},
     },
 };
 
@@ -186,7 +188,7 @@ pub struct TcpProxy {
     ports: HashMap<PortKey, Arc<TcpPort>>,
     /// Each listener's task, and a second descriptor of its socket (see
     /// [`TcpProxy::listening`]).
-    listeners: HashMap<SocketAddr, (super::ListenerTasks, Option<std::net::TcpListener>)>,
+    listeners: HashMap<SocketAddr, (super::listen::ListenerTasks, Option<std::net::TcpListener>)>,
 }
 
 impl TcpPrepared {
@@ -226,7 +228,7 @@ impl TcpProxy {
 
     /// The listening socket for `addr`, if this proxy listens there (a second descriptor of
     /// it): for a reload that moves the address to the http proxy (see
-    /// [`super::take_or_bind`]).
+    /// [`super::listen::take_or_bind`]).
     pub fn listening(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
         self.listeners.get(&addr)?.1.as_ref()?.try_clone().ok()
     }
@@ -302,7 +304,7 @@ impl TcpProxy {
             if let Some((handle, socket)) = self.listeners.remove(&addr) {
                 info!("{addr}: no longer served, tcp listener closed");
                 handle.abort();
-                super::close_now(addr, socket, taken.contains(&addr));
+                super::listen::close_now(addr, socket, taken.contains(&addr));
             }
         }
         for (addr, (k, std_listener)) in p.bound {
@@ -310,8 +312,8 @@ impl TcpProxy {
                 continue;
             };
             let pp = rt.view().port.proxy_protocol;
-            let socket = super::second_descriptor(addr, &std_listener);
-            let Some(handle) = super::serve_listener(addr, std_listener, |l| {
+            let socket = super::listen::second_descriptor(addr, &std_listener);
+            let Some(handle) = super::listen::serve_listener(addr, std_listener, |l| {
                 accept_loop(rt.clone(), l, addr, idle_timeout())
             }) else {
                 continue;
@@ -335,7 +337,7 @@ impl TcpProxy {
     /// copying have ended, or `bound`; returns how many are open then (cut when the agent
     /// exits). Their clients and nodes close them; nothing here can ask them to.
     pub async fn drain(&self, bound: Duration) -> usize {
-        let open = || super::open_connections(self.ports.values().map(|rt| &*rt.open));
+        let open = || super::listen::open_connections(self.ports.values().map(|rt| &*rt.open));
         let n = open();
         if n > 0 {
             info!("stopping: {n} user-space tcp connection(s) finishing (at most {bound:?})");
