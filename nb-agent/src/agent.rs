@@ -2,31 +2,35 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
 use log::{error, info, warn};
-use nb_common::{ALG_LEASTCONN, ALG_ROUNDROBIN, ALG_SOURCE, FAMILY_V4, FAMILY_V6};
+use nb_common::{FAMILY_V4, FAMILY_V6};
 use thiserror::Error;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
-    task::JoinHandle,
 };
 
 use crate::{
     api,
-    config::{self, Algorithm, Config, NodeMode, Protocol, ProxyProtocol, XdpMode},
-    dataplane::{
-        AttachMode, BackendSpec, Dataplane, DataplaneError, FlowTimeouts, ServiceSpec, SweepReport,
+    appliers::{
+        self, StepError,
+        checks::Checks,
+        data_path::{DataPathApplier, DataTarget, move_data_path, services},
+        listeners::Listeners,
     },
-    health::{self, CheckEvent, CheckSpec, Health},
+    config::{self, Config, Protocol, XdpMode},
+    dataplane::{
+        AttachMode, Dataplane, DataplaneError, FlowTimeouts, SweepReport, source_address_towards,
+    },
+    health::{CheckEvent, Health},
     metrics::{self, NodeCounters, NodeSample},
-    model::{NodeKey, PortKey, port_names, takes_new_connections},
-    plan::{DataTarget, move_data_path},
+    model::{NodeKey, PortKey, port_names},
+    plan::{Plan, Target, health_after},
     proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
 };
 
@@ -51,6 +55,15 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<StepError> for AgentError {
+    fn from(e: StepError) -> AgentError {
+        match e {
+            StepError::Proxy(e) => AgentError::Proxy(e),
+            StepError::Dataplane(e) => AgentError::Dataplane(e),
+        }
+    }
 }
 
 /// The addresses of an interface, as the network-interface crate sees them.
@@ -86,93 +99,6 @@ pub fn public_addresses(cfg: &Config) -> Result<Vec<IpAddr>, AgentError> {
         return Err(AgentError::NoAddress(cfg.balancer.interfaces.clone()));
     }
     Ok(out)
-}
-
-/// The balancer's own address the kernel would use towards `backend`: the full-NAT source,
-/// so backends answer to an address that routes back here (no change on the backends).
-pub fn source_address_towards(backend: SocketAddr) -> std::io::Result<IpAddr> {
-    let bind: SocketAddr = if backend.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
-    };
-    let s = UdpSocket::bind(bind)?;
-    // A UDP connect sends nothing: it only asks the kernel for the route and source.
-    s.connect(backend)?;
-    Ok(s.local_addr()?.ip())
-}
-
-/// Builds the data-path services of the config's tcp ports: one per port and address family.
-/// `health` gives each node's state. Ports with a PROXY protocol header are
-/// left out: their packets pass to the kernel and the agent's user-space tcp path serves them.
-pub fn tcp_services(
-    cfg: &Config,
-    public: &[IpAddr],
-    health: &dyn Fn(&NodeKey) -> Health,
-) -> Vec<ServiceSpec> {
-    let mut out = Vec::new();
-    let names = port_names(&cfg.ports);
-    for (p, name) in cfg
-        .ports
-        .iter()
-        .zip(&names)
-        .filter(|(p, _)| p.protocol == Protocol::Tcp && p.proxy_protocol == ProxyProtocol::None)
-    {
-        let key = PortKey::of(p);
-        let vips: Vec<IpAddr> = if p.addresses.is_empty() {
-            public.to_vec()
-        } else {
-            p.addresses.clone()
-        };
-        let algorithm = match p.algorithm {
-            Algorithm::RoundRobin => ALG_ROUNDROBIN,
-            Algorithm::LeastConn => ALG_LEASTCONN,
-            Algorithm::Source => ALG_SOURCE,
-        };
-        for family in [FAMILY_V4, FAMILY_V6] {
-            let fam = |ip: &IpAddr| {
-                (ip.is_ipv4() && family == FAMILY_V4) || (ip.is_ipv6() && family == FAMILY_V6)
-            };
-            let fvips: Vec<IpAddr> = vips.iter().copied().filter(|v| fam(v)).collect();
-            if fvips.is_empty() {
-                continue;
-            }
-            let nodes: Vec<_> = p.nodes.iter().filter(|n| fam(&n.address.ip())).collect();
-            let up = |n: &config::Node| health(&NodeKey::new(&key, &n.label)) != Health::Down;
-            let any_accept_up = nodes.iter().any(|n| n.mode == NodeMode::Accept && up(n));
-            let mut backends = Vec::new();
-            for n in nodes {
-                let snat = match source_address_towards(n.address) {
-                    Ok(ip) => ip,
-                    Err(e) => {
-                        warn!(
-                            "port {name}: node {} ({}): no route: {e}",
-                            n.label, n.address
-                        );
-                        continue;
-                    }
-                };
-                let eligible = takes_new_connections(n.mode, up(n), any_accept_up);
-                backends.push(BackendSpec {
-                    key: n.label.clone(),
-                    addr: n.address.ip(),
-                    port: n.address.port(),
-                    snat,
-                    weight: n.weight as u32,
-                    eligible,
-                });
-            }
-            out.push(ServiceSpec {
-                key: key.clone(),
-                port: p.port,
-                family,
-                vips: fvips,
-                algorithm,
-                backends,
-            });
-        }
-    }
-    out
 }
 
 /// Turns on IPv4/IPv6 forwarding on `iface`: the kernel's FIB lookup from XDP refuses to
@@ -237,18 +163,6 @@ fn attach_mode(m: XdpMode) -> Option<AttachMode> {
     }
 }
 
-/// A node's check task, and what it was started with (a change restarts it).
-struct CheckTask {
-    addr: SocketAddr,
-    spec: CheckSpec,
-    /// The port's name in the task's log lines and metrics (it changes when another port
-    /// takes the same number).
-    name: Arc<str>,
-    handle: JoinHandle<()>,
-    /// Passive check failures from the proxy go to the task's state machine through here.
-    passive: mpsc::UnboundedSender<String>,
-}
-
 /// How often the flow tables are swept (idle flows expired, active counts set right, passive
 /// checks of tcp ports), and the agent's watchdog tick.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -268,8 +182,11 @@ pub struct Agent {
     pub dataplane: Option<Dataplane>,
     /// Health by node; absent = unknown.
     pub health: HashMap<NodeKey, Health>,
-    checks: HashMap<NodeKey, CheckTask>,
-    events_tx: mpsc::UnboundedSender<CheckEvent>,
+    /// One check task per checked node.
+    checks: Checks,
+    /// Set when a health change could not be written to the data path (it was put back as
+    /// it was); the next sweep writes the current state again.
+    stale: bool,
     /// Refused and answered connection counts per (port, node) at the last sweep: the
     /// difference is what passive checks judge.
     passive_last: HashMap<NodeKey, (u64, u64)>,
@@ -312,26 +229,43 @@ impl Agent {
             public,
             dataplane,
             health: HashMap::new(),
-            checks: HashMap::new(),
-            events_tx,
+            checks: Checks::new(events_tx),
+            stale: false,
             passive_last: HashMap::new(),
             no_port_last: HashMap::new(),
             proxy: Proxy::new(),
             tcp: TcpProxy::new(),
             sweep_after: None,
         };
-        agent.sync_checks();
-        let prepared = agent
-            .proxy
-            .prepare(&agent.config, &agent.public, &|_| None)?;
+        // Starting is a reload onto the data path `start_dataplane` wrote (every node's health
+        // unknown): every listener is new, every check starts, a `reject` node is DOWN.
+        let health = health_after(&agent.config, &HashMap::new(), &agent.config);
+        let unknown = HashMap::new();
+        let from = Target {
+            config: &agent.config,
+            public: &agent.public,
+            health: &unknown,
+        };
+        let plan = Plan::reload(
+            from,
+            Target {
+                health: &health,
+                ..from
+            },
+        );
         let xdp = agent.dataplane.is_some();
-        let tcp_prepared = agent
-            .tcp
-            .prepare(&agent.config, &agent.public, xdp, &|_| None)?;
-        let (to_http, to_tcp) = (prepared.new_addresses(), tcp_prepared.new_addresses());
-        agent.proxy.commit(prepared, &to_tcp);
-        agent.tcp.commit(tcp_prepared, &to_http);
-        agent.program()?;
+        appliers::run(
+            &plan,
+            &mut [
+                &mut Listeners::new(&mut agent.proxy, &mut agent.tcp, xdp),
+                &mut DataPathApplier {
+                    dp: agent.dataplane.as_mut(),
+                },
+                &mut agent.checks,
+            ],
+        )?;
+        agent.health = health;
+        agent.refresh_proxies();
         Ok((agent, events_rx))
     }
 
@@ -339,126 +273,79 @@ impl Agent {
         self.health.get(node).copied().unwrap_or_default()
     }
 
-    /// Writes the data path for the current config and health, then gives the proxies their
-    /// node sets.
-    fn program(&mut self) -> Result<(), AgentError> {
-        self.write_dataplane()?;
-        self.refresh_proxies();
-        Ok(())
-    }
-
-    /// Makes the XDP maps match the current config and health; on an error they may be
-    /// half-written, and writing them for the previous config again puts them back.
-    fn write_dataplane(&mut self) -> Result<(), AgentError> {
-        let health = &self.health;
-        let services = tcp_services(&self.config, &self.public, &|node| {
-            health.get(node).copied().unwrap_or_default()
-        });
-        if let Some(dp) = self.dataplane.as_mut() {
-            dp.apply(&services)?;
+    /// The running state, as plans start from it.
+    fn target(&self) -> Target<'_> {
+        Target {
+            config: &self.config,
+            public: &self.public,
+            health: &self.health,
         }
-        Ok(())
     }
 
     /// Gives the http and user-space tcp proxies their node sets from the current config and
-    /// health; cannot fail, so it may follow steps that cannot be undone.
+    /// health; cannot fail, so it follows a plan's commits.
     fn refresh_proxies(&mut self) {
         let health = &self.health;
         let checks = &self.checks;
         let state = |node: &NodeKey| {
             let h = health.get(node).copied().unwrap_or_default();
-            (h, checks.get(node).map(|t| t.passive.clone()))
+            (h, checks.passive(node).cloned())
         };
         self.proxy.refresh(&self.config, &state);
         self.tcp.refresh(&self.config, &state);
     }
 
-    /// Starts, keeps or stops check tasks so that every checked node has exactly one, running
-    /// with its current settings. Nodes in `reject` mode are not checked and show DOWN.
-    fn sync_checks(&mut self) {
-        let mut want: HashMap<NodeKey, (SocketAddr, CheckSpec, Arc<str>)> = HashMap::new();
-        let mut rejected = Vec::new();
-        let names = port_names(&self.config.ports);
-        for (p, name) in self.config.ports.iter().zip(names) {
-            let Some(spec) = CheckSpec::of(p) else {
-                continue;
-            };
-            let key = PortKey::of(p);
-            let name: Arc<str> = name.into();
-            for n in &p.nodes {
-                let node = NodeKey::new(&key, &n.label);
-                if n.mode == NodeMode::Reject {
-                    rejected.push(node);
-                    continue;
-                }
-                want.insert(node, (n.address, spec.clone(), name.clone()));
-            }
+    /// Writes the data path for the current state again, after a health change it refused.
+    fn rewrite_stale_data_path(&mut self) {
+        if !self.stale {
+            return;
         }
-        // Checks whose port was only renamed (another port took or left its number) restart
-        // with the new name in their log lines and metrics; their node keeps its state.
-        let mut renamed = std::collections::HashSet::new();
-        self.checks.retain(|k, t| {
-            let Some((a, s, name)) = want.get(k) else {
-                t.handle.abort();
-                return false;
-            };
-            let same = *a == t.addr && *s == t.spec;
-            if same && *name != t.name {
-                renamed.insert(k.clone());
-            }
-            if !same || *name != t.name {
-                t.handle.abort();
-                return false;
-            }
-            true
-        });
-        // A node keeps its state while its check runs unchanged; a node no longer checked
-        // (check = "none", removed) forgets it; a rejected node shows DOWN.
-        let checks = &self.checks;
-        self.health
-            .retain(|k, _| checks.contains_key(k) || renamed.contains(k));
-        for k in rejected {
-            self.health.insert(k, Health::Down);
+        if self.dataplane.is_none() {
+            self.stale = false;
+            return;
         }
-        for (k, (addr, spec, name)) in want {
-            if self.checks.contains_key(&k) {
-                continue;
+        let now = DataTarget::of(&self.target());
+        let Some(dp) = self.dataplane.as_mut() else {
+            return;
+        };
+        match move_data_path(dp, &|| now.clone(), &now) {
+            Ok(()) => {
+                info!("data path written again with every node's current health");
+                self.stale = false;
             }
-            let source = source_address_towards(addr).ok();
-            let (passive, passive_rx) = mpsc::unbounded_channel();
-            let handle = tokio::spawn(health::run_node(
-                k.clone(),
-                name.clone(),
-                addr,
-                source,
-                spec.clone(),
-                self.events_tx.clone(),
-                passive_rx,
-            ));
-            self.checks.insert(
-                k,
-                CheckTask {
-                    addr,
-                    spec,
-                    name,
-                    handle,
-                    passive,
-                },
-            );
+            Err(e) => error!("writing the data path again: {e}"),
         }
     }
 
     /// Applies one check result: a state change reaches the data path at once.
     pub fn on_check(&mut self, e: CheckEvent) {
         let Some(state) = e.changed else { return };
-        let Some(name) = self.checks.get(&e.node).map(|t| t.name.clone()) else {
+        let Some(name) = self.checks.port_name(&e.node) else {
             return; // a result from a task stopped by a reload
         };
         let before = self.health_of(&e.node);
-        self.health.insert(e.node.clone(), state);
-        // Program first, log after: when the line appears, the data path already acts on it.
-        if let Err(err) = self.program() {
-            error!("writing the data path after a health change: {err}");
+        // A plan for one node: the data path writes the service it belongs to. Applied first,
+        // logged after: when the line appears, the data path already acts on it.
+        let mut health = self.health.clone();
+        health.insert(e.node.clone(), state);
+        let from = Target {
+            config: &self.config,
+            public: &self.public,
+            health: &self.health,
+        };
+        let written = appliers::run(
+            &Plan::health(from, &health),
+            &mut [&mut DataPathApplier {
+                dp: self.dataplane.as_mut(),
+            }],
+        );
+        // The node's health is a fact either way: the proxies act on it, and a data path that
+        // refused it (and was put back) is written again at the next sweep.
+        self.health = health;
+        self.refresh_proxies();
+        if let Err(err) = written {
+            self.stale = true;
+            error!("writing the data path after a health change: {err} (again at the next sweep)");
         }
         match (&e.error, state) {
             (Some(err), Health::Down) => warn!("port {name} node {} is DOWN ({err})", e.node.label),
@@ -495,6 +382,7 @@ impl Agent {
     }
 
     fn sweep_now(&mut self) {
+        self.rewrite_stale_data_path();
         let Some(dp) = self.dataplane.as_mut() else {
             return;
         };
@@ -566,9 +454,9 @@ impl Agent {
                 let unanswered = report.unanswered.get(&key).copied().unwrap_or(0);
                 if refused + unanswered > 0
                     && answered == 0
-                    && let Some(task) = self.checks.get(&key)
+                    && let Some(passive) = self.checks.passive(&key)
                 {
-                    let _ = task.passive.send(format!(
+                    let _ = passive.send(format!(
                         "passive: {refused} connection(s) refused and {unanswered} unanswered, \
                          none answered"
                     ));
@@ -587,17 +475,31 @@ impl Agent {
     /// and admin API writes.
     pub fn apply(&mut self, new: Config) -> Result<(), AgentError> {
         let public = public_addresses(&new)?;
-        // Certificates, the stickiness secret and new listeners first: a failure here leaves
-        // everything running as it was.
-        // An address moving between the http and the user-space tcp proxy keeps its socket.
-        let prepared = self
-            .proxy
-            .prepare(&new, &public, &|a| self.tcp.listening(a))?;
-        let tcp_prepared = self
-            .tcp
-            .prepare(&new, &public, self.dataplane.is_some(), &|a| {
-                self.proxy.listening(a)
-            })?;
+        let health = health_after(&self.config, &self.health, &new);
+        let from = Target {
+            config: &self.config,
+            public: &self.public,
+            health: &self.health,
+        };
+        let to = Target {
+            config: &new,
+            public: &public,
+            health: &health,
+        };
+        // Listeners first (certificates, new sockets: refused without anyone noticing), then
+        // the XDP maps (written, and written back on a refusal), then the checks (which
+        // cannot refuse). Nothing has changed unless all three took it.
+        let xdp = self.dataplane.is_some();
+        appliers::run(
+            &Plan::reload(from, to),
+            &mut [
+                &mut Listeners::new(&mut self.proxy, &mut self.tcp, xdp),
+                &mut DataPathApplier {
+                    dp: self.dataplane.as_mut(),
+                },
+                &mut self.checks,
+            ],
+        )?;
         if new.balancer.bpf_pin_path != self.config.balancer.bpf_pin_path
             || new.balancer.max_flows != self.config.balancer.max_flows
             || new.balancer.interfaces != self.config.balancer.interfaces
@@ -607,28 +509,9 @@ impl Agent {
                 "reload: interfaces, xdp_mode, bpf_pin_path and max_flows take effect at the next restart"
             );
         }
-        // The steps that can fail and be undone: the throttle, then the XDP maps (see
-        // `plan`). Nothing else has changed until both are done.
-        if let Some(dp) = self.dataplane.as_mut() {
-            let health = |node: &NodeKey| self.health.get(node).copied().unwrap_or_default();
-            let from = DataTarget {
-                throttle: self.config.balancer.client_conn_throttle,
-                services: tcp_services(&self.config, &self.public, &health),
-            };
-            let to = DataTarget {
-                throttle: new.balancer.client_conn_throttle,
-                services: tcp_services(&new, &public, &health),
-            };
-            move_data_path(dp, &from, &to)?;
-        }
         self.config = new;
         self.public = public;
-        // From here on nothing fails: checks, listeners and node sets follow the new config.
-        self.sync_checks();
-        // A socket one proxy takes over from the other stays open when the other lets go.
-        let (to_http, to_tcp) = (prepared.new_addresses(), tcp_prepared.new_addresses());
-        self.proxy.commit(prepared, &to_tcp);
-        self.tcp.commit(tcp_prepared, &to_http);
+        self.health = health;
         self.refresh_proxies();
         Ok(())
     }
@@ -736,7 +619,12 @@ fn start_dataplane(
 ) -> Result<Dataplane, AgentError> {
     let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
     dp.set_throttle(config.balancer.client_conn_throttle)?;
-    dp.apply(&tcp_services(config, public, &|_| Health::Unknown))?;
+    let unknown = HashMap::new();
+    dp.apply(&services(&Target {
+        config,
+        public,
+        health: &unknown,
+    }))?;
     let veths: Vec<&String> = config
         .balancer
         .interfaces

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod appliers;
 pub mod config;
 pub mod dataplane;
 pub mod fds;

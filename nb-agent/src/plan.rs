@@ -1,205 +1,212 @@
-//! The part of a reload that can fail after the listeners are prepared: moving the XDP data
-//! path from the running config to the new one, all or nothing.
+//! A change to the running state, written as a move from one [`Target`] to another.
 //!
-//! A reload (SIGHUP or an admin API write, both through `Agent::apply`) first prepares what
-//! can be refused without touching anything (certificates, new listening sockets; a refused
-//! preparation is simply dropped), then runs [`move_data_path`], and only when that succeeded
-//! commits the steps that cannot fail (checks, listeners, node sets). The data path sits
-//! behind [`DataPath`] so that every failure point is tested against a fake that fails there.
+//! Every change the agent makes goes the same way: it builds the state it wants (the config,
+//! the public addresses it resolves to, each node's health), then a [`Plan`] from the running
+//! state to that one, and hands the plan to the appliers (`crate::appliers::run`), which move
+//! the data path, the listeners and the checks all or nothing. A SIGHUP and an admin API
+//! write are plans with a new config ([`Plan::reload`]); a health check result is a plan for
+//! one node, whose config stays ([`Plan::health`]): the listeners and the checks have nothing
+//! to do for it, and the data path writes only the service whose node changed (its write is a
+//! diff against what the maps hold).
 
-use log::error;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
 
-use crate::dataplane::{Dataplane, DataplaneError, ServiceSpec};
+use crate::{
+    config::{Config, NodeMode},
+    health::CheckSpec,
+    model::{Health, NodeKey, PortKey},
+};
 
-/// What a config asks of the data path: the new-connection throttle and the tcp services.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DataTarget {
-    /// `client_conn_throttle`, new connections per second per client address (0: off).
-    pub throttle: u32,
-    /// The services `agent::tcp_services` builds from the config and the nodes' health.
-    pub services: Vec<ServiceSpec>,
+/// One whole state the agent can run: what the appliers read.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub config: &'a Config,
+    /// The addresses ports without `addresses` listen on (README "Every field", `addresses`).
+    pub public: &'a [IpAddr],
+    /// Health by node; absent is unknown (a node no check has judged yet, or not checked).
+    pub health: &'a HashMap<NodeKey, Health>,
 }
 
-/// The data path's writes that can fail. A failed [`DataPath::write`] may leave the maps
-/// half-written; writing the previous services again puts them back (the write is a diff
-/// against what the maps hold).
-pub trait DataPath {
-    fn set_throttle(&mut self, per_sec: u32) -> Result<(), DataplaneError>;
-    fn write(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError>;
-}
-
-impl DataPath for Dataplane {
-    fn set_throttle(&mut self, per_sec: u32) -> Result<(), DataplaneError> {
-        Dataplane::set_throttle(self, per_sec)
+impl Target<'_> {
+    pub fn health_of(&self, node: &NodeKey) -> Health {
+        self.health.get(node).copied().unwrap_or_default()
     }
-
-    fn write(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
-        self.apply(services)
-    }
 }
 
-/// Moves the data path from `old` to `new`. On an error it is put back to `old` (a failure
-/// while putting it back is logged: the maps then hold what the kernel accepted, and the error
-/// returned is the first one, which refuses the reload).
-pub fn move_data_path(
-    dp: &mut impl DataPath,
-    old: &DataTarget,
-    new: &DataTarget,
-) -> Result<(), DataplaneError> {
-    dp.set_throttle(new.throttle)?;
-    if let Err(e) = dp.write(&new.services) {
-        if let Err(again) = dp.write(&old.services) {
-            error!("restoring the data path after a refused reload: {again}");
+/// A move from the running state to another one.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan<'a> {
+    pub from: Target<'a>,
+    pub to: Target<'a>,
+    /// Whether the config changes (a reload, an API write), or only health (a check result).
+    reload: bool,
+}
+
+impl<'a> Plan<'a> {
+    /// A new config, with the health [`health_after`] gives it.
+    pub fn reload(from: Target<'a>, to: Target<'a>) -> Plan<'a> {
+        Plan {
+            from,
+            to,
+            reload: true,
         }
-        if let Err(again) = dp.set_throttle(old.throttle) {
-            error!("restoring client_conn_throttle after a refused reload: {again}");
-        }
-        return Err(e);
     }
-    Ok(())
+
+    /// The same config, with one node's health changed in `health`.
+    pub fn health(from: Target<'a>, health: &'a HashMap<NodeKey, Health>) -> Plan<'a> {
+        Plan {
+            from,
+            to: Target { health, ..from },
+            reload: false,
+        }
+    }
+
+    /// Whether the config changes: listeners and checks only move then.
+    pub fn changes_config(&self) -> bool {
+        self.reload
+    }
+}
+
+/// The health a new config starts with: a node keeps what its check found while its check
+/// goes on unchanged (the same port, label, address and check settings; a port only renamed
+/// keeps it too); a node checked anew, or no longer checked (`check = "none"`, `mode` turned
+/// to `reject`, removed), starts unknown; a `reject` node is DOWN. Computed before anything is
+/// applied, so the data path, the proxies and the status page all get the same answer.
+pub fn health_after(
+    old: &Config,
+    health: &HashMap<NodeKey, Health>,
+    new: &Config,
+) -> HashMap<NodeKey, Health> {
+    let checked = |cfg: &Config| {
+        let mut out: HashMap<NodeKey, (SocketAddr, CheckSpec)> = HashMap::new();
+        for p in &cfg.ports {
+            let Some(spec) = CheckSpec::of(p) else {
+                continue;
+            };
+            let key = PortKey::of(p);
+            for n in p.nodes.iter().filter(|n| n.mode != NodeMode::Reject) {
+                out.insert(NodeKey::new(&key, &n.label), (n.address, spec.clone()));
+            }
+        }
+        out
+    };
+    let before = checked(old);
+    let mut out: HashMap<NodeKey, Health> = checked(new)
+        .into_iter()
+        .filter(|(k, now)| before.get(k) == Some(now))
+        .filter_map(|(k, _)| health.get(&k).map(|h| (k, *h)))
+        .collect();
+    for p in &new.ports {
+        let key = PortKey::of(p);
+        for n in p.nodes.iter().filter(|n| n.mode == NodeMode::Reject) {
+            out.insert(NodeKey::new(&key, &n.label), Health::Down);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Protocol, dataplane::BackendSpec, model::PortKey};
-    use std::net::{IpAddr, Ipv4Addr};
+    use crate::config::{CheckKind, Node, Port, Protocol};
 
-    /// A data path that keeps its state in memory and fails the call numbered `fail_at`
-    /// (counting from 1), and every call in `also_fail`. A failing write first writes half of
-    /// the services, as a map update that stops midway would.
-    #[derive(Default)]
-    struct Fake {
-        throttle: u32,
-        services: Vec<ServiceSpec>,
-        calls: u32,
-        fail_at: Option<u32>,
-        also_fail: Vec<u32>,
+    fn port(number: u16, check: CheckKind, nodes: &[(&str, &str)]) -> Port {
+        let mut p = Port::new(number, Protocol::Tcp);
+        p.check = check;
+        p.nodes = nodes
+            .iter()
+            .map(|(l, a)| Node::new(l.to_string(), a.parse().unwrap()))
+            .collect();
+        p
     }
 
-    impl Fake {
-        fn at(t: &DataTarget) -> Self {
-            Fake {
-                throttle: t.throttle,
-                services: t.services.clone(),
-                ..Fake::default()
-            }
-        }
-        fn state(&self) -> DataTarget {
-            DataTarget {
-                throttle: self.throttle,
-                services: self.services.clone(),
-            }
-        }
-        fn fails_now(&mut self) -> bool {
-            self.calls += 1;
-            self.fail_at == Some(self.calls) || self.also_fail.contains(&self.calls)
+    fn config(ports: Vec<Port>) -> Config {
+        Config {
+            path: std::path::PathBuf::from("nb.toml"),
+            balancer: Default::default(),
+            admin: Default::default(),
+            ports,
         }
     }
 
-    fn refused() -> DataplaneError {
-        DataplaneError::Full {
-            what: "services",
-            max: 0,
-        }
+    fn key(p: &Port, label: &str) -> NodeKey {
+        NodeKey::new(&PortKey::of(p), label)
     }
 
-    impl DataPath for Fake {
-        fn set_throttle(&mut self, per_sec: u32) -> Result<(), DataplaneError> {
-            if self.fails_now() {
-                return Err(refused());
-            }
-            self.throttle = per_sec;
-            Ok(())
-        }
-        fn write(&mut self, services: &[ServiceSpec]) -> Result<(), DataplaneError> {
-            if self.fails_now() {
-                self.services = services[..services.len() / 2].to_vec();
-                return Err(refused());
-            }
-            self.services = services.to_vec();
-            Ok(())
-        }
+    fn two_nodes() -> Port {
+        port(
+            80,
+            CheckKind::Connection,
+            &[("a", "198.18.1.1:80"), ("b", "198.18.1.2:80")],
+        )
     }
 
-    fn service(port: u16, last: u8, nodes: u8) -> ServiceSpec {
-        let vip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, last));
-        ServiceSpec {
-            key: PortKey {
-                port,
-                protocol: Protocol::Tcp,
-                addresses: vec![vip].into(),
-            },
-            port,
-            family: nb_common::FAMILY_V4,
-            vips: vec![vip],
-            algorithm: nb_common::ALG_ROUNDROBIN,
-            backends: (0..nodes)
-                .map(|i| BackendSpec {
-                    key: format!("n{i}"),
-                    addr: IpAddr::V4(Ipv4Addr::new(198, 19, 0, i + 1)),
-                    port,
-                    snat: IpAddr::V4(Ipv4Addr::new(198, 19, 0, 254)),
-                    weight: 1,
-                    eligible: true,
-                })
-                .collect(),
-        }
-    }
-
-    fn old_and_new() -> (DataTarget, DataTarget) {
-        let old = DataTarget {
-            throttle: 0,
-            services: vec![service(80, 1, 2), service(80, 3, 1)],
-        };
-        let new = DataTarget {
-            throttle: 50,
-            services: vec![service(80, 1, 3), service(443, 1, 2), service(7000, 3, 4)],
-        };
-        (old, new)
+    fn both(p: &Port, a: Health, b: Health) -> HashMap<NodeKey, Health> {
+        [(key(p, "a"), a), (key(p, "b"), b)].into()
     }
 
     #[test]
-    fn a_reload_that_fails_nowhere_reaches_the_new_state() {
-        let (old, new) = old_and_new();
-        let mut dp = Fake::at(&old);
-        move_data_path(&mut dp, &old, &new).unwrap();
-        assert_eq!(dp.state(), new);
+    fn an_unchanged_check_keeps_what_it_found() {
+        let p = two_nodes();
+        let cfg = config(vec![p.clone()]);
+        let h = both(&p, Health::Up, Health::Down);
+        assert_eq!(health_after(&cfg, &h, &cfg), h);
     }
 
-    /// Each step that can fail, failing: the data path ends exactly where it began.
+    /// The case that once left XDP sending nothing to a node the status page showed unknown.
     #[test]
-    fn a_reload_refused_at_each_step_leaves_the_data_path_as_it_was() {
-        let (old, new) = old_and_new();
-        for (step, what) in [(1, "the throttle"), (2, "the maps")] {
-            let mut dp = Fake {
-                fail_at: Some(step),
-                ..Fake::at(&old)
-            };
-            assert!(
-                move_data_path(&mut dp, &old, &new).is_err(),
-                "a failure at {what} must refuse the reload"
-            );
-            assert_eq!(dp.state(), old, "after a failure at {what}");
-        }
+    fn a_node_no_longer_checked_forgets_its_state() {
+        let p = two_nodes();
+        let old = config(vec![p.clone()]);
+        let mut unchecked = p.clone();
+        unchecked.check = CheckKind::None;
+        let h = both(&p, Health::Up, Health::Down);
+        assert!(health_after(&old, &h, &config(vec![unchecked])).is_empty());
     }
 
-    /// When putting the maps back fails too, the first error is the one returned and the
-    /// throttle is still put back.
     #[test]
-    fn a_failed_restore_still_restores_the_throttle_and_reports_the_first_error() {
-        let (old, new) = old_and_new();
-        let mut dp = Fake {
-            fail_at: Some(2),
-            also_fail: vec![3],
-            ..Fake::at(&old)
-        };
-        let err = move_data_path(&mut dp, &old, &new).unwrap_err();
-        assert!(matches!(err, DataplaneError::Full { .. }));
-        assert_eq!(dp.throttle, old.throttle);
-        assert_eq!(
-            dp.calls, 4,
-            "throttle, write, restore write, restore throttle"
-        );
+    fn a_changed_check_address_or_removal_starts_unknown() {
+        let p = two_nodes();
+        let old = config(vec![p.clone()]);
+        let h = both(&p, Health::Down, Health::Down);
+        let mut slower = p.clone();
+        slower.check_interval += 1;
+        assert!(health_after(&old, &h, &config(vec![slower])).is_empty());
+        let mut moved = p.clone();
+        moved.nodes[1].address = "198.18.1.9:80".parse().unwrap();
+        moved.nodes.remove(0);
+        assert!(health_after(&old, &h, &config(vec![moved])).is_empty());
+    }
+
+    #[test]
+    fn a_rejected_node_is_down_and_an_accepted_one_is_checked_anew() {
+        let p = two_nodes();
+        let old = config(vec![p.clone()]);
+        let h = both(&p, Health::Up, Health::Up);
+        let mut rejected = p.clone();
+        rejected.nodes[0].mode = NodeMode::Reject;
+        let after = health_after(&old, &h, &config(vec![rejected.clone()]));
+        assert_eq!(after, both(&p, Health::Down, Health::Up));
+        // Back to accept: its check starts over, so nothing is known yet.
+        let again = health_after(&config(vec![rejected]), &after, &old);
+        assert_eq!(again, [(key(&p, "b"), Health::Up)].into());
+    }
+
+    /// The same port number on another address is another port: its nodes' health is its own.
+    #[test]
+    fn the_same_label_on_another_address_is_another_node() {
+        let mut one = two_nodes();
+        one.addresses = vec!["198.18.0.1".parse().unwrap()];
+        let mut other = one.clone();
+        other.addresses = vec!["198.18.0.3".parse().unwrap()];
+        let old = config(vec![one.clone(), other.clone()]);
+        let mut h = both(&one, Health::Down, Health::Down);
+        h.extend(both(&other, Health::Up, Health::Up));
+        other.check = CheckKind::None;
+        let after = health_after(&old, &h, &config(vec![one.clone(), other]));
+        assert_eq!(after, both(&one, Health::Down, Health::Down));
     }
 }

@@ -743,3 +743,85 @@ fn passive_checks_mark_a_refusing_backend_down_before_the_active_check() {
         assert_eq!(label, "b2", "connection {i} after DOWN");
     }
 }
+
+/// 9. A reload that stops checking a DOWN node (`check = "none"`) forgets its state in the
+///    data path as everywhere else: XDP sends it new connections at once, as the status page
+///    (which shows it `unknown`) says, not only after some later health event.
+#[test]
+fn a_node_no_longer_checked_takes_connections_at_once() {
+    require_root();
+    let t = Topology::new("o9", Wiring::TwoNic, 2);
+    // b2 has its address but nothing listening: its checks are refused.
+    let mut backends = vec![Backend::start(&t.backends, "b1", backend_addr(1))];
+    let cfg = t.write_config(&checked_port(1, &accept_nodes(2)));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    wait_log(&agent, "port 80 node b2 is DOWN", 1, down_window(1));
+
+    backends.push(Backend::start(&t.backends, "b2", backend_addr(2)));
+    let unchecked =
+        checked_port(1, &accept_nodes(2)).replace("check = \"connection\"", "check = \"none\"");
+    rewrite(&cfg, &format!("{}{unchecked}", t.balancer_toml()));
+    reload(&agent, "reloaded", 1);
+    let seen = spread(&t, vip(80), 20);
+    assert_eq!(
+        seen.get("b2").copied().unwrap_or(0),
+        10,
+        "b2, no longer checked, takes its share at once: {seen:?}\n{}",
+        agent.log_text()
+    );
+}
+
+/// 10. A reload the data path refuses (65 tcp ports: XDP has room for 64 services) after the
+///     listeners took theirs leaves everything as it was: the tcp port keeps its node, the
+///     http listener the new config asked for is closed again, the old one still serves.
+///     The same change without the extra ports then applies.
+#[test]
+fn a_reload_the_data_path_refuses_changes_nothing() {
+    require_root();
+    let t = Topology::new("o10", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2);
+    let port = |number: u16, protocol: &str, node: u8| {
+        format!(
+            "[[port]]\nport = {number}\nprotocol = \"{protocol}\"\ncheck = \"none\"\n\n\
+             [[port.node]]\nlabel = \"b{node}\"\naddress = \"{}\"\n\n",
+            backend_addr(node)
+        )
+    };
+    let cfg = t.write_config(&format!("{}{}", port(80, "tcp", 1), port(8000, "http", 1)));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    wait_connectable(&t.client, vip(8000), Duration::from_secs(10));
+
+    let changed = format!("{}{}", port(80, "tcp", 2), port(8001, "http", 2));
+    let crowd: String = (1000..1064).map(|n| port(n, "tcp", 1)).collect();
+    rewrite(&cfg, &format!("{}{changed}{crowd}", t.balancer_toml()));
+    reload(&agent, "reload refused", 1);
+    assert!(
+        agent.log_text().contains("too many services (at most 64)"),
+        "the refusal names what is full:\n{}",
+        agent.log_text()
+    );
+    for i in 0..6 {
+        assert_eq!(
+            which_backend(&t.client, vip(80)).expect("port 80 after the refusal"),
+            "b1",
+            "connection {i}: port 80 keeps its node"
+        );
+    }
+    assert!(
+        connect_in(&t.client, vip(8000), Duration::from_secs(2)).is_ok(),
+        "the old http listener still serves"
+    );
+    let err = connect_in(&t.client, vip(8001), Duration::from_secs(2))
+        .expect_err("the listener of the refused config is closed");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+
+    rewrite(&cfg, &format!("{}{changed}", t.balancer_toml()));
+    reload(&agent, "reloaded", 1);
+    assert_eq!(
+        which_backend(&t.client, vip(80)).expect("port 80 after the good reload"),
+        "b2"
+    );
+    wait_connectable(&t.client, vip(8001), Duration::from_secs(5));
+}

@@ -32,7 +32,9 @@ use thiserror::Error;
 
 pub use counters::BackendCounters;
 pub use load::AttachMode;
-pub use netdev::{coarse_now_ns, driver_name, interface_index, vlan_devices};
+pub use netdev::{
+    coarse_now_ns, driver_name, interface_index, source_address_towards, vlan_devices,
+};
 pub use services::{BackendSpec, ServiceSpec, addr_words, words_addr};
 pub use sweep::{FlowTimeouts, SweepPlan, SweepReport, UNANSWERED_AFTER_SECS, half_open_entries};
 

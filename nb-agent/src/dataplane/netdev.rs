@@ -2,7 +2,10 @@
 //! devices stacked on the XDP interfaces (and the `VLAN_DEVS` map of them), ifindex, driver
 //! name; and the coarse monotonic clock the program stamps flows with.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, UdpSocket},
+};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use log::info;
@@ -194,4 +197,18 @@ pub fn driver_name(iface: &str) -> Option<String> {
     }
     let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// The balancer's own address the kernel would use towards `backend`: the full-NAT source,
+/// so backends answer to an address that routes back here (no change on the backends).
+pub fn source_address_towards(backend: SocketAddr) -> std::io::Result<IpAddr> {
+    let bind: SocketAddr = if backend.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let s = UdpSocket::bind(bind)?;
+    // A UDP connect sends nothing: it only asks the kernel for the route and source.
+    s.connect(backend)?;
+    Ok(s.local_addr()?.ip())
 }
