@@ -25,12 +25,13 @@ use crate::{
     config::Stickiness,
     proxy::{
         PortRuntime, PortView,
-        balance::{ActiveGuard, NodeView},
+        balance::NodeView,
         cookie,
         h1::{RawBody, Reader},
         limits::ClientBody,
-        listen::ConnGuard,
         pool::{BackendBody, ForwardError, Head, NodePool, Sender, Sent},
+        stats::ActiveGuard,
+        view::ConnGuard,
     },
 };
 

@@ -35,10 +35,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use crate::proxy::{
-    balance::{ActiveGuard, NodeStats},
-    pool::NodePool,
-};
+use crate::proxy::stats::{ActiveGuard, NodeStats};
 
 /// The largest response head taken (status line and fields), as HAProxy's default buffer.
 const MAX_HEAD: usize = 64 * 1024;
@@ -537,20 +534,27 @@ pub(crate) fn chunked_step(buf: &mut BytesMut, state: &mut Chunk) -> Result<Step
     }
 }
 
+/// Where a connection goes back once its answer is read whole: the node's pool. A trait, so
+/// that this parser knows nothing of pools (`pool::NodePool` implements it).
+pub trait ConnHome: Send + Sync {
+    /// Takes `conn` back as an idle connection (or closes it, when enough are idle).
+    fn take_back(self: Arc<Self>, conn: Conn);
+}
+
 /// A node's response body on its way to the client, read from the connection as the client
 /// takes it. When it ends the connection goes back to the pool (if it may carry another
 /// request) and the node's in-flight count drops.
 pub struct RawBody {
     reader: Option<Reader>,
-    pool: Arc<NodePool>,
+    home: Option<Arc<dyn ConnHome>>,
     _active: Option<ActiveGuard>,
 }
 
 impl RawBody {
-    pub fn new(reader: Reader, pool: Arc<NodePool>, active: ActiveGuard) -> RawBody {
+    pub fn new(reader: Reader, home: Arc<dyn ConnHome>, active: ActiveGuard) -> RawBody {
         let mut b = RawBody {
             reader: Some(reader),
-            pool,
+            home: Some(home),
             _active: Some(active),
         };
         if b.reader.as_ref().is_some_and(Reader::done) {
@@ -564,8 +568,9 @@ impl RawBody {
         if let Some(r) = self.reader.take()
             && r.keep
             && r.conn.buf.is_empty()
+            && let Some(home) = self.home.take()
         {
-            self.pool.put_raw(r.conn);
+            home.take_back(r.conn);
         }
         self._active = None;
     }

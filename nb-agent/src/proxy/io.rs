@@ -27,7 +27,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::proxy::balance::NodeStats;
+use crate::proxy::stats::NodeStats;
 
 /// When a stream last moved a byte either way. Shared between the stream (which touches it)
 /// and the task that enforces the idle timeout (which reads it).

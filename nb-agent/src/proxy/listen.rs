@@ -23,7 +23,7 @@ use tokio::{
 use crate::proxy::{
     ProxyError,
     serve::{refuse_full, serve_connection},
-    view::PortRuntime,
+    view::{ConnGuard, PortRuntime},
 };
 
 pub(super) struct Listener {
@@ -190,22 +190,6 @@ pub(super) async fn accept_loop(
             serve_connection(rt, view, stream, peer, addr, stop).await;
             drop((guard, slot));
         });
-    }
-}
-
-/// Counts a client connection against `max_connections`.
-pub(crate) struct ConnGuard(Arc<AtomicUsize>);
-
-impl ConnGuard {
-    pub(crate) fn new(c: &Arc<AtomicUsize>) -> ConnGuard {
-        c.fetch_add(1, Ordering::Relaxed);
-        ConnGuard(c.clone())
-    }
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -12,12 +12,14 @@ pub mod balance;
 pub mod cookie;
 mod forward;
 pub mod h1;
+mod hyper1;
 pub mod io;
 pub mod limits;
 mod listen;
 pub mod pool;
 pub(crate) mod relay;
 mod serve;
+pub mod stats;
 pub mod tcp;
 #[cfg(test)]
 mod tests;

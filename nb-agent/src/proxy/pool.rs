@@ -34,10 +34,10 @@ use thiserror::Error;
 use tokio::{net::TcpStream, sync::Notify, time::timeout};
 
 use crate::proxy::{
-    balance::{ActiveGuard, NodeStats},
     h1,
     io::Counted,
     limits::{BodyOutcome, ClientBody, Stall},
+    stats::{ActiveGuard, NodeStats},
 };
 
 /// Idle connections kept per node; more are closed after their response.
@@ -651,6 +651,12 @@ impl Body for BackendBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl h1::ConnHome for NodePool {
+    fn take_back(self: Arc<Self>, conn: h1::Conn) {
+        self.put_raw(conn);
     }
 }
 

@@ -31,9 +31,9 @@ use crate::proxy::{
     PortRuntime, PortView,
     forward::{self, Client, Refusal, Sticky},
     h1::{self, RawBody},
+    hyper1::{request_timeout, serve_h1, stop_requested},
     io::Rewind,
     pool::Head,
-    serve::{request_timeout, serve_h1, stop_requested},
 };
 
 /// The most header fields a request may have here; more goes to hyper, which answers 431.

@@ -39,10 +39,11 @@ use crate::{
     model::{NodeKey, PortKey, port_names},
     proxy::{
         NodeState, ProxyError, SharedNodes,
-        balance::{ActiveGuard, Balancer, NodeSet, NodeView, StickTable},
+        balance::{Balancer, NodeSet, NodeView, StickTable},
         io::{Activity, Counted},
         listen::take_or_bind,
         node_views,
+        stats::ActiveGuard,
         view::{TABLE_CAPACITY, TABLE_TTL},
     },
 };

@@ -2,7 +2,7 @@
 
 use super::*;
 use super::{listen::*, serve::*, view::*};
-use crate::{config::Node, proxy::balance::ActiveGuard};
+use crate::{config::Node, proxy::stats::ActiveGuard};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming};
@@ -22,7 +22,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::proxy::balance::NodeStats;
+use crate::proxy::stats::NodeStats;
 
 fn up(_: &NodeKey) -> NodeState {
     (Health::Up, None)

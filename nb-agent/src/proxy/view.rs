@@ -5,7 +5,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -19,9 +22,10 @@ use crate::{
     model::{NodeKey, PortKey},
     proxy::{
         NodeState,
-        balance::{Balancer, NodeSet, NodeStats, NodeView, StickTable, next_epoch},
+        balance::{Balancer, NodeSet, NodeView, StickTable, next_epoch},
         cookie::CookieKey,
         pool::NodePool,
+        stats::NodeStats,
     },
 };
 
@@ -195,4 +199,20 @@ pub(crate) fn node_views(
         k_keep
     });
     NodeSet::new(nodes)
+}
+
+/// Counts a client connection against `max_connections`.
+pub(crate) struct ConnGuard(Arc<AtomicUsize>);
+
+impl ConnGuard {
+    pub(crate) fn new(c: &Arc<AtomicUsize>) -> ConnGuard {
+        c.fetch_add(1, Ordering::Relaxed);
+        ConnGuard(c.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
