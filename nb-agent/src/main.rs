@@ -102,7 +102,10 @@ fn serving_runtimes(workers: u32) -> std::io::Result<Vec<tokio::runtime::Handle>
         // Tasks spawned through the handle run while the thread waits here.
         std::thread::Builder::new()
             .name(format!("nb-serve-{i}"))
-            .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+            .spawn(move || {
+                nb_agent::proxy::enter_worker(i);
+                rt.block_on(std::future::pending::<()>())
+            })?;
     }
     Ok(handles)
 }

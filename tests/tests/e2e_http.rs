@@ -1908,6 +1908,100 @@ fn reload_moves_an_address_between_http_and_user_space_tcp() {
     assert!(!log.contains("reload refused"), "{log}");
 }
 
+/// Sockets listening on `addr` in the balancer's namespace.
+fn listening_sockets(t: &Topology, addr: SocketAddr) -> usize {
+    t.lb.sh(&format!("ss -Hltn 'src {addr}'"))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+/// `workers = 2`: every worker accepts on a socket of its own (SO_REUSEPORT), the pair moves
+/// between the http and the user-space tcp proxy as one, and another program already
+/// listening on an address with SO_REUSEPORT (a second agent, say) gets the reload refused
+/// instead of a silent share of the address's connections.
+#[test]
+fn each_worker_listens_on_its_own_socket_and_a_squatter_is_refused() {
+    require_root();
+    let mut t = Topology::new("hw", Wiring::TwoNic, 1);
+    t.workers = 2;
+    let _b = start_backends(&t, 1);
+    let http = port_toml(80, "http", "", &accept_nodes(1));
+    let tcp = format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n{}",
+        node(1, "accept")
+    );
+    let balancer = t
+        .balancer_toml()
+        .replace("[balancer]\n", "[balancer]\nxdp_mode = \"off\"\n");
+    let cfg = t.dir.join("nb.toml");
+    std::fs::write(&cfg, balancer.clone() + &http).expect("write config");
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    assert_eq!(listening_sockets(&t, vip(80)), 2, "one socket per worker");
+    for i in 0..40 {
+        let r = get(&t, vip(80), "/echo", &[]);
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+
+    // To user-space tcp and back: both sockets go across.
+    std::fs::write(&cfg, balancer.clone() + &tcp).expect("write config");
+    reload(&agent, "reloaded", 1);
+    assert_eq!(
+        listening_sockets(&t, vip(80)),
+        2,
+        "tcp: one socket per worker"
+    );
+    for i in 0..20 {
+        let mut s = connect_in(&t.client, vip(80), Duration::from_secs(3)).expect("connect");
+        s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("send");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 200"), "tcp request {i}: {out}");
+    }
+    std::fs::write(&cfg, balancer.clone() + &http).expect("write config");
+    reload(&agent, "reloaded", 2);
+    assert_eq!(
+        listening_sockets(&t, vip(80)),
+        2,
+        "http again: one socket per worker"
+    );
+
+    // A squatter on 198.18.0.1:8001, with SO_REUSEPORT as a second agent's sockets have.
+    let squat = vip(8001);
+    let squatter =
+        t.lb.enter(move || {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.bind(&squat.into())?;
+            s.listen(16)?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("squatter");
+    let with_8001 = http.clone() + &port_toml(8001, "http", "", &accept_nodes(1));
+    std::fs::write(&cfg, balancer.clone() + &with_8001).expect("write config");
+    reload(&agent, "reload refused", 1);
+    let log = agent.log_text();
+    assert!(
+        log.contains(&squat.to_string()) && log.to_ascii_lowercase().contains("in use"),
+        "the refusal names the address and why:\n{log}"
+    );
+    assert_eq!(listening_sockets(&t, squat), 1, "only the squatter listens");
+    assert_eq!(
+        get(&t, vip(80), "/echo", &[]).status,
+        200,
+        "port 80 as it was"
+    );
+
+    drop(squatter);
+    reload(&agent, "reloaded", 3);
+    assert_eq!(listening_sockets(&t, squat), 2);
+    assert_eq!(get(&t, squat, "/echo", &[]).status, 200);
+}
+
 /// Connections established to the backends' port, as the backends' namespace counts them.
 fn backend_connections(t: &Topology) -> usize {
     t.backends

@@ -7,18 +7,13 @@ use std::{
     future::Future,
     net::SocketAddr,
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
 use log::{debug, info, warn};
-use tokio::{
-    net::{TcpListener, TcpSocket},
-    runtime::Handle,
-    sync::watch,
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, runtime::Handle, sync::watch, task::JoinHandle};
 
 use crate::proxy::{
     ProxyError,
@@ -31,9 +26,9 @@ pub(super) struct Listener {
     /// Set to true to ask the listener's connections to finish; every connection holds a
     /// receiver, so [`watch::Sender::closed`] tells when the last one has gone.
     pub(super) stop: watch::Sender<bool>,
-    /// A second descriptor of the listening socket: a reload that gives the address to the
-    /// user-space tcp proxy takes it over (see [`Proxy::listening`]).
-    pub(super) socket: Option<std::net::TcpListener>,
+    /// Second descriptors of the listening sockets: a reload that gives the address to the
+    /// user-space tcp proxy takes them over (see [`Proxy::listening`]).
+    pub(super) socket: Option<Sockets>,
 }
 
 impl Listener {
@@ -55,6 +50,37 @@ impl Listener {
     }
 }
 
+/// The listening sockets of one address: one per serving worker, each bound with
+/// SO_REUSEPORT, so that the kernel spreads new connections over the workers by their
+/// 4-tuple and each worker accepts from a queue of its own (nginx's `reuseport`, HAProxy's
+/// per-thread listeners): no worker wakes for a connection another one takes, and a busy
+/// worker's queue does not hold back the others'.
+pub(crate) struct Sockets(Vec<std::net::TcpListener>);
+
+impl Sockets {
+    /// Second descriptors of every socket of the group.
+    pub(crate) fn try_clone(&self) -> std::io::Result<Sockets> {
+        self.0
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<Result<_, _>>()
+            .map(Sockets)
+    }
+
+    /// Stops every socket of the group listening (queued connections are reset, as at
+    /// close), although other descriptors of them live on in tasks not yet dropped.
+    fn shutdown(&self, addr: SocketAddr) {
+        for s in &self.0 {
+            // SAFETY: shutdown(2) on the descriptor `s` owns; on a listening socket it stops
+            // listening.
+            let rc = unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(s), libc::SHUT_RDWR) };
+            if rc != 0 {
+                debug!("{addr}: shutdown: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+}
+
 /// Where a prepared config gets a listening socket it does not have yet: the other proxy's
 /// socket for the address when the address moves between them (an http/https port turned into
 /// a user-space tcp port or back, in one reload), a new one otherwise. Binding anew would fail
@@ -62,8 +88,8 @@ impl Listener {
 pub(crate) fn take_or_bind(
     addr: SocketAddr,
     port: &str,
-    other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
-) -> Result<std::net::TcpListener, ProxyError> {
+    other: &dyn Fn(SocketAddr) -> Option<Sockets>,
+) -> Result<Sockets, ProxyError> {
     match other(addr) {
         // Logged when the reload is applied (see `close_now`): it may still be refused.
         Some(l) => Ok(l),
@@ -75,18 +101,13 @@ pub(crate) fn take_or_bind(
 /// serving runtime next polls it), so the socket is shut down here through the second
 /// descriptor, and a connection attempt right after the reload is refused. Not when the
 /// other proxy has taken the socket over (`taken`).
-pub(crate) fn close_now(addr: SocketAddr, socket: Option<std::net::TcpListener>, taken: bool) {
+pub(crate) fn close_now(addr: SocketAddr, socket: Option<Sockets>, taken: bool) {
     if taken {
         info!("{addr}: listening socket handed over between http and tcp serving");
         return;
     }
     if let Some(s) = socket {
-        // SAFETY: shutdown(2) on the descriptor `s` owns; on a listening socket it stops
-        // listening (queued connections are reset, as at close).
-        let rc = unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&s), libc::SHUT_RDWR) };
-        if rc != 0 {
-            debug!("{addr}: shutdown: {}", std::io::Error::last_os_error());
-        }
+        s.shutdown(addr);
     }
 }
 
@@ -96,11 +117,8 @@ pub(crate) fn open_connections<'a>(counts: impl Iterator<Item = &'a AtomicUsize>
     counts.map(|c| c.load(Ordering::Relaxed)).sum()
 }
 
-/// A second descriptor of `l`, kept beside the listener task (see [`take_or_bind`]).
-pub(crate) fn second_descriptor(
-    addr: SocketAddr,
-    l: &std::net::TcpListener,
-) -> Option<std::net::TcpListener> {
+/// Second descriptors of `l`, kept beside the listener tasks (see [`take_or_bind`]).
+pub(crate) fn second_descriptor(addr: SocketAddr, l: &Sockets) -> Option<Sockets> {
     match l.try_clone() {
         Ok(d) => Some(d),
         Err(e) => {
@@ -111,39 +129,56 @@ pub(crate) fn second_descriptor(
     }
 }
 
-fn bind(addr: SocketAddr, port: &str) -> Result<std::net::TcpListener, ProxyError> {
+/// Binds one socket per serving worker on `addr` (see [`Sockets`]). Another process already
+/// listening there is an error, as without SO_REUSEPORT: a probe bound without it finds
+/// such a listener first, so a second agent (or any other program of the same user, which
+/// the kernel would let into the group) never silently shares the address.
+fn bind(addr: SocketAddr, port: &str) -> Result<Sockets, ProxyError> {
+    bind_group(addr, port, super::workers::count())
+}
+
+/// [`bind`] for `n` workers.
+fn bind_group(addr: SocketAddr, port: &str, n: usize) -> Result<Sockets, ProxyError> {
     let err = |source| ProxyError::Listen {
         port: port.to_string(),
         addr,
         source,
     };
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()
+    // Bound with SO_REUSEADDR only: a listener anywhere on the address refuses it, the
+    // TIME_WAIT connections a previous agent left do not.
+    drop(socket(addr, false).map_err(err)?);
+    let mut group: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Port 0 (tests) is the port the first socket got, for the rest of the group.
+        let at = group
+            .first()
+            .map_or(Ok(addr), |l| l.local_addr())
+            .map_err(err)?;
+        let sock = socket(at, true).map_err(err)?;
+        sock.listen(1024).map_err(err)?;
+        group.push(sock.into());
+    }
+    Ok(Sockets(group))
+}
+
+/// A socket bound on `addr` (SO_REUSEADDR, IP_FREEBIND; SO_REUSEPORT if `reuseport`), not
+/// yet registered with any runtime: the worker that serves it does that.
+fn socket(addr: SocketAddr, reuseport: bool) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if reuseport {
+        sock.set_reuse_port(true)?;
+    }
+    // A public address may arrive after the agent (keepalived, a cloud floating IP); the
+    // listener is there when it does.
+    if addr.is_ipv4() {
+        sock.set_freebind_v4(true)?;
     } else {
-        TcpSocket::new_v6()
+        sock.set_freebind_v6(true)?;
     }
-    .map_err(err)?;
-    sock.set_reuseaddr(true).map_err(err)?;
-    // IP_FREEBIND: a public address may arrive after the agent (keepalived, a cloud
-    // floating IP); the listener is there when it does.
-    let one: libc::c_int = 1;
-    // SAFETY: the fd is the open socket `sock` owns; the option value is a live c_int whose
-    // size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&sock),
-            libc::SOL_IP,
-            libc::IP_FREEBIND,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    sock.bind(addr).map_err(err)?;
-    let l = sock.listen(1024).map_err(err)?;
-    l.into_std().map_err(err)
+    sock.bind(&addr.into())?;
+    Ok(sock)
 }
 
 /// Accepts connections on one address until the listener is closed by a reload or the
@@ -193,19 +228,6 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// The runtimes that serve the ports, set once at start (see `set_runtimes`).
-static SERVING: OnceLock<Vec<Handle>> = OnceLock::new();
-
-/// Serves every listener started from now on on the runtimes `hs`: runtimes of their own,
-/// apart from the agent's control loop, so that a flow sweep or a reload never stalls a
-/// request. Each is a current-thread runtime on a thread of its own (`workers`, README
-/// "Every field"): a connection lives on the worker that accepted it, with no work stealing
-/// and no cross-thread wake-ups (a one-worker multi-thread runtime served about 20% fewer
-/// requests per CPU, measured with `cargo xtask bench l7`).
-pub fn set_runtimes(hs: Vec<Handle>) {
-    let _ = SERVING.set(hs);
-}
-
 /// The accept loops of one listening socket, one per serving runtime.
 pub(crate) struct ListenerTasks(pub(super) Vec<JoinHandle<()>>);
 
@@ -226,47 +248,37 @@ impl ListenerTasks {
     }
 }
 
-/// Hands a listener bound while a config was prepared to the serving runtimes (the current
-/// one when none was set, as in unit tests) and starts `serve` on it in each, on a descriptor
-/// of its own: each worker accepts from the one socket when it is free to (nginx's workers
-/// share their listening sockets the same way), and the socket must be registered with the
-/// runtime that polls it. `None`, logged, when that fails (the address is then not served,
-/// the rest of the config is).
+/// Hands the sockets bound while a config was prepared to the serving runtimes (the current
+/// one when none was set, as in unit tests) and starts `serve` on each, a socket per worker
+/// (see [`Sockets`]); a socket must be registered with the runtime that polls it. `None`,
+/// logged, when that fails for all of them (the address is then not served, the rest of the
+/// config is).
 pub(crate) fn serve_listener<F>(
     addr: SocketAddr,
-    l: std::net::TcpListener,
+    sockets: Sockets,
     serve: impl Fn(TcpListener) -> F,
 ) -> Option<ListenerTasks>
 where
     F: Future<Output = ()> + Send + 'static,
 {
     let current;
-    let hs: &[Handle] = match SERVING.get() {
-        Some(hs) if !hs.is_empty() => hs,
-        _ => {
+    let hs: &[Handle] = match super::workers::runtimes() {
+        [] => {
             current = [Handle::current()];
             &current
         }
+        hs => hs,
     };
-    if let Err(e) = l.set_nonblocking(true) {
-        warn!("{addr}: {e}");
-        return None;
-    }
-    let mut sockets = Vec::with_capacity(hs.len());
-    for _ in 1..hs.len() {
-        match l.try_clone() {
-            Ok(d) => sockets.push(d),
-            Err(e) => {
-                warn!("{addr}: a descriptor for another worker: {e}");
-                break;
-            }
-        }
-    }
-    sockets.insert(0, l);
-    let mut tasks = Vec::with_capacity(sockets.len());
-    for (h, socket) in hs.iter().zip(sockets) {
+    let mut tasks = Vec::with_capacity(sockets.0.len());
+    // Every socket of the group gets served, even if the group and the workers differed in
+    // number: a socket nobody accepts on would hold the connections the kernel gives it.
+    for (i, socket) in sockets.0.into_iter().enumerate() {
+        let h = &hs[i % hs.len()];
         let _in = h.enter();
-        match TcpListener::from_std(socket) {
+        let listener = socket
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(socket));
+        match listener {
             Ok(listener) => tasks.push(h.spawn(serve(listener))),
             Err(e) => warn!("{addr}: {e}"),
         }
@@ -275,4 +287,80 @@ where
         return None;
     }
     Some(ListenerTasks(tasks))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::ErrorKind, time::Duration};
+
+    use super::*;
+
+    fn loopback() -> SocketAddr {
+        "127.0.0.1:0".parse().expect("address")
+    }
+
+    /// Each worker's socket gets a share of the new connections: the kernel spreads them
+    /// over the group, so no worker is left idle while another one queues.
+    #[test]
+    fn a_group_spreads_connections_over_its_sockets() {
+        let group = bind_group(loopback(), "t", 3).expect("bind");
+        let addr = group.0[0].local_addr().expect("addr");
+        for s in &group.0 {
+            assert_eq!(
+                s.local_addr().expect("addr"),
+                addr,
+                "one port for the group"
+            );
+            s.set_nonblocking(true).expect("nonblocking");
+        }
+        let clients: Vec<_> = (0..60)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        let mut accepted = [0usize; 3];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while accepted.iter().sum::<usize>() < clients.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "accepted {accepted:?}"
+            );
+            for (i, s) in group.0.iter().enumerate() {
+                match s.accept() {
+                    Ok(_) => accepted[i] += 1,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        }
+        assert!(
+            accepted.iter().all(|&n| n > 0),
+            "every socket accepts: {accepted:?}"
+        );
+    }
+
+    /// Another program already listening with SO_REUSEPORT (as a second agent would) is an
+    /// error, not a silent share of the address's connections.
+    #[test]
+    fn an_address_another_program_listens_on_is_refused() {
+        let other = socket(loopback(), true).expect("socket");
+        other.listen(16).expect("listen");
+        let addr = other.local_addr().expect("addr").as_socket().expect("inet");
+        match bind_group(addr, "web", 2) {
+            Err(ProxyError::Listen { source, .. }) => {
+                assert_eq!(source.kind(), ErrorKind::AddrInUse, "{source}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("bound beside another listener"),
+        }
+    }
+
+    /// What the address moves between the proxies with: second descriptors of every socket.
+    #[test]
+    fn a_group_clones_every_socket() {
+        let group = bind_group(loopback(), "t", 2).expect("bind");
+        let copy = group.try_clone().expect("clone");
+        assert_eq!(copy.0.len(), 2);
+        for (a, b) in group.0.iter().zip(&copy.0) {
+            assert_eq!(a.local_addr().expect("a"), b.local_addr().expect("b"));
+        }
+    }
 }

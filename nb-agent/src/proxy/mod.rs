@@ -25,14 +25,15 @@ pub mod tcp;
 mod tests;
 pub mod tls;
 mod view;
+mod workers;
 
-pub use listen::set_runtimes;
 use listen::{
-    Listener, accept_loop, close_now, open_connections, second_descriptor, serve_listener,
+    Listener, Sockets, accept_loop, close_now, open_connections, second_descriptor, serve_listener,
     take_or_bind,
 };
 pub use view::{PortRuntime, PortView};
 pub(crate) use view::{SharedNodes, node_views};
+pub use workers::{enter_worker, set_runtimes};
 
 use std::{
     collections::{HashMap, HashSet},
@@ -97,7 +98,7 @@ impl Prepared {
 /// A checked config, ready to swap in (see the module docs).
 pub struct Prepared {
     ports: Vec<(Port, Arc<str>, Option<TlsAcceptor>)>,
-    bound: HashMap<SocketAddr, (PortKey, std::net::TcpListener)>,
+    bound: HashMap<SocketAddr, (PortKey, Sockets)>,
     wanted: HashSet<SocketAddr>,
     key: Option<Arc<CookieKey>>,
 }
@@ -121,18 +122,18 @@ impl Proxy {
 
     /// The listening socket for `addr`, if this proxy listens there (a second descriptor of
     /// it): for [`take_or_bind`] when a reload moves the address to the user-space tcp proxy.
-    pub fn listening(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+    pub(crate) fn listening(&self, addr: SocketAddr) -> Option<Sockets> {
         self.listeners.get(&addr)?.socket.as_ref()?.try_clone().ok()
     }
 
     /// Checks what `cfg` needs from the proxy and gets it ready: TLS acceptors, the
     /// stickiness secret, sockets for listeners that do not exist yet (the user-space tcp
     /// proxy's, through `other`, for an address it serves now). Changes nothing live.
-    pub fn prepare(
+    pub(crate) fn prepare(
         &self,
         cfg: &Config,
         public: &[IpAddr],
-        other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
+        other: &dyn Fn(SocketAddr) -> Option<Sockets>,
     ) -> Result<Prepared, ProxyError> {
         let mut ports = Vec::new();
         let mut bound = HashMap::new();

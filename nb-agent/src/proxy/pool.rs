@@ -288,11 +288,14 @@ struct Idle {
     reaping: bool,
 }
 
-/// The kept-alive connections of one node.
+/// The kept-alive connections of one node, a list per serving worker: a connection is
+/// registered with the reactor of the worker that opened it, so another worker using it would
+/// have every read and write woken across threads. Each list's lock is only ever taken by its
+/// own worker (and its reaper, on the same worker), so it is never contended.
 #[derive(Debug)]
 pub struct NodePool {
     addr: SocketAddr,
-    idle: Mutex<Idle>,
+    idle: Box<[Mutex<Idle>]>,
     /// How long an idle connection is kept.
     ttl: Duration,
     /// Where the connections count their bytes: the node's counters.
@@ -307,9 +310,21 @@ impl NodePool {
 
     /// As [`NodePool::new`], idle connections kept `ttl`.
     fn with_ttl(addr: SocketAddr, stats: Arc<NodeStats>, ttl: Duration) -> NodePool {
+        NodePool::for_workers(addr, stats, ttl, super::workers::count())
+    }
+
+    /// As [`NodePool::with_ttl`], with a list of idle connections for each of `workers`.
+    fn for_workers(
+        addr: SocketAddr,
+        stats: Arc<NodeStats>,
+        ttl: Duration,
+        workers: usize,
+    ) -> NodePool {
         NodePool {
             addr,
-            idle: Mutex::new(Idle::default()),
+            idle: (0..workers.max(1))
+                .map(|_| Mutex::new(Idle::default()))
+                .collect(),
             ttl,
             stats,
         }
@@ -320,9 +335,19 @@ impl NodePool {
         self.addr
     }
 
+    /// The idle connections of the current worker.
+    fn mine(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.worker(super::workers::current())
+    }
+
+    /// The idle connections of worker `i`.
+    fn worker(&self, i: usize) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle[i % self.idle.len()].lock().expect("pool lock")
+    }
+
     /// A ready idle connection, newest first; stale ones are dropped on the way.
     fn take_idle(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.mine();
         while let Some((s, since)) = idle.conns.pop() {
             if !s.send.is_closed() && s.send.is_ready() && since.elapsed() < self.ttl {
                 return Some(s);
@@ -333,7 +358,7 @@ impl NodePool {
 
     /// A usable idle connection of the bodiless path, newest first; stale ones are dropped.
     fn take_raw(&self) -> Option<h1::Conn> {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let mut idle = self.mine();
         while let Some((c, since)) = idle.raw.pop() {
             if since.elapsed() < self.ttl && c.idle_usable() {
                 return Some(c);
@@ -345,8 +370,12 @@ impl NodePool {
     /// Idle connections in the pool, both kinds (tests).
     #[cfg(test)]
     fn idle_len(&self) -> usize {
-        let idle = self.idle.lock().expect("pool lock");
-        idle.conns.len() + idle.raw.len()
+        (0..self.idle.len())
+            .map(|i| {
+                let idle = self.worker(i);
+                idle.conns.len() + idle.raw.len()
+            })
+            .sum()
     }
 
     async fn connect_tcp(&self, connect_timeout: Duration) -> Result<TcpStream, ForwardError> {
@@ -490,19 +519,21 @@ impl NodePool {
 
     /// Puts a connection of the bodiless path back as the newest idle one.
     pub fn put_raw(self: &Arc<Self>, conn: h1::Conn) {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let i = super::workers::current();
+        let mut idle = self.worker(i);
         if idle.raw.len() >= MAX_IDLE {
             return;
         }
         idle.raw.push((conn, Instant::now()));
-        self.start_reaper(&mut idle);
+        self.start_reaper(&mut idle, i);
     }
 
-    /// Starts the reaper if none runs.
-    fn start_reaper(self: &Arc<Self>, idle: &mut Idle) {
+    /// Starts the reaper of worker `i`'s list if none runs (on the current runtime, which is
+    /// that worker's).
+    fn start_reaper(self: &Arc<Self>, idle: &mut Idle, i: usize) {
         if !idle.reaping {
             idle.reaping = true;
-            tokio::spawn(reap(Arc::downgrade(self), self.ttl));
+            tokio::spawn(reap(Arc::downgrade(self), self.ttl, i));
         }
     }
 
@@ -525,18 +556,19 @@ impl NodePool {
 
     /// Adds a ready connection as the newest idle one; starts the reaper if none runs.
     fn put(self: &Arc<Self>, sender: Sender) {
-        let mut idle = self.idle.lock().expect("pool lock");
+        let i = super::workers::current();
+        let mut idle = self.worker(i);
         if idle.conns.len() >= MAX_IDLE {
             return;
         }
         idle.conns.push((sender, Instant::now()));
-        self.start_reaper(&mut idle);
+        self.start_reaper(&mut idle, i);
     }
 
-    /// Drops the idle connections closed or idle for `ttl`; false once none is left (the
-    /// reaper then stops, and the next connection given back starts another).
-    fn expire(&self) -> bool {
-        let mut idle = self.idle.lock().expect("pool lock");
+    /// Drops worker `i`'s idle connections closed or idle for `ttl`; false once none is left
+    /// (the reaper then stops, and the next connection given back starts another).
+    fn expire(&self, i: usize) -> bool {
+        let mut idle = self.worker(i);
         let ttl = self.ttl;
         idle.conns
             .retain(|(s, since)| !s.send.is_closed() && since.elapsed() < ttl);
@@ -550,19 +582,21 @@ impl NodePool {
 
     /// Closes every idle connection (the node left the config).
     pub fn clear(&self) {
-        let mut idle = self.idle.lock().expect("pool lock");
-        idle.conns.clear();
-        idle.raw.clear();
+        for i in 0..self.idle.len() {
+            let mut idle = self.worker(i);
+            idle.conns.clear();
+            idle.raw.clear();
+        }
     }
 }
 
 /// Closes a pool's connections idle too long, every half TTL while it holds any; ends with
 /// the pool.
-async fn reap(pool: Weak<NodePool>, ttl: Duration) {
+async fn reap(pool: Weak<NodePool>, ttl: Duration, worker: usize) {
     loop {
         tokio::time::sleep(ttl / 2).await;
         match pool.upgrade() {
-            Some(p) if p.expire() => {}
+            Some(p) if p.expire(worker) => {}
             _ => return,
         }
     }
@@ -790,6 +824,26 @@ mod tests {
             assert_eq!(pool.idle_len(), 1, "request {i}");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one backend connection");
+    }
+
+    /// A connection opened on one worker is reused on that worker only (its reactor polls
+    /// it): another worker opens its own.
+    #[tokio::test]
+    async fn each_worker_reuses_its_own_connections() {
+        let (addr, accepted, _) = backend().await;
+        let pool = Arc::new(NodePool::for_workers(addr, Arc::default(), IDLE_TTL, 2));
+        let mut c = client(front(pool.clone()).await).await;
+        for (worker, opened) in [(0, 1), (0, 1), (1, 2), (1, 2), (0, 2)] {
+            super::super::workers::enter_worker(worker);
+            get(&mut c).await;
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                opened,
+                "on worker {worker}"
+            );
+        }
+        assert_eq!(pool.idle_len(), 2, "one idle connection per worker");
+        super::super::workers::enter_worker(0);
     }
 
     #[tokio::test]

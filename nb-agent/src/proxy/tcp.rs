@@ -41,7 +41,7 @@ use crate::{
         NodeState, ProxyError, SharedNodes,
         balance::{Balancer, NodeSet, NodeView, StickTable},
         io::{Activity, Counted},
-        listen::take_or_bind,
+        listen::{Sockets, take_or_bind},
         node_views,
         stats::ActiveGuard,
         view::{TABLE_CAPACITY, TABLE_TTL},
@@ -189,7 +189,7 @@ pub struct TcpProxy {
     ports: HashMap<PortKey, Arc<TcpPort>>,
     /// Each listener's task, and a second descriptor of its socket (see
     /// [`TcpProxy::listening`]).
-    listeners: HashMap<SocketAddr, (super::listen::ListenerTasks, Option<std::net::TcpListener>)>,
+    listeners: HashMap<SocketAddr, (super::listen::ListenerTasks, Option<Sockets>)>,
 }
 
 impl TcpPrepared {
@@ -203,7 +203,7 @@ impl TcpPrepared {
 /// for listeners that do not exist yet.
 pub struct TcpPrepared {
     ports: Vec<(Port, Arc<str>)>,
-    bound: HashMap<SocketAddr, (PortKey, std::net::TcpListener)>,
+    bound: HashMap<SocketAddr, (PortKey, Sockets)>,
     wanted: HashSet<SocketAddr>,
 }
 
@@ -230,19 +230,19 @@ impl TcpProxy {
     /// The listening socket for `addr`, if this proxy listens there (a second descriptor of
     /// it): for a reload that moves the address to the http proxy (see
     /// [`super::listen::take_or_bind`]).
-    pub fn listening(&self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+    pub(crate) fn listening(&self, addr: SocketAddr) -> Option<Sockets> {
         self.listeners.get(&addr)?.1.as_ref()?.try_clone().ok()
     }
 
     /// Binds the listeners `cfg` needs that do not exist yet (or takes the http proxy's
     /// socket, through `other`, for an address it serves now); `xdp` tells whether the XDP
     /// path serves the tcp ports without a PROXY header. Changes nothing live.
-    pub fn prepare(
+    pub(crate) fn prepare(
         &self,
         cfg: &Config,
         public: &[IpAddr],
         xdp: bool,
-        other: &dyn Fn(SocketAddr) -> Option<std::net::TcpListener>,
+        other: &dyn Fn(SocketAddr) -> Option<Sockets>,
     ) -> Result<TcpPrepared, ProxyError> {
         let mut ports = Vec::new();
         let mut bound = HashMap::new();
