@@ -17,7 +17,7 @@ use crate::{
     config::{Algorithm, NodeMode},
     health::Health,
     metrics::NodeCounters,
-    proxy::{pool::NodePool, stats::NodeStats},
+    proxy::{cookie::SetCookieCache, pool::NodePool, stats::NodeStats},
 };
 
 /// One node of a port at one moment: the config's settings plus what health says.
@@ -41,6 +41,8 @@ pub struct NodeView {
     pub stats: Arc<NodeStats>,
     /// One permit per request that may be in flight to the node (`max_node_connections`).
     pub slots: Arc<tokio::sync::Semaphore>,
+    /// The node's `Set-Cookie` answers (cookie stickiness), signed once; survives reloads.
+    pub set_cookie: Arc<SetCookieCache>,
     /// The node's incarnation ([`next_epoch`]): new when it joined the port and each time it
     /// went DOWN since. Stickiness recorded for an older one no longer holds.
     pub epoch: u64,
@@ -314,6 +316,7 @@ mod tests {
             slots: Arc::new(tokio::sync::Semaphore::new(10)),
             active: Arc::new(AtomicUsize::new(0)),
             stats: Arc::default(),
+            set_cookie: Arc::default(),
             epoch: next_epoch(),
         }
     }

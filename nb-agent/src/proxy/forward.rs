@@ -653,8 +653,7 @@ pub(super) fn settle(
     match port.stickiness {
         Stickiness::HttpCookie if sticky.cookie.as_deref() != Some(node.label.as_str()) => {
             let key = view.key.as_ref()?;
-            let v = cookie::set_cookie(&key.sign(port.port, &node.label), secure);
-            HeaderValue::from_str(&v).ok()
+            node.set_cookie.get(key, port.port, &node.label, secure)
         }
         Stickiness::Table if sticky.table.as_deref() != Some(node.label.as_str()) => {
             rt.table.put(client, node, Instant::now());

@@ -23,7 +23,7 @@ use crate::{
     proxy::{
         NodeState,
         balance::{Balancer, NodeSet, NodeView, StickTable, next_epoch},
-        cookie::CookieKey,
+        cookie::{CookieKey, SetCookieCache},
         pool::NodePool,
         stats::NodeStats,
     },
@@ -74,6 +74,7 @@ pub(crate) struct NodeShared {
     pool: Arc<NodePool>,
     active: Arc<AtomicUsize>,
     stats: Arc<NodeStats>,
+    set_cookie: Arc<SetCookieCache>,
     /// The node's incarnation, and whether it was DOWN at the last refresh (see
     /// [`NodeView::epoch`]).
     epoch: u64,
@@ -157,6 +158,7 @@ pub(crate) fn node_views(
                 pool: Arc::new(NodePool::new(n.address, stats.clone())),
                 active: Arc::new(AtomicUsize::new(0)),
                 stats,
+                set_cookie: Arc::default(),
                 epoch: next_epoch(),
                 down: health == Health::Down,
             }
@@ -188,6 +190,7 @@ pub(crate) fn node_views(
             slots: e.slots.clone(),
             active: e.active.clone(),
             stats: e.stats.clone(),
+            set_cookie: e.set_cookie.clone(),
             epoch: e.epoch,
         });
     }
