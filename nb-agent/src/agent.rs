@@ -27,6 +27,7 @@ use crate::{
     dataplane::{
         AttachMode, Dataplane, DataplaneError, FlowTimeouts, SweepReport, source_address_towards,
     },
+    fleet::{Presence, Readiness},
     health::{CheckEvent, Health},
     metrics::{self, NodeCounters, NodeSample},
     model::{NodeKey, PortKey, port_names},
@@ -45,6 +46,8 @@ pub enum AgentError {
     Proxy(#[from] ProxyError),
     #[error("{0}")]
     Api(#[from] crate::api::ApiError),
+    #[error("{0}")]
+    Announce(#[from] crate::announce::AnnounceError),
     #[error("interface {0} not found")]
     NoInterface(String),
     #[error("no public address: set [balancer] addresses or give {0:?} an address")]
@@ -199,6 +202,8 @@ pub struct Agent {
     pub tcp: TcpProxy,
     /// After a long sweep, the moment before which no other starts (see [`sweep_pause`]).
     sweep_after: Option<std::time::Instant>,
+    /// What this balancer announces to a fleet's routers (`[fleet]`).
+    presence: Presence,
 }
 
 impl Agent {
@@ -208,6 +213,8 @@ impl Agent {
         config: Config,
     ) -> Result<(Agent, mpsc::UnboundedReceiver<CheckEvent>), AgentError> {
         let public = public_addresses(&config)?;
+        // Before anything serves: the routes an earlier agent left are withdrawn.
+        let presence = Presence::open(&config)?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut dataplane = None;
         if let Some(mode) = attach_mode(config.balancer.xdp_mode) {
@@ -236,6 +243,7 @@ impl Agent {
             proxy: Proxy::new(),
             tcp: TcpProxy::new(),
             sweep_after: None,
+            presence,
         };
         // Starting is a reload onto the data path `start_dataplane` wrote (every node's health
         // unknown): every listener is new, every check starts, a `reject` node is DOWN.
@@ -266,7 +274,18 @@ impl Agent {
         )?;
         agent.health = health;
         agent.refresh_proxies();
+        agent.announce();
         Ok((agent, events_rx))
+    }
+
+    /// Announces the public addresses that are ready now and withdraws the others (see
+    /// [`Presence`]); after every change of config or health.
+    pub fn announce(&mut self) {
+        let health = &self.health;
+        self.presence
+            .update(&self.config, &self.public, &|k: &NodeKey| {
+                health.get(k).copied().unwrap_or_default()
+            });
     }
 
     fn health_of(&self, node: &NodeKey) -> Health {
@@ -356,6 +375,7 @@ impl Agent {
                 before.as_str()
             ),
         }
+        self.announce();
     }
 
     /// Expires idle flows, then runs the passive checks of tcp ports on what the XDP program
@@ -509,10 +529,12 @@ impl Agent {
                 "reload: interfaces, xdp_mode, bpf_pin_path and max_flows take effect at the next restart"
             );
         }
+        self.presence.reconfigure(&self.config, &new);
         self.config = new;
         self.public = public;
         self.health = health;
         self.refresh_proxies();
+        self.announce();
         Ok(())
     }
 }
@@ -607,6 +629,15 @@ impl api::Running for Agent {
 
     fn apply(&mut self, cfg: Config) -> Result<(), AgentError> {
         Agent::apply(self, cfg)
+    }
+
+    fn readiness(&self) -> Readiness {
+        self.presence.readiness()
+    }
+
+    fn set_drained(&mut self, drained: bool) {
+        self.presence.set_drained(drained);
+        self.announce();
     }
 }
 
@@ -708,12 +739,16 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
                 if agent.sweep_due() {
                     agent.sweep();
                 }
+                // A route the kernel refused is written again.
+                agent.announce();
                 // Health and counters moved: what `/v1/status` shows when the loop is slow.
                 admin.publish(&agent);
             }
         }
     }
     sd_notify("STOPPING=1");
+    // The fleet's routers send new traffic elsewhere while this host still serves.
+    agent.presence.withdraw_all();
     // The API answers "gone" from now on instead of waiting for this loop.
     drop(api_calls);
     // No new connections anywhere; http/https requests in flight, upgraded tunnels and

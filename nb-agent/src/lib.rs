@@ -1,11 +1,13 @@
 //! nb-agent: configuration, the XDP data path from user space, and the daemon around them.
 
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod appliers;
 pub mod config;
 pub mod dataplane;
 pub mod fds;
+pub mod fleet;
 #[cfg(test)]
 mod fuzz;
 pub mod health;

@@ -164,6 +164,9 @@ pub struct Snapshot {
     pub nodes: Vec<NodeSample>,
     /// `(action, packets)` of the XDP program, summed over CPUs; empty without a data path.
     pub xdp: Vec<(&'static str, u64)>,
+    /// Whether the balancer should be sent traffic, and what it announces (README "A fleet
+    /// of balancers").
+    pub readiness: crate::fleet::Readiness,
 }
 
 /// Escapes a label value for the text format (backslash, quote, newline).
@@ -340,6 +343,30 @@ pub fn render(snap: &Snapshot) -> String {
             c.load(Ordering::Relaxed)
         );
     }
+    let r = &snap.readiness;
+    family(
+        &mut out,
+        "nb_ready",
+        "gauge",
+        "1 when the balancer should be sent traffic (GET /v1/ready answers 200), else 0.",
+    );
+    let _ = writeln!(out, "nb_ready {}", u8::from(r.ready()));
+    family(
+        &mut out,
+        "nb_fleet_drained",
+        "gauge",
+        "1 while `nbctl fleet drain` holds every address withdrawn.",
+    );
+    let _ = writeln!(out, "nb_fleet_drained {}", u8::from(r.drained));
+    family(
+        &mut out,
+        "nb_fleet_announced",
+        "gauge",
+        "1 for each public address whose route is in [fleet] announce_table now.",
+    );
+    for a in &r.announced {
+        let _ = writeln!(out, "nb_fleet_announced{{address=\"{a}\"}} 1");
+    }
     out
 }
 
@@ -361,6 +388,7 @@ mod tests {
                 counters: None,
             }],
             xdp: vec![],
+            readiness: Default::default(),
         };
         let text = render(&snap);
         let line = |le: &str| {
@@ -392,9 +420,20 @@ mod tests {
                 counters: None,
             }],
             xdp: vec![("rx", 7)],
+            readiness: crate::fleet::Readiness {
+                addresses: vec!["198.18.0.1".parse().unwrap()],
+                announced: vec!["198.18.0.1".parse().unwrap()],
+                drained: false,
+                announce_table: Some(100),
+            },
         };
         let text = render(&snap);
         assert!(!text.contains("node=\"gone\""), "{text}");
+        assert!(text.contains("nb_ready 1\n"), "{text}");
+        assert!(
+            text.contains("nb_fleet_announced{address=\"198.18.0.1\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("nb_node_up{port=\"60003\",node=\"web\\\"1\"} 0"),
             "{text}"
@@ -413,6 +452,9 @@ mod tests {
             "nb_xdp_packets_total",
             "nb_health_check_seconds",
             "nb_config_reloads_total",
+            "nb_ready",
+            "nb_fleet_drained",
+            "nb_fleet_announced",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} ")),
@@ -441,6 +483,7 @@ mod tests {
                 }),
             }],
             xdp: vec![],
+            readiness: Default::default(),
         };
         let text = render(&snap);
         for want in [

@@ -224,9 +224,86 @@ pub fn takes_new_connections(mode: NodeMode, up: bool, any_accept_up: bool) -> b
     }
 }
 
+/// The public addresses a fleet member may announce (README "A fleet of balancers"): each
+/// address with a port on it that has a node able to take a new client now: `accept` or
+/// `backup`, and UP by its checks (not merely unknown, so a starting agent announces only
+/// once a check has passed), or not DOWN on a port without checks. `health` gives a node's.
+pub fn ready_addresses(
+    ports: &[Port],
+    public: &[IpAddr],
+    health: &dyn Fn(&NodeKey) -> Health,
+) -> std::collections::BTreeSet<IpAddr> {
+    let mut out = std::collections::BTreeSet::new();
+    for p in ports {
+        let key = PortKey::of(p);
+        let unchecked = p.check == crate::config::CheckKind::None;
+        let ready = p.nodes.iter().any(|n| {
+            let h = health(&NodeKey::new(&key, &n.label));
+            matches!(n.mode, NodeMode::Accept | NodeMode::Backup)
+                && (h == Health::Up || (unchecked && h != Health::Down))
+        });
+        if ready {
+            let ips = if p.addresses.is_empty() {
+                public
+            } else {
+                &p.addresses[..]
+            };
+            out.extend(ips.iter().copied());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_address_is_ready_with_one_node_up_on_one_of_its_ports() {
+        use crate::config::{CheckKind, Node};
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let node = |l: &str, mode| {
+            let mut n = Node::new(l, "198.18.5.1:80".parse().unwrap());
+            n.mode = mode;
+            n
+        };
+        let mut a = port(&["198.18.0.1"], 80, Protocol::Http);
+        a.nodes = vec![node("a1", NodeMode::Accept), node("a2", NodeMode::Drain)];
+        let mut b = port(&[], 443, Protocol::Https);
+        b.nodes = vec![node("b1", NodeMode::Backup)];
+        let mut c = port(&["198.18.0.3"], 22, Protocol::Tcp);
+        c.check = CheckKind::None;
+        c.nodes = vec![node("c1", NodeMode::Accept)];
+        let ports = vec![a, b, c];
+        let public = [ip("198.18.0.1"), ip("198.18.0.2")];
+        let ready = |up: &[&str], down: &[&str]| {
+            ready_addresses(&ports, &public, &|k: &NodeKey| {
+                if up.contains(&k.label.as_str()) {
+                    Health::Up
+                } else if down.contains(&k.label.as_str()) {
+                    Health::Down
+                } else {
+                    Health::Unknown
+                }
+            })
+        };
+        let set = |v: &[&str]| {
+            v.iter()
+                .map(|s| ip(s))
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        // Nothing checked yet: only the unchecked port's address.
+        assert_eq!(ready(&[], &[]), set(&["198.18.0.3"]));
+        assert_eq!(ready(&[], &["c1"]), set(&[]));
+        // A draining node UP makes nothing ready; an accept one does, on its address only.
+        assert_eq!(ready(&["a2"], &["c1"]), set(&[]));
+        assert_eq!(ready(&["a1"], &["c1"]), set(&["198.18.0.1"]));
+        // A port on every public address: both.
+        assert_eq!(
+            ready(&["b1"], &[]),
+            set(&["198.18.0.1", "198.18.0.2", "198.18.0.3"])
+        );
+    }
 
     fn port(addrs: &[&str], number: u16, protocol: Protocol) -> Port {
         let mut p = Port::new(number, protocol);

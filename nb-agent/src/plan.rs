@@ -128,6 +128,7 @@ mod tests {
             path: std::path::PathBuf::from("nb.toml"),
             balancer: Default::default(),
             admin: Default::default(),
+            fleet: Default::default(),
             ports,
         }
     }

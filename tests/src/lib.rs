@@ -1,7 +1,8 @@
 //! Test support for nb: network namespaces and backends (`netns`), packet frames (`packet`),
 //! the packet-table rig (`rig`), raw packets and tc programs (`raw`), and whole test networks
-//! with a running agent (`topo`).
+//! with a running agent (`topo`), and a fleet of balancers behind a BGP router (`fleet`).
 
+pub mod fleet;
 pub mod netns;
 pub mod packet;
 pub mod raw;

@@ -296,9 +296,31 @@ impl Agent {
         config: &Path,
         env: &[(&str, &str)],
         xdp: bool,
-        mut cmd: std::process::Command,
+        cmd: std::process::Command,
     ) -> Agent {
-        let log = topo.dir.join(format!("agent-{}.log", unique_suffix()));
+        let attached = || {
+            !xdp || topo
+                .interfaces
+                .iter()
+                .all(|i| topo.pin_path.join(format!("link_{i}")).exists())
+        };
+        Agent::spawn(&topo.dir, config, env, cmd, &attached)
+    }
+
+    /// Starts an agent that attaches no XDP program in `ns`, a namespace of the caller's own
+    /// making (a fleet's balancers), logging into `dir`; waits until it says it is serving.
+    pub fn start_in(ns: &Netns, dir: &Path, config: &Path) -> Agent {
+        Agent::spawn(dir, config, &[], ns.command(agent_bin()), &|| true)
+    }
+
+    fn spawn(
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+        mut cmd: std::process::Command,
+        attached: &dyn Fn() -> bool,
+    ) -> Agent {
+        let log = dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");
         let child = cmd
             .args(["run", "--config"])
@@ -315,13 +337,8 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let attached = !xdp
-                || topo
-                    .interfaces
-                    .iter()
-                    .all(|i| topo.pin_path.join(format!("link_{i}")).exists());
             let ready = a.log_text().contains("serving");
-            if attached && ready {
+            if attached() && ready {
                 break;
             }
             if let Some(status) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {

@@ -153,11 +153,18 @@ fn test(filter: Option<&str>) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the packet and end-to-end tests need root (BPF, network namespaces): run as root");
     }
-    for tool in ["ip", "ethtool"] {
-        if output(Command::new(tool).arg("-V")).is_none()
-            && output(Command::new(tool).arg("--version")).is_none()
-        {
-            bail!("`{tool}` is missing: apt-get install iproute2 ethtool");
+    // The fleet tests run BIRD as the routers' and balancers' BGP speaker.
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("ethtool", "ethtool"),
+        ("bird", "bird2"),
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            bail!("`{tool}` is missing: apt-get install iproute2 ethtool bird2 (needs {package})");
         }
     }
     let ws = workspace();

@@ -60,6 +60,7 @@ use self::{
 };
 use crate::{
     config::{self, Config, Port},
+    fleet::Readiness,
     metrics::{self, NodeSample, Snapshot},
     model::{self, FindError, PortKey, port_names},
     secret_file,
@@ -179,6 +180,10 @@ enum Op {
     Status,
     Stats,
     Metrics,
+    /// `GET /v1/ready`: whether this balancer should be sent traffic (see [`Readiness`]).
+    Ready,
+    /// `POST` (true) or `DELETE` (false) `/v1/fleet/drain`; authorized as a write.
+    Drain(bool),
     /// Authorized before it gets here: the token is checked before the body is read.
     Write {
         write: WriteOp,
@@ -487,6 +492,12 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
         ["metrics"] => get(Route::Loop(Op::Metrics)),
         ["v1", "status"] => get(Route::Loop(Op::Status)),
         ["v1", "stats"] => get(Route::Loop(Op::Stats)),
+        ["v1", "ready"] => get(Route::Loop(Op::Ready)),
+        ["v1", "fleet", "drain"] => match *method {
+            Method::POST => Ok(Route::Loop(Op::Drain(true))),
+            Method::DELETE => Ok(Route::Loop(Op::Drain(false))),
+            _ => Err(not_allowed()),
+        },
         ["v1", "ports"] => get(Route::Ports),
         ["v1", "ports", port] => {
             let port = segment(port)?;
@@ -557,7 +568,9 @@ async fn answer(
             }
             Route::Loop(op) => op,
         };
-        if let Op::Write { body, .. } = &mut op {
+        if let Op::Drain(_) = op {
+            authorize_write(admin, authorization).map_err(|r| Reply::from(r).closing())?;
+        } else if let Op::Write { body, .. } = &mut op {
             // A refusal here leaves the body unread, so the connection cannot be reused.
             authorize_write(admin, authorization).map_err(|r| Reply::from(r).closing())?;
             let declared = req
@@ -591,8 +604,9 @@ async fn answer(
         }
         let kind = match op {
             Op::Status => Some(true),
-            Op::Stats | Op::Metrics => Some(false),
-            Op::Write { .. } => None,
+            // A loop that does not answer in time is a balancer not to send traffic to.
+            Op::Stats | Op::Metrics | Op::Ready => Some(false),
+            Op::Write { .. } | Op::Drain(_) => None,
         };
         let _busy = slots.busy(slot);
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -671,10 +685,16 @@ pub trait Running {
         Snapshot {
             nodes: self.nodes(),
             xdp: self.xdp_packets(),
+            readiness: self.readiness(),
         }
     }
     /// Makes `cfg` the running config, whole or not at all.
     fn apply(&mut self, cfg: Config) -> Result<(), Self::Error>;
+    /// Whether the balancer should be sent traffic, and what it announces.
+    fn readiness(&self) -> Readiness;
+    /// Withdraws every address (`true`, `nbctl fleet drain`) or announces again what is
+    /// ready (`false`); the balancer goes on serving what reaches it either way.
+    fn set_drained(&mut self, drained: bool);
 }
 
 /// The API's side of the agent: the file as last read, the overlay, where it is kept, and
@@ -801,6 +821,27 @@ impl Admin {
                 close: false,
                 snapshot_age: None,
             },
+            Op::Ready => {
+                let r = agent.readiness();
+                let status = if r.ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                Reply::json(status, &readiness_json(&r))
+            }
+            Op::Drain(on) => {
+                agent.set_drained(on);
+                info!(
+                    "admin API: {}",
+                    if on {
+                        "fleet drain: every address withdrawn"
+                    } else {
+                        "fleet drain ended: ready addresses announced again"
+                    }
+                );
+                Reply::json(StatusCode::OK, &readiness_json(&agent.readiness()))
+            }
             Op::Write { write, body } => match self.write(agent, write, &body) {
                 Ok(r) => {
                     self.publish(agent);
@@ -952,6 +993,17 @@ impl Admin {
         };
         Ok(Reply::json(status, &answer))
     }
+}
+
+/// The body of `GET /v1/ready` and of the drain calls.
+fn readiness_json(r: &Readiness) -> Value {
+    json!({
+        "ready": r.ready(),
+        "drained": r.drained,
+        "addresses": r.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "announced": r.announced.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "announce_table": r.announce_table,
+    })
 }
 
 /// Warns of token files others may read (see [`secret_file::warn_if_exposed`]).
@@ -1183,6 +1235,28 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("clean");
     }
 
+    /// A drain takes a balancer out of its fleet: only the admin token may ask for it.
+    #[tokio::test]
+    async fn a_drain_needs_the_admin_token() {
+        let dir = token_dir("drain");
+        let (addr, mut calls) = start(served_config(&dir, true)).await;
+        for method in ["POST", "DELETE"] {
+            for (auth, want) in [
+                ("", 401),
+                ("Authorization: Bearer wrong\r\n", 401),
+                ("Authorization: Bearer r3ad\r\n", 403),
+            ] {
+                let head = format!(
+                    "{method} /v1/fleet/drain HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
+                );
+                let (status, _, body) = ask(addr, &head).await;
+                assert_eq!(status, want, "{method} {auth:?}: {body}");
+            }
+        }
+        assert!(calls.try_recv().is_err(), "nothing reached the agent loop");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+
     #[tokio::test]
     async fn reads_without_a_token_show_no_paths() {
         let dir = token_dir("redact");
@@ -1327,6 +1401,19 @@ mod tests {
         );
         assert_eq!(
             r(Method::POST, "/v1/ports/80"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert_eq!(r(Method::GET, "/v1/ready").as_deref(), Ok("Loop(Ready)"));
+        assert_eq!(
+            r(Method::POST, "/v1/fleet/drain").as_deref(),
+            Ok("Loop(Drain(true))")
+        );
+        assert_eq!(
+            r(Method::DELETE, "/v1/fleet/drain").as_deref(),
+            Ok("Loop(Drain(false))")
+        );
+        assert_eq!(
+            r(Method::GET, "/v1/fleet/drain"),
             Err(StatusCode::METHOD_NOT_ALLOWED)
         );
     }

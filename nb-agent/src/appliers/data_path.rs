@@ -371,6 +371,7 @@ mod applier_tests {
             path: "nb.toml".into(),
             balancer: Default::default(),
             admin: Default::default(),
+            fleet: Default::default(),
             ports: vec![p],
         };
         cfg.balancer.client_conn_throttle = throttle;

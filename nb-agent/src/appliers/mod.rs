@@ -133,6 +133,7 @@ mod tests {
             path: "nb.toml".into(),
             balancer: Default::default(),
             admin: Default::default(),
+            fleet: Default::default(),
             ports: Vec::new(),
         };
         let health: HashMap<NodeKey, Health> = HashMap::new();

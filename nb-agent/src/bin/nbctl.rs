@@ -48,6 +48,23 @@ enum Command {
     },
     /// Counters per node and of the XDP program.
     Stats,
+    /// Whether this balancer should be sent traffic: exit 0 when ready, 1 when not (for
+    /// keepalived's `track_script`), 2 when the agent cannot be asked.
+    Ready,
+    /// This balancer as a member of a fleet.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Withdraw every public address from the fleet's routers (`[fleet] announce_table`)
+    /// and report not ready, while serving on: traffic moves to the other balancers.
+    Drain,
+    /// End a drain: announce the ready addresses again.
+    Undrain,
 }
 
 #[derive(Subcommand)]
@@ -493,8 +510,67 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             }
             out
         }
+        Command::Ready => match t.call("GET", "/v1/ready", None) {
+            Ok(v) if cli.json => pretty(&v),
+            Ok(v) => readiness_line(&v),
+            Err(Failure::Refused {
+                status: 503,
+                message,
+            }) => {
+                let line = serde_json::from_str::<Value>(&message)
+                    .map(|v| readiness_line(&v))
+                    .unwrap_or(message);
+                return Err(Failure::Refused {
+                    status: 503,
+                    message: line.trim_end().to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        },
+        Command::Fleet { command } => {
+            let method = match command {
+                FleetCommand::Drain => "POST",
+                FleetCommand::Undrain => "DELETE",
+            };
+            let v = t.call(method, "/v1/fleet/drain", None)?;
+            if cli.json {
+                return Ok(pretty(&v));
+            }
+            readiness_line(&v)
+        }
     };
     Ok(out)
+}
+
+/// `GET /v1/ready` in one line: ready or not, why not, what is announced.
+fn readiness_line(v: &Value) -> String {
+    let list = |k: &str| -> String {
+        let items: Vec<&str> = v
+            .get(k)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
+    };
+    let ready = v.get("ready").and_then(Value::as_bool).unwrap_or(false);
+    let drained = v.get("drained").and_then(Value::as_bool).unwrap_or(false);
+    let state = match (ready, drained) {
+        (true, _) => "ready".to_string(),
+        (false, true) => "not ready: drained (nbctl fleet undrain ends it)".to_string(),
+        (false, false) => "not ready: no public address has a port with a node UP".to_string(),
+    };
+    let announced = match v.get("announce_table").and_then(Value::as_u64) {
+        Some(t) => format!("; announced in table {t}: {}", list("announced")),
+        None => String::new(),
+    };
+    format!(
+        "{state}; addresses ready: {}{announced}\n",
+        list("addresses")
+    )
 }
 
 /// A `{port}` as a path segment: the brackets of `[v6]:PORT` escaped (a URI path may not hold

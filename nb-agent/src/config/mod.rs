@@ -16,8 +16,8 @@ mod tests;
 mod walk;
 
 pub use model::{
-    Admin, Algorithm, Balancer, CheckKind, CipherSuite, Config, Node, NodeMode, Port, Protocol,
-    ProxyProtocol, Stickiness, XdpMode,
+    Admin, Algorithm, Balancer, CheckKind, CipherSuite, Config, Fleet, Node, NodeMode, Port,
+    Protocol, ProxyProtocol, Stickiness, XdpMode,
 };
 pub use rules::{node_address, node_weight, validate_port};
 pub use walk::{parse, port_from_table};

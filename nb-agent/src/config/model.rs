@@ -13,7 +13,17 @@ pub struct Config {
     pub path: PathBuf,
     pub balancer: Balancer,
     pub admin: Admin,
+    pub fleet: Fleet,
     pub ports: Vec<Port>,
+}
+
+/// `[fleet]`: this balancer as one of several serving the same addresses (README "A fleet of
+/// balancers").
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Fleet {
+    /// The kernel routing table that holds a host route for every public address this
+    /// balancer is ready to serve, for a BGP speaker to announce; `None`: nothing announced.
+    pub announce_table: Option<u32>,
 }
 
 /// Machine-wide settings: what the data path attaches to and how big it is.

@@ -93,6 +93,9 @@ impl Node {
 pub(super) const THROTTLE: RangeInclusive<i64> = 0..=20;
 pub(super) const MAX_FLOWS: RangeInclusive<i64> = 1024..=16_777_216;
 pub(super) const WORKERS: RangeInclusive<i64> = 0..=1024;
+/// Routing table numbers a fleet may announce from: not 0 (unspecified) and not the kernel's
+/// own `local` (255), `main` (254) and `default` (253), which carry this host's forwarding.
+pub(super) const ANNOUNCE_TABLE: RangeInclusive<i64> = 1..=252;
 pub(super) const PORT: RangeInclusive<i64> = 1..=65535;
 pub(super) const CHECK_INTERVAL: RangeInclusive<i64> = 2..=3600;
 pub(super) const CHECK_TIMEOUT: RangeInclusive<i64> = 1..=30;

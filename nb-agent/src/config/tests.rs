@@ -363,6 +363,12 @@ fn unknown_fields_are_reported_with_their_line() {
     one_error(&same, 5, "must not be the token_file");
     let relative = format!("{BAL}[admin]\nread_token_file = \"r.token\"\n");
     one_error(&relative, 4, "read_token_file must be an absolute path");
+    let fleet = format!("{BAL}[fleet]\nannounce_tabel = 100\n");
+    one_error(&fleet, 4, "unknown field 'announce_tabel' in [fleet]");
+    for table in ["0", "253", "254", "255", "-1", "\"100\""] {
+        let main = format!("{BAL}[fleet]\nannounce_table = {table}\n");
+        one_error(&main, 4, "announce_table");
+    }
     let top = format!("{BAL}\n[extra]\nx = 1\n");
     one_error(&top, 4, "unknown field 'extra' in the top level");
     let node = "port 80 node a: unknown field 'wieght' in [[port.node]] (did you mean 'weight'?)";
@@ -694,4 +700,11 @@ fn inline_tables_and_load_errors() {
     let e = load(Path::new("/nonexistent/nb.toml")).unwrap_err();
     assert!(matches!(e, LoadError::Read { .. }));
     assert!(e.to_string().starts_with("/nonexistent/nb.toml: "), "{e}");
+}
+
+#[test]
+fn a_fleet_table_is_read_and_absent_means_no_announcing() {
+    assert_eq!(ok(BAL).fleet.announce_table, None);
+    let c = ok(&format!("{BAL}[fleet]\nannounce_table = 100\n"));
+    assert_eq!(c.fleet.announce_table, Some(100));
 }

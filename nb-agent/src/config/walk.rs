@@ -13,12 +13,13 @@ use toml_edit::{ImDocument, Item, TableLike, Value};
 
 use super::{
     ConfigError,
-    model::{Admin, Balancer, Config, Node, Port, Protocol},
+    model::{Admin, Balancer, Config, Fleet, Node, Port, Protocol},
     rules::{
-        CHECK_ATTEMPTS, CHECK_INTERVAL, CHECK_TIMEOUT, H2_MAX_STREAMS, MAX_CONNECTIONS, MAX_FLOWS,
-        MAX_HEADER_SIZE, MAX_NODE_CONNECTIONS, PORT, Problem, THROTTLE, TIMEOUT_CLIENT,
-        TIMEOUT_CONNECT, TIMEOUT_HEADER, TIMEOUT_SERVER, WEIGHT, WORKERS, cross_problems,
-        interface_message, node_address, path_message, port_problems, range_message,
+        ANNOUNCE_TABLE, CHECK_ATTEMPTS, CHECK_INTERVAL, CHECK_TIMEOUT, H2_MAX_STREAMS,
+        MAX_CONNECTIONS, MAX_FLOWS, MAX_HEADER_SIZE, MAX_NODE_CONNECTIONS, PORT, Problem, THROTTLE,
+        TIMEOUT_CLIENT, TIMEOUT_CONNECT, TIMEOUT_HEADER, TIMEOUT_SERVER, WEIGHT, WORKERS,
+        cross_problems, interface_message, node_address, path_message, port_problems,
+        range_message,
     },
 };
 
@@ -65,7 +66,7 @@ pub fn port_from_table(t: &toml_edit::Table) -> Result<Port, Vec<String>> {
     }
 }
 
-const ROOT_KEYS: &[&str] = &["balancer", "admin", "port"];
+const ROOT_KEYS: &[&str] = &["balancer", "admin", "fleet", "port"];
 const BALANCER_KEYS: &[&str] = &[
     "interfaces",
     "addresses",
@@ -77,6 +78,7 @@ const BALANCER_KEYS: &[&str] = &[
     "workers",
 ];
 const ADMIN_KEYS: &[&str] = &["listen", "token_file", "read_token_file"];
+const FLEET_KEYS: &[&str] = &["announce_table"];
 const PORT_KEYS: &[&str] = &[
     "address",
     "port",
@@ -523,6 +525,17 @@ fn parse_document(cx: &mut Cx, root: &dyn TableLike, path: &Path) -> Config {
         Some((t, line)) => parse_admin(cx, t, line),
         None => Admin::default(),
     };
+    let fleet = match top.table(cx, "fleet", "a table ([fleet])") {
+        Some((t, line)) => {
+            let mut s = Sec::new(t, line, "[fleet]");
+            let fleet = Fleet {
+                announce_table: s.int(cx, "announce_table", &ANNOUNCE_TABLE),
+            };
+            s.finish(cx, FLEET_KEYS);
+            fleet
+        }
+        None => Fleet::default(),
+    };
     let mut ports = Vec::new();
     let mut locs = Vec::new();
     for (n, (t, line)) in top
@@ -561,6 +574,7 @@ fn parse_document(cx: &mut Cx, root: &dyn TableLike, path: &Path) -> Config {
         path: path.to_path_buf(),
         balancer,
         admin,
+        fleet,
         ports,
     }
 }

@@ -1,0 +1,267 @@
+//! A fleet in namespaces: a client, a router that runs BIRD and spreads flows over equal BGP
+//! paths (ECMP, hashed on the 5-tuple), two balancers on one L2 segment with the router and
+//! the backends, each running nb and its own BIRD, which learns nb's announce table and
+//! announces it to the router over eBGP.
+//!
+//! ```text
+//! client 198.18.1.2 -- 198.18.1.1 router (BIRD, AS 65000) 198.18.2.1 -- br0 --+-- lb1 198.18.2.11 (nb, BIRD, AS 65001)
+//!                                                                            +-- lb2 198.18.2.12 (nb, BIRD, AS 65002)
+//!                                                                            +-- backends 198.18.2.20
+//! ```
+//! The public address 198.18.100.1 sits on each balancer's loopback; the router reaches it
+//! only through what BGP tells it.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    netns::{Netns, unique_suffix, veth},
+    topo::{Agent, agent_bin},
+};
+
+/// The fleet's public address.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+/// The routing table nb announces from.
+pub const ANNOUNCE_TABLE: u32 = 100;
+/// The backends' address on the shared segment.
+pub const BACKENDS: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 20);
+
+/// One balancer of the fleet: its namespace, address and files.
+pub struct Member {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+pub struct Fleet {
+    pub client: Netns,
+    pub router: Netns,
+    pub backends: Netns,
+    pub lbs: Vec<Member>,
+    pub dir: PathBuf,
+}
+
+/// Fails with the package to install when a tool the fleet runs is missing.
+fn require(tool: &str, package: &str) {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "`{tool}` is missing: apt-get install {package}");
+}
+
+impl Fleet {
+    /// Builds the namespaces, links, addresses and BIRD daemons of a fleet of `n` balancers
+    /// (no agents yet).
+    pub fn new(tag: &str, n: u8) -> Fleet {
+        require("bird", "bird2");
+        let suffix = unique_suffix();
+        let dir = std::env::temp_dir().join(format!("nb-{tag}-{suffix}"));
+        fs::create_dir_all(&dir).expect("scratch dir");
+        let client = Netns::new(&format!("{tag}c"));
+        let router = Netns::new(&format!("{tag}r"));
+        let backends = Netns::new(&format!("{tag}b"));
+        veth(&client, "c0", &router, "r0");
+        client.sh("ip addr add 198.18.1.2/24 dev c0 && ip route add default via 198.18.1.1");
+        router.sh(
+            "ip addr add 198.18.1.1/24 dev r0 && ip link add br0 type bridge && \
+             ip link set br0 up && ip addr add 198.18.2.1/24 dev br0 && \
+             sysctl -qw net.ipv4.ip_forward=1 && \
+             sysctl -qw net.ipv4.fib_multipath_hash_policy=1",
+        );
+        veth(&router, "rb", &backends, "eth0");
+        router.sh("ip link set rb master br0");
+        backends.sh(&format!(
+            "ip addr add {BACKENDS}/24 dev eth0 && ip route add default via 198.18.2.1"
+        ));
+        let mut lbs = Vec::new();
+        let mut neighbors = String::new();
+        for i in 1..=n {
+            let ns = Netns::new(&format!("{tag}l{i}"));
+            let addr = Ipv4Addr::new(198, 18, 2, 10 + i);
+            let port = format!("r{i}");
+            veth(&router, &port, &ns, "eth0");
+            router.sh(&format!("ip link set {port} master br0"));
+            ns.sh(&format!(
+                "ip addr add {addr}/24 dev eth0 && ip route add default via 198.18.2.1 && \
+                 ip addr add {VIP}/32 dev lo"
+            ));
+            let mdir = dir.join(format!("lb{i}"));
+            fs::create_dir_all(&mdir).expect("member dir");
+            let asn = 65000 + u32::from(i);
+            let conf = mdir.join("bird.conf");
+            fs::write(&conf, balancer_bird(addr, asn)).expect("bird.conf");
+            start_bird(&ns, &mdir, &conf);
+            neighbors.push_str(&format!(
+                "protocol bgp lb{i} from balancers {{\n  neighbor {addr} as {asn};\n}}\n"
+            ));
+            lbs.push(Member {
+                config: mdir.join("nb.toml"),
+                dir: mdir,
+                ns,
+                addr,
+            });
+        }
+        let conf = dir.join("router-bird.conf");
+        fs::write(&conf, router_bird() + &neighbors).expect("router bird.conf");
+        start_bird(&router, &dir, &conf);
+        Fleet {
+            client,
+            router,
+            backends,
+            lbs,
+            dir,
+        }
+    }
+
+    /// Writes member `i`'s config (`[fleet] announce_table`, the agent in user space)
+    /// with `ports` after it.
+    pub fn write_config(&self, i: usize, ports: &str) -> PathBuf {
+        let m = &self.lbs[i];
+        let token = m.dir.join("admin.token");
+        fs::write(&token, "fleet-test-token\n").expect("token");
+        let text = format!(
+            "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [\"{VIP}\"]\nxdp_mode = \"off\"\n\
+             state_dir = \"{}\"\nbpf_pin_path = \"/sys/fs/bpf/nb-fleet-{}\"\n\n\
+             [admin]\ntoken_file = \"{}\"\n\n[fleet]\nannounce_table = {ANNOUNCE_TABLE}\n\n{ports}",
+            m.dir.join("state").display(),
+            unique_suffix(),
+            token.display(),
+        );
+        fs::write(&m.config, text).expect("config");
+        m.config.clone()
+    }
+
+    /// Starts member `i`'s agent on its config.
+    pub fn start_agent(&self, i: usize) -> Agent {
+        let m = &self.lbs[i];
+        Agent::start_in(&m.ns, &m.dir, &m.config)
+    }
+
+    /// `nbctl ARGS` against member `i`'s agent.
+    pub fn nbctl(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let m = &self.lbs[i];
+        let bin = agent_bin().with_file_name("nbctl");
+        m.ns.command(&bin)
+            .arg("--config")
+            .arg(&m.config)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
+    }
+
+    /// The balancers the router's route to the public address goes through now.
+    pub fn next_hops(&self) -> Vec<Ipv4Addr> {
+        let out = self.router.sh(&format!("ip -4 route show {VIP}/32"));
+        let mut hops: Vec<Ipv4Addr> = out
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect();
+        hops.sort();
+        hops
+    }
+
+    /// Waits until the router's next hops to the public address are exactly `want`'s
+    /// addresses (members by index); how long that took.
+    pub fn wait_next_hops(&self, want: &[usize], timeout: Duration) -> Duration {
+        let mut want: Vec<Ipv4Addr> = want.iter().map(|&i| self.lbs[i].addr).collect();
+        want.sort();
+        let start = Instant::now();
+        loop {
+            let now = self.next_hops();
+            if now == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the router's next hops to {VIP}: {now:?}, wanted {want:?} within {timeout:?}\n\
+                 router: {}\n{}",
+                self.router.sh(&format!(
+                    "birdc -s {} show protocols 2>&1 || true; ip route",
+                    self.dir.join("bird.ctl").display()
+                )),
+                self.lbs
+                    .iter()
+                    .map(|m| format!(
+                        "{}: table {ANNOUNCE_TABLE}: {}",
+                        m.addr,
+                        m.ns.sh(&format!("ip route show table {ANNOUNCE_TABLE}"))
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// nb's routes in member `i`'s announce table.
+    pub fn announced(&self, i: usize) -> String {
+        self.lbs[i]
+            .ns
+            .sh(&format!("ip route show table {ANNOUNCE_TABLE} proto 211"))
+    }
+
+    /// The public address, port `port`.
+    pub fn vip(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(VIP), port)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs BIRD in the foreground in `ns`, its control socket and pid file in `dir`.
+fn start_bird(ns: &Netns, dir: &Path, conf: &Path) {
+    let sock = dir.join("bird.ctl");
+    let pid = dir.join("bird.pid");
+    let log = dir.join("bird.log");
+    ns.spawn(
+        "bird",
+        &[
+            "-f",
+            "-c",
+            &conf.display().to_string(),
+            "-s",
+            &sock.display().to_string(),
+            "-P",
+            &pid.display().to_string(),
+        ],
+        Some(&log),
+    );
+}
+
+/// A balancer's BIRD: learns nb's routes from the announce table (and nothing else) and
+/// announces them to the router, next hop itself. What the README's fleet section shows.
+fn balancer_bird(addr: Ipv4Addr, asn: u32) -> String {
+    format!(
+        "router id {addr};\n\
+         protocol device {{\n  scan time 1;\n}}\n\
+         protocol kernel nb {{\n  learn;\n  scan time 2;\n  kernel table {ANNOUNCE_TABLE};\n  \
+         ipv4 {{\n    import where krt_source = 211;\n    export none;\n  }};\n}}\n\
+         protocol bgp upstream {{\n  local {addr} as {asn};\n  neighbor 198.18.2.1 as 65000;\n  \
+         hold time 3;\n  connect retry time 1;\n  \
+         ipv4 {{\n    import none;\n    export where proto = \"nb\";\n    next hop self;\n  }};\n}}\n"
+    )
+}
+
+/// The router's BIRD: takes the balancers' routes and installs one multipath route.
+fn router_bird() -> String {
+    "router id 198.18.2.1;\n\
+     protocol device {\n  scan time 1;\n}\n\
+     protocol kernel {\n  merge paths on;\n  ipv4 {\n    import none;\n    export all;\n  };\n}\n\
+     template bgp balancers {\n  local 198.18.2.1 as 65000;\n  hold time 3;\n  \
+     connect retry time 1;\n  ipv4 {\n    import all;\n    export none;\n  };\n}\n"
+        .to_string()
+}

@@ -1,0 +1,184 @@
+//! End to end: two balancers announce one public address through BIRD to a router that
+//! spreads flows over both (ECMP). Each announces only while it can serve, withdraws at
+//! `nbctl fleet drain` and when it stops, and a restarted agent clears what a crashed one
+//! left in the announce table (README "A fleet of balancers").
+
+use std::{collections::HashMap, io::Write, net::TcpStream, time::Duration};
+
+use nb_tests::{
+    fleet::{ANNOUNCE_TABLE, BACKENDS, Fleet, VIP},
+    netns::{Backend, connect_in, which_backend},
+    require_root,
+    topo::wait_log,
+};
+
+/// BGP sessions come up and routes travel within a few seconds here (hold time 3 s).
+const ROUTING: Duration = Duration::from_secs(20);
+
+fn tcp_port() -> String {
+    format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"connection\"\ncheck_interval = 2\n\
+         check_timeout = 1\ncheck_attempts = 1\n\n[[port.node]]\nlabel = \"b1\"\naddress = \
+         \"{BACKENDS}:8080\"\n"
+    )
+}
+
+/// Opens `n` connections from the client to the public address; each must reach the
+/// backend. Each with the balancer that carried it (the backend's peer: connections are
+/// opened one after the other, so the backend accepts them in that order), and how many each
+/// balancer carried.
+fn connect_many(
+    f: &Fleet,
+    b: &Backend,
+    n: usize,
+) -> (Vec<(TcpStream, String)>, HashMap<String, usize>) {
+    let before = b.peers().len();
+    let mut open = Vec::new();
+    for i in 0..n {
+        let mut s = connect_in(&f.client, Fleet::vip(80), Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut greeting = [0u8; 3];
+        std::io::Read::read_exact(&mut s, &mut greeting)
+            .unwrap_or_else(|e| panic!("connection {i}: no greeting: {e}"));
+        assert_eq!(&greeting, b"b1\n");
+        open.push(s);
+    }
+    let peers = b.peers();
+    let via: Vec<String> = peers[before..].iter().map(|p| p.ip().to_string()).collect();
+    assert_eq!(via.len(), n, "the backend saw every connection");
+    let mut by = HashMap::new();
+    for v in &via {
+        *by.entry(v.clone()).or_insert(0) += 1;
+    }
+    (open.into_iter().zip(via).collect(), by)
+}
+
+fn echo_ok(s: &mut TcpStream) -> bool {
+    if s.write_all(b"ping\n").is_err() {
+        return false;
+    }
+    let mut back = [0u8; 5];
+    std::io::Read::read_exact(s, &mut back).is_ok() && &back == b"ping\n"
+}
+
+#[test]
+fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
+    require_root();
+    let f = Fleet::new("fa", 2);
+    let mut backend = Backend::start(
+        &f.backends,
+        "b1",
+        format!("{BACKENDS}:8080").parse().unwrap(),
+    );
+    for i in 0..2 {
+        f.write_config(i, &tcp_port());
+    }
+    let mut a1 = f.start_agent(0);
+    let mut a2 = f.start_agent(1);
+    for a in [&a1, &a2] {
+        wait_log(a, "198.18.100.1: announced", 1, ROUTING);
+    }
+    let took = f.wait_next_hops(&[0, 1], ROUTING);
+    println!("both balancers announced and in the router's ECMP route {took:?} after the checks");
+    for i in 0..2 {
+        assert!(
+            f.announced(i).contains(&VIP.to_string()),
+            "{}",
+            f.announced(i)
+        );
+        let ready = f.nbctl(i, &["ready"]);
+        assert!(ready.status.success(), "{ready:?}");
+        let metrics = f.lbs[i].ns.sh("curl -sS http://127.0.0.1:9110/metrics");
+        for line in [
+            "nb_ready 1",
+            "nb_fleet_announced{address=\"198.18.100.1\"} 1",
+        ] {
+            assert!(metrics.contains(line), "{line} in\n{metrics}");
+        }
+    }
+
+    // ECMP spreads new connections over both.
+    let (mut held, by) = connect_many(&f, &backend, 40);
+    assert_eq!(by.len(), 2, "both balancers carry connections: {by:?}");
+    let lb1_held = by["198.18.2.11"];
+
+    // Drain lb1: it withdraws and says it is not ready; new connections go through lb2 only,
+    // and lb2's connections go on. lb1's move to lb2 with the route, which has no state for
+    // them (they break until flows are synced between balancers).
+    let out = f.nbctl(0, &["fleet", "drain"]);
+    assert!(out.status.success(), "{out:?}");
+    let took = f.wait_next_hops(&[1], ROUTING);
+    println!("drained lb1 out of the route in {took:?}");
+    let ready = f.nbctl(0, &["ready"]);
+    assert_eq!(ready.status.code(), Some(1), "{ready:?}");
+    assert!(
+        String::from_utf8_lossy(&ready.stderr).contains("drained"),
+        "{ready:?}"
+    );
+    assert_eq!(
+        f.announced(0).trim(),
+        "",
+        "nothing in table {ANNOUNCE_TABLE}"
+    );
+    let (_more, by) = connect_many(&f, &backend, 20);
+    assert_eq!(by.keys().collect::<Vec<_>>(), ["198.18.2.12"], "{by:?}");
+    let mut moved_broke = 0;
+    for (i, (s, via)) in held.iter_mut().enumerate() {
+        let ok = echo_ok(s);
+        if via == "198.18.2.12" {
+            assert!(ok, "connection {i} through lb2 broke at lb1's drain");
+        } else if !ok {
+            moved_broke += 1;
+        }
+    }
+    println!(
+        "at the drain, {moved_broke} of lb1's {lb1_held} connections broke (no flow sync yet)"
+    );
+    let out = f.nbctl(0, &["fleet", "undrain"]);
+    assert!(out.status.success(), "{out:?}");
+    f.wait_next_hops(&[0, 1], ROUTING);
+
+    // lb2 stops: it withdraws first, so the router has lb1 alone before lb2 is gone.
+    a2.stop();
+    assert!(
+        a2.log_text().contains("198.18.100.1: withdrawn"),
+        "{}",
+        a2.log_text()
+    );
+    assert_eq!(f.announced(1).trim(), "");
+    let took = f.wait_next_hops(&[0], ROUTING);
+    println!("a stopped agent out of the route {took:?} after it exited");
+    assert_eq!(
+        which_backend(&f.client, Fleet::vip(80)).expect("via lb1"),
+        "b1"
+    );
+
+    // lb1 crashes: its route stays (as its data path would), and the next agent clears it
+    // before announcing anew once its check passes.
+    a1.kill9();
+    assert!(
+        f.announced(0).contains(&VIP.to_string()),
+        "a crash leaves the route"
+    );
+    a1 = f.start_agent(0);
+    wait_log(
+        &a1,
+        "route left in table 100 by an earlier agent removed",
+        1,
+        ROUTING,
+    );
+    wait_log(&a1, "198.18.100.1: announced", 1, ROUTING);
+
+    // The only node goes away: nothing can be served, nothing is announced.
+    backend.stop();
+    wait_log(&a1, "198.18.100.1: withdrawn", 1, ROUTING);
+    let ready = f.nbctl(0, &["ready"]);
+    assert_eq!(ready.status.code(), Some(1), "{ready:?}");
+    assert!(
+        String::from_utf8_lossy(&ready.stderr).contains("no public address"),
+        "{ready:?}"
+    );
+    let took = f.wait_next_hops(&[], ROUTING);
+    println!("no node UP anywhere: the route left the router in {took:?}");
+}
