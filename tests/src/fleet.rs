@@ -23,6 +23,17 @@ use crate::{
     topo::{Agent, agent_bin},
 };
 
+/// What moves the public address between the balancers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// Active/active: each balancer's BIRD announces what nb puts in its announce table,
+    /// the router spreads flows over them (ECMP).
+    Bgp,
+    /// Active/passive: keepalived (VRRP) holds the address on one balancer's `eth0`, and
+    /// `nbctl ready` is its `track_script`; the router reaches the address on its segment.
+    Vrrp,
+}
+
 /// The fleet's public address.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 /// The routing table nb announces from.
@@ -44,6 +55,7 @@ pub struct Fleet {
     pub backends: Netns,
     pub lbs: Vec<Member>,
     pub dir: PathBuf,
+    pub engine: Engine,
 }
 
 /// Fails with the package to install when a tool the fleet runs is missing.
@@ -59,8 +71,11 @@ fn require(tool: &str, package: &str) {
 impl Fleet {
     /// Builds the namespaces, links, addresses and BIRD daemons of a fleet of `n` balancers
     /// (no agents yet).
-    pub fn new(tag: &str, n: u8) -> Fleet {
-        require("bird", "bird2");
+    pub fn new(tag: &str, n: u8, engine: Engine) -> Fleet {
+        match engine {
+            Engine::Bgp => require("bird", "bird2"),
+            Engine::Vrrp => require("keepalived", "keepalived"),
+        }
         let suffix = unique_suffix();
         let dir = std::env::temp_dir().join(format!("nb-{tag}-{suffix}"));
         fs::create_dir_all(&dir).expect("scratch dir");
@@ -89,18 +104,21 @@ impl Fleet {
             veth(&router, &port, &ns, "eth0");
             router.sh(&format!("ip link set {port} master br0"));
             ns.sh(&format!(
-                "ip addr add {addr}/24 dev eth0 && ip route add default via 198.18.2.1 && \
-                 ip addr add {VIP}/32 dev lo"
+                "ip addr add {addr}/24 dev eth0 && ip route add default via 198.18.2.1"
             ));
             let mdir = dir.join(format!("lb{i}"));
             fs::create_dir_all(&mdir).expect("member dir");
-            let asn = 65000 + u32::from(i);
-            let conf = mdir.join("bird.conf");
-            fs::write(&conf, balancer_bird(addr, asn)).expect("bird.conf");
-            start_bird(&ns, &mdir, &conf);
-            neighbors.push_str(&format!(
-                "protocol bgp lb{i} from balancers {{\n  neighbor {addr} as {asn};\n}}\n"
-            ));
+            if engine == Engine::Bgp {
+                // Every balancer accepts the address; BGP decides who gets it.
+                ns.sh(&format!("ip addr add {VIP}/32 dev lo"));
+                let asn = 65000 + u32::from(i);
+                let conf = mdir.join("bird.conf");
+                fs::write(&conf, balancer_bird(addr, asn)).expect("bird.conf");
+                start_bird(&ns, &mdir, &conf);
+                neighbors.push_str(&format!(
+                    "protocol bgp lb{i} from balancers {{\n  neighbor {addr} as {asn};\n}}\n"
+                ));
+            }
             lbs.push(Member {
                 config: mdir.join("nb.toml"),
                 dir: mdir,
@@ -108,20 +126,91 @@ impl Fleet {
                 addr,
             });
         }
-        let conf = dir.join("router-bird.conf");
-        fs::write(&conf, router_bird() + &neighbors).expect("router bird.conf");
-        start_bird(&router, &dir, &conf);
+        match engine {
+            Engine::Bgp => {
+                let conf = dir.join("router-bird.conf");
+                fs::write(&conf, router_bird() + &neighbors).expect("router bird.conf");
+                start_bird(&router, &dir, &conf);
+            }
+            // Whoever holds the address answers ARP for it on the segment.
+            Engine::Vrrp => {
+                router.sh(&format!("ip route add {VIP}/32 dev br0"));
+            }
+        }
         Fleet {
             client,
             router,
             backends,
             lbs,
             dir,
+            engine,
         }
     }
 
-    /// Writes member `i`'s config (`[fleet] announce_table`, the agent in user space)
-    /// with `ports` after it.
+    /// Starts keepalived on member `i` with `priority`, tracking `nbctl ready` against its
+    /// agent (the README's keepalived config).
+    pub fn start_keepalived(&self, i: usize, priority: u8) {
+        let m = &self.lbs[i];
+        let nbctl = agent_bin().with_file_name("nbctl");
+        let conf = m.dir.join("keepalived.conf");
+        fs::write(
+            &conf,
+            keepalived_conf(
+                &format!("{} --config {} ready", nbctl.display(), m.config.display()),
+                priority,
+            ),
+        )
+        .expect("keepalived.conf");
+        let pid = m.dir.join("keepalived.pid");
+        let vrrp = m.dir.join("vrrp.pid");
+        m.ns.spawn(
+            "keepalived",
+            &[
+                "-f",
+                &conf.display().to_string(),
+                "-p",
+                &pid.display().to_string(),
+                "-r",
+                &vrrp.display().to_string(),
+                "-n",
+                "-l",
+                "-D",
+            ],
+            Some(&m.dir.join("keepalived.log")),
+        );
+    }
+
+    /// The member that holds the public address on its `eth0` now, if one does.
+    pub fn holder(&self) -> Option<usize> {
+        self.lbs.iter().position(|m| {
+            m.ns.sh("ip -4 -o addr show dev eth0")
+                .contains(&format!("{VIP}/32"))
+        })
+    }
+
+    /// Waits until member `want` (or nobody) holds the address; how long that took.
+    pub fn wait_holder(&self, want: Option<usize>, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let now = self.holder();
+            if now == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{VIP} held by {now:?}, wanted {want:?} within {timeout:?}\n{}",
+                self.lbs
+                    .iter()
+                    .map(|m| fs::read_to_string(m.dir.join("keepalived.log")).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Writes member `i`'s config (the agent in user space; `[fleet] announce_table` behind
+    /// BGP) with `ports` after it.
     pub fn write_config(&self, i: usize, ports: &str) -> PathBuf {
         let m = &self.lbs[i];
         let token = m.dir.join("admin.token");
@@ -129,10 +218,14 @@ impl Fleet {
         let text = format!(
             "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [\"{VIP}\"]\nxdp_mode = \"off\"\n\
              state_dir = \"{}\"\nbpf_pin_path = \"/sys/fs/bpf/nb-fleet-{}\"\n\n\
-             [admin]\ntoken_file = \"{}\"\n\n[fleet]\nannounce_table = {ANNOUNCE_TABLE}\n\n{ports}",
+             [admin]\ntoken_file = \"{}\"\n\n{}{ports}",
             m.dir.join("state").display(),
             unique_suffix(),
             token.display(),
+            match self.engine {
+                Engine::Bgp => format!("[fleet]\nannounce_table = {ANNOUNCE_TABLE}\n\n"),
+                Engine::Vrrp => String::new(),
+            }
         );
         fs::write(&m.config, text).expect("config");
         m.config.clone()
@@ -264,4 +357,17 @@ fn router_bird() -> String {
      template bgp balancers {\n  local 198.18.2.1 as 65000;\n  hold time 3;\n  \
      connect retry time 1;\n  ipv4 {\n    import all;\n    export none;\n  };\n}\n"
         .to_string()
+}
+
+/// A keepalived config for one VRRP instance holding the public address, its priority
+/// lowered to FAULT while `check` fails (one keyword per line: keepalived refuses blocks on
+/// one line). What the README's keepalived config shows.
+fn keepalived_conf(check: &str, priority: u8) -> String {
+    format!(
+        "global_defs {{\n  enable_script_security\n  script_user root\n}}\n\
+         vrrp_script nb_ready {{\n  script \"{check}\"\n  interval 1\n  fall 1\n  rise 1\n}}\n\
+         vrrp_instance nb {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  \
+         priority {priority}\n  advert_int 1\n  virtual_ipaddress {{\n    {VIP}/32\n  }}\n  \
+         track_script {{\n    nb_ready\n  }}\n}}\n"
+    )
 }

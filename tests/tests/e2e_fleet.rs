@@ -6,7 +6,7 @@
 use std::{collections::HashMap, io::Write, net::TcpStream, time::Duration};
 
 use nb_tests::{
-    fleet::{ANNOUNCE_TABLE, BACKENDS, Fleet, VIP},
+    fleet::{ANNOUNCE_TABLE, BACKENDS, Engine, Fleet, VIP},
     netns::{Backend, connect_in, which_backend},
     require_root,
     topo::wait_log,
@@ -65,7 +65,7 @@ fn echo_ok(s: &mut TcpStream) -> bool {
 #[test]
 fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
     require_root();
-    let f = Fleet::new("fa", 2);
+    let f = Fleet::new("fa", 2, Engine::Bgp);
     let mut backend = Backend::start(
         &f.backends,
         "b1",
@@ -181,4 +181,46 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
     );
     let took = f.wait_next_hops(&[], ROUTING);
     println!("no node UP anywhere: the route left the router in {took:?}");
+}
+
+/// Active/passive: keepalived holds the address on the balancer whose `nbctl ready` passes,
+/// the higher priority first; a drained or dead agent hands it to the other.
+#[test]
+fn keepalived_moves_the_address_to_the_balancer_that_is_ready() {
+    require_root();
+    let f = Fleet::new("fk", 2, Engine::Vrrp);
+    let backend = Backend::start(
+        &f.backends,
+        "b1",
+        format!("{BACKENDS}:8080").parse().unwrap(),
+    );
+    for i in 0..2 {
+        f.write_config(i, &tcp_port());
+    }
+    let mut a1 = f.start_agent(0);
+    let _a2 = f.start_agent(1);
+    f.start_keepalived(0, 150);
+    f.start_keepalived(1, 100);
+    let took = f.wait_holder(Some(0), ROUTING);
+    println!("lb1 (priority 150) holds the address {took:?} after keepalived started");
+    let via = |f: &Fleet| {
+        let (_s, by) = connect_many(f, &backend, 5);
+        by.into_keys().collect::<Vec<_>>()
+    };
+    assert_eq!(via(&f), ["198.18.2.11"]);
+
+    let out = f.nbctl(0, &["fleet", "drain"]);
+    assert!(out.status.success(), "{out:?}");
+    let took = f.wait_holder(Some(1), ROUTING);
+    println!("lb1 drained: the address moved to lb2 in {took:?}");
+    assert_eq!(via(&f), ["198.18.2.12"]);
+    let out = f.nbctl(0, &["fleet", "undrain"]);
+    assert!(out.status.success(), "{out:?}");
+    let took = f.wait_holder(Some(0), ROUTING);
+    println!("lb1 ready again: the address came back in {took:?}");
+
+    a1.kill9();
+    let took = f.wait_holder(Some(1), ROUTING);
+    println!("lb1's agent killed: the address moved to lb2 in {took:?}");
+    assert_eq!(via(&f), ["198.18.2.12"]);
 }
