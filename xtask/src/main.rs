@@ -2,10 +2,11 @@
 
 mod bench;
 mod demo;
+mod packages;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, ExitCode},
 };
 
 use anyhow::{Context, Result, bail};
@@ -55,16 +56,30 @@ enum Cmd {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+/// Errors end in one line on stderr (the cause chain joined), never a backtrace: what went
+/// wrong and what to do is all a person needs from a workflow command.
+fn main() -> ExitCode {
+    match xtask(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn xtask(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Build => build(),
         Cmd::Test { filter } => test(filter.as_deref()),
         Cmd::Fuzz { target, cases } => fuzz(target.as_deref(), cases),
         Cmd::Demo => {
+            packages::ensure("cargo xtask demo", &[packages::DEMO])?;
             build()?;
             demo::run(&workspace().join("target/release/nb-agent"))
         }
         Cmd::Bench { part, workers } => {
+            packages::ensure("cargo xtask bench", &[packages::DEMO, packages::BENCH])?;
             build()?;
             bench::run(&workspace(), part.as_deref(), workers)
         }
@@ -148,25 +163,12 @@ fn build() -> Result<()> {
 }
 
 fn test(filter: Option<&str>) -> Result<()> {
-    build()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the packet and end-to-end tests need root (BPF, network namespaces): run as root");
     }
-    // The fleet tests run BIRD as the routers' and balancers' BGP speaker.
-    for (tool, package) in [
-        ("ip", "iproute2"),
-        ("ethtool", "ethtool"),
-        ("bird", "bird2"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            bail!("`{tool}` is missing: apt-get install iproute2 ethtool bird2 (needs {package})");
-        }
-    }
+    packages::ensure("cargo xtask test", &[packages::DEMO, packages::TEST])?;
+    build()?;
     let ws = workspace();
     let mut cmd = Command::new("cargo");
     cmd.current_dir(&ws)
