@@ -119,3 +119,18 @@ impl Presence {
         }
     }
 }
+
+/// This balancer's name in a fleet: `[fleet] name`, else the host name.
+pub fn name(cfg: &Config) -> String {
+    if let Some(n) = &cfg.fleet.name {
+        return n.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the live buffer it is given.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unnamed".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

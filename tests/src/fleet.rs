@@ -38,6 +38,9 @@ pub enum Engine {
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 /// The routing table nb announces from.
 pub const ANNOUNCE_TABLE: u32 = 100;
+/// Where each balancer's admin API listens, on its address on the shared segment (so that
+/// `nbctl fleet status` reaches the others).
+pub const ADMIN_PORT: u16 = 9110;
 /// The backends' address on the shared segment.
 pub const BACKENDS: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 20);
 
@@ -215,17 +218,27 @@ impl Fleet {
         let m = &self.lbs[i];
         let token = m.dir.join("admin.token");
         fs::write(&token, "fleet-test-token\n").expect("token");
+        let peers: Vec<String> = self
+            .lbs
+            .iter()
+            .filter(|o| o.addr != m.addr)
+            .map(|o| format!("\"{}:{ADMIN_PORT}\"", o.addr))
+            .collect();
+        let announce = match self.engine {
+            Engine::Bgp => format!("announce_table = {ANNOUNCE_TABLE}\n"),
+            Engine::Vrrp => String::new(),
+        };
         let text = format!(
             "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [\"{VIP}\"]\nxdp_mode = \"off\"\n\
              state_dir = \"{}\"\nbpf_pin_path = \"/sys/fs/bpf/nb-fleet-{}\"\n\n\
-             [admin]\ntoken_file = \"{}\"\n\n{}{ports}",
+             [admin]\nlisten = \"{}:{ADMIN_PORT}\"\ntoken_file = \"{}\"\n\n\
+             [fleet]\nname = \"lb{}\"\n{announce}peers = [{}]\n\n{ports}",
             m.dir.join("state").display(),
             unique_suffix(),
+            m.addr,
             token.display(),
-            match self.engine {
-                Engine::Bgp => format!("[fleet]\nannounce_table = {ANNOUNCE_TABLE}\n\n"),
-                Engine::Vrrp => String::new(),
-            }
+            i + 1,
+            peers.join(", "),
         );
         fs::write(&m.config, text).expect("config");
         m.config.clone()

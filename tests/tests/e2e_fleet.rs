@@ -89,7 +89,9 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
         );
         let ready = f.nbctl(i, &["ready"]);
         assert!(ready.status.success(), "{ready:?}");
-        let metrics = f.lbs[i].ns.sh("curl -sS http://127.0.0.1:9110/metrics");
+        let metrics = f.lbs[i]
+            .ns
+            .sh(&format!("curl -sS http://{}:9110/metrics", f.lbs[i].addr));
         for line in [
             "nb_ready 1",
             "nb_fleet_announced{address=\"198.18.100.1\"} 1",
@@ -97,6 +99,49 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
             assert!(metrics.contains(line), "{line} in\n{metrics}");
         }
     }
+
+    // Both run the same ports and nodes: one config digest.
+    let out = f.nbctl(0, &["fleet", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text.lines().count(),
+        3,
+        "a header and both balancers:\n{text}"
+    );
+    assert!(
+        text.contains("lb1") && text.contains("lb2") && !text.contains("DIFFERS"),
+        "{text}"
+    );
+    // A node added through lb2's API only: lb1 sees lb2 run another config.
+    let add = f.nbctl(
+        1,
+        &[
+            "node",
+            "add",
+            "80",
+            "b9",
+            "198.18.2.29:8080",
+            "--mode",
+            "drain",
+        ],
+    );
+    assert!(add.status.success(), "{add:?}");
+    let out = f.nbctl(0, &["fleet", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("lb2") && l.contains("DIFFERS")),
+        "{text}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lb2 (198.18.2.12:9110) runs another config"),
+        "{out:?}"
+    );
+    let rm = f.nbctl(1, &["node", "rm", "80", "b9"]);
+    assert!(rm.status.success(), "{rm:?}");
+    assert!(f.nbctl(0, &["fleet", "status"]).status.success());
 
     // ECMP spreads new connections over both.
     let (mut held, by) = connect_many(&f, &backend, 40);
@@ -149,6 +194,12 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
     assert_eq!(f.announced(1).trim(), "");
     let took = f.wait_next_hops(&[0], ROUTING);
     println!("a stopped agent out of the route {took:?} after it exited");
+    let out = f.nbctl(0, &["fleet", "status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("198.18.2.12:9110 cannot be asked"),
+        "{out:?}"
+    );
     assert_eq!(
         which_backend(&f.client, Fleet::vip(80)).expect("via lb1"),
         "b1"

@@ -56,7 +56,7 @@ use tokio::{
 
 use self::{
     auth::{authorize_read, authorize_write},
-    views::{node_json, port_json, port_value, stats_json},
+    views::{config_digest, node_json, port_json, port_value, stats_json},
 };
 use crate::{
     config::{self, Config, Port},
@@ -774,7 +774,7 @@ impl Admin {
         let p = Published::new(
             agent.config().clone(),
             agent.public().to_vec(),
-            self.status(agent.config(), &agent.nodes()),
+            self.status(agent.config(), &agent.nodes(), &agent.readiness()),
         );
         self.published.send_replace(Arc::new(p));
     }
@@ -812,7 +812,10 @@ impl Admin {
     /// Answers one request in the agent loop.
     pub fn handle(&mut self, agent: &mut impl Running, call: Call) {
         let reply = match call.op {
-            Op::Status => Reply::json(StatusCode::OK, &self.status(agent.config(), &agent.nodes())),
+            Op::Status => Reply::json(
+                StatusCode::OK,
+                &self.status(agent.config(), &agent.nodes(), &agent.readiness()),
+            ),
             Op::Stats => Reply::json(StatusCode::OK, &stats_json(&agent.snapshot())),
             Op::Metrics => Reply {
                 status: StatusCode::OK,
@@ -858,7 +861,7 @@ impl Admin {
 
     /// `/v1/status`: every port of `cfg` with its nodes' health and open connections as
     /// `nodes` (read from the same running agent) has them.
-    fn status(&self, cfg: &Config, nodes: &[NodeSample]) -> Value {
+    fn status(&self, cfg: &Config, nodes: &[NodeSample], readiness: &Readiness) -> Value {
         let by_node: HashMap<(&str, &str), &NodeSample> = nodes
             .iter()
             .map(|n| ((n.port.as_str(), n.node.as_str()), n))
@@ -892,7 +895,10 @@ impl Admin {
                 })
             })
             .collect();
-        json!({ "ports": ports })
+        let mut fleet = readiness_json(readiness);
+        fleet["name"] = json!(crate::fleet::name(cfg));
+        fleet["config_digest"] = json!(config_digest(&cfg.ports));
+        json!({ "ports": ports, "fleet": fleet })
     }
 
     /// One write (authorized by its connection task): parsed and checked by the file's rules,

@@ -103,3 +103,17 @@ pub(super) fn stats_json(s: &Snapshot) -> Value {
         .collect();
     json!({ "nodes": nodes, "xdp_packets": xdp })
 }
+
+/// A digest of what every balancer of a fleet must run alike: every port with its nodes, as
+/// `GET /v1/ports` shows them (paths included), the file's and the API's changes together.
+/// Host-specific settings (`[balancer]`, `[admin]`, `[fleet]`) are left out. The first 16
+/// hex digits of a SHA-256: enough to tell configs apart at a glance.
+pub fn config_digest(ports: &[Port]) -> String {
+    use sha2::{Digest, Sha256};
+    let all: Vec<Value> = ports.iter().map(|p| port_json(p, true)).collect();
+    let bytes = serde_json::to_vec(&all).unwrap_or_default();
+    Sha256::digest(&bytes)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -60,6 +60,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum FleetCommand {
+    /// This balancer and every `[fleet] peers` one: reachable, ready, announced addresses and
+    /// config digest, with a balancer whose config differs from this one's flagged (exit 1
+    /// when one differs or cannot be reached).
+    Status,
     /// Withdraw every public address from the fleet's routers (`[fleet] announce_table`)
     /// and report not ready, while serving on: traffic moves to the other balancers.
     Drain,
@@ -109,6 +113,9 @@ enum Failure {
     Refused { status: u16, message: String },
     /// No answer, or a command line or config problem (exit 2).
     Unreachable(anyhow::Error),
+    /// The answers are in (printed) but not what they should be: a fleet whose balancers
+    /// disagree or cannot all be reached (exit 1).
+    Unhealthy { shown: String, why: String },
 }
 
 impl From<anyhow::Error> for Failure {
@@ -125,6 +132,8 @@ struct Target {
     /// The read token, when `[admin] read_token_file` is set and nbctl may read it: reads
     /// use it when the admin token is out of reach (a monitoring user, say).
     read: Option<String>,
+    /// `[fleet] peers`: the other balancers' APIs.
+    peers: Vec<SocketAddr>,
 }
 
 /// The token in `file`, or why there is none.
@@ -153,7 +162,12 @@ impl Target {
             .read_token_file
             .as_deref()
             .and_then(|f| token_in(f).ok());
-        Ok(Target { addr, admin, read })
+        Ok(Target {
+            addr,
+            admin,
+            read,
+            peers: cfg.fleet.peers,
+        })
     }
 
     /// The token a request sends: the admin token for writes; for reads the admin token, else
@@ -527,10 +541,14 @@ fn run(cli: &Cli) -> Result<String, Failure> {
             }
             Err(e) => return Err(e),
         },
+        Command::Fleet {
+            command: FleetCommand::Status,
+        } => return fleet_status(&t, cli.json),
         Command::Fleet { command } => {
             let method = match command {
                 FleetCommand::Drain => "POST",
                 FleetCommand::Undrain => "DELETE",
+                FleetCommand::Status => unreachable!("answered above"),
             };
             let v = t.call(method, "/v1/fleet/drain", None)?;
             if cli.json {
@@ -540,6 +558,100 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         }
     };
     Ok(out)
+}
+
+/// `nbctl fleet status`: asks this balancer and each peer for `/v1/status` (with this host's
+/// tokens, which a fleet shares) and compares their config digests with this one's.
+fn fleet_status(t: &Target, json: bool) -> Result<String, Failure> {
+    let mut rows = Vec::new();
+    let mut all = Vec::new();
+    let mut mine: Option<String> = None;
+    let mut problems = Vec::new();
+    let members = std::iter::once(t.addr).chain(t.peers.iter().copied());
+    for (i, addr) in members.enumerate() {
+        let peer = Target {
+            addr,
+            admin: t.admin.clone(),
+            read: t.read.clone(),
+            peers: Vec::new(),
+        };
+        let v = match peer.call("GET", "/v1/status", None) {
+            Ok(v) => v,
+            Err(e) => {
+                let why = match e {
+                    Failure::Refused { status, message } => {
+                        format!("refused ({status}): {message}")
+                    }
+                    Failure::Unreachable(e) => format!("{e:#}"),
+                    Failure::Unhealthy { why, .. } => why,
+                };
+                problems.push(format!("{addr} cannot be asked: {why}"));
+                rows.push(vec![
+                    "?".into(),
+                    addr.to_string(),
+                    "no".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
+                all.push(json!({ "api": addr.to_string(), "reachable": false, "error": why }));
+                continue;
+            }
+        };
+        let f = &v["fleet"];
+        let name = f["name"].as_str().unwrap_or("?").to_string();
+        let digest = f["config_digest"].as_str().unwrap_or("?").to_string();
+        let mut config = digest.clone();
+        if i == 0 {
+            mine = Some(digest.clone());
+            config.push_str(" (this host)");
+        } else if mine.as_ref().is_some_and(|m| *m != digest) {
+            config.push_str(" DIFFERS");
+            problems.push(format!("{name} ({addr}) runs another config"));
+        }
+        let ready = match (f["ready"].as_bool(), f["drained"].as_bool()) {
+            (Some(true), _) => "yes",
+            (_, Some(true)) => "no (drained)",
+            _ => "no",
+        };
+        let announced: Vec<&str> = f["announced"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let announced = match (f["announce_table"].is_null(), announced.is_empty()) {
+            (true, _) => "-".to_string(),
+            (false, true) => "none".to_string(),
+            (false, false) => announced.join(","),
+        };
+        rows.push(vec![
+            name,
+            addr.to_string(),
+            "yes".into(),
+            ready.into(),
+            announced,
+            config,
+        ]);
+        let mut entry = f.clone();
+        entry["api"] = json!(addr.to_string());
+        entry["reachable"] = json!(true);
+        all.push(entry);
+    }
+    let shown = if json {
+        pretty(&json!({ "members": all }))
+    } else {
+        table(
+            &["NAME", "API", "REACHABLE", "READY", "ANNOUNCED", "CONFIG"],
+            &rows,
+        )
+    };
+    if problems.is_empty() {
+        Ok(shown)
+    } else {
+        Err(Failure::Unhealthy {
+            shown,
+            why: problems.join("; "),
+        })
+    }
 }
 
 /// `GET /v1/ready` in one line: ready or not, why not, what is announced.
@@ -619,6 +731,11 @@ fn main() -> ExitCode {
         Err(Failure::Unreachable(e)) => {
             eprintln!("nbctl: {e:#}");
             ExitCode::from(2)
+        }
+        Err(Failure::Unhealthy { shown, why }) => {
+            print!("{shown}");
+            eprintln!("nbctl: {why}");
+            ExitCode::from(1)
         }
     }
 }

@@ -21,9 +21,14 @@ pub struct Config {
 /// balancers").
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Fleet {
+    /// This balancer's name in `nbctl fleet status`; `None`: the host name.
+    pub name: Option<String>,
     /// The kernel routing table that holds a host route for every public address this
     /// balancer is ready to serve, for a BGP speaker to announce; `None`: nothing announced.
     pub announce_table: Option<u32>,
+    /// The other balancers' admin API addresses (their `[admin] listen`), which `nbctl fleet
+    /// status` asks.
+    pub peers: Vec<SocketAddr>,
 }
 
 /// Machine-wide settings: what the data path attaches to and how big it is.

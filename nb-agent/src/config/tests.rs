@@ -369,6 +369,12 @@ fn unknown_fields_are_reported_with_their_line() {
         let main = format!("{BAL}[fleet]\nannounce_table = {table}\n");
         one_error(&main, 4, "announce_table");
     }
+    let name = format!("{BAL}[fleet]\nname = \"lb 1\"\n");
+    one_error(&name, 4, "name: 'lb 1' must be 1-63 letters");
+    let peer = format!("{BAL}[fleet]\npeers = [\"198.18.2.12\"]\n");
+    one_error(&peer, 4, "peers");
+    let twice = format!("{BAL}[fleet]\npeers = [\"198.18.2.12:9110\", \"198.18.2.12:9110\"]\n");
+    one_error(&twice, 4, "peers: 198.18.2.12:9110 is listed twice");
     let top = format!("{BAL}\n[extra]\nx = 1\n");
     one_error(&top, 4, "unknown field 'extra' in the top level");
     let node = "port 80 node a: unknown field 'wieght' in [[port.node]] (did you mean 'weight'?)";
@@ -705,6 +711,10 @@ fn inline_tables_and_load_errors() {
 #[test]
 fn a_fleet_table_is_read_and_absent_means_no_announcing() {
     assert_eq!(ok(BAL).fleet.announce_table, None);
-    let c = ok(&format!("{BAL}[fleet]\nannounce_table = 100\n"));
+    let c = ok(&format!(
+        "{BAL}[fleet]\nname = \"lb-1\"\nannounce_table = 100\npeers = [\"198.18.2.12:9110\"]\n"
+    ));
     assert_eq!(c.fleet.announce_table, Some(100));
+    assert_eq!(c.fleet.name.as_deref(), Some("lb-1"));
+    assert_eq!(c.fleet.peers, ["198.18.2.12:9110".parse().unwrap()]);
 }

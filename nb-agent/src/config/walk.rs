@@ -78,7 +78,7 @@ const BALANCER_KEYS: &[&str] = &[
     "workers",
 ];
 const ADMIN_KEYS: &[&str] = &["listen", "token_file", "read_token_file"];
-const FLEET_KEYS: &[&str] = &["announce_table"];
+const FLEET_KEYS: &[&str] = &["name", "announce_table", "peers"];
 const PORT_KEYS: &[&str] = &[
     "address",
     "port",
@@ -528,8 +528,30 @@ fn parse_document(cx: &mut Cx, root: &dyn TableLike, path: &Path) -> Config {
     let fleet = match top.table(cx, "fleet", "a table ([fleet])") {
         Some((t, line)) => {
             let mut s = Sec::new(t, line, "[fleet]");
+            let name = s.string(cx, "name");
+            if let Some(n) = &name
+                && let Some(m) = fleet_name_message(n)
+            {
+                let line = s.key_line("name");
+                s.err(cx, "name", line, m);
+            }
+            let mut peers = Vec::new();
+            for (text, line) in s.strings(cx, "peers", false).unwrap_or_default() {
+                match node_address(&text) {
+                    Ok(a) if peers.contains(&a) => {
+                        s.err(cx, "peers", line, format!("peers: {a} is listed twice"))
+                    }
+                    Ok(a) => peers.push(a),
+                    Err(m) => {
+                        let m = m.replacen("address", "peers", 1);
+                        s.err(cx, "peers", line, m);
+                    }
+                }
+            }
             let fleet = Fleet {
+                name,
                 announce_table: s.int(cx, "announce_table", &ANNOUNCE_TABLE),
+                peers,
             };
             s.finish(cx, FLEET_KEYS);
             fleet
@@ -774,4 +796,13 @@ fn parse_node(
     let mut loc = s.finish(cx, NODE_KEYS);
     loc.prefix = format!("{name}: ");
     (node, loc)
+}
+
+/// Why a `[fleet] name` is refused: it is shown in tables and logs, so it is short and plain.
+fn fleet_name_message(name: &str) -> Option<String> {
+    let plain = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    (name.is_empty() || name.len() > 63 || !plain)
+        .then(|| format!("name: '{name}' must be 1-63 letters, digits, '.', '_' or '-'"))
 }
