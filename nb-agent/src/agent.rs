@@ -530,6 +530,13 @@ impl Agent {
             );
         }
         self.presence.reconfigure(&self.config, &new);
+        if new.fleet.member() != self.config.fleet.member()
+            && let Some(dp) = self.dataplane.as_mut()
+        {
+            // The rings are built the other way from the next write of the data path on.
+            dp.set_fleet_rings(new.fleet.member());
+            self.stale = true;
+        }
         self.config = new;
         self.public = public;
         self.health = health;
@@ -649,6 +656,7 @@ fn start_dataplane(
     mode: AttachMode,
 ) -> Result<Dataplane, AgentError> {
     let mut dp = Dataplane::load(&config.balancer.bpf_pin_path, config.balancer.max_flows)?;
+    dp.set_fleet_rings(config.fleet.member());
     dp.set_throttle(config.balancer.client_conn_throttle)?;
     let unknown = HashMap::new();
     dp.apply(&services(&Target {

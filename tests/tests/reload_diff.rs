@@ -293,3 +293,51 @@ fn applying_changes_writes_exactly_the_difference() {
     drop(dp);
     let _ = std::fs::remove_dir_all(&pin);
 }
+
+/// Two balancers of a fleet with the same config and health hold the same rings, whatever
+/// each one went through before: one applies a long random history, the other only its
+/// end, and every service's ring names the same node in every slot.
+#[test]
+fn fleet_rings_do_not_depend_on_history() {
+    require_root();
+    let mut rng = Rng(0x000f_1ee7 | 1);
+    let pins: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| std::path::PathBuf::from(format!("/sys/fs/bpf/nb-rf{i}-{}", unique_suffix())))
+        .collect();
+    let mut dps: Vec<Dataplane> = pins
+        .iter()
+        .map(|p| {
+            let _ = std::fs::remove_dir_all(p);
+            let mut dp = Dataplane::load(p, 4096).expect("load the data path");
+            dp.set_fleet_rings(true);
+            dp
+        })
+        .collect();
+    let mut model: Model = BTreeMap::new();
+    let nodes: BTreeMap<u8, (u32, bool)> = (1..=4).map(|i| (i, (100, true))).collect();
+    model.insert((80, 0), (ALG_SOURCE, nodes));
+    dps[0].apply(&specs(&model)).expect("apply");
+    for _ in 0..STEPS {
+        mutate(&mut model, &mut rng);
+        dps[0].apply(&specs(&model)).expect("apply");
+    }
+    dps[1].apply(&specs(&model)).expect("apply");
+    let (a, b) = (read(&pins[0]), read(&pins[1]));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (svc, seen) in &a {
+        let moved = seen
+            .ring
+            .iter()
+            .zip(&b[svc].ring)
+            .filter(|(x, y)| x != y)
+            .count();
+        assert_eq!(
+            moved, 0,
+            "service {svc:?}: {moved} slots differ between the balancers"
+        );
+    }
+    drop(dps);
+    for p in pins {
+        let _ = std::fs::remove_dir_all(&p);
+    }
+}

@@ -31,6 +31,14 @@ pub struct Fleet {
     pub peers: Vec<SocketAddr>,
 }
 
+impl Fleet {
+    /// Whether this balancer is one of several serving the same addresses (it announces, or
+    /// has peers): its choices must then not depend on its own history.
+    pub fn member(&self) -> bool {
+        self.announce_table.is_some() || !self.peers.is_empty()
+    }
+}
+
 /// Machine-wide settings: what the data path attaches to and how big it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Balancer {

@@ -76,6 +76,7 @@ impl Dataplane {
             released: Vec::new(),
             svc_ids: HashMap::new(),
             rings: HashMap::new(),
+            fleet_rings: false,
             seqs: HashMap::new(),
             keys: BTreeMap::new(),
             backends: HashMap::new(),

@@ -125,6 +125,10 @@ pub struct Dataplane {
     svc_ports: Vec<u64>,
     /// The `VLAN_DEVS` map as last written.
     vlans: BTreeMap<u32, VlanDev>,
+    /// Whether every Maglev ring is the canonical table of its backends (the same on every
+    /// balancer of a fleet, whatever each one's history) rather than the least change from
+    /// the ring before (see [`Dataplane::set_fleet_rings`]).
+    fleet_rings: bool,
 }
 
 impl Dataplane {

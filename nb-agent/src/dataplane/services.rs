@@ -16,7 +16,7 @@ use nb_common::{
 use super::{Dataplane, DataplaneError, Result, map_err};
 use crate::{
     model::PortKey,
-    selection::{MaglevBackend, maglev_update, wrr_sequence},
+    selection::{MaglevBackend, maglev_table, maglev_update, wrr_sequence},
 };
 
 /// A backend as the data path sees it.
@@ -151,6 +151,17 @@ impl Dataplane {
         };
         self.ids.insert(k, id);
         Ok(id)
+    }
+
+    /// A balancer of a fleet (`[fleet]` with peers or an announce table) builds every Maglev
+    /// ring from its backends alone, so that every balancer with the same config and health
+    /// picks the same node for a client (README "A fleet of balancers"): the rings a node
+    /// set passed through, a restart, or a reload differ between hosts, and the least-change
+    /// update would carry those differences on. The price is Maglev's near-minimal
+    /// disruption: a change can move a few slots between surviving nodes. Takes effect at
+    /// the next [`Dataplane::apply`].
+    pub fn set_fleet_rings(&mut self, on: bool) {
+        self.fleet_rings = on;
     }
 
     /// Makes the maps match `services`, writing only what differs. New selection tables are
@@ -312,6 +323,8 @@ impl Dataplane {
         let old = self.rings.remove(&svc_id);
         let ring = if ring_in.is_empty() {
             vec![0; MAGLEV_SIZE as usize]
+        } else if self.fleet_rings {
+            maglev_table(&ring_in, MAGLEV_SIZE as usize)
         } else {
             maglev_update(old.as_deref(), &ring_in, MAGLEV_SIZE as usize)
         };
