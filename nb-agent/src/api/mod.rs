@@ -835,6 +835,7 @@ impl Admin {
             }
             Op::Drain(on) => {
                 agent.set_drained(on);
+                self.publish(agent);
                 info!(
                     "admin API: {}",
                     if on {
