@@ -33,6 +33,7 @@ use crate::{
     model::{NodeKey, PortKey, port_names},
     plan::{Plan, Target, health_after},
     proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
+    slow_start::Ramps,
 };
 
 /// Errors that stop the agent from starting.
@@ -204,6 +205,11 @@ pub struct Agent {
     sweep_after: Option<std::time::Instant>,
     /// What this balancer announces to a fleet's routers (`[fleet]`).
     presence: Presence,
+    /// Nodes ramping up (`slow_start`).
+    ramps: Ramps,
+    /// `config` with the weights of ramping nodes as they stand: what the data path and the
+    /// proxies balance by (the API shows `config`).
+    effective: Config,
 }
 
 impl Agent {
@@ -231,6 +237,8 @@ impl Agent {
         } else {
             warn!("xdp_mode = \"off\": tcp ports are served in user space, not by XDP");
         }
+        // Nodes there at start are not ramped: they all start together.
+        let config_copy = config.clone();
         let mut agent = Agent {
             config,
             public,
@@ -244,6 +252,8 @@ impl Agent {
             tcp: TcpProxy::new(),
             sweep_after: None,
             presence,
+            ramps: Ramps::default(),
+            effective: config_copy,
         };
         // Starting is a reload onto the data path `start_dataplane` wrote (every node's health
         // unknown): every listener is new, every check starts, a `reject` node is DOWN.
@@ -295,7 +305,7 @@ impl Agent {
     /// The running state, as plans start from it.
     fn target(&self) -> Target<'_> {
         Target {
-            config: &self.config,
+            config: &self.effective,
             public: &self.public,
             health: &self.health,
         }
@@ -310,8 +320,8 @@ impl Agent {
             let h = health.get(node).copied().unwrap_or_default();
             (h, checks.passive(node).cloned())
         };
-        self.proxy.refresh(&self.config, &state);
-        self.tcp.refresh(&self.config, &state);
+        self.proxy.refresh(&self.effective, &state);
+        self.tcp.refresh(&self.effective, &state);
     }
 
     /// Writes the data path for the current state again, after a health change it refused.
@@ -347,13 +357,30 @@ impl Agent {
         // logged after: when the line appears, the data path already acts on it.
         let mut health = self.health.clone();
         health.insert(e.node.clone(), state);
+        let now = std::time::Instant::now();
+        if before == Health::Down && state == Health::Up {
+            self.ramps.start(&self.config, &e.node, now);
+        }
+        let effective = self.ramps.effective(&self.config, now);
         let from = Target {
-            config: &self.config,
+            config: &self.effective,
             public: &self.public,
             health: &self.health,
         };
+        let plan = if effective == self.effective {
+            Plan::health(from, &health)
+        } else {
+            Plan::balancing(
+                from,
+                Target {
+                    config: &effective,
+                    public: &self.public,
+                    health: &health,
+                },
+            )
+        };
         let written = appliers::run(
-            &Plan::health(from, &health),
+            &plan,
             &mut [&mut DataPathApplier {
                 dp: self.dataplane.as_mut(),
             }],
@@ -361,6 +388,7 @@ impl Agent {
         // The node's health is a fact either way: the proxies act on it, and a data path that
         // refused it (and was put back) is written again at the next sweep.
         self.health = health;
+        self.effective = effective;
         self.refresh_proxies();
         if let Err(err) = written {
             self.stale = true;
@@ -496,13 +524,18 @@ impl Agent {
     pub fn apply(&mut self, new: Config) -> Result<(), AgentError> {
         let public = public_addresses(&new)?;
         let health = health_after(&self.config, &self.health, &new);
+        let now = std::time::Instant::now();
+        // Nodes that join ramp from now; a refused config leaves ramps of nodes that never
+        // joined, which the next `effective` drops.
+        self.ramps.joined(&self.config, &new, now);
+        let effective = self.ramps.effective(&new, now);
         let from = Target {
-            config: &self.config,
+            config: &self.effective,
             public: &self.public,
             health: &self.health,
         };
         let to = Target {
-            config: &new,
+            config: &effective,
             public: &public,
             health: &health,
         };
@@ -538,11 +571,51 @@ impl Agent {
             self.stale = true;
         }
         self.config = new;
+        self.effective = effective;
         self.public = public;
         self.health = health;
         self.refresh_proxies();
         self.announce();
         Ok(())
+    }
+
+    /// Moves every ramp on (`slow_start`): the data path and the proxies get the weights of
+    /// now. A refusal of the data path is logged and tried again at the next tick.
+    pub fn advance_ramps(&mut self) {
+        if !self.ramps.active() {
+            return;
+        }
+        let effective = self
+            .ramps
+            .effective(&self.config, std::time::Instant::now());
+        if effective == self.effective {
+            return;
+        }
+        let from = Target {
+            config: &self.effective,
+            public: &self.public,
+            health: &self.health,
+        };
+        let plan = Plan::balancing(
+            from,
+            Target {
+                config: &effective,
+                ..from
+            },
+        );
+        let written = appliers::run(
+            &plan,
+            &mut [&mut DataPathApplier {
+                dp: self.dataplane.as_mut(),
+            }],
+        );
+        match written {
+            Ok(()) => {
+                self.effective = effective;
+                self.refresh_proxies();
+            }
+            Err(e) => error!("writing the weights of ramping nodes: {e} (again in 2 s)"),
+        }
     }
 }
 
@@ -749,6 +822,7 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
                 }
                 // A route the kernel refused is written again.
                 agent.announce();
+                agent.advance_ramps();
                 // Health and counters moved: what `/v1/status` shows when the loop is slow.
                 admin.publish(&agent);
             }

@@ -19,3 +19,4 @@ pub mod plan;
 pub mod proxy;
 pub mod secret_file;
 pub mod selection;
+pub mod slow_start;

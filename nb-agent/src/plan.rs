@@ -64,6 +64,17 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// What the nodes' health and weights decide, and nothing else: a check result while a
+    /// node ramps up (see [`crate::slow_start`]), or a step of a ramp. `to` has the same
+    /// ports and nodes as `from`; only the data path and the proxies' node sets move.
+    pub fn balancing(from: Target<'a>, to: Target<'a>) -> Plan<'a> {
+        Plan {
+            from,
+            to,
+            reload: false,
+        }
+    }
+
     /// Whether the config changes: listeners and checks only move then.
     pub fn changes_config(&self) -> bool {
         self.reload

@@ -825,3 +825,52 @@ fn a_reload_the_data_path_refuses_changes_nothing() {
     );
     wait_connectable(&t.client, vip(8001), Duration::from_secs(5));
 }
+
+/// 11. `slow_start`: a node that joins a roundrobin port starts with almost no share of new
+///     connections and ramps to its weight over `slow_start` seconds, in XDP.
+#[test]
+fn a_joining_node_ramps_up_over_slow_start() {
+    require_root();
+    let t = Topology::new("o11", Wiring::TwoNic, 2);
+    let _backends = start_backends(&t, 2);
+    let port = |nodes: u8| {
+        format!(
+            "[[port]]\nport = 80\nprotocol = \"tcp\"\nalgorithm = \"roundrobin\"\n\
+             check = \"none\"\nslow_start = 10\n\n{}",
+            accept_nodes(nodes)
+        )
+    };
+    let cfg = t.write_config(&port(1));
+    let agent = Agent::start(&t, &cfg);
+    wait_connectable(&t.client, vip(80), Duration::from_secs(10));
+    rewrite(&cfg, &format!("{}{}", t.balancer_toml(), port(2)));
+    reload(&agent, "reloaded", 1);
+    let joined = Instant::now();
+    // b2's share of 20 new connections, every 2.5 s from its joining until past the ramp.
+    let mut shares = Vec::new();
+    while joined.elapsed() < Duration::from_secs(13) {
+        let seen = spread(&t, vip(80), 20);
+        shares.push((
+            joined.elapsed().as_secs_f32(),
+            seen.get("b2").copied().unwrap_or(0),
+        ));
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    println!("b2's share of 20 connections over its ramp (s, count): {shares:?}");
+    let counts: Vec<usize> = shares.iter().map(|s| s.1).collect();
+    let (first, last) = (counts[0], counts[counts.len() - 1]);
+    assert!(first <= 2, "b2 starts with almost nothing: {shares:?}");
+    assert!(
+        (9..=11).contains(&last),
+        "b2 ends with its half: {shares:?}"
+    );
+    assert!(
+        counts.iter().any(|&c| (3..=8).contains(&c)),
+        "b2 passes through a share between: {shares:?}"
+    );
+    assert!(
+        counts.windows(2).all(|w| w[1] + 1 >= w[0]),
+        "the share only grows: {shares:?}\n{}",
+        agent.log_text()
+    );
+}

@@ -62,6 +62,7 @@ pub(super) fn port_json(p: &Port, reveal: bool) -> Value {
         "h2_max_streams": p.h2_max_streams,
         "max_node_connections": p.max_node_connections,
         "max_connections": p.max_connections,
+        "slow_start": p.slow_start,
         "max_header_size": p.max_header_size,
         "nodes": p.nodes.iter().map(node_json).collect::<Vec<_>>(),
     })

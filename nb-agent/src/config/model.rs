@@ -136,6 +136,10 @@ pub struct Port {
     pub max_node_connections: u32,
     /// http/https: client connections open at once on the port; more are refused (503).
     pub max_connections: u32,
+    /// Seconds over which a node that comes UP or joins ramps from almost no share of new
+    /// clients to its weight (HAProxy's `slowstart`); 0 = at once. `roundrobin` and
+    /// `leastconn` only: a hash keeps its clients where it puts them.
+    pub slow_start: u32,
     /// http/https: bytes of request line and header a client may send (431 above).
     pub max_header_size: u32,
     pub nodes: Vec<Node>,
@@ -169,6 +173,7 @@ impl Port {
             h2_max_streams: 100,
             max_node_connections: 10_000,
             max_connections: 10_000,
+            slow_start: 0,
             max_header_size: 65_536,
             nodes: Vec::new(),
         }

@@ -107,6 +107,7 @@ pub(super) const TIMEOUT_SERVER: RangeInclusive<i64> = 1..=86_400;
 pub(super) const TIMEOUT_CLIENT: RangeInclusive<i64> = 1..=86_400;
 pub(super) const H2_MAX_STREAMS: RangeInclusive<i64> = 1..=1000;
 pub(super) const MAX_NODE_CONNECTIONS: RangeInclusive<i64> = 1..=1_000_000;
+pub(super) const SLOW_START: RangeInclusive<i64> = 0..=3600;
 pub(super) const MAX_CONNECTIONS: RangeInclusive<i64> = 1..=1_000_000;
 pub(super) const MAX_HEADER_SIZE: RangeInclusive<i64> = 8192..=1_048_576;
 

@@ -375,6 +375,7 @@ fn unknown_fields_are_reported_with_their_line() {
     one_error(&peer, 4, "peers");
     let twice = format!("{BAL}[fleet]\npeers = [\"198.18.2.12:9110\", \"198.18.2.12:9110\"]\n");
     one_error(&twice, 4, "peers: 198.18.2.12:9110 is listed twice");
+    one_error(&port80("tcp", "slow_start = 3601\n"), 6, "slow_start");
     let top = format!("{BAL}\n[extra]\nx = 1\n");
     one_error(&top, 4, "unknown field 'extra' in the top level");
     let node = "port 80 node a: unknown field 'wieght' in [[port.node]] (did you mean 'weight'?)";

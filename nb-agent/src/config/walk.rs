@@ -16,10 +16,10 @@ use super::{
     model::{Admin, Balancer, Config, Fleet, Node, Port, Protocol},
     rules::{
         ANNOUNCE_TABLE, CHECK_ATTEMPTS, CHECK_INTERVAL, CHECK_TIMEOUT, H2_MAX_STREAMS,
-        MAX_CONNECTIONS, MAX_FLOWS, MAX_HEADER_SIZE, MAX_NODE_CONNECTIONS, PORT, Problem, THROTTLE,
-        TIMEOUT_CLIENT, TIMEOUT_CONNECT, TIMEOUT_HEADER, TIMEOUT_SERVER, WEIGHT, WORKERS,
-        cross_problems, interface_message, node_address, path_message, port_problems,
-        range_message,
+        MAX_CONNECTIONS, MAX_FLOWS, MAX_HEADER_SIZE, MAX_NODE_CONNECTIONS, PORT, Problem,
+        SLOW_START, THROTTLE, TIMEOUT_CLIENT, TIMEOUT_CONNECT, TIMEOUT_HEADER, TIMEOUT_SERVER,
+        WEIGHT, WORKERS, cross_problems, interface_message, node_address, path_message,
+        port_problems, range_message,
     },
 };
 
@@ -103,6 +103,7 @@ const PORT_KEYS: &[&str] = &[
     "h2_max_streams",
     "max_node_connections",
     "max_connections",
+    "slow_start",
     "max_header_size",
     "node",
 ];
@@ -746,6 +747,7 @@ fn parse_port(cx: &mut Cx, t: &dyn TableLike, line: usize, index: usize) -> (Por
         max_connections: s
             .int(cx, "max_connections", &MAX_CONNECTIONS)
             .unwrap_or(d.max_connections),
+        slow_start: s.int(cx, "slow_start", &SLOW_START).unwrap_or(d.slow_start),
         max_header_size: s
             .int(cx, "max_header_size", &MAX_HEADER_SIZE)
             .unwrap_or(d.max_header_size),
