@@ -275,3 +275,134 @@ fn keepalived_moves_the_address_to_the_balancer_that_is_ready() {
     println!("lb1's agent killed: the address moved to lb2 in {took:?}");
     assert_eq!(via(&f), ["198.18.2.12"]);
 }
+
+/// A minimal HTTP/1.1 server in `ns` on `addr`: every request gets `200` with `label` as its
+/// body, and the connection closes. Runs until the namespace goes.
+fn http_backend(ns: &nb_tests::netns::Netns, label: &'static str, addr: std::net::SocketAddr) {
+    let listener = ns
+        .enter(move || std::net::TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match std::io::Read::read(&mut s, &mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{label}",
+                        label.len()
+                    )
+                    .as_bytes(),
+                );
+            });
+        }
+    });
+}
+
+/// The node that answered and the `NB_SRVID` cookie set, for a GET through the public
+/// address with `cookie` (or none).
+fn get_with(f: &Fleet, cookie: Option<&str>) -> (String, Option<String>) {
+    let header = cookie
+        .map(|c| format!("-H 'Cookie: {c}'"))
+        .unwrap_or_default();
+    let out = f
+        .client
+        .sh(&format!("curl -sS -i --max-time 3 {header} http://{VIP}/"));
+    let body = out
+        .rsplit("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let set = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .and_then(|v| v.split(';').next())
+        .map(str::to_string);
+    (body, set)
+}
+
+/// Cookie stickiness across the fleet: two balancers that share the stickiness key honour
+/// each other's cookies, so a client keeps its node when the address moves (keepalived here,
+/// after a drain).
+#[test]
+fn a_cookie_from_one_balancer_is_honoured_by_the_other() {
+    require_root();
+    let f = Fleet::new("fc", 2, Engine::Vrrp);
+    f.backends.sh("ip addr add 198.18.2.21/24 dev eth0");
+    http_backend(&f.backends, "b1", "198.18.2.20:8080".parse().unwrap());
+    http_backend(&f.backends, "b2", "198.18.2.21:8080".parse().unwrap());
+    let port = "[[port]]\nport = 80\nprotocol = \"http\"\nstickiness = \"http_cookie\"\n\
+                check = \"connection\"\ncheck_interval = 2\ncheck_timeout = 1\n\n\
+                [[port.node]]\nlabel = \"b1\"\naddress = \"198.18.2.20:8080\"\n\n\
+                [[port.node]]\nlabel = \"b2\"\naddress = \"198.18.2.21:8080\"\n";
+    // One secret for the fleet, as the README says to copy it.
+    let key: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(11))
+        .collect();
+    for (i, m) in f.lbs.iter().enumerate() {
+        f.write_config(i, port);
+        let state = m.dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let file = state.join("stickiness.key");
+        std::fs::write(&file, &key).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+    let _a1 = f.start_agent(0);
+    let _a2 = f.start_agent(1);
+    f.start_keepalived(0, 150);
+    f.start_keepalived(1, 100);
+    f.wait_holder(Some(0), ROUTING);
+    // Both nodes UP on lb1 before the first request: no 503 while checks run.
+    let deadline = std::time::Instant::now() + ROUTING;
+    let (node, cookie) = loop {
+        let (node, cookie) = get_with(&f, None);
+        if let (true, Some(c)) = (node == "b1" || node == "b2", cookie) {
+            break (node, c);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer with a cookie via lb1"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            get_with(&f, Some(&cookie)).0,
+            node,
+            "the cookie holds via lb1"
+        );
+    }
+
+    let out = f.nbctl(0, &["fleet", "drain"]);
+    assert!(out.status.success(), "{out:?}");
+    f.wait_holder(Some(1), ROUTING);
+    // Without a cookie, lb2 balances over both nodes; with lb1's cookie, always its node.
+    let deadline = std::time::Instant::now() + ROUTING;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lb2 balances: {seen:?}"
+        );
+        seen.insert(get_with(&f, None).0);
+    }
+    for i in 0..10 {
+        let (answered, set) = get_with(&f, Some(&cookie));
+        assert_eq!(answered, node, "request {i} via lb2 with lb1's cookie");
+        assert_eq!(set, None, "lb2 took the cookie as its own: nothing to set");
+    }
+}
