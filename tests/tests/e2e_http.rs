@@ -2810,3 +2810,41 @@ fn a_rebuild_keeps_the_nodes_it_keeps() {
         sticky
     );
 }
+
+/// `slow_start` on an http port: a node that joins starts with almost no share of the
+/// requests and ramps to its weight over `slow_start` seconds, as in XDP.
+#[test]
+fn a_joining_node_ramps_up_on_an_http_port() {
+    require_root();
+    let t = one_worker("hs", Wiring::TwoNic, 2);
+    let _b = start_backends(&t, 2);
+    let cfg = t.write_config(&port_toml(80, "http", "slow_start = 8", &accept_nodes(1)));
+    let agent = Agent::start_without_xdp(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    std::fs::write(
+        &cfg,
+        t.balancer_toml() + &port_toml(80, "http", "slow_start = 8", &accept_nodes(2)),
+    )
+    .expect("write config");
+    reload(&agent, "reloaded", 1);
+    let joined = Instant::now();
+    let mut shares = Vec::new();
+    while joined.elapsed() < Duration::from_secs(11) {
+        let b2 = (0..20)
+            .filter(|_| get(&t, vip(80), "/echo", &[]).backend() == "b2")
+            .count();
+        shares.push((joined.elapsed().as_secs_f32(), b2));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    println!("b2's share of 20 requests over its ramp (s, count): {shares:?}");
+    let counts: Vec<usize> = shares.iter().map(|s| s.1).collect();
+    assert!(counts[0] <= 2, "b2 starts with almost nothing: {shares:?}");
+    assert!(
+        (9..=11).contains(&counts[counts.len() - 1]),
+        "then its half: {shares:?}"
+    );
+    assert!(
+        counts.iter().any(|&c| (3..=8).contains(&c)),
+        "a share between on the way: {shares:?}"
+    );
+}
