@@ -13,7 +13,7 @@
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -36,6 +36,8 @@ pub enum Engine {
 
 /// The fleet's public address.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+/// Its IPv6 public address (announced behind BGP only).
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
 /// The routing table nb announces from.
 pub const ANNOUNCE_TABLE: u32 = 100;
 /// Where each balancer's admin API listens, on its address on the shared segment (so that
@@ -112,14 +114,20 @@ impl Fleet {
             let mdir = dir.join(format!("lb{i}"));
             fs::create_dir_all(&mdir).expect("member dir");
             if engine == Engine::Bgp {
-                // Every balancer accepts the address; BGP decides who gets it.
-                ns.sh(&format!("ip addr add {VIP}/32 dev lo"));
+                // Every balancer accepts the addresses; BGP decides who gets them.
+                let addr6 = member6(i);
+                ns.sh(&format!(
+                    "ip addr add {VIP}/32 dev lo && ip -6 addr add {VIP6}/128 dev lo && \
+                     ip -6 addr add {addr6}/64 dev eth0 nodad && \
+                     ip -6 route add default via 2001:db8:2::1"
+                ));
                 let asn = 65000 + u32::from(i);
                 let conf = mdir.join("bird.conf");
-                fs::write(&conf, balancer_bird(addr, asn)).expect("bird.conf");
+                fs::write(&conf, balancer_bird(addr, addr6, asn)).expect("bird.conf");
                 start_bird(&ns, &mdir, &conf);
                 neighbors.push_str(&format!(
-                    "protocol bgp lb{i} from balancers {{\n  neighbor {addr} as {asn};\n}}\n"
+                    "protocol bgp lb{i} from balancers {{\n  neighbor {addr} as {asn};\n}}\n\
+                     protocol bgp lb{i}v6 from balancers6 {{\n  neighbor {addr6} as {asn};\n}}\n"
                 ));
             }
             lbs.push(Member {
@@ -131,6 +139,12 @@ impl Fleet {
         }
         match engine {
             Engine::Bgp => {
+                client.sh("ip -6 addr add 2001:db8:1::2/64 dev c0 nodad && \
+                     ip -6 route add default via 2001:db8:1::1");
+                router.sh("ip -6 addr add 2001:db8:1::1/64 dev r0 nodad && \
+                     ip -6 addr add 2001:db8:2::1/64 dev br0 nodad && \
+                     sysctl -qw net.ipv6.conf.all.forwarding=1 && \
+                     sysctl -qw net.ipv6.fib_multipath_hash_policy=1");
                 let conf = dir.join("router-bird.conf");
                 fs::write(&conf, router_bird() + &neighbors).expect("router bird.conf");
                 start_bird(&router, &dir, &conf);
@@ -224,12 +238,15 @@ impl Fleet {
             .filter(|o| o.addr != m.addr)
             .map(|o| format!("\"{}:{ADMIN_PORT}\"", o.addr))
             .collect();
-        let announce = match self.engine {
-            Engine::Bgp => format!("announce_table = {ANNOUNCE_TABLE}\n"),
-            Engine::Vrrp => String::new(),
+        let (announce, addresses) = match self.engine {
+            Engine::Bgp => (
+                format!("announce_table = {ANNOUNCE_TABLE}\n"),
+                format!("\"{VIP}\", \"{VIP6}\""),
+            ),
+            Engine::Vrrp => (String::new(), format!("\"{VIP}\"")),
         };
         let text = format!(
-            "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [\"{VIP}\"]\nxdp_mode = \"off\"\n\
+            "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [{addresses}]\nxdp_mode = \"off\"\n\
              state_dir = \"{}\"\nbpf_pin_path = \"/sys/fs/bpf/nb-fleet-{}\"\n\n\
              [admin]\nlisten = \"{}:{ADMIN_PORT}\"\ntoken_file = \"{}\"\n\n\
              [fleet]\nname = \"lb{}\"\n{announce}peers = [{}]\n\n{ports}",
@@ -274,6 +291,40 @@ impl Fleet {
             .collect();
         hops.sort();
         hops
+    }
+
+    /// The balancers (their IPv6 addresses) the router's route to the IPv6 public address
+    /// goes through now.
+    pub fn next_hops6(&self) -> Vec<Ipv6Addr> {
+        let out = self.router.sh(&format!("ip -6 route show {VIP6}/128"));
+        let mut hops: Vec<Ipv6Addr> = out
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect();
+        hops.sort();
+        hops
+    }
+
+    /// As [`Fleet::wait_next_hops`], for the IPv6 public address.
+    pub fn wait_next_hops6(&self, want: &[usize], timeout: Duration) -> Duration {
+        let mut want: Vec<Ipv6Addr> = want.iter().map(|&i| member6(i as u8 + 1)).collect();
+        want.sort();
+        let start = Instant::now();
+        loop {
+            let now = self.next_hops6();
+            if now == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the router's next hops to {VIP6}: {now:?}, wanted {want:?} within {timeout:?}\n{}",
+                self.router.sh("ip -6 route")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until the router's next hops to the public address are exactly `want`'s
@@ -348,9 +399,15 @@ fn start_bird(ns: &Netns, dir: &Path, conf: &Path) {
     );
 }
 
+/// Member `i`'s (from 1) IPv6 address on the shared segment.
+fn member6(i: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10 + u16::from(i))
+}
+
 /// A balancer's BIRD: learns nb's routes from the announce table (and nothing else) and
-/// announces them to the router, next hop itself. What the README's fleet section shows.
-fn balancer_bird(addr: Ipv4Addr, asn: u32) -> String {
+/// announces them to the router, next hop itself, IPv4 and IPv6 each over a session of its
+/// family. What the README's fleet section shows.
+fn balancer_bird(addr: Ipv4Addr, addr6: Ipv6Addr, asn: u32) -> String {
     format!(
         "router id {addr};\n\
          protocol device {{\n  scan time 1;\n}}\n\
@@ -358,7 +415,12 @@ fn balancer_bird(addr: Ipv4Addr, asn: u32) -> String {
          ipv4 {{\n    import where krt_source = 211;\n    export none;\n  }};\n}}\n\
          protocol bgp upstream {{\n  local {addr} as {asn};\n  neighbor 198.18.2.1 as 65000;\n  \
          hold time 3;\n  connect retry time 1;\n  \
-         ipv4 {{\n    import none;\n    export where proto = \"nb\";\n    next hop self;\n  }};\n}}\n"
+         ipv4 {{\n    import none;\n    export where proto = \"nb\";\n    next hop self;\n  }};\n}}\n\
+         protocol kernel nb6 {{\n  learn;\n  scan time 2;\n  kernel table {ANNOUNCE_TABLE};\n  \
+         ipv6 {{\n    import where krt_source = 211;\n    export none;\n  }};\n}}\n\
+         protocol bgp upstream6 {{\n  local {addr6} as {asn};\n  neighbor 2001:db8:2::1 as 65000;\n  \
+         hold time 3;\n  connect retry time 1;\n  \
+         ipv6 {{\n    import none;\n    export where proto = \"nb6\";\n    next hop self;\n  }};\n}}\n"
     )
 }
 
@@ -368,7 +430,10 @@ fn router_bird() -> String {
      protocol device {\n  scan time 1;\n}\n\
      protocol kernel {\n  merge paths on;\n  ipv4 {\n    import none;\n    export all;\n  };\n}\n\
      template bgp balancers {\n  local 198.18.2.1 as 65000;\n  hold time 3;\n  \
-     connect retry time 1;\n  ipv4 {\n    import all;\n    export none;\n  };\n}\n"
+     connect retry time 1;\n  ipv4 {\n    import all;\n    export none;\n  };\n}\n\
+     protocol kernel kernel6 {\n  merge paths on;\n  ipv6 {\n    import none;\n    export all;\n  };\n}\n\
+     template bgp balancers6 {\n  local 2001:db8:2::1 as 65000;\n  hold time 3;\n  \
+     connect retry time 1;\n  ipv6 {\n    import all;\n    export none;\n  };\n}\n"
         .to_string()
 }
 

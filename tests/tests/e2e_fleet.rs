@@ -6,7 +6,7 @@
 use std::{collections::HashMap, io::Write, net::TcpStream, time::Duration};
 
 use nb_tests::{
-    fleet::{ANNOUNCE_TABLE, BACKENDS, Engine, Fleet, VIP},
+    fleet::{ANNOUNCE_TABLE, BACKENDS, Engine, Fleet, VIP, VIP6},
     netns::{Backend, connect_in, which_backend},
     require_root,
     topo::wait_log,
@@ -81,6 +81,10 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
     }
     let took = f.wait_next_hops(&[0, 1], ROUTING);
     println!("both balancers announced and in the router's ECMP route {took:?} after the checks");
+    let took = f.wait_next_hops6(&[0, 1], ROUTING);
+    println!("and in its IPv6 ECMP route {took:?} later");
+    let v6 = std::net::SocketAddr::new(VIP6.into(), 80);
+    assert_eq!(which_backend(&f.client, v6).expect("over IPv6"), "b1");
     for i in 0..2 {
         assert!(
             f.announced(i).contains(&VIP.to_string()),
@@ -155,6 +159,7 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
     assert!(out.status.success(), "{out:?}");
     let took = f.wait_next_hops(&[1], ROUTING);
     println!("drained lb1 out of the route in {took:?}");
+    f.wait_next_hops6(&[1], ROUTING);
     let ready = f.nbctl(0, &["ready"]);
     assert_eq!(ready.status.code(), Some(1), "{ready:?}");
     assert!(
