@@ -31,7 +31,7 @@ const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
@@ -164,12 +164,12 @@ impl Announcer {
         Ok(())
     }
 
-    /// Writes (`RTM_NEWROUTE`, replacing one that is there) or removes (`RTM_DELROUTE`, only
-    /// a route of nb's protocol) the host route of `addr` via `lo`, and waits for the
-    /// kernel's answer.
+    /// Writes (`RTM_NEWROUTE`; never over a route that is there, which is someone else's:
+    /// `EEXIST`) or removes (`RTM_DELROUTE`, only a route of nb's protocol) the host route of
+    /// `addr` via `lo`, and waits for the kernel's answer.
     fn route(&mut self, kind: u16, addr: IpAddr) -> io::Result<()> {
         let flags = if kind == RTM_NEWROUTE {
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         } else {
             NLM_F_REQUEST | NLM_F_ACK
         };

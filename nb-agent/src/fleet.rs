@@ -42,6 +42,9 @@ pub struct Presence {
     drained: bool,
     /// What should be announced at the last update (announced, unless writing it failed).
     ready: BTreeSet<IpAddr>,
+    /// The last announcing failure, logged once until it changes or clears (updates retry
+    /// every sweep).
+    failing: Option<String>,
 }
 
 impl Presence {
@@ -82,10 +85,19 @@ impl Presence {
         } else {
             self.ready.clone()
         };
-        if a.announced() != &wanted
-            && let Err(e) = a.set(&wanted)
-        {
-            warn!("announcing the public addresses: {e}");
+        if a.announced() == &wanted {
+            self.failing = None;
+            return;
+        }
+        match a.set(&wanted) {
+            Ok(()) => self.failing = None,
+            Err(e) => {
+                let e = e.to_string();
+                if self.failing.as_ref() != Some(&e) {
+                    warn!("announcing the public addresses: {e} (tried again every 2 s)");
+                }
+                self.failing = Some(e);
+            }
         }
     }
 
