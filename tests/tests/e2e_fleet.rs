@@ -143,7 +143,41 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
         String::from_utf8_lossy(&out.stderr).contains("lb2 (198.18.2.12:9110) runs another config"),
         "{out:?}"
     );
-    let rm = f.nbctl(1, &["node", "rm", "80", "b9"]);
+    // `--fleet` runs a write on every balancer in turn, and is not atomic: lb1 refuses to
+    // remove a node it does not have, lb2 removes it, and the two agree again.
+    let rm = f.nbctl(0, &["--fleet", "node", "rm", "80", "b9"]);
+    let text = String::from_utf8_lossy(&rm.stdout).to_string();
+    assert_eq!(rm.status.code(), Some(1), "{rm:?}");
+    assert!(
+        text.contains("== 198.18.2.11:9110\nfailed: refused (404)"),
+        "{text}"
+    );
+    assert!(text.contains("== 198.18.2.12:9110\n"), "{text}");
+    assert!(f.nbctl(0, &["fleet", "status"]).status.success());
+    // A node added to the fleet through one nbctl: both balancers run it.
+    let add = f.nbctl(
+        0,
+        &[
+            "--fleet",
+            "node",
+            "add",
+            "80",
+            "b9",
+            "198.18.2.29:8080",
+            "--mode",
+            "drain",
+        ],
+    );
+    assert!(add.status.success(), "{add:?}");
+    assert!(f.nbctl(0, &["fleet", "status"]).status.success());
+    for i in 0..2 {
+        let nodes = f.nbctl(i, &["nodes", "80"]);
+        assert!(
+            String::from_utf8_lossy(&nodes.stdout).contains("b9"),
+            "{nodes:?}"
+        );
+    }
+    let rm = f.nbctl(1, &["--fleet", "node", "rm", "80", "b9"]);
     assert!(rm.status.success(), "{rm:?}");
     assert!(f.nbctl(0, &["fleet", "status"]).status.success());
 

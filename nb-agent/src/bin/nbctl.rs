@@ -25,6 +25,10 @@ struct Cli {
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Run the command against this balancer and then each `[fleet] peers` one, in turn.
+    /// Not atomic across them: a write refused by one leaves the ones before it changed.
+    #[arg(long, global = true)]
+    fleet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -342,6 +346,62 @@ const NODE_HEADER: [&str; 6] = ["LABEL", "ADDRESS", "WEIGHT", "MODE", "STATUS", 
 
 fn run(cli: &Cli) -> Result<String, Failure> {
     let t = Target::from_config(&cli.config)?;
+    if !cli.fleet || matches!(cli.command, Command::Fleet { .. }) {
+        return run_on(cli, &t);
+    }
+    // `--fleet`: one balancer after the other, each answer under its API address; the worst
+    // failure decides the exit code, after every balancer was asked.
+    let mut out = String::new();
+    let mut failed: Option<Failure> = None;
+    let members = std::iter::once(t.addr).chain(t.peers.iter().copied());
+    for addr in members {
+        let member = Target {
+            addr,
+            admin: t.admin.clone(),
+            read: t.read.clone(),
+            peers: Vec::new(),
+        };
+        out.push_str(&format!("== {addr}\n"));
+        match run_on(cli, &member) {
+            Ok(text) => out.push_str(&text),
+            Err(e) => {
+                let line = match &e {
+                    Failure::Refused { status, message } => {
+                        format!("refused ({status}): {message}")
+                    }
+                    Failure::Unreachable(e) => format!("{e:#}"),
+                    Failure::Unhealthy { why, .. } => why.clone(),
+                };
+                out.push_str(&format!("failed: {line}\n"));
+                let worse = match (&failed, &e) {
+                    (None, _) => true,
+                    (Some(Failure::Unreachable(_)), _) => false,
+                    (_, Failure::Unreachable(_)) => true,
+                    _ => false,
+                };
+                if worse {
+                    failed = Some(e);
+                }
+            }
+        }
+    }
+    match failed {
+        None => Ok(out),
+        Some(e) => Err(Failure::Unhealthy {
+            shown: out,
+            why: match e {
+                Failure::Unreachable(e) => format!("a balancer could not be asked: {e:#}"),
+                Failure::Refused { status, message } => {
+                    format!("a balancer refused ({status}): {message}")
+                }
+                Failure::Unhealthy { why, .. } => why,
+            },
+        }),
+    }
+}
+
+/// One command against the balancer `t` names.
+fn run_on(cli: &Cli, t: &Target) -> Result<String, Failure> {
     let out = match &cli.command {
         Command::Status => {
             let v = t.call("GET", "/v1/status", None)?;
@@ -543,7 +603,7 @@ fn run(cli: &Cli) -> Result<String, Failure> {
         },
         Command::Fleet {
             command: FleetCommand::Status,
-        } => return fleet_status(&t, cli.json),
+        } => return fleet_status(t, cli.json),
         Command::Fleet { command } => {
             let method = match command {
                 FleetCommand::Drain => "POST",
