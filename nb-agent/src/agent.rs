@@ -361,23 +361,28 @@ impl Agent {
         if before == Health::Down && state == Health::Up {
             self.ramps.start(&self.config, &e.node, now);
         }
-        let effective = self.ramps.effective(&self.config, now);
+        // Only while a node ramps do the weights move with health; without one (no
+        // `slow_start`) they are the config's and the plan is health alone.
+        let ramped = self
+            .ramps
+            .active()
+            .then(|| self.ramps.effective(&self.config, now))
+            .filter(|c| *c != self.effective);
         let from = Target {
             config: &self.effective,
             public: &self.public,
             health: &self.health,
         };
-        let plan = if effective == self.effective {
-            Plan::health(from, &health)
-        } else {
-            Plan::balancing(
+        let plan = match &ramped {
+            Some(config) => Plan::balancing(
                 from,
                 Target {
-                    config: &effective,
+                    config,
                     public: &self.public,
                     health: &health,
                 },
-            )
+            ),
+            None => Plan::health(from, &health),
         };
         let written = appliers::run(
             &plan,
@@ -388,7 +393,9 @@ impl Agent {
         // The node's health is a fact either way: the proxies act on it, and a data path that
         // refused it (and was put back) is written again at the next sweep.
         self.health = health;
-        self.effective = effective;
+        if let Some(config) = ramped {
+            self.effective = config;
+        }
         self.refresh_proxies();
         if let Err(err) = written {
             self.stale = true;

@@ -108,12 +108,7 @@ impl Announcer {
             .list()
             .map_err(|source| AnnounceError::List { table, source })?;
         for addr in left {
-            a.route(RTM_DELROUTE, addr)
-                .map_err(|source| AnnounceError::Route {
-                    addr,
-                    table,
-                    source,
-                })?;
+            a.route(RTM_DELROUTE, addr)?;
             log::info!("{addr}: route left in table {table} by an earlier agent removed");
         }
         Ok(a)
@@ -137,27 +132,16 @@ impl Announcer {
         for addr in gone {
             match self.route(RTM_DELROUTE, addr) {
                 // Already gone (an operator's `ip route flush`): withdrawn all the same.
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(source) => {
-                    return Err(AnnounceError::Route {
-                        addr,
-                        table,
-                        source,
-                    });
-                }
+                Err(AnnounceError::Route { source, .. })
+                    if source.raw_os_error() == Some(libc::ESRCH) => {}
+                r => r?,
             }
             self.announced.remove(&addr);
             log::info!("{addr}: withdrawn (route removed from table {table})");
         }
         let new: Vec<IpAddr> = wanted.difference(&self.announced).copied().collect();
         for addr in new {
-            self.route(RTM_NEWROUTE, addr)
-                .map_err(|source| AnnounceError::Route {
-                    addr,
-                    table,
-                    source,
-                })?;
+            self.route(RTM_NEWROUTE, addr)?;
             self.announced.insert(addr);
             log::info!("{addr}: announced (route in table {table})");
         }
@@ -167,7 +151,7 @@ impl Announcer {
     /// Writes (`RTM_NEWROUTE`; never over a route that is there, which is someone else's:
     /// `EEXIST`) or removes (`RTM_DELROUTE`, only a route of nb's protocol) the host route of
     /// `addr` via `lo`, and waits for the kernel's answer.
-    fn route(&mut self, kind: u16, addr: IpAddr) -> io::Result<()> {
+    fn route(&mut self, kind: u16, addr: IpAddr) -> Result<(), AnnounceError> {
         let flags = if kind == RTM_NEWROUTE {
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         } else {
@@ -182,8 +166,13 @@ impl Announcer {
         m.attr(RTA_DST, &octets);
         m.attr(RTA_OIF, &self.lo.to_ne_bytes());
         m.attr(RTA_TABLE, &self.table.to_ne_bytes());
-        self.send(&m.finish())?;
-        self.ack()
+        self.send(&m.finish())
+            .and_then(|()| self.ack())
+            .map_err(|source| AnnounceError::Route {
+                addr,
+                table: self.table,
+                source,
+            })
     }
 
     /// The host routes of nb's protocol in the table, both families.

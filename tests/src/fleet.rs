@@ -279,10 +279,17 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()))
     }
 
-    /// The balancers the router's route to the public address goes through now.
-    pub fn next_hops(&self) -> Vec<Ipv4Addr> {
-        let out = self.router.sh(&format!("ip -4 route show {VIP}/32"));
-        let mut hops: Vec<Ipv4Addr> = out
+    /// The next hops (balancer addresses) of the router's route to `vip` now, sorted.
+    fn next_hops(&self, vip: IpAddr) -> Vec<IpAddr> {
+        let (family, bits) = if vip.is_ipv4() {
+            ("-4", 32)
+        } else {
+            ("-6", 128)
+        };
+        let out = self
+            .router
+            .sh(&format!("ip {family} route show {vip}/{bits}"));
+        let mut hops: Vec<IpAddr> = out
             .split_whitespace()
             .collect::<Vec<_>>()
             .windows(2)
@@ -291,59 +298,38 @@ impl Fleet {
             .collect();
         hops.sort();
         hops
-    }
-
-    /// The balancers (their IPv6 addresses) the router's route to the IPv6 public address
-    /// goes through now.
-    pub fn next_hops6(&self) -> Vec<Ipv6Addr> {
-        let out = self.router.sh(&format!("ip -6 route show {VIP6}/128"));
-        let mut hops: Vec<Ipv6Addr> = out
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .filter_map(|w| w[1].parse().ok())
-            .collect();
-        hops.sort();
-        hops
-    }
-
-    /// As [`Fleet::wait_next_hops`], for the IPv6 public address.
-    pub fn wait_next_hops6(&self, want: &[usize], timeout: Duration) -> Duration {
-        let mut want: Vec<Ipv6Addr> = want.iter().map(|&i| member6(i as u8 + 1)).collect();
-        want.sort();
-        let start = Instant::now();
-        loop {
-            let now = self.next_hops6();
-            if now == want {
-                return start.elapsed();
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "the router's next hops to {VIP6}: {now:?}, wanted {want:?} within {timeout:?}\n{}",
-                self.router.sh("ip -6 route")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     /// Waits until the router's next hops to the public address are exactly `want`'s
     /// addresses (members by index); how long that took.
     pub fn wait_next_hops(&self, want: &[usize], timeout: Duration) -> Duration {
-        let mut want: Vec<Ipv4Addr> = want.iter().map(|&i| self.lbs[i].addr).collect();
+        let want = want.iter().map(|&i| IpAddr::V4(self.lbs[i].addr)).collect();
+        self.wait_hops(VIP.into(), want, timeout)
+    }
+
+    /// As [`Fleet::wait_next_hops`], for the IPv6 public address.
+    pub fn wait_next_hops6(&self, want: &[usize], timeout: Duration) -> Duration {
+        let want = want
+            .iter()
+            .map(|&i| IpAddr::V6(member6(i as u8 + 1)))
+            .collect();
+        self.wait_hops(VIP6.into(), want, timeout)
+    }
+
+    fn wait_hops(&self, vip: IpAddr, mut want: Vec<IpAddr>, timeout: Duration) -> Duration {
         want.sort();
         let start = Instant::now();
         loop {
-            let now = self.next_hops();
+            let now = self.next_hops(vip);
             if now == want {
                 return start.elapsed();
             }
             assert!(
                 start.elapsed() < timeout,
-                "the router's next hops to {VIP}: {now:?}, wanted {want:?} within {timeout:?}\n\
+                "the router's next hops to {vip}: {now:?}, wanted {want:?} within {timeout:?}\n\
                  router: {}\n{}",
                 self.router.sh(&format!(
-                    "birdc -s {} show protocols 2>&1 || true; ip route",
+                    "birdc -s {} show protocols 2>&1 || true; ip route; ip -6 route",
                     self.dir.join("bird.ctl").display()
                 )),
                 self.lbs
@@ -351,7 +337,9 @@ impl Fleet {
                     .map(|m| format!(
                         "{}: table {ANNOUNCE_TABLE}: {}",
                         m.addr,
-                        m.ns.sh(&format!("ip route show table {ANNOUNCE_TABLE}"))
+                        m.ns.sh(&format!(
+                            "ip route show table {ANNOUNCE_TABLE}; ip -6 route show table {ANNOUNCE_TABLE}"
+                        ))
                     ))
                     .collect::<Vec<_>>()
                     .join("\n")

@@ -12,6 +12,17 @@ use nb_tests::{
     topo::wait_log,
 };
 
+/// `nbctl` adding a draining node `b9` to port 80.
+const ADD_B9: &[&str] = &[
+    "node",
+    "add",
+    "80",
+    "b9",
+    "198.18.2.29:8080",
+    "--mode",
+    "drain",
+];
+
 /// BGP sessions come up and routes travel within a few seconds here (hold time 3 s).
 const ROUTING: Duration = Duration::from_secs(20);
 
@@ -118,18 +129,7 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
         "{text}"
     );
     // A node added through lb2's API only: lb1 sees lb2 run another config.
-    let add = f.nbctl(
-        1,
-        &[
-            "node",
-            "add",
-            "80",
-            "b9",
-            "198.18.2.29:8080",
-            "--mode",
-            "drain",
-        ],
-    );
+    let add = f.nbctl(1, ADD_B9);
     assert!(add.status.success(), "{add:?}");
     let out = f.nbctl(0, &["fleet", "status"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -155,19 +155,7 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
     assert!(text.contains("== 198.18.2.12:9110\n"), "{text}");
     assert!(f.nbctl(0, &["fleet", "status"]).status.success());
     // A node added to the fleet through one nbctl: both balancers run it.
-    let add = f.nbctl(
-        0,
-        &[
-            "--fleet",
-            "node",
-            "add",
-            "80",
-            "b9",
-            "198.18.2.29:8080",
-            "--mode",
-            "drain",
-        ],
-    );
+    let add = f.nbctl(0, &[&["--fleet"], ADD_B9].concat());
     assert!(add.status.success(), "{add:?}");
     assert!(f.nbctl(0, &["fleet", "status"]).status.success());
     for i in 0..2 {

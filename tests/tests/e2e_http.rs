@@ -1857,14 +1857,9 @@ fn sigterm_lets_requests_in_flight_finish_and_refuses_new_connections() {
     assert!(status.success(), "{status:?}\n{}", agent.log_text());
 }
 
-/// One reload turns an http port into a user-space tcp port on the same address, and another
-/// turns it back: the listening socket passes from one proxy to the other. Binding anew would
-/// fail while the other still listens (the reload was refused with "address in use").
-#[test]
-fn reload_moves_an_address_between_http_and_user_space_tcp() {
-    require_root();
-    let t = one_worker("hm", Wiring::TwoNic, 1);
-    let _b = start_backends(&t, 1);
+/// Port 80 as http with node b1, served by a started agent with XDP off, and the same port
+/// as a user-space tcp one: the balancer table, both port tables, the config path, the agent.
+fn serving_80_as_http(t: &Topology) -> (String, String, String, PathBuf, Agent) {
     let http = port_toml(80, "http", "", &accept_nodes(1));
     let tcp = format!(
         "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n{}",
@@ -1875,8 +1870,20 @@ fn reload_moves_an_address_between_http_and_user_space_tcp() {
         .replace("[balancer]\n", "[balancer]\nxdp_mode = \"off\"\n");
     let cfg = t.dir.join("nb.toml");
     std::fs::write(&cfg, balancer.clone() + &http).expect("write config");
-    let agent = Agent::start_without_xdp(&t, &cfg);
+    let agent = Agent::start_without_xdp(t, &cfg);
     wait_up(&agent, 80, &["b1"]);
+    (balancer, http, tcp, cfg, agent)
+}
+
+/// One reload turns an http port into a user-space tcp port on the same address, and another
+/// turns it back: the listening socket passes from one proxy to the other. Binding anew would
+/// fail while the other still listens (the reload was refused with "address in use").
+#[test]
+fn reload_moves_an_address_between_http_and_user_space_tcp() {
+    require_root();
+    let t = one_worker("hm", Wiring::TwoNic, 1);
+    let _b = start_backends(&t, 1);
+    let (balancer, http, tcp, cfg, agent) = serving_80_as_http(&t);
     // Through the http proxy the backend sees X-Forwarded-For; through tcp, the client's
     // request as it was sent.
     let forwarded = |r: &Resp| r.text().to_ascii_lowercase().contains("x-forwarded-for:");
@@ -1926,18 +1933,7 @@ fn each_worker_listens_on_its_own_socket_and_a_squatter_is_refused() {
     let mut t = Topology::new("hw", Wiring::TwoNic, 1);
     t.workers = 2;
     let _b = start_backends(&t, 1);
-    let http = port_toml(80, "http", "", &accept_nodes(1));
-    let tcp = format!(
-        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n{}",
-        node(1, "accept")
-    );
-    let balancer = t
-        .balancer_toml()
-        .replace("[balancer]\n", "[balancer]\nxdp_mode = \"off\"\n");
-    let cfg = t.dir.join("nb.toml");
-    std::fs::write(&cfg, balancer.clone() + &http).expect("write config");
-    let agent = Agent::start_without_xdp(&t, &cfg);
-    wait_up(&agent, 80, &["b1"]);
+    let (balancer, http, tcp, cfg, agent) = serving_80_as_http(&t);
     assert_eq!(listening_sockets(&t, vip(80)), 2, "one socket per worker");
     for i in 0..40 {
         let r = get(&t, vip(80), "/echo", &[]);
@@ -2847,4 +2843,37 @@ fn a_joining_node_ramps_up_on_an_http_port() {
         counts.iter().any(|&c| (3..=8).contains(&c)),
         "a share between on the way: {shares:?}"
     );
+}
+
+/// Operators' way: `workers = 2` under `ip netns exec`, killed with `kill -9` and started
+/// again. The new agent binds its own pair of sockets (the dead one's closed with it) and
+/// serves at once; nothing of the old group lingers.
+#[test]
+fn workers_listen_again_after_kill_9_and_a_restart_under_ip_netns_exec() {
+    require_root();
+    let mut t = Topology::new("hk", Wiring::TwoNic, 1);
+    t.workers = 2;
+    let _b = start_backends(&t, 1);
+    let cfg = t.write_config(&port_toml(80, "http", "", &accept_nodes(1)));
+    let mut agent = Agent::start_by_netns_exec(&t, &cfg);
+    wait_up(&agent, 80, &["b1"]);
+    assert_eq!(get(&t, vip(80), "/echo", &[]).status, 200);
+    assert_eq!(listening_sockets(&t, vip(80)), 2);
+    agent.kill9();
+    assert_eq!(
+        listening_sockets(&t, vip(80)),
+        0,
+        "the group died with the agent"
+    );
+    let restarted = Agent::start_by_netns_exec(&t, &cfg);
+    wait_up(&restarted, 80, &["b1"]);
+    assert_eq!(
+        listening_sockets(&t, vip(80)),
+        2,
+        "one new socket per worker"
+    );
+    for i in 0..20 {
+        let r = get(&t, vip(80), "/echo", &[]);
+        assert_eq!(r.status, 200, "request {i} after the restart: {}", r.text());
+    }
 }

@@ -122,6 +122,17 @@ enum Failure {
     Unhealthy { shown: String, why: String },
 }
 
+impl Failure {
+    /// What went wrong, in one line.
+    fn line(&self) -> String {
+        match self {
+            Failure::Refused { status, message } => format!("refused ({status}): {message}"),
+            Failure::Unreachable(e) => format!("{e:#}"),
+            Failure::Unhealthy { why, .. } => why.clone(),
+        }
+    }
+}
+
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Failure {
         Failure::Unreachable(e)
@@ -172,6 +183,16 @@ impl Target {
             read,
             peers: cfg.fleet.peers,
         })
+    }
+
+    /// The balancer at `addr` (a peer), asked with this one's tokens, which a fleet shares.
+    fn at(&self, addr: SocketAddr) -> Target {
+        Target {
+            addr,
+            admin: self.admin.clone(),
+            read: self.read.clone(),
+            peers: Vec::new(),
+        }
     }
 
     /// The token a request sends: the admin token for writes; for reads the admin token, else
@@ -349,54 +370,27 @@ fn run(cli: &Cli) -> Result<String, Failure> {
     if !cli.fleet || matches!(cli.command, Command::Fleet { .. }) {
         return run_on(cli, &t);
     }
-    // `--fleet`: one balancer after the other, each answer under its API address; the worst
-    // failure decides the exit code, after every balancer was asked.
+    // `--fleet`: one balancer after the other, each answer under its API address; exit 1
+    // after every balancer was asked if one of them failed.
     let mut out = String::new();
-    let mut failed: Option<Failure> = None;
-    let members = std::iter::once(t.addr).chain(t.peers.iter().copied());
-    for addr in members {
-        let member = Target {
-            addr,
-            admin: t.admin.clone(),
-            read: t.read.clone(),
-            peers: Vec::new(),
-        };
+    let mut failed = Vec::new();
+    for addr in std::iter::once(t.addr).chain(t.peers.iter().copied()) {
         out.push_str(&format!("== {addr}\n"));
-        match run_on(cli, &member) {
+        match run_on(cli, &t.at(addr)) {
             Ok(text) => out.push_str(&text),
             Err(e) => {
-                let line = match &e {
-                    Failure::Refused { status, message } => {
-                        format!("refused ({status}): {message}")
-                    }
-                    Failure::Unreachable(e) => format!("{e:#}"),
-                    Failure::Unhealthy { why, .. } => why.clone(),
-                };
-                out.push_str(&format!("failed: {line}\n"));
-                let worse = match (&failed, &e) {
-                    (None, _) => true,
-                    (Some(Failure::Unreachable(_)), _) => false,
-                    (_, Failure::Unreachable(_)) => true,
-                    _ => false,
-                };
-                if worse {
-                    failed = Some(e);
-                }
+                out.push_str(&format!("failed: {}\n", e.line()));
+                failed.push(addr.to_string());
             }
         }
     }
-    match failed {
-        None => Ok(out),
-        Some(e) => Err(Failure::Unhealthy {
+    if failed.is_empty() {
+        Ok(out)
+    } else {
+        Err(Failure::Unhealthy {
             shown: out,
-            why: match e {
-                Failure::Unreachable(e) => format!("a balancer could not be asked: {e:#}"),
-                Failure::Refused { status, message } => {
-                    format!("a balancer refused ({status}): {message}")
-                }
-                Failure::Unhealthy { why, .. } => why,
-            },
-        }),
+            why: format!("failed on {}", failed.join(", ")),
+        })
     }
 }
 
@@ -629,22 +623,10 @@ fn fleet_status(t: &Target, json: bool) -> Result<String, Failure> {
     let mut problems = Vec::new();
     let members = std::iter::once(t.addr).chain(t.peers.iter().copied());
     for (i, addr) in members.enumerate() {
-        let peer = Target {
-            addr,
-            admin: t.admin.clone(),
-            read: t.read.clone(),
-            peers: Vec::new(),
-        };
-        let v = match peer.call("GET", "/v1/status", None) {
+        let v = match t.at(addr).call("GET", "/v1/status", None) {
             Ok(v) => v,
             Err(e) => {
-                let why = match e {
-                    Failure::Refused { status, message } => {
-                        format!("refused ({status}): {message}")
-                    }
-                    Failure::Unreachable(e) => format!("{e:#}"),
-                    Failure::Unhealthy { why, .. } => why,
-                };
+                let why = e.line();
                 problems.push(format!("{addr} cannot be asked: {why}"));
                 rows.push(vec![
                     "?".into(),
