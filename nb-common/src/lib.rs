@@ -208,6 +208,12 @@ pub const FLOW_RST: u32 = 2;
 /// `FlowValue::flags`: `seq` holds the client's sequence number (entries carried over from
 /// an older program have none: their first packet records it).
 pub const FLOW_SEQ: u32 = 4;
+/// `FlowValue::flags`: the connection is another balancer's of the fleet, installed from its
+/// flow sync (the agent's `sync` module) so that a client packet the router sends here is
+/// forwarded with the owner's translation. Cleared by the first client packet forwarded
+/// here (this host carries it from then on); a peer's "closed" message removes only entries
+/// that still carry it.
+pub const FLOW_LEARNED: u32 = 8;
 /// `RevValue::flags`: the backend answered (any packet back).
 pub const REV_REPLIED: u32 = 1;
 /// `RevValue::flags`: the backend sent FIN or RST.
@@ -229,6 +235,10 @@ pub const REV_TW_NONE: u32 = 32;
 /// `RevValue::flags`: the client reset the connection (a RST inside the window) at
 /// `last_seen`; confirmed by `RST_CONFIRM_SECS` of silence, cleared by any later packet.
 pub const REV_CLIENT_RST: u32 = 64;
+/// `RevValue::flags`: installed from a peer's flow sync, and no backend packet of it was
+/// addressed to this host yet (its SNAT address is still the peer's): frames for another
+/// host's MAC are left alone until one is. Cleared by the first that is.
+pub const REV_LEARNED: u32 = 128;
 
 /// Indexes of the per-CPU packet counters (`STATS`). The names are the `action` label of
 /// `nb_xdp_packets_total`.
@@ -295,8 +305,14 @@ pub mod stat {
     /// An ICMP or ICMPv6 error from the backend's side about a connection, translated and
     /// sent to its client.
     pub const ICMP_REPLY: u32 = 23;
+    /// A new connection the fleet's flow sync could not hear of: its event ring was full
+    /// (the agent fell behind). The connection works; only its survival of a failover is lost.
+    pub const SYNC_LOST: u32 = 24;
+    /// A backend's packet of a connection learned from a peer, dropped because no route
+    /// towards its client is known here yet (the backend sends it again).
+    pub const DROP_NO_CLIENT_ROUTE: u32 = 25;
     /// Number of counters.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 26;
     /// Label of each counter, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "rx",
@@ -323,6 +339,8 @@ pub mod stat {
         "drop_wrong_side",
         "icmp_forward",
         "icmp_reply",
+        "sync_lost",
+        "drop_no_client_route",
     ];
 }
 
@@ -624,6 +642,25 @@ pub struct ThrottleState {
 const _: () = assert!(size_of::<ThrottleState>() == 16);
 
 /// Words of the `SVC_PORTS` bitmap: one bit per TCP port.
+/// A connection that completed its handshake, as the program reports it for the fleet's flow
+/// sync: the client's key and its translation. Everything else a peer needs (the reply
+/// entry, its own ids, the next hops) follows from these on the peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncEvent {
+    /// The client's packets' key, as in `FLOWS`.
+    pub key: FlowKey,
+    pub backend_addr: [u32; 4],
+    pub snat_addr: [u32; 4],
+    pub backend_port: u16,
+    pub snat_port: u16,
+}
+const _: () = assert!(size_of::<SyncEvent>() == 76);
+
+/// Bytes of the `SYNC_EVENTS` ring: about 25000 events (84 bytes each with the ring's header), a quarter of a second of new
+/// connections at 100000/s, which the agent drains every few milliseconds.
+pub const SYNC_RING_BYTES: u32 = 1 << 21;
+
 pub const SVC_PORT_WORDS: u32 = 65536 / 64;
 
 /// Names of the maps, as pinned under `bpf_pin_path`.
@@ -674,6 +711,12 @@ pub mod maps {
     pub const VLAN_DEVS: &str = "NB_VLAN_DEVS";
     /// Which agent the pins belong to (u64 array, indexed by `owner::*`), written by the agent.
     pub const OWNER: &str = "NB_OWNER";
+    /// XDP interface ifindex -> its MAC (the first 6 of 8 bytes), written by the agent: a
+    /// frame addressed to another host's MAC (flooded by a switch, or seen on a veth) opens
+    /// no connection and adopts no peer's.
+    pub const IFACE_MACS: &str = "NB_IFACE_MACS";
+    /// Ring buffer of [`super::SyncEvent`]s (see `cfg::SYNC`).
+    pub const SYNC_EVENTS: &str = "NB_SYNC_EVENTS";
 }
 
 /// Indexes of the `OWNER` array: the network namespace whose interfaces the pinned program
@@ -695,9 +738,11 @@ pub mod cfg {
     /// A veth delivers XDP_TX frames only when its peer runs an XDP program of its own; a
     /// redirect reaches a peer that merely has GRO on. Real NICs keep the faster XDP_TX.
     pub const TX_BY_REDIRECT: u32 = 1;
-    /// Unused (it held a clock the agent wrote; the program now keeps its own, see its
-    /// `clock` module, so that time moves while no agent runs).
-    pub const UNUSED_2: u32 = 2;
+    /// Non-zero: every connection that completes its handshake is reported on the
+    /// `SYNC_EVENTS` ring (a [`super::SyncEvent`]), for the agent to send to the fleet's
+    /// peers. Off outside a fleet with flow sync, where nobody reads the ring. (The slot once
+    /// held a clock the agent wrote; the program keeps its own now.)
+    pub const SYNC: u32 = 2;
     /// Number of entries.
     pub const COUNT: u32 = 4;
 }
@@ -728,4 +773,5 @@ mod pod {
     unsafe impl aya::Pod for NextHopCache {}
     // SAFETY: as above.
     unsafe impl aya::Pod for VlanDev {}
+    unsafe impl aya::Pod for SyncEvent {}
 }

@@ -8,14 +8,14 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use nb_common::{
-    FLOW_CLOSING, FLOW_RST, FLOW_SEQ, FlowKey, FlowValue, HALF_OPEN_SECS, PROTO_TCP,
+    FLOW_CLOSING, FLOW_LEARNED, FLOW_RST, FLOW_SEQ, FlowKey, FlowValue, HALF_OPEN_SECS, PROTO_TCP,
     REV_CLIENT_RST, REV_CLOSING, REV_REFUSED, REV_REPLIED, RST_CONFIRM_SECS, RevValue, SEQ_STEP,
-    ServiceKey, stat,
+    ServiceKey, SyncEvent, cfg, stat,
 };
 
 use crate::{
-    SECOND, backend_stats, cache, flow_key, in_window,
-    maps::{FLOWS, HALF_FLOWS, HALF_REV, REV_FLOWS, SERVICES, count},
+    SECOND, backend_stats, cache, flow_key, for_us, in_window,
+    maps::{FLOWS, HALF_FLOWS, HALF_REV, REV_FLOWS, SERVICES, SYNC_EVENTS, count, setting},
     nat::{self, NextHop},
     open,
     parse::{Packet, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -46,6 +46,11 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet, plain: bool, t: u64) -> Result<u32
         // SAFETY: the map value stays valid for this program run; concurrent writers only
         // set flag bits, timestamps and the next hop, where a lost update is harmless.
         let f = unsafe { &mut *fv };
+        if f.flags & FLOW_LEARNED != 0 && !for_us(ctx, pkt) {
+            // A peer's connection in a frame for another host (the peer's own, flooded):
+            // that host carries it.
+            return Err(Skip::NotOurs);
+        }
         if !syn || !over(pkt, f, t) {
             established(ctx, pkt, &key, f, t);
             if let Some(at) = &at
@@ -135,6 +140,11 @@ fn half_given_up(pkt: &Packet, hf: &FlowValue, t: u64) -> bool {
 /// changes none of that: it proves nothing about the connection (see `over`).
 #[inline(always)]
 fn established(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: &mut FlowValue, t: u64) {
+    if f.flags & FLOW_LEARNED != 0 {
+        // A peer's connection the router now sends here: this host carries it.
+        f.flags &= !FLOW_LEARNED;
+        adopt(ctx, pkt, f);
+    }
     if pkt.flags & (TCP_FIN | TCP_RST) != 0 {
         if f.flags & FLOW_SEQ != 0 && !in_window(pkt.seq, f.seq) {
             count(stat::OUT_OF_WINDOW);
@@ -176,6 +186,32 @@ fn established(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: &mut FlowValue,
             NextHop::None => {}
         }
     }
+}
+
+/// The first client packet of a connection learned from a peer: its reply entry, which never
+/// saw the client here, learns where the client's packets come from (interface, MACs, VLAN),
+/// as a connection opened here does from its SYN. Without it, the backend's replies would
+/// need the FIB's next hop towards the client, whose MAC this host may never have resolved.
+#[inline(always)]
+fn adopt(ctx: &XdpContext, pkt: &Packet, f: &FlowValue) {
+    let rkey = reply_key(f, pkt.family);
+    let Some(rv) = REV_FLOWS.get_ptr_mut(&rkey) else {
+        return;
+    };
+    // SAFETY: valid for this program run; a lost update between CPUs is redone by the FIB.
+    let r = unsafe { &mut *rv };
+    if r.ifindex != 0 || !serves(r, pkt) {
+        return;
+    }
+    let Ok(eth) = crate::parse::ptr_at::<[u8; 12]>(ctx, 0) else {
+        return;
+    };
+    // SAFETY: `ptr_at` checked the 12 address bytes lie inside the packet.
+    let eth = unsafe { &*eth };
+    r.dmac.copy_from_slice(&eth[6..]);
+    r.smac.copy_from_slice(&eth[..6]);
+    r.vlan = pkt.vlan;
+    r.ifindex = ctx.ingress_ifindex() as u32;
 }
 
 /// Sets (`on`) or clears the client-reset mark of the reply entry of client entry `f`: the
@@ -300,7 +336,31 @@ fn promote(
     cache::invalidate(key);
     cache::invalidate(rkey);
     count(stat::ESTABLISHED);
+    if setting(cfg::SYNC) != 0 {
+        report(key, &s.flow);
+    }
     send_on(ctx, pkt, &s.flow)
+}
+
+/// Reports the connection `key` -> `f` that just opened to the agent's flow sync. A full ring
+/// loses the report (counted), never the connection.
+#[inline(always)]
+fn report(key: &FlowKey, f: &FlowValue) {
+    let Some(mut e) = SYNC_EVENTS.reserve::<SyncEvent>(0) else {
+        count(stat::SYNC_LOST);
+        return;
+    };
+    let p = e.as_mut_ptr();
+    // SAFETY: `reserve` handed out room for one `SyncEvent`, written here field by field (a
+    // struct built on the stack first has no room there) before it is submitted.
+    unsafe {
+        (*p).key = *key;
+        (*p).backend_addr = f.backend_addr;
+        (*p).snat_addr = f.snat_addr;
+        (*p).backend_port = f.backend_port;
+        (*p).snat_port = f.snat_port;
+    }
+    e.submit(0);
 }
 
 /// Translates a client's packet of connection `f` and sends it to its backend.

@@ -136,6 +136,46 @@ pub fn in_window(seq: u32, reference: u32) -> bool {
     d <= nb_common::SEQ_WINDOW_AHEAD as i32 && d >= -(nb_common::SEQ_WINDOW_BEHIND as i32)
 }
 
+/// Whether the frame of `pkt` is addressed to this host: to the MAC of the interface it came
+/// in on, or to a group address, or on a VLAN (whose device may have a MAC of its own), or on
+/// an interface whose MAC the agent did not write. A NIC filters others' frames itself; a
+/// veth, or a NIC in promiscuous mode, shows XDP frames a switch flooded to every port, which
+/// must open no connection (the host they are for opens it) and adopt no peer's.
+#[inline(always)]
+pub fn for_us(ctx: &XdpContext, pkt: &Packet) -> bool {
+    match maps::SCRATCH.get_ptr_mut(0) {
+        // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
+        Some(s) => for_us_with(ctx, pkt, unsafe { &mut *s }),
+        None => true,
+    }
+}
+
+/// [`for_us`] with this CPU's scratch space at hand (the key of the lookup is kept there:
+/// the stack has no room left for it on the new-connection path).
+#[inline(always)]
+pub fn for_us_with(ctx: &XdpContext, pkt: &Packet, scratch: &mut maps::Scratch) -> bool {
+    if pkt.vlan != 0 {
+        return true;
+    }
+    scratch.ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is only read, within this program run.
+    let Some(own) = (unsafe { maps::IFACE_MACS.get(&scratch.ifindex) }) else {
+        return true;
+    };
+    let Ok(dst) = parse::ptr_at::<[u8; 6]>(ctx, 0) else {
+        return true;
+    };
+    // SAFETY: `ptr_at` checked the 6 bytes lie inside the packet.
+    let dst = unsafe { &*dst };
+    dst[0] & 1 != 0
+        || (dst[0] == own[0]
+            && dst[1] == own[1]
+            && dst[2] == own[2]
+            && dst[3] == own[3]
+            && dst[4] == own[4]
+            && dst[5] == own[5])
+}
+
 /// Updates this CPU's counters of backend `id`.
 #[inline(always)]
 pub fn backend_stats(id: u32, f: impl FnOnce(&mut BackendStats)) {

@@ -2,12 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use nb_common::{
     Backend, BackendStats, FlowKey, FlowValue, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES,
-    NextHopCache, RR_SEQ_LEN, RevValue, SVC_PORT_WORDS, ServiceInfo, ServiceKey, SvcBackends,
-    ThrottleState, VlanDev, cfg, owner, stat,
+    NextHopCache, RR_SEQ_LEN, RevValue, SVC_PORT_WORDS, SYNC_RING_BYTES, ServiceInfo, ServiceKey,
+    SvcBackends, ThrottleState, VlanDev, cfg, owner, stat,
 };
 
 /// Public address and port -> service id.
@@ -76,6 +76,10 @@ pub static HALF_REV: LruHashMap<FlowKey, RevValue> = LruHashMap::pinned(1 << 18,
 #[map(name = "NB_VLAN_DEVS")]
 pub static VLAN_DEVS: HashMap<u32, VlanDev> = HashMap::pinned(256, 0);
 
+/// XDP interface ifindex -> its MAC, padded to 8 bytes (see `nb_common::maps::IFACE_MACS`).
+#[map(name = "NB_IFACE_MACS")]
+pub static IFACE_MACS: HashMap<u32, [u8; 8]> = HashMap::pinned(64, 0);
+
 /// Whose pins these are (written and read by the agent only; see `nb_common::owner`).
 #[map(name = "NB_OWNER")]
 pub static OWNER: Array<u64> = Array::pinned(owner::COUNT, 0);
@@ -94,6 +98,8 @@ pub struct Scratch {
     pub old_key: FlowKey,
     /// What the new flow's SYN shows a backend's TIME_WAIT (see `Hello`).
     pub hello: Hello,
+    /// The ingress ifindex, as the key of an `IFACE_MACS` lookup (see `for_us_with`).
+    pub ifindex: u32,
 }
 
 /// What a new connection's SYN shows a backend's TIME_WAIT: its initial sequence number and
@@ -129,6 +135,10 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BA
 /// Client address -> token bucket for `client_conn_throttle`.
 #[map(name = "NB_THROTTLE")]
 pub static THROTTLE: LruHashMap<[u32; 4], ThrottleState> = LruHashMap::pinned(65536, 0);
+
+/// Connections that completed their handshake, for the fleet's flow sync (`cfg::SYNC`).
+#[map(name = "NB_SYNC_EVENTS")]
+pub static SYNC_EVENTS: RingBuf = RingBuf::pinned(SYNC_RING_BYTES, 0);
 
 /// Settings the agent changes at run time, by `cfg::*`.
 #[map(name = "NB_CONFIG")]

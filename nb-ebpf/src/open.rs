@@ -82,6 +82,10 @@ pub fn new_connection(
     };
     // SAFETY: a per-CPU array slot belongs to this CPU for the whole program run.
     let scratch = unsafe { &mut *scratch };
+    if !crate::for_us_with(ctx, pkt, scratch) {
+        // Another host's SYN (flooded to this port): that host opens its connection.
+        return Err(Skip::NotOurs);
+    }
     // Written field by field into the scratch space: a struct literal is built on the
     // stack first, which has no room for it.
     let rv = &mut scratch.rev;

@@ -6,8 +6,8 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use nb_common::{
-    FlowKey, REV_CLIENT_RST, REV_CLOSING, REV_REFUSED, REV_REPLIED, REV_TW_NONE, REV_TW_SEQ,
-    REV_TW_TS, RevValue, stat,
+    FlowKey, REV_CLIENT_RST, REV_CLOSING, REV_LEARNED, REV_REFUSED, REV_REPLIED, REV_TW_NONE,
+    REV_TW_SEQ, REV_TW_TS, RevValue, stat,
 };
 
 use crate::{
@@ -34,6 +34,18 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet, plain: bool, t: u64) -> Result<Opt
         // SAFETY: the map value stays valid for this program run; concurrent writers only
         // set flag bits and timestamps, where a lost update is harmless.
         let r = unsafe { &mut *rv };
+        if r.flags & REV_LEARNED != 0 {
+            if !crate::for_us(ctx, pkt) {
+                // A learned connection's reply sent to another host (the peer that still
+                // holds the SNAT address, flooded): not this host's to translate.
+                return Err(Skip::NotOurs);
+            }
+            r.flags &= !REV_LEARNED;
+        }
+        if r.ifindex == 0 && !client_side(ctx, pkt, r) {
+            count(stat::DROP_NO_CLIENT_ROUTE);
+            return Ok(Some(xdp_action::XDP_DROP));
+        }
         if !backend_side(ctx, pkt, &key, r)? {
             count(stat::DROP_WRONG_SIDE);
             return Ok(Some(xdp_action::XDP_DROP));
@@ -112,6 +124,21 @@ fn backend_side(
     r.bk_vlan = pkt.vlan;
     r.bk_mac = mac;
     Ok(true)
+}
+
+/// Fills in where reply entry `r` sends its client's packets, from the FIB (the route from
+/// the public address to the client), for an entry learned from a fleet peer (`ifindex` 0:
+/// it never saw its client's packets here). Whether a next hop with a known MAC was found.
+#[inline(always)]
+fn client_side(ctx: &XdpContext, pkt: &Packet, r: &mut RevValue) -> bool {
+    let NextHop::Known(hop) = nat::fib(ctx, pkt.v6(), &r.vip_addr, &r.client_addr) else {
+        return false;
+    };
+    r.dmac = hop.dmac;
+    r.smac = hop.smac;
+    r.vlan = hop.vlan;
+    r.ifindex = hop.ifindex;
+    true
 }
 
 /// Keeps reply entry `r` (under `key`) current: its last packet, whether the backend
