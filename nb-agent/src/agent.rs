@@ -34,6 +34,7 @@ use crate::{
     plan::{Plan, Target, health_after},
     proxy::{DRAIN_TIMEOUT, Proxy, ProxyError, tcp::TcpProxy},
     slow_start::Ramps,
+    sync::{Sync, SyncSettings},
 };
 
 /// Errors that stop the agent from starting.
@@ -49,6 +50,8 @@ pub enum AgentError {
     Api(#[from] crate::api::ApiError),
     #[error("{0}")]
     Announce(#[from] crate::announce::AnnounceError),
+    #[error("{0}")]
+    Sync(#[from] crate::sync::SyncError),
     #[error("interface {0} not found")]
     NoInterface(String),
     #[error("no public address: set [balancer] addresses or give {0:?} an address")]
@@ -210,6 +213,10 @@ pub struct Agent {
     /// `config` with the weights of ramping nodes as they stand: what the data path and the
     /// proxies balance by (the API shows `config`).
     effective: Config,
+    /// The fleet's flow sync (`[fleet] sync_listen`, with the XDP data path).
+    sync: Option<Sync>,
+    /// Connections in the flow tables at the last sweep: (this balancer's, learned from peers).
+    flows: (u64, u64),
 }
 
 impl Agent {
@@ -219,6 +226,7 @@ impl Agent {
         config: Config,
     ) -> Result<(Agent, mpsc::UnboundedReceiver<CheckEvent>), AgentError> {
         let public = public_addresses(&config)?;
+        let sync_settings = SyncSettings::of(&config.fleet)?;
         // Before anything serves: the routes an earlier agent left are withdrawn.
         let presence = Presence::open(&config)?;
         let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -237,6 +245,7 @@ impl Agent {
         } else {
             warn!("xdp_mode = \"off\": tcp ports are served in user space, not by XDP");
         }
+        let sync = start_sync(sync_settings, dataplane.as_mut())?;
         // Nodes there at start are not ramped: they all start together.
         let config_copy = config.clone();
         let mut agent = Agent {
@@ -254,6 +263,8 @@ impl Agent {
             presence,
             ramps: Ramps::default(),
             effective: config_copy,
+            sync,
+            flows: (0, 0),
         };
         // Starting is a reload onto the data path `start_dataplane` wrote (every node's health
         // unknown): every listener is new, every check starts, a `reject` node is DOWN.
@@ -284,13 +295,24 @@ impl Agent {
         )?;
         agent.health = health;
         agent.refresh_proxies();
+        agent.publish_sync_index();
         agent.announce();
         Ok((agent, events_rx))
+    }
+
+    /// Tells the flow sync where the peers' connections are looked up now.
+    fn publish_sync_index(&self) {
+        if let (Some(sync), Some(dp)) = (self.sync.as_ref(), self.dataplane.as_ref()) {
+            sync.set_index(dp.sync_index());
+        }
     }
 
     /// Announces the public addresses that are ready now and withdraws the others (see
     /// [`Presence`]); after every change of config or health.
     pub fn announce(&mut self) {
+        // A starting balancer learns its peers' connections before it is sent any.
+        self.presence
+            .set_learning(self.sync.as_ref().is_some_and(|s| !s.synced()));
         let health = &self.health;
         self.presence
             .update(&self.config, &self.public, &|k: &NodeKey| {
@@ -445,9 +467,16 @@ impl Agent {
             warn!("VLAN interfaces: {e}");
         }
         match dp.sweep(FlowTimeouts::default()) {
-            Ok(report) => self.passive_checks(&report),
+            Ok(mut report) => {
+                self.flows = (report.flows - report.learned, report.learned);
+                if let Some(sync) = &self.sync {
+                    sync.closed(std::mem::take(&mut report.closed));
+                }
+                self.passive_checks(&report);
+            }
             Err(e) => warn!("flow sweep: {e}"),
         }
+        self.publish_sync_index();
     }
 
     /// Passive checks for tcp ports: a node whose new connections in the last sweep period
@@ -486,8 +515,11 @@ impl Agent {
                 if let Some(last) = self.no_port_last.insert(key.clone(), dropped)
                     && dropped > last
                 {
-                    let snat = source_address_towards(n.address)
-                        .map_or("its private address".to_string(), |a| a.to_string());
+                    let snat = match self.config.fleet.snat_for(n.address.ip()) {
+                        Some(a) => a.to_string(),
+                        None => source_address_towards(n.address)
+                            .map_or("its private address".to_string(), |a| a.to_string()),
+                    };
                     warn!(
                         "port {name} node {} ({}): {} new connection(s) dropped since the last \
                          sweep, no free SNAT port: the 22768 ports of {snat} towards it are \
@@ -530,6 +562,8 @@ impl Agent {
     /// and admin API writes.
     pub fn apply(&mut self, new: Config) -> Result<(), AgentError> {
         let public = public_addresses(&new)?;
+        // The key file is read (and refused) before anything changes.
+        let sync_settings = SyncSettings::of(&new.fleet)?;
         let health = health_after(&self.config, &self.health, &new);
         let now = std::time::Instant::now();
         // Nodes that join ramp from now; a refused config leaves ramps of nodes that never
@@ -570,6 +604,7 @@ impl Agent {
             );
         }
         self.presence.reconfigure(&self.config, &new);
+        self.reconfigure_sync(sync_settings);
         if new.fleet.member() != self.config.fleet.member()
             && let Some(dp) = self.dataplane.as_mut()
         {
@@ -582,8 +617,24 @@ impl Agent {
         self.public = public;
         self.health = health;
         self.refresh_proxies();
+        self.publish_sync_index();
         self.announce();
         Ok(())
+    }
+
+    /// A reload changed the flow sync's address, peers or key: the old one stops and a new
+    /// one starts (without asking the peers again: this balancer's tables are current). A
+    /// new one that cannot start (its address taken) is logged; the balancer then runs
+    /// without flow sync until the next reload.
+    fn reconfigure_sync(&mut self, settings: Option<SyncSettings>) {
+        if self.sync.as_ref().map(|s| s.settings()) == settings.as_ref() {
+            return;
+        }
+        self.sync = None;
+        match start_sync(settings, self.dataplane.as_mut()) {
+            Ok(sync) => self.sync = sync,
+            Err(e) => error!("reload: flow sync not running: {e}"),
+        }
     }
 
     /// Moves every ramp on (`slow_start`): the data path and the proxies get the weights of
@@ -719,13 +770,42 @@ impl api::Running for Agent {
     }
 
     fn readiness(&self) -> Readiness {
-        self.presence.readiness()
+        let mut r = self.presence.readiness();
+        r.sync = self.sync.as_ref().map(|s| s.view());
+        (r.flows_owned, r.flows_learned) = self.flows;
+        r
     }
 
     fn set_drained(&mut self, drained: bool) {
         self.presence.set_drained(drained);
         self.announce();
     }
+}
+
+/// Starts the flow sync of `settings` on data path `dp` and turns the program's reports on
+/// (off without settings, in case an earlier agent left them on).
+fn start_sync(
+    settings: Option<SyncSettings>,
+    dp: Option<&mut Dataplane>,
+) -> Result<Option<Sync>, AgentError> {
+    let Some(dp) = dp else {
+        if let Some(s) = settings {
+            warn!(
+                "[fleet] sync_listen {}: flow sync needs the XDP data path (tcp ports in user \
+                 space are not synced)",
+                s.listen
+            );
+        }
+        return Ok(None);
+    };
+    let Some(settings) = settings else {
+        dp.set_sync(false)?;
+        return Ok(None);
+    };
+    let sync = Sync::start(settings, dp.pin_dir())?;
+    sync.set_index(dp.sync_index());
+    dp.set_sync(true)?;
+    Ok(Some(sync))
 }
 
 /// Loads, programs and attaches the XDP data path on every interface. On a failure, the
@@ -762,6 +842,7 @@ fn start_dataplane(
     // Set before attaching, so that no frame is sent by XDP_TX into a veth.
     dp.set_tx_by_redirect(veth)?;
     dp.set_vlans(&config.balancer.interfaces)?;
+    dp.set_iface_macs(&config.balancer.interfaces)?;
     let mut attached = Vec::new();
     for iface in &config.balancer.interfaces {
         enable_forwarding(iface);
@@ -861,7 +942,13 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
         _ = term.recv() => warn!("second signal: not waiting for connections to finish"),
         _ = int.recv() => warn!("second signal: not waiting for connections to finish"),
     }
-    if agent.dataplane.is_some() {
+    if let Some(dp) = agent.dataplane.as_mut() {
+        // Nobody reads the ring of new connections until the next agent turns it on again.
+        if agent.sync.take().is_some()
+            && let Err(e) = dp.set_sync(false)
+        {
+            warn!("flow sync: {e}");
+        }
         info!("stopping; the XDP program stays attached and pinned, and forwards on its own");
     } else {
         info!("stopping; tcp ports were served in user space, no XDP program is attached");

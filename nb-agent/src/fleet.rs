@@ -27,11 +27,19 @@ pub struct Readiness {
     pub drained: bool,
     /// The announce table, when the balancer announces.
     pub announce_table: Option<u32>,
+    /// Still learning the peers' connections (flow sync at start): nothing is announced.
+    pub learning: bool,
+    /// The flow sync, when it runs.
+    pub sync: Option<crate::sync::SyncView>,
+    /// Connections in the flow tables at the last sweep: this balancer's own ...
+    pub flows_owned: u64,
+    /// ... and those learned from peers, not carried here.
+    pub flows_learned: u64,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        !self.drained && !self.addresses.is_empty()
+        !self.drained && !self.learning && !self.addresses.is_empty()
     }
 }
 
@@ -40,6 +48,8 @@ impl Readiness {
 pub struct Presence {
     announcer: Option<Announcer>,
     drained: bool,
+    /// Learning the peers' connections (see [`Readiness::learning`]).
+    learning: bool,
     /// What should be announced at the last update (announced, unless writing it failed).
     ready: BTreeSet<IpAddr>,
     /// The last announcing failure, logged once until it changes or clears (updates retry
@@ -80,7 +90,7 @@ impl Presence {
         let Some(a) = self.announcer.as_mut() else {
             return;
         };
-        let wanted = if self.drained {
+        let wanted = if self.drained || self.learning {
             BTreeSet::new()
         } else {
             self.ready.clone()
@@ -117,6 +127,12 @@ impl Presence {
         self.drained = drained;
     }
 
+    /// Whether the flow sync still learns the peers' connections; takes effect at the next
+    /// update.
+    pub fn set_learning(&mut self, learning: bool) {
+        self.learning = learning;
+    }
+
     /// What `GET /v1/ready` answers.
     pub fn readiness(&self) -> Readiness {
         Readiness {
@@ -128,6 +144,8 @@ impl Presence {
                 .unwrap_or_default(),
             drained: self.drained,
             announce_table: self.announcer.as_ref().map(|a| a.table()),
+            learning: self.learning,
+            ..Readiness::default()
         }
     }
 }

@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod secret_file;
 pub mod selection;
 pub mod slow_start;
+pub mod sync;

@@ -367,7 +367,101 @@ pub fn render(snap: &Snapshot) -> String {
     for a in &r.announced {
         let _ = writeln!(out, "nb_fleet_announced{{address=\"{a}\"}} 1");
     }
+    if let Some(s) = &r.sync {
+        render_sync(&mut out, r, s);
+    }
     out
+}
+
+/// The flow sync's families (README "Flow sync"), only where it runs.
+fn render_sync(out: &mut String, r: &crate::fleet::Readiness, s: &crate::sync::SyncView) {
+    family(
+        out,
+        "nb_fleet_synced",
+        "gauge",
+        "1 once the peers' connections were learned at start (nothing is announced before).",
+    );
+    let _ = writeln!(out, "nb_fleet_synced {}", u8::from(s.synced));
+    family(
+        out,
+        "nb_fleet_flows",
+        "gauge",
+        "Connections in the flow tables at the last sweep, by owner: \"self\" (this balancer's) or \"peers\" (learned by flow sync, not carried here).",
+    );
+    let _ = writeln!(out, "nb_fleet_flows{{owner=\"self\"}} {}", r.flows_owned);
+    let _ = writeln!(out, "nb_fleet_flows{{owner=\"peers\"}} {}", r.flows_learned);
+    family(
+        out,
+        "nb_fleet_sync_messages_total",
+        "counter",
+        "Flow sync messages, by direction (\"sent\", \"received\": taken, signature and window checked).",
+    );
+    let _ = writeln!(
+        out,
+        "nb_fleet_sync_messages_total{{direction=\"sent\"}} {}",
+        s.messages_sent
+    );
+    let _ = writeln!(
+        out,
+        "nb_fleet_sync_messages_total{{direction=\"received\"}} {}",
+        s.messages_received
+    );
+    family(
+        out,
+        "nb_fleet_sync_bytes_sent_total",
+        "counter",
+        "Bytes of flow sync datagrams sent (UDP payload).",
+    );
+    let _ = writeln!(out, "nb_fleet_sync_bytes_sent_total {}", s.bytes_sent);
+    family(
+        out,
+        "nb_fleet_sync_flows_total",
+        "counter",
+        "Connections in flow sync records: \"sent\" (opened here, sent to every peer), \"installed\" (a peer's, installed here), \"removed\" (a peer's closed, removed here), \"unknown\" (no such port or node here), \"conflict\" (a live connection of this balancer's own on the key, kept).",
+    );
+    for (what, n) in [
+        ("sent", s.flows_sent),
+        ("installed", s.flows_installed),
+        ("removed", s.flows_removed),
+        ("unknown", s.flows_unknown),
+        ("conflict", s.flows_conflict),
+    ] {
+        let _ = writeln!(out, "nb_fleet_sync_flows_total{{result=\"{what}\"}} {n}");
+    }
+    family(
+        out,
+        "nb_fleet_sync_rejected_total",
+        "counter",
+        "Flow sync messages refused, by reason; none installs anything.",
+    );
+    for (reason, n) in crate::sync::wire::REASONS.iter().zip(s.rejected) {
+        let _ = writeln!(
+            out,
+            "nb_fleet_sync_rejected_total{{reason=\"{}\"}} {n}",
+            reason.reason()
+        );
+    }
+    family(
+        out,
+        "nb_fleet_sync_send_errors_total",
+        "counter",
+        "Flow sync datagrams the kernel would not send (a peer unreachable).",
+    );
+    let _ = writeln!(out, "nb_fleet_sync_send_errors_total {}", s.send_errors);
+    family(
+        out,
+        "nb_fleet_peer_up",
+        "gauge",
+        "1 while a flow sync message of the peer came within the last 3 s.",
+    );
+    for p in &s.peers {
+        let _ = writeln!(
+            out,
+            "nb_fleet_peer_up{{peer=\"{}\"}} {}",
+            p.address,
+            u8::from(p.up)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -410,6 +504,46 @@ mod tests {
     }
 
     #[test]
+    fn flow_sync_renders_its_counters_and_peers() {
+        let mut rejected = [0; 5];
+        rejected[1] = 3;
+        let snap = Snapshot {
+            readiness: crate::fleet::Readiness {
+                flows_owned: 12,
+                flows_learned: 30,
+                sync: Some(crate::sync::SyncView {
+                    listen: Some("198.18.2.11:9111".parse().unwrap()),
+                    synced: true,
+                    peers: vec![crate::sync::PeerView {
+                        address: "198.18.2.12:9111".parse().unwrap(),
+                        up: true,
+                        last_ms: Some(400),
+                        flows_learned: 30,
+                    }],
+                    flows_installed: 30,
+                    rejected,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = render(&snap);
+        for line in [
+            "nb_fleet_synced 1\n",
+            "nb_fleet_flows{owner=\"self\"} 12\n",
+            "nb_fleet_flows{owner=\"peers\"} 30\n",
+            "nb_fleet_sync_flows_total{result=\"installed\"} 30\n",
+            "nb_fleet_sync_rejected_total{reason=\"signature\"} 3\n",
+            "nb_fleet_sync_rejected_total{reason=\"replayed\"} 0\n",
+            "nb_fleet_peer_up{peer=\"198.18.2.12:9111\"} 1\n",
+            "# TYPE nb_fleet_sync_messages_total counter\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
     fn removed_nodes_have_no_histogram_and_unserved_nodes_no_counters() {
         observe_check("60002", "gone", Duration::from_millis(1));
         let snap = Snapshot {
@@ -425,10 +559,15 @@ mod tests {
                 announced: vec!["198.18.0.1".parse().unwrap()],
                 drained: false,
                 announce_table: Some(100),
+                ..Default::default()
             },
         };
         let text = render(&snap);
         assert!(!text.contains("node=\"gone\""), "{text}");
+        assert!(
+            !text.contains("nb_fleet_sync"),
+            "no sync, no sync families: {text}"
+        );
         assert!(text.contains("nb_ready 1\n"), "{text}");
         assert!(
             text.contains("nb_fleet_announced{address=\"198.18.0.1\"} 1"),

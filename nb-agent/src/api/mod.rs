@@ -1010,6 +1010,38 @@ fn readiness_json(r: &Readiness) -> Value {
         "addresses": r.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "announced": r.announced.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "announce_table": r.announce_table,
+        "learning": r.learning,
+        "flows": { "owned": r.flows_owned, "learned": r.flows_learned },
+        "sync": r.sync.as_ref().map(sync_json),
+    })
+}
+
+/// The flow sync's part of `/v1/status` and `/v1/ready` (README "Flow sync").
+fn sync_json(s: &crate::sync::SyncView) -> Value {
+    let rejected: serde_json::Map<String, Value> = crate::sync::wire::REASONS
+        .iter()
+        .zip(s.rejected)
+        .map(|(r, n)| (r.reason().to_string(), json!(n)))
+        .collect();
+    json!({
+        "listen": s.listen.map(|a| a.to_string()),
+        "synced": s.synced,
+        "peers": s.peers.iter().map(|p| json!({
+            "address": p.address.to_string(),
+            "up": p.up,
+            "last_ms": p.last_ms,
+            "flows_learned": p.flows_learned,
+        })).collect::<Vec<_>>(),
+        "messages_sent": s.messages_sent,
+        "messages_received": s.messages_received,
+        "bytes_sent": s.bytes_sent,
+        "flows_sent": s.flows_sent,
+        "flows_installed": s.flows_installed,
+        "flows_removed": s.flows_removed,
+        "flows_unknown": s.flows_unknown,
+        "flows_conflict": s.flows_conflict,
+        "rejected": rejected,
+        "send_errors": s.send_errors,
     })
 }
 

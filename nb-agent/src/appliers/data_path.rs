@@ -148,7 +148,11 @@ pub fn services(t: &Target) -> Vec<ServiceSpec> {
             let any_accept_up = nodes.iter().any(|n| n.mode == NodeMode::Accept && up(n));
             let mut backends = Vec::new();
             for n in nodes {
-                let snat = match source_address_towards(n.address) {
+                let snat = match t.config.fleet.snat_for(n.address.ip()) {
+                    Some(ip) => Ok(ip),
+                    None => source_address_towards(n.address),
+                };
+                let snat = match snat {
                     Ok(ip) => ip,
                     Err(e) => {
                         warn!(

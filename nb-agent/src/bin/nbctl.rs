@@ -635,6 +635,8 @@ fn fleet_status(t: &Target, json: bool) -> Result<String, Failure> {
                     "-".into(),
                     "-".into(),
                     "-".into(),
+                    "-".into(),
+                    "-".into(),
                 ]);
                 all.push(json!({ "api": addr.to_string(), "reachable": false, "error": why }));
                 continue;
@@ -665,12 +667,15 @@ fn fleet_status(t: &Target, json: bool) -> Result<String, Failure> {
             (false, true) => "none".to_string(),
             (false, false) => announced.join(","),
         };
+        let (flows, sync) = sync_cells(f);
         rows.push(vec![
             name,
             addr.to_string(),
             "yes".into(),
             ready.into(),
             announced,
+            flows,
+            sync,
             config,
         ]);
         let mut entry = f.clone();
@@ -682,7 +687,16 @@ fn fleet_status(t: &Target, json: bool) -> Result<String, Failure> {
         pretty(&json!({ "members": all }))
     } else {
         table(
-            &["NAME", "API", "REACHABLE", "READY", "ANNOUNCED", "CONFIG"],
+            &[
+                "NAME",
+                "API",
+                "REACHABLE",
+                "READY",
+                "ANNOUNCED",
+                "FLOWS",
+                "SYNC",
+                "CONFIG",
+            ],
             &rows,
         )
     };
@@ -694,6 +708,41 @@ fn fleet_status(t: &Target, json: bool) -> Result<String, Failure> {
             why: problems.join("; "),
         })
     }
+}
+
+/// The FLOWS and SYNC cells of a balancer's `fleet` status: its own and learned connections,
+/// and how its flow sync stands (peers up, the most recent message, messages refused).
+fn sync_cells(f: &Value) -> (String, String) {
+    let s = &f["sync"];
+    if s.is_null() {
+        return ("-".into(), "-".into());
+    }
+    let flows = format!(
+        "{} own, {} learned",
+        f["flows"]["owned"].as_u64().unwrap_or(0),
+        f["flows"]["learned"].as_u64().unwrap_or(0)
+    );
+    let peers = s["peers"].as_array().cloned().unwrap_or_default();
+    let up = peers
+        .iter()
+        .filter(|p| p["up"].as_bool() == Some(true))
+        .count();
+    let last = peers.iter().filter_map(|p| p["last_ms"].as_u64()).min();
+    let rejected: u64 = s["rejected"]
+        .as_object()
+        .map(|o| o.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    let mut cell = format!("{up}/{} peers up", peers.len());
+    if let Some(ms) = last {
+        cell.push_str(&format!(", last {:.1}s ago", ms as f64 / 1000.0));
+    }
+    if s["synced"].as_bool() != Some(true) {
+        cell.push_str(", learning");
+    }
+    if rejected > 0 {
+        cell.push_str(&format!(", {rejected} refused"));
+    }
+    (flows, cell)
 }
 
 /// `GET /v1/ready` in one line: ready or not, why not, what is announced.
@@ -712,10 +761,16 @@ fn readiness_line(v: &Value) -> String {
     };
     let ready = v.get("ready").and_then(Value::as_bool).unwrap_or(false);
     let drained = v.get("drained").and_then(Value::as_bool).unwrap_or(false);
-    let state = match (ready, drained) {
-        (true, _) => "ready".to_string(),
-        (false, true) => "not ready: drained (nbctl fleet undrain ends it)".to_string(),
-        (false, false) => "not ready: no public address has a port with a node UP".to_string(),
+    let learning = v.get("learning").and_then(Value::as_bool).unwrap_or(false);
+    let state = match (ready, drained, learning) {
+        (true, _, _) => "ready".to_string(),
+        (false, true, _) => "not ready: drained (nbctl fleet undrain ends it)".to_string(),
+        (false, false, true) => {
+            "not ready: learning the peers' connections (flow sync, at most 3 s)".to_string()
+        }
+        (false, false, false) => {
+            "not ready: no public address has a port with a node UP".to_string()
+        }
     };
     let announced = match v.get("announce_table").and_then(Value::as_u64) {
         Some(t) => format!("; announced in table {t}: {}", list("announced")),

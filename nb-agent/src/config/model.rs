@@ -29,13 +29,32 @@ pub struct Fleet {
     /// The other balancers' admin API addresses (their `[admin] listen`), which `nbctl fleet
     /// status` asks.
     pub peers: Vec<SocketAddr>,
+    /// Where this balancer receives the fleet's flow sync (UDP); `None`: no flow sync.
+    pub sync_listen: Option<SocketAddr>,
+    /// The other balancers' `sync_listen` addresses, which this one sends its flows to.
+    pub sync_peers: Vec<SocketAddr>,
+    /// The key the fleet signs its flow sync with (the same file on every balancer).
+    pub sync_key_file: Option<PathBuf>,
+    /// The source addresses of XDP-forwarded connections towards backends (at most one per
+    /// family), instead of the kernel's preferred source: addresses that an engine
+    /// (keepalived) moves to a surviving balancer, so that the backends' replies to a dead
+    /// balancer's connections reach one that holds their reply entries.
+    pub snat_addresses: Vec<IpAddr>,
 }
 
 impl Fleet {
     /// Whether this balancer is one of several serving the same addresses (it announces, or
     /// has peers): its choices must then not depend on its own history.
     pub fn member(&self) -> bool {
-        self.announce_table.is_some() || !self.peers.is_empty()
+        self.announce_table.is_some() || !self.peers.is_empty() || self.sync_listen.is_some()
+    }
+
+    /// The configured SNAT address of `backend`'s family, if any.
+    pub fn snat_for(&self, backend: IpAddr) -> Option<IpAddr> {
+        self.snat_addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == backend.is_ipv4())
     }
 }
 

@@ -719,3 +719,45 @@ fn a_fleet_table_is_read_and_absent_means_no_announcing() {
     assert_eq!(c.fleet.name.as_deref(), Some("lb-1"));
     assert_eq!(c.fleet.peers, ["198.18.2.12:9110".parse().unwrap()]);
 }
+
+#[test]
+fn flow_sync_fields_are_read_and_their_mistakes_named() {
+    let c = ok(&format!(
+        "{BAL}[fleet]\nsync_listen = \"198.18.2.11:9111\"\nsync_peers = [\"198.18.2.12:9111\"]\n\
+         sync_key_file = \"/etc/nb/fleet.key\"\nsnat_addresses = [\"198.18.2.111\", \"2001:db8::111\"]\n"
+    ));
+    assert_eq!(
+        c.fleet.sync_listen,
+        Some("198.18.2.11:9111".parse().unwrap())
+    );
+    assert_eq!(c.fleet.sync_peers, ["198.18.2.12:9111".parse().unwrap()]);
+    assert!(c.fleet.member());
+    assert_eq!(
+        c.fleet.snat_for("198.18.2.20".parse().unwrap()),
+        Some("198.18.2.111".parse().unwrap())
+    );
+    assert_eq!(
+        c.fleet.snat_for("2001:db8::20".parse().unwrap()),
+        Some("2001:db8::111".parse().unwrap())
+    );
+    assert_eq!(ok(BAL).fleet.snat_for("198.18.2.20".parse().unwrap()), None);
+    let no_key = format!("{BAL}[fleet]\nsync_listen = \"198.18.2.11:9111\"\n");
+    one_error(&no_key, 4, "sync_listen needs sync_key_file");
+    let no_listen = format!("{BAL}[fleet]\nsync_peers = [\"198.18.2.12:9111\"]\n");
+    one_error(&no_listen, 4, "sync_peers needs sync_listen");
+    let key_only = format!("{BAL}[fleet]\nsync_key_file = \"/etc/nb/fleet.key\"\n");
+    one_error(&key_only, 4, "sync_key_file needs sync_listen");
+    let relative = format!(
+        "{BAL}[fleet]\nsync_listen = \"198.18.2.11:9111\"\nsync_key_file = \"fleet.key\"\n"
+    );
+    one_error(&relative, 5, "sync_key_file must be an absolute path");
+    let itself = format!(
+        "{BAL}[fleet]\nsync_listen = \"198.18.2.11:9111\"\nsync_key_file = \"/k\"\n\
+         sync_peers = [\"198.18.2.11:9111\"]\n"
+    );
+    one_error(&itself, 6, "is this balancer's own sync_listen");
+    let two = format!("{BAL}[fleet]\nsnat_addresses = [\"198.18.2.111\", \"198.18.2.112\"]\n");
+    one_error(&two, 4, "at most one IPv4 and one IPv6");
+    let bad = format!("{BAL}[fleet]\nsync_listen = \"198.18.2.11\"\nsync_key_file = \"/k\"\n");
+    one_error(&bad, 4, "sync_listen");
+}

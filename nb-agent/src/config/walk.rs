@@ -78,7 +78,15 @@ const BALANCER_KEYS: &[&str] = &[
     "workers",
 ];
 const ADMIN_KEYS: &[&str] = &["listen", "token_file", "read_token_file"];
-const FLEET_KEYS: &[&str] = &["name", "announce_table", "peers"];
+const FLEET_KEYS: &[&str] = &[
+    "name",
+    "announce_table",
+    "peers",
+    "sync_listen",
+    "sync_peers",
+    "sync_key_file",
+    "snat_addresses",
+];
 const PORT_KEYS: &[&str] = &[
     "address",
     "port",
@@ -527,36 +535,7 @@ fn parse_document(cx: &mut Cx, root: &dyn TableLike, path: &Path) -> Config {
         None => Admin::default(),
     };
     let fleet = match top.table(cx, "fleet", "a table ([fleet])") {
-        Some((t, line)) => {
-            let mut s = Sec::new(t, line, "[fleet]");
-            let name = s.string(cx, "name");
-            if let Some(n) = &name
-                && let Some(m) = fleet_name_message(n)
-            {
-                let line = s.key_line("name");
-                s.err(cx, "name", line, m);
-            }
-            let mut peers = Vec::new();
-            for (text, line) in s.strings(cx, "peers", false).unwrap_or_default() {
-                match node_address(&text) {
-                    Ok(a) if peers.contains(&a) => {
-                        s.err(cx, "peers", line, format!("peers: {a} is listed twice"))
-                    }
-                    Ok(a) => peers.push(a),
-                    Err(m) => {
-                        let m = m.replacen("address", "peers", 1);
-                        s.err(cx, "peers", line, m);
-                    }
-                }
-            }
-            let fleet = Fleet {
-                name,
-                announce_table: s.int(cx, "announce_table", &ANNOUNCE_TABLE),
-                peers,
-            };
-            s.finish(cx, FLEET_KEYS);
-            fleet
-        }
+        Some((t, line)) => parse_fleet(cx, t, line),
         None => Fleet::default(),
     };
     let mut ports = Vec::new();
@@ -600,6 +579,101 @@ fn parse_document(cx: &mut Cx, root: &dyn TableLike, path: &Path) -> Config {
         fleet,
         ports,
     }
+}
+
+fn parse_fleet(cx: &mut Cx, t: &dyn TableLike, line: usize) -> Fleet {
+    let mut s = Sec::new(t, line, "[fleet]");
+    let name = s.string(cx, "name");
+    if let Some(n) = &name
+        && let Some(m) = fleet_name_message(n)
+    {
+        let line = s.key_line("name");
+        s.err(cx, "name", line, m);
+    }
+    let peers = peer_list(cx, &mut s, "peers");
+    let sync_peers = peer_list(cx, &mut s, "sync_peers");
+    let sync_listen = s.socket_addr(cx, "sync_listen");
+    let sync_key_file = s.path(cx, "sync_key_file");
+    let mut snat_addresses = s.ips(cx, "snat_addresses", true).unwrap_or_default();
+    if snat_addresses.iter().filter(|a| a.is_ipv4()).count() > 1
+        || snat_addresses.iter().filter(|a| a.is_ipv6()).count() > 1
+    {
+        let line = s.key_line("snat_addresses");
+        s.err(
+            cx,
+            "snat_addresses",
+            line,
+            "snat_addresses: at most one IPv4 and one IPv6 address".to_string(),
+        );
+        snat_addresses.clear();
+    }
+    let needs_listen = |s: &mut Sec, cx: &mut Cx, key: &'static str| {
+        let line = s.key_line(key);
+        s.err(
+            cx,
+            key,
+            line,
+            format!("{key} needs sync_listen (this balancer's own flow sync address)"),
+        );
+    };
+    if sync_listen.is_none() && !s.loc.bad.contains("sync_listen") {
+        if !sync_peers.is_empty() {
+            needs_listen(&mut s, cx, "sync_peers");
+        }
+        if sync_key_file.is_some() {
+            needs_listen(&mut s, cx, "sync_key_file");
+        }
+    }
+    if sync_listen.is_some() && sync_key_file.is_none() && !s.loc.bad.contains("sync_key_file") {
+        let line = s.key_line("sync_listen");
+        s.err(
+            cx,
+            "sync_listen",
+            line,
+            "sync_listen needs sync_key_file (the key the fleet signs its flow sync with)"
+                .to_string(),
+        );
+    }
+    if let Some(l) = sync_listen
+        && sync_peers.contains(&l)
+    {
+        let line = s.key_line("sync_peers");
+        s.err(
+            cx,
+            "sync_peers",
+            line,
+            format!("sync_peers: {l} is this balancer's own sync_listen"),
+        );
+    }
+    let fleet = Fleet {
+        name,
+        announce_table: s.int(cx, "announce_table", &ANNOUNCE_TABLE),
+        peers,
+        sync_listen,
+        sync_peers,
+        sync_key_file,
+        snat_addresses,
+    };
+    s.finish(cx, FLEET_KEYS);
+    fleet
+}
+
+/// A list of `IP:PORT` peer addresses under `key`, each once.
+fn peer_list(cx: &mut Cx, s: &mut Sec, key: &'static str) -> Vec<SocketAddr> {
+    let mut peers = Vec::new();
+    for (text, line) in s.strings(cx, key, false).unwrap_or_default() {
+        match node_address(&text) {
+            Ok(a) if peers.contains(&a) => {
+                s.err(cx, key, line, format!("{key}: {a} is listed twice"))
+            }
+            Ok(a) => peers.push(a),
+            Err(m) => {
+                let m = m.replacen("address", key, 1);
+                s.err(cx, key, line, m);
+            }
+        }
+    }
+    peers
 }
 
 fn parse_balancer(cx: &mut Cx, t: &dyn TableLike, line: usize) -> (Balancer, Loc) {

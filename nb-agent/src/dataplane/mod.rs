@@ -36,7 +36,9 @@ pub use netdev::{
     coarse_now_ns, driver_name, interface_index, source_address_towards, vlan_devices,
 };
 pub use services::{BackendSpec, ServiceSpec, addr_words, words_addr};
-pub use sweep::{FlowTimeouts, SweepPlan, SweepReport, UNANSWERED_AFTER_SECS, half_open_entries};
+pub use sweep::{
+    FlowTimeouts, SweepPlan, SweepReport, UNANSWERED_AFTER_SECS, client_of, half_open_entries,
+};
 
 use crate::{model::PortKey, pins};
 
@@ -174,6 +176,29 @@ impl Dataplane {
         let mut a = self.array_mut::<u64>(maps::CONFIG)?;
         a.set(cfg::TX_BY_REDIRECT, on as u64, 0)
             .map_err(map_err(maps::CONFIG))
+    }
+
+    /// Turns the program's reports of new connections for the fleet's flow sync on or off
+    /// (see `cfg::SYNC`).
+    pub fn set_sync(&mut self, on: bool) -> Result<()> {
+        let mut a = self.array_mut::<u64>(maps::CONFIG)?;
+        a.set(cfg::SYNC, on as u64, 0)
+            .map_err(map_err(maps::CONFIG))
+    }
+
+    /// Where the flow sync looks up a peer's connection here: service ids by public address
+    /// and port, backend ids by service and node address (see [`crate::sync::Index`]).
+    pub fn sync_index(&self) -> crate::sync::Index {
+        let mut index = crate::sync::Index {
+            services: self.keys.iter().map(|(k, id)| (*k, *id)).collect(),
+            ..Default::default()
+        };
+        for ((_, svc, _), id) in &self.ids {
+            if let Some(b) = self.backends.get(id) {
+                index.backends.insert((*svc, b.addr, b.port), *id);
+            }
+        }
+        index
     }
 
     /// Sets `client_conn_throttle` (new connections per second per client, 0 = off).

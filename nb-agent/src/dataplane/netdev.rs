@@ -126,6 +126,69 @@ pub fn vlan_devices(interfaces: &[String]) -> BTreeMap<u32, VlanDev> {
     out
 }
 
+/// The MAC address of `iface` in this network namespace (`SIOCGIFHWADDR`).
+pub fn interface_mac(iface: &str) -> Option<[u8; 6]> {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        family: libc::c_ushort,
+        data: [u8; 14],
+        _rest: [u8; 8],
+    }
+    const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
+    let bytes = iface.as_bytes();
+    if bytes.len() > 15 {
+        return None;
+    }
+    let mut req = IfReq {
+        name: [0; 16],
+        family: 0,
+        data: [0; 14],
+        _rest: [0; 8],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: a datagram socket only serves as a handle for the ioctl; closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `req` outlives the call and is the `struct ifreq` the command reads and writes.
+    let rc = unsafe { libc::ioctl(fd, SIOCGIFHWADDR as _, &mut req) };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    (rc == 0).then(|| req.data[..6].try_into().expect("6 bytes"))
+}
+
+impl Dataplane {
+    /// Writes the MAC of each of `interfaces` into `IFACE_MACS`, so that the program can tell
+    /// frames for this host from others' (see `nb_common::maps::IFACE_MACS`); interfaces
+    /// without one are left out (the program then takes every frame as this host's).
+    pub fn set_iface_macs(&mut self, interfaces: &[String]) -> Result<()> {
+        let want: BTreeMap<u32, [u8; 8]> = interfaces
+            .iter()
+            .filter_map(|i| {
+                let mac = interface_mac(i)?;
+                let mut padded = [0u8; 8];
+                padded[..6].copy_from_slice(&mac);
+                Some((interface_index(i)?, padded))
+            })
+            .collect();
+        let mut m: BpfHashMap<&mut MapData, u32, [u8; 8]> =
+            BpfHashMap::try_from(self.map_mut(maps::IFACE_MACS)?)
+                .map_err(map_err(maps::IFACE_MACS))?;
+        let old: Vec<u32> = m.keys().filter_map(|k| k.ok()).collect();
+        for k in old {
+            if !want.contains_key(&k) {
+                let _ = m.remove(&k);
+            }
+        }
+        for (k, v) in &want {
+            m.insert(k, v, 0).map_err(map_err(maps::IFACE_MACS))?;
+        }
+        Ok(())
+    }
+}
+
 /// The ifindex of `iface` in this network namespace.
 pub fn interface_index(iface: &str) -> Option<u32> {
     let c = std::ffi::CString::new(iface).ok()?;

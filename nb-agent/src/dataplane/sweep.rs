@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use log::info;
 use nb_common::{
-    FLOW_CLOSING, FLOW_RST, FlowKey, FlowValue, PROTO_TCP, REV_CLIENT_RST, REV_CLOSING,
-    REV_REPLIED, REV_TW_NONE, RevValue, maps,
+    FLOW_CLOSING, FLOW_LEARNED, FLOW_RST, FlowKey, FlowValue, PROTO_TCP, REV_CLIENT_RST,
+    REV_CLOSING, REV_REPLIED, REV_TW_NONE, RevValue, SyncEvent, maps,
 };
 
 use super::{Dataplane, DataplaneError, Result, coarse_now_ns, map_err};
@@ -17,8 +17,13 @@ use crate::{map_batch, model::NodeKey};
 /// What one sweep of the flow tables found.
 #[derive(Debug, Clone, Default)]
 pub struct SweepReport {
-    /// Established connections (client entries).
+    /// Established connections (client entries), learned ones included.
     pub flows: u64,
+    /// Of those, connections learned from the fleet's peers and not carried here (yet).
+    pub learned: u64,
+    /// Connections of this balancer's own whose entries expired at this sweep (closed or
+    /// idle): what the flow sync tells the peers, which remove their copies.
+    pub closed: Vec<SyncEvent>,
     /// Half-open connections (client entries).
     pub half_open: u64,
     /// Established connections' client entries that expired.
@@ -234,7 +239,10 @@ impl Dataplane {
                 continue;
             }
             plan.flow_ports.insert(u16::from_be(k.dport));
-            if !reset && !closed {
+            if v.flags & FLOW_LEARNED != 0 {
+                // Another balancer's connection: not this one's to count.
+                plan.learned += 1;
+            } else if !reset && !closed {
                 *plan.active_by_id.entry(v.backend_id).or_default() += 1;
             }
         }
@@ -283,6 +291,7 @@ impl Dataplane {
     pub fn sweep_apply(&mut self, plan: SweepPlan) -> Result<SweepReport> {
         let SweepPlan {
             flows,
+            learned,
             half_open,
             expired_fwd,
             expired_rev,
@@ -293,6 +302,17 @@ impl Dataplane {
             unanswered_by_id,
             still_unanswered,
         } = plan;
+        let closed = expired_fwd
+            .iter()
+            .filter(|(_, v)| v.flags & FLOW_LEARNED == 0)
+            .map(|(k, v)| SyncEvent {
+                key: *k,
+                backend_addr: v.backend_addr,
+                snat_addr: v.snat_addr,
+                backend_port: v.backend_port,
+                snat_port: v.snat_port,
+            })
+            .collect();
         let expired_fwd = self.unchanged::<FlowValue>(maps::FLOWS, expired_fwd)?;
         let expired_rev = self.unchanged::<RevValue>(maps::REV_FLOWS, expired_rev)?;
         let expired_half_fwd = self.unchanged::<FlowValue>(maps::HALF_FLOWS, expired_half_fwd)?;
@@ -303,6 +323,8 @@ impl Dataplane {
         self.delete_flows::<RevValue>(maps::HALF_REV, &expired_half_rev)?;
         let mut report = SweepReport {
             flows,
+            learned,
+            closed,
             half_open,
             expired: expired_fwd.len() as u64,
             expired_half_open: expired_half_fwd.len() as u64,
@@ -370,6 +392,7 @@ impl Dataplane {
 #[derive(Debug, Default)]
 pub struct SweepPlan {
     flows: u64,
+    learned: u64,
     half_open: u64,
     /// Expired entries, each with the value that made it expire.
     expired_fwd: Vec<(FlowKey, FlowValue)>,
@@ -390,7 +413,7 @@ impl SweepPlan {
 }
 
 /// The client key of the connection reply entry `v` (under reply key `k`) serves.
-fn client_of(k: &FlowKey, v: &RevValue) -> FlowKey {
+pub fn client_of(k: &FlowKey, v: &RevValue) -> FlowKey {
     FlowKey {
         src: v.client_addr,
         dst: v.vip_addr,
