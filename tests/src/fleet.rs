@@ -61,6 +61,27 @@ pub struct Fleet {
     pub lbs: Vec<Member>,
     pub dir: PathBuf,
     pub engine: Engine,
+    /// Names this fleet's pins (`/sys/fs/bpf/nb-fleet-SUFFIX-lbN`).
+    suffix: String,
+}
+
+/// How a member's agent runs (see [`Fleet::write_config_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape {
+    /// tcp ports in XDP on `eth0` (else the user-space tcp path).
+    pub xdp: bool,
+    /// Flow sync with every other member, and the member's own SNAT address
+    /// ([`Fleet::snat`]), which keepalived moves ([`Fleet::start_snat_vrrp`]).
+    pub sync: bool,
+}
+
+/// The UDP port of the flow sync on each member's address.
+pub const SYNC_PORT: u16 = 9111;
+
+/// Member `i`'s (from 0) SNAT address: its connections' source towards the backends, held
+/// by that member's keepalived while it lives and by another's when it does not.
+pub fn snat(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 2, 111 + i as u8)
 }
 
 /// Fails with the package to install when a tool the fleet runs is missing.
@@ -161,7 +182,117 @@ impl Fleet {
             lbs,
             dir,
             engine,
+            suffix,
         }
+    }
+
+    /// Starts keepalived on member `i` with one VRRP instance per member's SNAT address, its
+    /// own at a higher priority: a dead member's SNAT address moves to a survivor (no
+    /// `track_script`: the address stays with the host while its links live, whatever its
+    /// agent does, since its XDP program forwards without one). What the README's flow sync
+    /// section shows.
+    pub fn start_snat_vrrp(&self, i: usize) {
+        let m = &self.lbs[i];
+        let mut conf = String::from("global_defs {\n  enable_script_security\n}\n");
+        for j in 0..self.lbs.len() {
+            let priority = if i == j { 150 } else { 100 };
+            conf.push_str(&format!(
+                "vrrp_instance snat{j} {{\n  state BACKUP\n  interface eth0\n  \
+                 virtual_router_id {}\n  priority {priority}\n  advert_int 1\n  \
+                 virtual_ipaddress {{\n    {}/32\n  }}\n}}\n",
+                61 + j,
+                snat(j)
+            ));
+        }
+        let path = m.dir.join("snat-keepalived.conf");
+        fs::write(&path, conf).expect("snat keepalived.conf");
+        let pid = m.dir.join("snat-keepalived.pid");
+        let vrrp = m.dir.join("snat-vrrp.pid");
+        m.ns.spawn(
+            "keepalived",
+            &[
+                "-f",
+                &path.display().to_string(),
+                "-p",
+                &pid.display().to_string(),
+                "-r",
+                &vrrp.display().to_string(),
+                "-n",
+                "-l",
+                "-D",
+            ],
+            Some(&m.dir.join("snat-keepalived.log")),
+        );
+    }
+
+    /// Which member holds each member's SNAT address now.
+    pub fn snat_holders(&self) -> Vec<Option<usize>> {
+        let held: Vec<String> = self
+            .lbs
+            .iter()
+            .map(|m| m.ns.sh("ip -4 -o addr show dev eth0"))
+            .collect();
+        (0..self.lbs.len())
+            .map(|j| {
+                let a = format!("{}/32", snat(j));
+                held.iter().position(|h| h.contains(&a))
+            })
+            .collect()
+    }
+
+    /// Waits until the SNAT addresses are held as `want` says; how long that took.
+    pub fn wait_snat_holders(&self, want: &[Option<usize>], timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            let now = self.snat_holders();
+            if now == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "SNAT addresses held by {now:?}, wanted {want:?} within {timeout:?}\n{}",
+                self.lbs
+                    .iter()
+                    .map(|m| fs::read_to_string(m.dir.join("snat-keepalived.log"))
+                        .unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The fleet's flow sync key file (the same for every member).
+    pub fn sync_key(&self) -> PathBuf {
+        let key = self.dir.join("fleet.key");
+        if !key.exists() {
+            fs::write(
+                &key,
+                "bmItZmxlZXQtdGVzdC1rZXktb2YtMzItYnl0ZXMtb3ItbW9yZQ==\n",
+            )
+            .expect("fleet key");
+        }
+        key
+    }
+
+    /// Member `i`'s flow sync address.
+    pub fn sync_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.lbs[i].addr), SYNC_PORT)
+    }
+
+    /// Member `i`'s `/v1/status` `fleet` object, asked from inside its namespace.
+    pub fn fleet_status(&self, i: usize) -> String {
+        let m = &self.lbs[i];
+        m.ns.sh(&format!(
+            "curl -sS -H 'Authorization: Bearer fleet-test-token' http://{}:{ADMIN_PORT}/v1/status",
+            m.addr
+        ))
+    }
+
+    /// Member `i`'s `/metrics`.
+    pub fn metrics(&self, i: usize) -> String {
+        let m = &self.lbs[i];
+        m.ns.sh(&format!("curl -sS http://{}:{ADMIN_PORT}/metrics", m.addr))
     }
 
     /// Starts keepalived on member `i` with `priority`, tracking `nbctl ready` against its
@@ -229,6 +360,11 @@ impl Fleet {
     /// Writes member `i`'s config (the agent in user space; `[fleet] announce_table` behind
     /// BGP) with `ports` after it.
     pub fn write_config(&self, i: usize, ports: &str) -> PathBuf {
+        self.write_config_with(i, ports, Shape::default())
+    }
+
+    /// As [`Fleet::write_config`], the agent shaped by `shape`.
+    pub fn write_config_with(&self, i: usize, ports: &str, shape: Shape) -> PathBuf {
         let m = &self.lbs[i];
         let token = m.dir.join("admin.token");
         fs::write(&token, "fleet-test-token\n").expect("token");
@@ -245,13 +381,30 @@ impl Fleet {
             ),
             Engine::Vrrp => (String::new(), format!("\"{VIP}\"")),
         };
+        let sync = if shape.sync {
+            let others: Vec<String> = (0..self.lbs.len())
+                .filter(|&j| j != i)
+                .map(|j| format!("\"{}\"", self.sync_addr(j)))
+                .collect();
+            format!(
+                "sync_listen = \"{}\"\nsync_peers = [{}]\nsync_key_file = \"{}\"\n\
+                 snat_addresses = [\"{}\"]\n",
+                self.sync_addr(i),
+                others.join(", "),
+                self.sync_key().display(),
+                snat(i)
+            )
+        } else {
+            String::new()
+        };
+        let xdp_mode = if shape.xdp { "native" } else { "off" };
         let text = format!(
-            "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [{addresses}]\nxdp_mode = \"off\"\n\
-             state_dir = \"{}\"\nbpf_pin_path = \"/sys/fs/bpf/nb-fleet-{}\"\n\n\
+            "[balancer]\ninterfaces = [\"eth0\"]\naddresses = [{addresses}]\nxdp_mode = \"{xdp_mode}\"\n\
+             state_dir = \"{}\"\nbpf_pin_path = \"{}\"\n\n\
              [admin]\nlisten = \"{}:{ADMIN_PORT}\"\ntoken_file = \"{}\"\n\n\
-             [fleet]\nname = \"lb{}\"\n{announce}peers = [{}]\n\n{ports}",
+             [fleet]\nname = \"lb{}\"\n{announce}peers = [{}]\n{sync}\n{ports}",
             m.dir.join("state").display(),
-            unique_suffix(),
+            self.pin_path(i).display(),
             m.addr,
             token.display(),
             i + 1,
@@ -259,6 +412,11 @@ impl Fleet {
         );
         fs::write(&m.config, text).expect("config");
         m.config.clone()
+    }
+
+    /// Where member `i`'s agent pins its XDP program and maps.
+    pub fn pin_path(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/nb-fleet-{}-lb{}", self.suffix, i + 1))
     }
 
     /// Starts member `i`'s agent on its config.
@@ -363,6 +521,9 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
+        for i in 0..self.lbs.len() {
+            let _ = fs::remove_dir_all(self.pin_path(i));
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,9 +1,10 @@
-//! `cargo xtask bench [xdp|l4|l7]`: side-by-side benchmarks (README "Benchmarks"). Every contender
+//! `cargo xtask bench [xdp|l4|l7|fleet]`: side-by-side benchmarks (README "Benchmarks"). Every contender
 //! runs in the same run, on the same namespaces and the same backends; the tables report ratios,
 //! because these machines are shared and an absolute number means little. Results go to
 //! `target/bench/*.json`; a full run ends with one table of every part's key ratios beside their
 //! targets (`target/bench/summary.json`).
 
+mod fleet;
 mod l7;
 mod summary;
 
@@ -70,6 +71,7 @@ pub fn run(ws: &Path, part: Option<&str>, workers: u32) -> Result<()> {
             let mut keys = xdp(&out)?;
             keys.extend(l4(&out)?);
             keys.extend(l7::run(&out, workers)?);
+            keys.extend(fleet::run(&out)?);
             summary::print("Summary: nb / contender, every part", &keys);
             std::fs::write(
                 out.join("summary.json"),
@@ -80,7 +82,8 @@ pub fn run(ws: &Path, part: Option<&str>, workers: u32) -> Result<()> {
         Some("xdp") => xdp(&out)?,
         Some("l4") => l4(&out)?,
         Some("l7") => l7::run(&out, workers)?,
-        Some(other) => bail!("unknown benchmark part '{other}': xdp, l4, l7 or all"),
+        Some("fleet") => fleet::run(&out)?,
+        Some(other) => bail!("unknown benchmark part '{other}': xdp, l4, l7, fleet or all"),
     };
     summary::print("Key numbers", &keys);
     Ok(())

@@ -39,9 +39,9 @@ enum Cmd {
     },
     /// Build, start a test network with nb in front of three backends, show it working.
     Demo,
-    /// Side-by-side benchmarks (README "Benchmarks"): `xdp`, `l4`, `l7`, or all.
+    /// Side-by-side benchmarks (README "Benchmarks"): `xdp`, `l4`, `l7`, `fleet`, or all.
     Bench {
-        /// Which part: xdp, l4, l7 (default: all, ending with one table of every ratio).
+        /// Which part: xdp, l4, l7, fleet (default: all, ending with one table of every ratio).
         part: Option<String>,
         /// Worker threads of each L7 contender (nb `workers`, HAProxy `nbthread`, nginx
         /// `worker_processes`); 1 leaves the other cores to the client and the backends.
@@ -79,7 +79,10 @@ fn xtask(cmd: Cmd) -> Result<()> {
             demo::run(&workspace().join("target/release/nb-agent"))
         }
         Cmd::Bench { part, workers } => {
-            packages::ensure("cargo xtask bench", &[packages::DEMO, packages::BENCH])?;
+            packages::ensure(
+                "cargo xtask bench",
+                &[packages::DEMO, packages::TEST, packages::BENCH],
+            )?;
             build()?;
             bench::run(&workspace(), part.as_deref(), workers)
         }
