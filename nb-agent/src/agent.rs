@@ -245,7 +245,7 @@ impl Agent {
         } else {
             warn!("xdp_mode = \"off\": tcp ports are served in user space, not by XDP");
         }
-        let sync = start_sync(sync_settings, dataplane.as_mut())?;
+        let sync = start_sync(sync_settings, dataplane.as_mut(), true)?;
         // Nodes there at start are not ramped: they all start together.
         let config_copy = config.clone();
         let mut agent = Agent {
@@ -631,7 +631,7 @@ impl Agent {
             return;
         }
         self.sync = None;
-        match start_sync(settings, self.dataplane.as_mut()) {
+        match start_sync(settings, self.dataplane.as_mut(), false) {
             Ok(sync) => self.sync = sync,
             Err(e) => error!("reload: flow sync not running: {e}"),
         }
@@ -782,11 +782,13 @@ impl api::Running for Agent {
     }
 }
 
-/// Starts the flow sync of `settings` on data path `dp` and turns the program's reports on
-/// (off without settings, in case an earlier agent left them on).
+/// Starts the flow sync of `settings` on data path `dp` (asking the peers for their
+/// connections first when `learn`: at start, not at a reload) and turns the program's reports
+/// on (off without settings, in case an earlier agent left them on).
 fn start_sync(
     settings: Option<SyncSettings>,
     dp: Option<&mut Dataplane>,
+    learn: bool,
 ) -> Result<Option<Sync>, AgentError> {
     let Some(dp) = dp else {
         if let Some(s) = settings {
@@ -802,7 +804,7 @@ fn start_sync(
         dp.set_sync(false)?;
         return Ok(None);
     };
-    let sync = Sync::start(settings, dp.pin_dir())?;
+    let sync = Sync::start(settings, dp.pin_dir(), learn)?;
     sync.set_index(dp.sync_index());
     dp.set_sync(true)?;
     Ok(Some(sync))

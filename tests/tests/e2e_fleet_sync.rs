@@ -400,7 +400,7 @@ fn a_forged_replayed_or_truncated_sync_message_installs_nothing() {
     );
     // Only lb1 runs an agent; the test speaks for lb2 from lb2's address.
     f.write_config_with(0, &tcp_port(), SHAPE);
-    let _agent = f.start_agent(0);
+    let agent = f.start_agent(0);
     let key = std::fs::read(f.sync_key()).unwrap();
     let key = key.trim_ascii().to_vec();
     let now_ms = || {
@@ -470,4 +470,29 @@ fn a_forged_replayed_or_truncated_sync_message_installs_nothing() {
     assert_eq!(sync["flows_installed"], 1, "{status:#}");
     assert_eq!(sync["peers"][0]["address"], peer.to_string(), "{status:#}");
     assert_eq!(sync["peers"][0]["flows_learned"], 1, "{status:#}");
+
+    // An operator's mistake: a reload naming a key too short is refused, and the sync runs
+    // on with the key it had.
+    let short = f.dir.join("short.key");
+    std::fs::write(&short, "too short\n").unwrap();
+    let config = std::fs::read_to_string(&f.lbs[0].config).unwrap();
+    let key_path = f.sync_key().display().to_string();
+    std::fs::write(
+        &f.lbs[0].config,
+        config.replace(&key_path, &short.display().to_string()),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    nb_tests::topo::wait_log(&agent, "reload refused", 1, Duration::from_secs(5));
+    assert!(
+        agent.log_text().contains("9 bytes, at least 32 needed"),
+        "{}",
+        agent.log_text()
+    );
+    send_from_peer(&f, wire::encode(&msg(5, peer, 40005, now_ms()), &key));
+    wait_for(
+        "a good message installed after the refused reload",
+        Duration::from_secs(5),
+        || installed(&f) == 2,
+    );
 }

@@ -302,9 +302,17 @@ impl Dataplane {
             unanswered_by_id,
             still_unanswered,
         } = plan;
-        let closed = expired_fwd
+        let own: HashMap<FlowKey, FlowValue> = expired_fwd
             .iter()
             .filter(|(_, v)| v.flags & FLOW_LEARNED == 0)
+            .copied()
+            .collect();
+        let expired_fwd = self.unchanged::<FlowValue>(maps::FLOWS, expired_fwd)?;
+        // Only what is deleted now: a connection that changed since lives on, and its peers
+        // keep their copies.
+        let closed = expired_fwd
+            .iter()
+            .filter_map(|k| own.get(k).map(|v| (k, v)))
             .map(|(k, v)| SyncEvent {
                 key: *k,
                 backend_addr: v.backend_addr,
@@ -313,7 +321,6 @@ impl Dataplane {
                 snat_port: v.snat_port,
             })
             .collect();
-        let expired_fwd = self.unchanged::<FlowValue>(maps::FLOWS, expired_fwd)?;
         let expired_rev = self.unchanged::<RevValue>(maps::REV_FLOWS, expired_rev)?;
         let expired_half_fwd = self.unchanged::<FlowValue>(maps::HALF_FLOWS, expired_half_fwd)?;
         let expired_half_rev = self.unchanged::<RevValue>(maps::HALF_REV, expired_half_rev)?;

@@ -246,9 +246,10 @@ fn open_map(pin_dir: &Path, name: &str) -> Result<Map, SyncError> {
 }
 
 impl Sync {
-    /// Binds `settings.listen` and starts the thread on the maps pinned in `pin_dir`. The
+    /// Binds `settings.listen` and starts the thread on the maps pinned in `pin_dir`; with
+    /// `learn`, it first asks the peers for their connections (see [`RESYNC_WAIT`]). The
     /// caller turns the program's reports on (`Dataplane::set_sync`) once this succeeded.
-    pub fn start(settings: SyncSettings, pin_dir: &Path) -> Result<Sync, SyncError> {
+    pub fn start(settings: SyncSettings, pin_dir: &Path, learn: bool) -> Result<Sync, SyncError> {
         let socket = UdpSocket::bind(settings.listen).map_err(|source| SyncError::Bind {
             addr: settings.listen,
             source,
@@ -296,7 +297,11 @@ impl Sync {
             pending_since: None,
             last_sent: HashMap::new(),
             windows: HashMap::new(),
-            waiting: settings.peers.iter().copied().collect(),
+            waiting: if learn {
+                settings.peers.iter().copied().collect()
+            } else {
+                Default::default()
+            },
             started: Instant::now(),
             asked: None,
         };
