@@ -217,6 +217,8 @@ pub struct Agent {
     sync: Option<Sync>,
     /// Connections in the flow tables at the last sweep: (this balancer's, learned from peers).
     flows: (u64, u64),
+    /// The status page's samples.
+    history: crate::history::History,
 }
 
 impl Agent {
@@ -265,6 +267,7 @@ impl Agent {
             effective: config_copy,
             sync,
             flows: (0, 0),
+            history: Default::default(),
         };
         // Starting is a reload onto the data path `start_dataplane` wrote (every node's health
         // unknown): every listener is new, every check starts, a `reject` node is DOWN.
@@ -298,6 +301,12 @@ impl Agent {
         agent.publish_sync_index();
         agent.announce();
         Ok((agent, events_rx))
+    }
+
+    /// Samples every node's counters for the status page when a step has passed.
+    pub fn record_history(&mut self) {
+        let nodes = api::Running::nodes(self);
+        self.history.record(&nodes);
     }
 
     /// Tells the flow sync where the peers' connections are looked up now.
@@ -780,6 +789,10 @@ impl api::Running for Agent {
         self.presence.set_drained(drained);
         self.announce();
     }
+
+    fn history(&self) -> serde_json::Value {
+        self.history.json()
+    }
 }
 
 /// Starts the flow sync of `settings` on data path `dp` (asking the peers for their
@@ -913,6 +926,7 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
                 // A route the kernel refused is written again.
                 agent.announce();
                 agent.advance_ramps();
+                agent.record_history();
                 // Health and counters moved: what `/v1/status` shows when the loop is slow.
                 admin.publish(&agent);
             }

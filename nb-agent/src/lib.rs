@@ -11,6 +11,7 @@ pub mod fleet;
 #[cfg(test)]
 mod fuzz;
 pub mod health;
+pub mod history;
 mod map_batch;
 pub mod metrics;
 pub mod model;

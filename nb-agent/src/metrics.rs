@@ -504,6 +504,23 @@ mod tests {
     }
 
     #[test]
+    fn the_grafana_dashboard_asks_only_for_metrics_the_agent_has() {
+        let dashboard = include_str!("../../packaging/grafana-dashboard.json");
+        let source = include_str!("metrics.rs");
+        let re = regex::Regex::new(r"\bnb_[a-z_]+").unwrap();
+        let names: std::collections::BTreeSet<&str> =
+            re.find_iter(dashboard).map(|m| m.as_str()).collect();
+        assert!(names.len() > 10, "{names:?}");
+        for n in names {
+            let family = n.strip_suffix("_bucket").unwrap_or(n);
+            assert!(
+                source.contains(&format!("\"{family}\"")),
+                "the dashboard asks for {n}, which /metrics does not have"
+            );
+        }
+    }
+
+    #[test]
     fn flow_sync_renders_its_counters_and_peers() {
         let mut rejected = [0; 5];
         rejected[1] = 3;

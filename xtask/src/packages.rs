@@ -34,12 +34,13 @@ pub const DEMO: &[Tool] = &[
     tool("sysctl", "procps"),
 ];
 
-/// What the tests run besides the demo's: descriptor limits, and the fleet's BGP speaker and
-/// VRRP daemon.
+/// What the tests run besides the demo's: descriptor limits, the fleet's BGP speaker and
+/// VRRP daemon, and a browser for the status page.
 pub const TEST: &[Tool] = &[
     tool("prlimit", "util-linux"),
     tool("bird", "bird2"),
     tool("keepalived", "keepalived"),
+    tool("chromium-headless-shell", "chromium-headless-shell"),
 ];
 
 /// What the benchmarks run besides the demo's: the load generator and the anchors.

@@ -167,6 +167,9 @@ pub struct Call {
 /// Where a request is answered.
 #[derive(Debug)]
 enum Route {
+    /// `GET /`: the status page (README "Status page"), static: it holds no data of its
+    /// own and fetches everything through the routes below, under their auth.
+    Page,
     /// From the published config, in the connection task.
     Ports,
     Port(String),
@@ -182,6 +185,8 @@ enum Op {
     Metrics,
     /// `GET /v1/ready`: whether this balancer should be sent traffic (see [`Readiness`]).
     Ready,
+    /// `GET /v1/history`: the status page's samples (see [`crate::history`]).
+    History,
     /// `POST` (true) or `DELETE` (false) `/v1/fleet/drain`; authorized as a write.
     Drain(bool),
     /// Authorized before it gets here: the token is checked before the body is read.
@@ -489,7 +494,9 @@ fn route(method: &Method, path: &str) -> Result<Route, Reply> {
         })
     };
     match segs.as_slice() {
+        [] => get(Route::Page),
         ["metrics"] => get(Route::Loop(Op::Metrics)),
+        ["v1", "history"] => get(Route::Loop(Op::History)),
         ["v1", "status"] => get(Route::Loop(Op::Status)),
         ["v1", "stats"] => get(Route::Loop(Op::Stats)),
         ["v1", "ready"] => get(Route::Loop(Op::Ready)),
@@ -549,6 +556,15 @@ async fn answer(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let mut op = match route {
+            Route::Page => {
+                return Ok(Reply {
+                    status: StatusCode::OK,
+                    content_type: "text/html; charset=utf-8",
+                    body: PAGE.to_string(),
+                    close: false,
+                    snapshot_age: None,
+                });
+            }
             Route::Ports => {
                 let reveal = authorize_read(admin, authorization)?;
                 let ports: Vec<Value> = now
@@ -605,7 +621,7 @@ async fn answer(
         let kind = match op {
             Op::Status => Some(true),
             // A loop that does not answer in time is a balancer not to send traffic to.
-            Op::Stats | Op::Metrics | Op::Ready => Some(false),
+            Op::Stats | Op::Metrics | Op::Ready | Op::History => Some(false),
             Op::Write { .. } | Op::Drain(_) => None,
         };
         let _busy = slots.busy(slot);
@@ -695,7 +711,14 @@ pub trait Running {
     /// Withdraws every address (`true`, `nbctl fleet drain`) or announces again what is
     /// ready (`false`); the balancer goes on serving what reaches it either way.
     fn set_drained(&mut self, drained: bool);
+    /// The status page's samples (`GET /v1/history`); none by default.
+    fn history(&self) -> Value {
+        json!({ "fine": [], "coarse": [] })
+    }
 }
+
+/// The status page: plain HTML and a script, nothing fetched from elsewhere.
+const PAGE: &str = include_str!("page.html");
 
 /// The API's side of the agent: the file as last read, the overlay, where it is kept, and
 /// what the connection tasks see of the running agent.
@@ -817,6 +840,7 @@ impl Admin {
                 &self.status(agent.config(), &agent.nodes(), &agent.readiness()),
             ),
             Op::Stats => Reply::json(StatusCode::OK, &stats_json(&agent.snapshot())),
+            Op::History => Reply::json(StatusCode::OK, &agent.history()),
             Op::Metrics => Reply {
                 status: StatusCode::OK,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
@@ -1419,6 +1443,16 @@ mod tests {
         let r = |m: Method, p: &str| route(&m, p).map(|o| format!("{o:?}")).map_err(|r| r.status);
         assert!(r(Method::GET, "/v1/status").is_ok());
         assert!(r(Method::GET, "/metrics").is_ok());
+        assert_eq!(r(Method::GET, "/").as_deref(), Ok("Page"));
+        assert_eq!(
+            r(Method::GET, "/v1/history").as_deref(),
+            Ok("Loop(History)")
+        );
+        assert!(r(Method::POST, "/").is_err());
+        // The page loads nothing from anywhere else.
+        for outside in ["http://", "https://", "src=", "href=", "@import", "url("] {
+            assert!(!PAGE.contains(outside), "{outside} in the page");
+        }
         assert_eq!(
             r(Method::POST, "/v1/status"),
             Err(StatusCode::METHOD_NOT_ALLOWED)
