@@ -52,6 +52,8 @@ pub enum AgentError {
     Announce(#[from] crate::announce::AnnounceError),
     #[error("{0}")]
     Sync(#[from] crate::sync::SyncError),
+    #[error("{0}")]
+    Upgrade(#[from] crate::upgrade::UpgradeError),
     #[error("interface {0} not found")]
     NoInterface(String),
     #[error("no public address: set [balancer] addresses or give {0:?} an address")]
@@ -227,10 +229,29 @@ impl Agent {
     pub fn start(
         config: Config,
     ) -> Result<(Agent, mpsc::UnboundedReceiver<CheckEvent>), AgentError> {
+        Agent::start_from(config, None)
+    }
+
+    /// [`Agent::start`], taking over from the agent an upgrade replaces (`from`): its nodes'
+    /// health, its announced routes and its flow sync socket (its listening sockets are
+    /// taken by the binds, see `proxy::inherit`).
+    pub fn start_from(
+        config: Config,
+        from: Option<Upgraded>,
+    ) -> Result<(Agent, mpsc::UnboundedReceiver<CheckEvent>), AgentError> {
         let public = public_addresses(&config)?;
         let sync_settings = SyncSettings::of(&config.fleet)?;
-        // Before anything serves: the routes an earlier agent left are withdrawn.
-        let presence = Presence::open(&config)?;
+        // Before anything serves: the routes an earlier agent left are withdrawn (an upgraded
+        // one's are kept: it left them for this one).
+        let presence = match from {
+            Some(_) => Presence::adopt(&config)?,
+            None => Presence::open(&config)?,
+        };
+        let (inherited_health, inherited_sync) = match from {
+            Some(u) => (u.health_of(&config), u.sync),
+            None => (HashMap::new(), None),
+        };
+        let upgrading = !inherited_health.is_empty() || inherited_sync.is_some();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut dataplane = None;
         if let Some(mode) = attach_mode(config.balancer.xdp_mode) {
@@ -247,7 +268,12 @@ impl Agent {
         } else {
             warn!("xdp_mode = \"off\": tcp ports are served in user space, not by XDP");
         }
-        let sync = start_sync(sync_settings, dataplane.as_mut(), true)?;
+        let sync = start_sync(
+            sync_settings,
+            dataplane.as_mut(),
+            !upgrading,
+            inherited_sync,
+        )?;
         // Nodes there at start are not ramped: they all start together.
         let config_copy = config.clone();
         let mut agent = Agent {
@@ -271,7 +297,7 @@ impl Agent {
         };
         // Starting is a reload onto the data path `start_dataplane` wrote (every node's health
         // unknown): every listener is new, every check starts, a `reject` node is DOWN.
-        let health = health_after(&agent.config, &HashMap::new(), &agent.config);
+        let health = health_after(&agent.config, &inherited_health, &agent.config);
         let unknown = HashMap::new();
         let from = Target {
             config: &agent.config,
@@ -640,7 +666,7 @@ impl Agent {
             return;
         }
         self.sync = None;
-        match start_sync(settings, self.dataplane.as_mut(), false) {
+        match start_sync(settings, self.dataplane.as_mut(), false, None) {
             Ok(sync) => self.sync = sync,
             Err(e) => error!("reload: flow sync not running: {e}"),
         }
@@ -795,6 +821,110 @@ impl api::Running for Agent {
     }
 }
 
+/// What an upgraded agent leaves the new one besides its listening sockets (see
+/// [`crate::upgrade`]).
+pub struct Upgraded {
+    /// Every node's health as "PORT_KEY\tLABEL" -> "up" / "down".
+    pub health: HashMap<String, String>,
+    pub sync: Option<std::net::UdpSocket>,
+}
+
+impl Upgraded {
+    /// The health of `config`'s nodes the old agent knew.
+    fn health_of(&self, config: &Config) -> HashMap<NodeKey, Health> {
+        let mut out = HashMap::new();
+        for p in &config.ports {
+            let key = PortKey::of(p);
+            for n in &p.nodes {
+                let h = match self
+                    .health
+                    .get(&format!("{key}\t{}", n.label))
+                    .map(String::as_str)
+                {
+                    Some("up") => Health::Up,
+                    Some("down") => Health::Down,
+                    _ => continue,
+                };
+                out.insert(NodeKey::new(&key, &n.label), h);
+            }
+        }
+        out
+    }
+}
+
+impl Agent {
+    /// Hands this agent's sockets to an upgrading one on `conn` (see [`crate::upgrade`]) and
+    /// waits in a thread for it to serve, which `done` hears (true: it serves). The flow
+    /// sync stops (the new agent takes its socket and reads the ring).
+    fn hand_over(
+        &mut self,
+        conn: tokio::net::UnixStream,
+        admin: Option<&std::net::TcpListener>,
+        done: mpsc::UnboundedSender<bool>,
+    ) {
+        let conn = match conn.into_std() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("upgrade: {e}");
+                return;
+            }
+        };
+        let admin = admin.and_then(|a| a.try_clone().ok());
+        let handover = self.handover(admin);
+        // Stopped before the new agent can start its own: the ring has one reader at a time.
+        drop(self.sync.take());
+        if let Err(e) = crate::upgrade::send(&conn, &handover) {
+            warn!("upgrade: handing the sockets over: {e}");
+            self.resume_sync();
+            return;
+        }
+        info!("upgrade: sockets handed over; waiting for the new agent to serve");
+        std::thread::spawn(move || {
+            let _ = done.send(crate::upgrade::wait_ready(&conn));
+        });
+    }
+
+    /// An upgrade that failed after the flow sync was handed over: it starts again (its
+    /// socket is free once the failed agent exited).
+    fn resume_sync(&mut self) {
+        if self.sync.is_some() {
+            return;
+        }
+        match SyncSettings::of(&self.config.fleet)
+            .map_err(AgentError::from)
+            .and_then(|s| start_sync(s, self.dataplane.as_mut(), false, None))
+        {
+            Ok(s) => self.sync = s,
+            Err(e) => error!("flow sync not running after the failed upgrade: {e}"),
+        }
+    }
+
+    /// What this agent hands an upgrading one: second descriptors of every listening socket
+    /// (and `admin`'s), its flow sync socket, its nodes' health.
+    fn handover(&self, admin: Option<std::net::TcpListener>) -> crate::upgrade::Handover {
+        let mut groups = self.proxy.listening_all();
+        groups.extend(self.tcp.listening_all());
+        let health = self
+            .health
+            .iter()
+            .filter_map(|(k, h)| {
+                let h = match h {
+                    Health::Up => "up",
+                    Health::Down => "down",
+                    Health::Unknown => return None,
+                };
+                Some((format!("{}\t{}", k.port, k.label), h.to_string()))
+            })
+            .collect();
+        crate::upgrade::Handover {
+            admin,
+            groups,
+            sync: self.sync.as_ref().and_then(|s| s.socket().ok()),
+            health,
+        }
+    }
+}
+
 /// Starts the flow sync of `settings` on data path `dp` (asking the peers for their
 /// connections first when `learn`: at start, not at a reload) and turns the program's reports
 /// on (off without settings, in case an earlier agent left them on).
@@ -802,6 +932,7 @@ fn start_sync(
     settings: Option<SyncSettings>,
     dp: Option<&mut Dataplane>,
     learn: bool,
+    inherited: Option<std::net::UdpSocket>,
 ) -> Result<Option<Sync>, AgentError> {
     let Some(dp) = dp else {
         if let Some(s) = settings {
@@ -817,7 +948,7 @@ fn start_sync(
         dp.set_sync(false)?;
         return Ok(None);
     };
-    let sync = Sync::start(settings, dp.pin_dir(), learn)?;
+    let sync = Sync::start(settings, dp.pin_dir(), learn, inherited)?;
     sync.set_index(dp.sync_index());
     dp.set_sync(true)?;
     Ok(Some(sync))
@@ -877,19 +1008,76 @@ fn start_dataplane(
 /// `nb-agent run`: start, then serve until SIGTERM/SIGINT, reloading on SIGHUP; on the way
 /// out, stop accepting and let http/https requests in flight finish (up to
 /// [`DRAIN_TIMEOUT`], or until a second signal).
-pub async fn run(config_path: &Path) -> Result<(), AgentError> {
+pub async fn run(config_path: &Path, upgrade: bool) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
+    // With `--upgrade`: the running agent's sockets first (see `crate::upgrade`).
+    let mut handover = None;
+    let mut inherited_admin = None;
+    let mut upgraded = None;
+    if upgrade {
+        let (h, conn) = crate::upgrade::receive(&config.balancer.state_dir)?;
+        info!(
+            "upgrade: took {} listening address(es) over from the running agent",
+            h.groups.len()
+        );
+        crate::proxy::inherit(h.groups);
+        inherited_admin = h.admin;
+        upgraded = Some(Upgraded {
+            health: h.health,
+            sync: h.sync,
+        });
+        handover = Some(conn);
+    }
     // The admin listener first: a taken address stops the start before the data path changes.
-    let api_listener = api::bind(&config.admin).await?;
+    let api_listener = match inherited_admin {
+        Some(l) if l.local_addr().ok() == Some(config.admin.listen) => l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+            .map_err(|source| AgentError::Io {
+                what: "the admin listener handed over".into(),
+                source,
+            })?,
+        _ => api::bind(&config.admin).await?,
+    };
+    // A second descriptor, for an upgrade to hand over.
+    let api_dup = socket2::SockRef::from(&api_listener)
+        .try_clone()
+        .map(std::net::TcpListener::from)
+        .ok();
     let (mut admin, config) = api::Admin::open(config)?;
-    let (mut agent, mut checks) = Agent::start(config)?;
+    let (mut agent, mut checks) = Agent::start_from(config, upgraded)?;
     admin.publish(&agent);
-    let mut api_calls = api::serve(api_listener, admin.subscribe());
+    let api_stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut api_calls = api::serve_until(api_listener, admin.subscribe(), api_stop.clone());
     info!(
         "serving {} port(s) on {:?}",
         agent.config.ports.len(),
         agent.public
     );
+    for addr in crate::proxy::drop_inherited() {
+        info!("upgrade: {addr} is not served by this config: its socket closed");
+    }
+    if let Some(conn) = handover {
+        crate::upgrade::ready(conn);
+        info!("upgrade: told the old agent, which finishes its requests and exits");
+    }
+    // Where the next upgrade asks for these sockets.
+    let upgrades = match crate::upgrade::listen(&agent.config.balancer.state_dir).and_then(|l| {
+        tokio::net::UnixListener::from_std(l).map_err(|source| {
+            crate::upgrade::UpgradeError::Socket {
+                path: crate::upgrade::socket_path(&agent.config.balancer.state_dir),
+                source,
+            }
+        })
+    }) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!("no zero-downtime upgrade possible: {e}");
+            None
+        }
+    };
+    let (upgrade_tx, mut upgrade_rx) = mpsc::unbounded_channel::<bool>();
+    let mut upgraded_away = false;
     sd_notify("READY=1");
     let io = |what: &str| {
         let what = what.to_string();
@@ -903,6 +1091,23 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            Ok((conn, _)) = async {
+                match &upgrades {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                agent.hand_over(conn, api_dup.as_ref(), upgrade_tx.clone());
+            }
+            Some(ok) = upgrade_rx.recv() => {
+                if ok {
+                    info!("upgrade: the new agent serves; this one stops accepting and finishes its requests");
+                    upgraded_away = true;
+                    break;
+                }
+                warn!("upgrade: the new agent did not start; this one serves on");
+                agent.resume_sync();
+            }
             _ = hup.recv() => {
                 sd_notify("RELOADING=1");
                 // The file, then the API's changes over it (see `api`).
@@ -933,8 +1138,13 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
         }
     }
     sd_notify("STOPPING=1");
-    // The fleet's routers send new traffic elsewhere while this host still serves.
-    agent.presence.withdraw_all();
+    if upgraded_away {
+        // The new agent accepts on the same admin socket; this one's loop lets go of it.
+        api_stop.notify_one();
+    } else {
+        // The fleet's routers send new traffic elsewhere while this host still serves.
+        agent.presence.withdraw_all();
+    }
     // The API answers "gone" from now on instead of waiting for this loop.
     drop(api_calls);
     // No new connections anywhere; http/https requests in flight, upgraded tunnels and
@@ -959,8 +1169,10 @@ pub async fn run(config_path: &Path) -> Result<(), AgentError> {
         _ = int.recv() => warn!("second signal: not waiting for connections to finish"),
     }
     if let Some(dp) = agent.dataplane.as_mut() {
-        // Nobody reads the ring of new connections until the next agent turns it on again.
+        // Nobody reads the ring of new connections until the next agent turns it on again
+        // (after an upgrade, the new agent reads it already).
         if agent.sync.take().is_some()
+            && !upgraded_away
             && let Err(e) = dp.set_sync(false)
         {
             warn!("flow sync: {e}");

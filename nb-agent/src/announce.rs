@@ -79,6 +79,16 @@ impl Announcer {
     /// Opens rtnetlink and removes the routes an earlier agent left in `table`: until this
     /// agent is ready, nothing is announced.
     pub fn open(table: u32) -> Result<Announcer, AnnounceError> {
+        Announcer::open_with(table, false)
+    }
+
+    /// As [`Announcer::open`], but the routes found are kept as this announcer's own: an
+    /// upgrade, whose old agent announced them and stops without withdrawing.
+    pub fn adopt(table: u32) -> Result<Announcer, AnnounceError> {
+        Announcer::open_with(table, true)
+    }
+
+    fn open_with(table: u32, adopt: bool) -> Result<Announcer, AnnounceError> {
         // SAFETY: socket(2) with constant arguments; the result is checked before use.
         let fd = unsafe {
             libc::socket(
@@ -108,6 +118,10 @@ impl Announcer {
             .list()
             .map_err(|source| AnnounceError::List { table, source })?;
         for addr in left {
+            if adopt {
+                a.announced.insert(addr);
+                continue;
+            }
             a.route(RTM_DELROUTE, addr)?;
             log::info!("{addr}: route left in table {table} by an earlier agent removed");
         }

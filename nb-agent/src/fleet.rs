@@ -67,6 +67,15 @@ impl Presence {
         })
     }
 
+    /// As [`Presence::open`] for an upgrade: the routes in the table are the old agent's,
+    /// which stops without withdrawing them; they are kept and judged at the first update.
+    pub fn adopt(cfg: &Config) -> Result<Presence, AnnounceError> {
+        Ok(Presence {
+            announcer: cfg.fleet.announce_table.map(Announcer::adopt).transpose()?,
+            ..Presence::default()
+        })
+    }
+
     /// A reload applied `new` after `old`: a changed table is emptied and the new one opened
     /// (or announcing stops). Failures are logged; the old announcer then stays.
     pub fn reconfigure(&mut self, old: &Config, new: &Config) {

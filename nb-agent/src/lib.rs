@@ -22,3 +22,4 @@ pub mod secret_file;
 pub mod selection;
 pub mod slow_start;
 pub mod sync;
+pub mod upgrade;

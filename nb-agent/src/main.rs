@@ -21,6 +21,10 @@ enum Command {
         /// On exit, detach the XDP program and remove its pins instead of leaving them.
         #[arg(long)]
         detach_xdp: bool,
+        /// Take over from the agent running with this config: its listening sockets, health
+        /// and flow sync; it then finishes its requests and exits (README "Upgrading").
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file: exit 0, or 1 with every error as PATH:LINE: message.
     Check {
@@ -43,7 +47,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, detach_xdp } => {
+        Command::Run {
+            config,
+            detach_xdp,
+            upgrade,
+        } => {
             // Before anything opens descriptors: the client budget follows the limit.
             nb_agent::fds::init();
             // The control loop (sweeps, reloads) runs on this thread and the tasks it starts
@@ -71,7 +79,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = rt.block_on(agent::run(&config));
+            let result = rt.block_on(agent::run(&config, upgrade));
             if let Err(e) = result {
                 eprintln!("nb-agent: {e}");
                 return ExitCode::FAILURE;

@@ -425,6 +425,12 @@ impl Fleet {
         Agent::start_in(&m.ns, &m.dir, &m.config)
     }
 
+    /// Starts member `i`'s agent with `--upgrade`: it takes over from the one running there.
+    pub fn upgrade_agent(&self, i: usize) -> Agent {
+        let m = &self.lbs[i];
+        Agent::start_upgrade_in(&m.ns, &m.dir, &m.config)
+    }
+
     /// `nbctl ARGS` against member `i`'s agent.
     pub fn nbctl(&self, i: usize, args: &[&str]) -> std::process::Output {
         let m = &self.lbs[i];

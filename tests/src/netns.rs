@@ -142,6 +142,13 @@ impl Netns {
 
     /// Runs `f` on a thread that has joined this namespace and returns its result; a panic in
     /// `f` is re-raised here.
+    /// Moves the calling thread into namespace `name` for good (a thread of the test's own
+    /// that runs a long loop there, such as a client load).
+    pub fn join(name: &str) {
+        let path = format!("/var/run/netns/{name}");
+        join_netns(&path).unwrap_or_else(|e| panic!("setns {path}: {e}"));
+    }
+
     pub fn enter<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
         let path = format!("/var/run/netns/{}", self.name);
         let h = std::thread::spawn(move || {

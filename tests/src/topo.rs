@@ -317,14 +317,51 @@ impl Agent {
         dir: &Path,
         config: &Path,
         env: &[(&str, &str)],
+        cmd: std::process::Command,
+        attached: &dyn Fn() -> bool,
+    ) -> Agent {
+        Agent::spawn_with(dir, config, env, cmd, attached, &[])
+    }
+
+    /// As [`Agent::start_in`], with `--upgrade`: it takes over from the agent running in `ns`.
+    pub fn start_upgrade_in(ns: &Netns, dir: &Path, config: &Path) -> Agent {
+        Agent::spawn_with(
+            dir,
+            config,
+            &[],
+            ns.command(agent_bin()),
+            &|| true,
+            &["--upgrade"],
+        )
+    }
+
+    /// Starts `nb-agent run --config CONFIG --upgrade` in `topo.lb`: it takes over from the
+    /// agent running there; waits until it says it is serving.
+    pub fn start_upgrade(topo: &Topology, config: &Path) -> Agent {
+        Agent::spawn_with(
+            &topo.dir,
+            config,
+            &[],
+            topo.lb.command(agent_bin()),
+            &|| true,
+            &["--upgrade"],
+        )
+    }
+
+    fn spawn_with(
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
         mut cmd: std::process::Command,
         attached: &dyn Fn() -> bool,
+        extra: &[&str],
     ) -> Agent {
         let log = dir.join(format!("agent-{}.log", unique_suffix()));
         let logf = fs::File::create(&log).expect("agent log");
         let child = cmd
             .args(["run", "--config"])
             .arg(config)
+            .args(extra)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -388,6 +425,22 @@ impl Agent {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` for the agent to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }

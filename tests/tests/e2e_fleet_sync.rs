@@ -212,6 +212,50 @@ fn a_drained_balancers_connections_go_on_through_the_other_then_it_stops() {
 }
 
 #[test]
+fn an_upgraded_balancer_keeps_its_routes_its_connections_and_its_sync() {
+    require_root();
+    let (f, backend, mut agents) = two_in_sync("fu");
+    let mut conns = open(&f, &backend, 20);
+    let installed = |i| metric(&f, i, "nb_fleet_sync_flows_total{result=\"installed\"}");
+    wait_for(
+        "lb2 learned lb1's connections",
+        Duration::from_secs(10),
+        || installed(1) >= conns.iter().filter(|c| c.1 == 0).count() as u64,
+    );
+    // lb1's agent is upgraded in place while the router keeps sending it traffic.
+    let new = f.upgrade_agent(0);
+    nb_tests::topo::wait_log(&new, "upgrade: told the old agent", 1, ROUTING);
+    let status = agents[0].wait_exit(Duration::from_secs(20));
+    let old_log = agents[0].log_text();
+    assert!(status.is_some_and(|s| s.success()), "{old_log}");
+    assert!(
+        !old_log.contains("withdrawn"),
+        "the old agent withdrew:\n{old_log}"
+    );
+    agents[0] = new;
+    let log = agents[0].log_text();
+    assert!(
+        !log.contains("withdrawn"),
+        "the routes stayed announced:\n{log}"
+    );
+    f.wait_next_hops(&[0, 1], Duration::from_secs(1));
+    echo_every(&mut conns, "after the upgrade");
+    // The new agent reads the program's ring and sends on the socket it took over.
+    let before = installed(1);
+    let more = open(&f, &backend, 20);
+    let on_lb1 = more.iter().filter(|c| c.1 == 0).count() as u64;
+    wait_for(
+        "lb2 learned the new agent's connections",
+        Duration::from_secs(10),
+        || installed(1) >= before + on_lb1,
+    );
+    println!(
+        "lb1 upgraded: routes kept, 20 connections went on, {on_lb1} new ones synced by the new \
+         agent"
+    );
+}
+
+#[test]
 fn a_keepalived_pairs_active_balancer_dies_and_no_connection_breaks() {
     require_root();
     let (f, backend, mut agents) = in_sync("fk", 2, 2, Engine::Vrrp);

@@ -381,6 +381,16 @@ pub fn serve(
     listener: TcpListener,
     published: watch::Receiver<Arc<Published>>,
 ) -> mpsc::Receiver<Call> {
+    serve_until(listener, published, Arc::new(tokio::sync::Notify::new()))
+}
+
+/// [`serve`], whose accept loop ends (closing its descriptor of the listener) once `stop` is
+/// notified: an upgrade's old agent, whose listener the new one accepts on now.
+pub fn serve_until(
+    listener: TcpListener,
+    published: watch::Receiver<Arc<Published>>,
+    stop: Arc<tokio::sync::Notify>,
+) -> mpsc::Receiver<Call> {
     let (tx, rx) = mpsc::channel(QUEUE);
     if let Ok(a) = listener.local_addr() {
         info!("admin API and /metrics on http://{a}");
@@ -388,7 +398,11 @@ pub fn serve(
     let slots = Arc::new(Slots::new());
     tokio::spawn(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.notified() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     warn!("admin API: accept: {e}");

@@ -129,11 +129,46 @@ pub(crate) fn second_descriptor(addr: SocketAddr, l: &Sockets) -> Option<Sockets
     }
 }
 
+/// Listening sockets handed over by the agent this one upgrades (see [`crate::upgrade`]), by
+/// address: a bind for one of them takes it instead, so the socket (and what is queued on it)
+/// never closes.
+static INHERITED: std::sync::Mutex<Vec<(SocketAddr, Vec<std::net::TcpListener>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Keeps `groups` for the binds of the agent's start.
+pub fn inherit(groups: Vec<(SocketAddr, Vec<std::net::TcpListener>)>) {
+    INHERITED.lock().expect("inherited sockets").extend(groups);
+}
+
+/// Closes the inherited sockets no port took (addresses the new config no longer serves);
+/// their addresses.
+pub fn drop_inherited() -> Vec<SocketAddr> {
+    let left = std::mem::take(&mut *INHERITED.lock().expect("inherited sockets"));
+    left.into_iter().map(|(a, _)| a).collect()
+}
+
+fn take_inherited(addr: SocketAddr) -> Option<Sockets> {
+    let mut all = INHERITED.lock().expect("inherited sockets");
+    let i = all.iter().position(|(a, _)| *a == addr)?;
+    Some(Sockets(all.remove(i).1))
+}
+
+impl Sockets {
+    /// The sockets themselves (to hand them to an upgrading agent).
+    pub(crate) fn into_inner(self) -> Vec<std::net::TcpListener> {
+        self.0
+    }
+}
+
 /// Binds one socket per serving worker on `addr` (see [`Sockets`]). Another process already
 /// listening there is an error, as without SO_REUSEPORT: a probe bound without it finds
 /// such a listener first, so a second agent (or any other program of the same user, which
 /// the kernel would let into the group) never silently shares the address.
 fn bind(addr: SocketAddr, port: &str) -> Result<Sockets, ProxyError> {
+    if let Some(s) = take_inherited(addr) {
+        info!("{addr}: listening sockets taken over from the agent upgraded");
+        return Ok(s);
+    }
     bind_group(addr, port, super::workers::count())
 }
 

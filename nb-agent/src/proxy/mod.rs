@@ -31,6 +31,7 @@ use listen::{
     Listener, Sockets, accept_loop, close_now, open_connections, second_descriptor, serve_listener,
     take_or_bind,
 };
+pub use listen::{drop_inherited, inherit};
 pub use view::{PortRuntime, PortView};
 pub(crate) use view::{SharedNodes, node_views};
 pub use workers::{enter_worker, set_runtimes};
@@ -118,6 +119,14 @@ impl Proxy {
         let view = self.ports.get(&node.port)?.view();
         let n = view.nodes.iter().find(|n| n.label == node.label)?;
         Some(n.counters())
+    }
+
+    /// Second descriptors of every listening socket, by address: what an upgrade hands over.
+    pub(crate) fn listening_all(&self) -> Vec<(SocketAddr, Vec<std::net::TcpListener>)> {
+        self.listeners
+            .keys()
+            .filter_map(|a| Some((*a, self.listening(*a)?.into_inner())))
+            .collect()
     }
 
     /// The listening socket for `addr`, if this proxy listens there (a second descriptor of

@@ -227,6 +227,14 @@ impl TcpProxy {
         Some(n.counters())
     }
 
+    /// Second descriptors of every listening socket, by address: what an upgrade hands over.
+    pub(crate) fn listening_all(&self) -> Vec<(SocketAddr, Vec<std::net::TcpListener>)> {
+        self.listeners
+            .keys()
+            .filter_map(|a| Some((*a, self.listening(*a)?.into_inner())))
+            .collect()
+    }
+
     /// The listening socket for `addr`, if this proxy listens there (a second descriptor of
     /// it): for a reload that moves the address to the http proxy (see
     /// [`super::listen::take_or_bind`]).

@@ -226,6 +226,8 @@ pub struct Sync {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Command>,
     thread: Option<JoinHandle<()>>,
+    /// A second descriptor of its socket, for an upgrade to hand over.
+    socket: UdpSocket,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -249,8 +251,21 @@ impl Sync {
     /// Binds `settings.listen` and starts the thread on the maps pinned in `pin_dir`; with
     /// `learn`, it first asks the peers for their connections (see [`RESYNC_WAIT`]). The
     /// caller turns the program's reports on (`Dataplane::set_sync`) once this succeeded.
-    pub fn start(settings: SyncSettings, pin_dir: &Path, learn: bool) -> Result<Sync, SyncError> {
-        let socket = UdpSocket::bind(settings.listen).map_err(|source| SyncError::Bind {
+    pub fn start(
+        settings: SyncSettings,
+        pin_dir: &Path,
+        learn: bool,
+        inherited: Option<UdpSocket>,
+    ) -> Result<Sync, SyncError> {
+        // An upgrade hands over the running agent's socket (see `crate::upgrade`).
+        let socket = match inherited {
+            Some(s) if s.local_addr().ok() == Some(settings.listen) => s,
+            _ => UdpSocket::bind(settings.listen).map_err(|source| SyncError::Bind {
+                addr: settings.listen,
+                source,
+            })?,
+        };
+        let dup = socket.try_clone().map_err(|source| SyncError::Bind {
             addr: settings.listen,
             source,
         })?;
@@ -325,7 +340,13 @@ impl Sync {
             shared,
             tx,
             thread: Some(thread),
+            socket: dup,
         })
+    }
+
+    /// A second descriptor of its socket (an upgrade hands it to the new agent).
+    pub fn socket(&self) -> std::io::Result<UdpSocket> {
+        self.socket.try_clone()
     }
 
     /// The settings it runs with (a reload that changes them starts a new one).
