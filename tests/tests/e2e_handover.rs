@@ -69,12 +69,21 @@ fn an_upgrade_refuses_no_connection_and_finishes_the_request_in_flight() {
     let t = Topology::new("hv", Wiring::OneNic, 1);
     let backend = SocketAddr::new(backend_v4(1).into(), 8080);
     http_server(&t, backend);
+    let ck = rcgen::generate_simple_self_signed(vec!["nb.test".to_string()]).expect("rcgen");
+    let (cert, key) = (t.dir.join("nb.crt"), t.dir.join("nb.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
+    let node = format!("\n[[port.node]]\nlabel = \"b1\"\naddress = \"{backend}\"\n\n");
     let cfg = t.write_config(&format!(
         "[[port]]\nport = 80\nprotocol = \"http\"\ncheck = \"connection\"\ncheck_interval = 2\n\
-         check_timeout = 1\n\n[[port.node]]\nlabel = \"b1\"\naddress = \"{backend}\"\n"
+         check_timeout = 1\n{node}\
+         [[port]]\nport = 443\nprotocol = \"https\"\ncheck = \"connection\"\n\
+         check_interval = 2\ncheck_timeout = 1\nssl_cert = \"{}\"\nssl_key = \"{}\"\n{node}",
+        cert.display(),
+        key.display()
     ));
     let mut old = Agent::start(&t, &cfg);
-    wait_log(&old, "UP", 1, Duration::from_secs(10));
+    wait_log(&old, "UP", 2, Duration::from_secs(10));
     wait_connectable(&t.client, vip(80), Duration::from_secs(10));
 
     // New connections at full speed from the client, for as long as the upgrade takes.
@@ -96,6 +105,25 @@ fn an_upgrade_refuses_no_connection_and_finishes_the_request_in_flight() {
                 }
             }
             failures
+        })
+    };
+    // New HTTPS connections too, one curl after the other (each a full TLS handshake).
+    let stop_file = t.dir.join("stop-https");
+    let https = {
+        let client = t.client.name().to_string();
+        let stop_file = stop_file.clone();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &client, "sh", "-c"])
+                .arg(format!(
+                    "while [ ! -e {} ]; do curl -sk -o /dev/null -m 10 -w '%{{http_code}}\\n' \
+                     https://{}/; done",
+                    stop_file.display(),
+                    vip(443)
+                ))
+                .output()
+                .expect("curl loop");
+            String::from_utf8_lossy(&out.stdout).to_string()
         })
     };
     let slow = {
@@ -121,7 +149,20 @@ fn an_upgrade_refuses_no_connection_and_finishes_the_request_in_flight() {
     let old_done = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
+    std::fs::write(&stop_file, "").expect("stop the https loop");
     let failures = load.join().expect("load thread");
+    let codes = https.join().expect("https loop");
+    let tls_ok = codes.lines().filter(|l| *l == "200").count();
+    let tls_bad: Vec<&str> = codes.lines().filter(|l| *l != "200").collect();
+    println!(
+        "https: {tls_ok} new TLS connections answered 200, {} not",
+        tls_bad.len()
+    );
+    assert!(tls_bad.is_empty(), "https answers: {tls_bad:?}");
+    assert!(
+        tls_ok > 5,
+        "the https loop ran through the upgrade: {codes:?}"
+    );
     let (slow_answer, slow_took) = slow.join().expect("slow request");
     let served = ok.load(Ordering::Relaxed);
     println!(
