@@ -79,6 +79,8 @@ pub enum SyncError {
         #[source]
         source: std::io::Error,
     },
+    #[error("flow sync: starting its thread: {0}")]
+    Thread(#[source] std::io::Error),
     #[error("flow sync: pinned map {path}: {source}")]
     Map {
         path: PathBuf,
@@ -326,10 +328,7 @@ impl Sync {
         let thread = std::thread::Builder::new()
             .name("nb-sync".into())
             .spawn(move || worker.run())
-            .map_err(|source| SyncError::Bind {
-                addr: settings.listen,
-                source,
-            })?;
+            .map_err(SyncError::Thread)?;
         info!(
             "flow sync on {} with {} peer(s)",
             settings.listen,
