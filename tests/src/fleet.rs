@@ -45,6 +45,8 @@ pub const ANNOUNCE_TABLE: u32 = 100;
 pub const ADMIN_PORT: u16 = 9110;
 /// The backends' address on the shared segment.
 pub const BACKENDS: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 20);
+/// Their IPv6 address there.
+pub const BACKENDS6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x20);
 
 /// One balancer of the fleet: its namespace, address and files.
 pub struct Member {
@@ -84,6 +86,11 @@ pub fn snat(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 2, 111 + i as u8)
 }
 
+/// Member `i`'s IPv6 SNAT address (behind BGP, where the public addresses are IPv6 too).
+pub fn snat6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x111 + i as u16)
+}
+
 /// Fails with the package to install when a tool the fleet runs is missing.
 fn require(tool: &str, package: &str) {
     let found = std::process::Command::new("sh")
@@ -119,7 +126,8 @@ impl Fleet {
         veth(&router, "rb", &backends, "eth0");
         router.sh("ip link set rb master br0");
         backends.sh(&format!(
-            "ip addr add {BACKENDS}/24 dev eth0 && ip route add default via 198.18.2.1"
+            "ip addr add {BACKENDS}/24 dev eth0 && ip route add default via 198.18.2.1 && \
+             ip -6 addr add {BACKENDS6}/64 dev eth0 nodad"
         ));
         let mut lbs = Vec::new();
         let mut neighbors = String::new();
@@ -203,6 +211,15 @@ impl Fleet {
                 61 + j,
                 snat(j)
             ));
+            if self.engine == Engine::Bgp {
+                conf.push_str(&format!(
+                    "vrrp_instance snat6_{j} {{\n  state BACKUP\n  interface eth0\n  \
+                     virtual_router_id {}\n  priority {priority}\n  advert_int 1\n  \
+                     virtual_ipaddress {{\n    {}/128\n  }}\n}}\n",
+                    71 + j,
+                    snat6(j)
+                ));
+            }
         }
         let path = m.dir.join("snat-keepalived.conf");
         fs::write(&path, conf).expect("snat keepalived.conf");
@@ -230,12 +247,15 @@ impl Fleet {
         let held: Vec<String> = self
             .lbs
             .iter()
-            .map(|m| m.ns.sh("ip -4 -o addr show dev eth0"))
+            .map(|m| m.ns.sh("ip -o addr show dev eth0"))
             .collect();
         (0..self.lbs.len())
             .map(|j| {
                 let a = format!("{}/32", snat(j));
-                held.iter().position(|h| h.contains(&a))
+                let a6 = format!("{}/128", snat6(j));
+                // Behind BGP a member holds both of its SNAT addresses, or it does not count.
+                held.iter()
+                    .position(|h| h.contains(&a) && (self.engine != Engine::Bgp || h.contains(&a6)))
             })
             .collect()
     }
@@ -388,11 +408,16 @@ impl Fleet {
                 .collect();
             format!(
                 "sync_listen = \"{}\"\nsync_peers = [{}]\nsync_key_file = \"{}\"\n\
-                 snat_addresses = [\"{}\"]\n",
+                 snat_addresses = [\"{}\"{}]\n",
                 self.sync_addr(i),
                 others.join(", "),
                 self.sync_key().display(),
-                snat(i)
+                snat(i),
+                if self.engine == Engine::Bgp {
+                    format!(", \"{}\"", snat6(i))
+                } else {
+                    String::new()
+                }
             )
         } else {
             String::new()

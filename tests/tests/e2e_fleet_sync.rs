@@ -15,7 +15,7 @@ use std::{
 use nb_agent::sync::wire::{self, Kind, Message, Op, Record};
 use nb_common::{FAMILY_V4, FlowKey, PROTO_TCP, SyncEvent};
 use nb_tests::{
-    fleet::{BACKENDS, Engine, Fleet, SYNC_PORT, Shape, VIP, snat},
+    fleet::{BACKENDS, BACKENDS6, Engine, Fleet, SYNC_PORT, Shape, VIP, VIP6, snat, snat6},
     netns::{Backend, connect_in},
     require_root,
 };
@@ -31,7 +31,7 @@ const SHAPE: Shape = Shape {
 fn tcp_port() -> String {
     format!(
         "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"connection\"\ncheck_interval = 2\n\
-         check_timeout = 1\ncheck_attempts = 1\n\n[[port.node]]\nlabel = \"b1\"\naddress = \
+         check_timeout = 1\ncheck_attempts = 2\n\n[[port.node]]\nlabel = \"b1\"\naddress = \
          \"{BACKENDS}:8080\"\n"
     )
 }
@@ -49,10 +49,13 @@ fn open(f: &Fleet, b: &Backend, n: usize) -> Vec<(TcpStream, usize)> {
         s.read_exact(&mut greeting)
             .unwrap_or_else(|e| panic!("connection {i}: no greeting: {e}"));
         assert_eq!(&greeting, b"b1\n");
-        let peer = b.peers()[before];
-        let by = (0..f.lbs.len())
-            .find(|&j| peer.ip() == std::net::IpAddr::V4(snat(j)))
-            .unwrap_or_else(|| panic!("connection {i} came from {peer}, no SNAT address"));
+        // The first connection from a SNAT address since (health checks come from the
+        // balancers' own addresses).
+        let peers = b.peers();
+        let by = peers[before..]
+            .iter()
+            .find_map(|p| (0..f.lbs.len()).find(|&j| p.ip() == std::net::IpAddr::V4(snat(j))))
+            .unwrap_or_else(|| panic!("connection {i}: no SNAT address in {peers:?}"));
         out.push((s, by));
     }
     out
@@ -94,6 +97,17 @@ fn in_sync(
     running: usize,
     engine: Engine,
 ) -> (Fleet, Backend, Vec<nb_tests::topo::Agent>) {
+    in_sync_with(tag, n, running, engine, &tcp_port())
+}
+
+/// [`in_sync`] with `port` as every member's ports.
+fn in_sync_with(
+    tag: &str,
+    n: u8,
+    running: usize,
+    engine: Engine,
+    port: &str,
+) -> (Fleet, Backend, Vec<nb_tests::topo::Agent>) {
     let f = Fleet::new(tag, n, engine);
     let backend = Backend::start(
         &f.backends,
@@ -101,7 +115,7 @@ fn in_sync(
         format!("{BACKENDS}:8080").parse().unwrap(),
     );
     for i in 0..n as usize {
-        f.write_config_with(i, &tcp_port(), SHAPE);
+        f.write_config_with(i, port, SHAPE);
         f.start_snat_vrrp(i);
     }
     let own: Vec<Option<usize>> = (0..n as usize).map(Some).collect();
@@ -133,6 +147,65 @@ fn echo_every(conns: &mut [(TcpStream, usize)], what: &str) {
         echo(s, format!("{what} {i}\n").as_bytes())
             .unwrap_or_else(|e| panic!("connection {i} (lb{}) {what}: {e}", *b + 1));
     }
+}
+
+#[test]
+fn over_ipv6_a_balancers_hard_death_breaks_none_of_its_connections() {
+    require_root();
+    let port = format!(
+        "{}\n[[port.node]]\nlabel = \"b6\"\naddress = \"[{BACKENDS6}]:8080\"\n",
+        tcp_port()
+    );
+    let (f, _b1, mut agents) = in_sync_with("f6", 2, 2, Engine::Bgp, &port);
+    let b6 = Backend::start(&f.backends, "b6", SocketAddr::new(BACKENDS6.into(), 8080));
+    f.wait_next_hops6(&[0, 1], ROUTING);
+    let vip6 = SocketAddr::new(VIP6.into(), 80);
+    // Started after the agents: UP at each one's next check.
+    wait_for("the IPv6 node UP on both balancers", ROUTING, || {
+        (0..2).all(|i| f.metrics(i).contains("node=\"b6\"} 1"))
+    });
+    let mut conns = Vec::new();
+    for i in 0..32 {
+        let before = b6.peers().len();
+        let mut s = connect_in(&f.client, vip6, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut greeting = [0u8; 3];
+        s.read_exact(&mut greeting)
+            .unwrap_or_else(|e| panic!("connection {i}: no greeting: {e}"));
+        assert_eq!(&greeting, b"b6\n");
+        let peers = b6.peers();
+        let by = peers[before..]
+            .iter()
+            .find_map(|p| (0..2).find(|&j| p.ip() == std::net::IpAddr::V6(snat6(j))))
+            .unwrap_or_else(|| panic!("connection {i}: no SNAT address in {peers:?}"));
+        conns.push((s, by));
+    }
+    let on0 = conns.iter().filter(|c| c.1 == 0).count();
+    println!("32 IPv6 connections, {on0} through lb1");
+    assert!(on0 > 0 && on0 < 32, "ECMP spread them: {on0} of 32 on lb1");
+    wait_for(
+        "lb2 learned lb1's IPv6 connections",
+        Duration::from_secs(10),
+        || metric(&f, 1, "nb_fleet_sync_flows_total{result=\"installed\"}") >= on0 as u64,
+    );
+    agents[0].kill9();
+    f.lbs[0].ns.sh("ip link set eth0 down");
+    let died = Instant::now();
+    let echoes = echo_all(conns, died);
+    f.wait_next_hops6(&[1], ROUTING);
+    f.wait_snat_holders(&[Some(1), Some(1)], ROUTING);
+    let (broken, slowest) = echoes.join().unwrap();
+    println!(
+        "IPv6, lb1 killed: {} of 32 broken; the slowest echo {slowest:?}",
+        broken.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "broken: {broken:#?}\n{}\n{}",
+        f.fleet_status(1),
+        f.metrics(1)
+    );
 }
 
 #[test]
