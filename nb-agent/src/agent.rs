@@ -821,6 +821,44 @@ impl api::Running for Agent {
     }
 }
 
+/// SIGUSR2: starts the agent binary now installed (the path this one was started from) with
+/// `run --config CONFIG --upgrade`, in this process's environment and service (its stdout,
+/// stderr, cgroup and `NOTIFY_SOCKET`): it takes over (see [`crate::upgrade`]). Its exit is
+/// logged; a failed one leaves this agent serving.
+fn spawn_upgrade(config_path: &Path) {
+    let exe = match std::env::current_exe() {
+        // The file replaced by a new build: the path it was started from is the new one.
+        Ok(p) => PathBuf::from(
+            p.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string(),
+        ),
+        Err(e) => {
+            error!("upgrade: this agent's binary: {e}");
+            return;
+        }
+    };
+    match std::process::Command::new(&exe)
+        .arg("run")
+        .arg("--config")
+        .arg(config_path)
+        .arg("--upgrade")
+        .spawn()
+    {
+        Ok(mut child) => {
+            info!("upgrade: started {} (pid {})", exe.display(), child.id());
+            std::thread::spawn(move || {
+                if let Ok(s) = child.wait()
+                    && !s.success()
+                {
+                    warn!("upgrade: the new agent exited: {s}");
+                }
+            });
+        }
+        Err(e) => error!("upgrade: starting {}: {e}", exe.display()),
+    }
+}
+
 /// What an upgraded agent leaves the new one besides its listening sockets (see
 /// [`crate::upgrade`]).
 pub struct Upgraded {
@@ -1058,6 +1096,9 @@ pub async fn run(config_path: &Path, upgrade: bool) -> Result<(), AgentError> {
         info!("upgrade: {addr} is not served by this config: its socket closed");
     }
     if let Some(conn) = handover {
+        // Under systemd (NotifyAccess=all), the unit follows this process from now on: the
+        // old one's exit is not the service's.
+        sd_notify(&format!("MAINPID={}", std::process::id()));
         crate::upgrade::ready(conn);
         info!("upgrade: told the old agent, which finishes its requests and exits");
     }
@@ -1086,6 +1127,7 @@ pub async fn run(config_path: &Path, upgrade: bool) -> Result<(), AgentError> {
     let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
     let mut hup = signal(SignalKind::hangup()).map_err(io("SIGHUP handler"))?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(io("SIGUSR2 handler"))?;
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
         tokio::select! {
@@ -1099,6 +1141,7 @@ pub async fn run(config_path: &Path, upgrade: bool) -> Result<(), AgentError> {
             } => {
                 agent.hand_over(conn, api_dup.as_ref(), upgrade_tx.clone());
             }
+            _ = usr2.recv() => spawn_upgrade(config_path),
             Some(ok) = upgrade_rx.recv() => {
                 if ok {
                     info!("upgrade: the new agent serves; this one stops accepting and finishes its requests");
@@ -1137,7 +1180,9 @@ pub async fn run(config_path: &Path, upgrade: bool) -> Result<(), AgentError> {
             }
         }
     }
-    sd_notify("STOPPING=1");
+    if !upgraded_away {
+        sd_notify("STOPPING=1");
+    }
     if upgraded_away {
         // The new agent accepts on the same admin socket; this one's loop lets go of it.
         api_stop.notify_one();

@@ -59,6 +59,67 @@ fn notifies_systemd_ready_watchdog_reload_and_stop() {
     assert!(got.iter().any(|s| s.contains("STOPPING=1")));
 }
 
+/// `systemctl kill -s SIGUSR2 nb-agent`: the agent starts its binary with `--upgrade`, which
+/// takes its sockets and tells systemd it is the main process now (`MAINPID=`, then
+/// `READY=1`); the old one exits without saying STOPPING (the service goes on).
+#[test]
+fn sigusr2_upgrades_in_place_and_moves_the_main_pid() {
+    require_root();
+    let t = Topology::new("y2", Wiring::TwoNic, 1);
+    let cfg = t.write_config(&format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n\
+         [[port.node]]\nlabel = \"b1\"\naddress = \"{}:8080\"\n",
+        backend_v4(1)
+    ));
+    let path = t.dir.join(format!("notify-{}.sock", unique_suffix()));
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let p = path.to_str().expect("utf-8 path").to_string();
+    let mut agent = Agent::start_with_env(&t, &cfg, &[("NOTIFY_SOCKET", p.as_str())]);
+    messages(&sock, |m| m.iter().any(|s| s.contains("READY=1")));
+    let old = agent.pid();
+    agent.signal(libc::SIGUSR2);
+    let got = messages(&sock, |m| {
+        let moved = m.iter().position(|s| s.starts_with("MAINPID="));
+        moved.is_some_and(|i| m[i..].iter().any(|s| s.contains("READY=1")))
+    });
+    let new: i32 = got
+        .iter()
+        .find_map(|s| s.strip_prefix("MAINPID=")?.trim().parse().ok())
+        .expect("a MAINPID");
+    assert_ne!(new, old as i32, "{got:?}");
+    let status = agent.wait_exit(Duration::from_secs(20));
+    // The new agent is not this test's child: stopped by hand, whatever happens below.
+    struct Stop(i32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory preconditions; the pid is the agent this test started.
+            unsafe { libc::kill(self.0, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::path::Path::new(&format!("/proc/{}", self.0)).exists()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let _stop = Stop(new);
+    assert!(status.is_some_and(|s| s.success()), "{}", agent.log_text());
+    let later = messages(&sock, |m| m.iter().any(|s| s.contains("WATCHDOG=1")));
+    let all: Vec<&String> = got.iter().chain(later.iter()).collect();
+    assert!(
+        !all.iter().any(|s| s.contains("STOPPING=1")),
+        "the service did not stop: {all:?}"
+    );
+    let (code, _) = nb_tests::topo::admin_call(&t, "GET", "/v1/status", None, None);
+    assert_eq!(code, 200, "the new agent answers the API");
+    assert!(
+        std::path::Path::new(&format!("/proc/{new}")).exists(),
+        "the new agent runs"
+    );
+}
+
 /// `cargo xtask install --root DIR` puts the binary, a default config and the unit in place,
 /// and the installed config passes `nb-agent check`.
 #[test]

@@ -239,7 +239,11 @@ fn install(root: &Path) -> Result<()> {
     for b in ["nb-agent", "nbctl"] {
         let from = ws.join("target/release").join(b);
         let to = bin.join(b);
-        std::fs::copy(&from, &to)
+        // Copied beside it and renamed over it: a running agent keeps its old file, and the
+        // upgrade (`systemctl kill -s SIGUSR2 nb-agent`) starts the new one.
+        let tmp = bin.join(format!(".{b}.new"));
+        std::fs::copy(&from, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &to))
             .with_context(|| format!("{} -> {}", from.display(), to.display()))?;
     }
     let config = etc.join("nb.toml");
