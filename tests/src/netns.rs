@@ -334,6 +334,35 @@ impl Backend {
         self.peers.lock().expect("peers").clone()
     }
 
+    /// The peer address of every connection accepted so far, in order, each with whether its
+    /// peer still has it open: a connect-only health check has closed it at once.
+    pub fn peers_open(&self) -> Vec<(SocketAddr, bool)> {
+        let peers = self.peers();
+        let open = self.open.lock().expect("open");
+        peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let alive = open.get(i).is_some_and(|s| {
+                    let mut b = [0u8; 1];
+                    // SAFETY: a one-byte peek into a live buffer on a socket this backend owns.
+                    let n = unsafe {
+                        libc::recv(
+                            std::os::fd::AsRawFd::as_raw_fd(s),
+                            b.as_mut_ptr().cast(),
+                            1,
+                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                        )
+                    };
+                    // Data waiting, or nothing yet (EAGAIN): open; 0 (EOF) or an error: closed.
+                    n > 0
+                        || (n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
+                });
+                (*p, alive)
+            })
+            .collect()
+    }
+
     /// How many connections it accepted.
     pub fn connections(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
