@@ -331,8 +331,11 @@ impl Agent {
 
     /// Samples every node's counters for the status page when a step has passed.
     pub fn record_history(&mut self) {
-        let nodes = api::Running::nodes(self);
-        self.history.record(&nodes);
+        // The counters are read only when a sample is due (every 10 s, not every tick).
+        if self.history.due() {
+            let nodes = api::Running::nodes(self);
+            self.history.record(&nodes);
+        }
     }
 
     /// Tells the flow sync where the peers' connections are looked up now.

@@ -38,6 +38,12 @@ pub struct History {
     coarse: VecDeque<Sample>,
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn push(ring: &mut VecDeque<Sample>, s: Sample, len: usize) {
     ring.push_back(s);
     while ring.len() > len {
@@ -46,14 +52,25 @@ fn push(ring: &mut VecDeque<Sample>, s: Sample, len: usize) {
 }
 
 impl History {
-    /// Takes a sample of `nodes` at `now_ms` (ms since the Unix epoch) into each ring whose
-    /// step has passed since its last sample; whether one was taken.
-    pub fn record_at(&mut self, now_ms: u64, nodes: &[NodeSample]) -> bool {
+    /// Whether a ring's step has passed at `now_ms`: (fine, coarse).
+    fn due_at(&self, now_ms: u64) -> (bool, bool) {
         let due = |ring: &VecDeque<Sample>, step: Duration| {
             ring.back()
                 .is_none_or(|s| now_ms.saturating_sub(s.t) + 500 >= step.as_millis() as u64)
         };
-        let (fine, coarse) = (due(&self.fine, FINE_STEP), due(&self.coarse, COARSE_STEP));
+        (due(&self.fine, FINE_STEP), due(&self.coarse, COARSE_STEP))
+    }
+
+    /// Whether a sample is due now (the caller reads the counters only then).
+    pub fn due(&self) -> bool {
+        let (fine, coarse) = self.due_at(now_ms());
+        fine || coarse
+    }
+
+    /// Takes a sample of `nodes` at `now_ms` (ms since the Unix epoch) into each ring whose
+    /// step has passed since its last sample; whether one was taken.
+    pub fn record_at(&mut self, now_ms: u64, nodes: &[NodeSample]) -> bool {
+        let (fine, coarse) = self.due_at(now_ms);
         if !fine && !coarse {
             return false;
         }
@@ -81,10 +98,7 @@ impl History {
 
     /// [`History::record_at`] now.
     pub fn record(&mut self, nodes: &[NodeSample]) -> bool {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.record_at(now, nodes)
+        self.record_at(now_ms(), nodes)
     }
 
     /// `GET /v1/history`: both rings, oldest first; each sample's nodes map "PORT/NODE" to

@@ -19,7 +19,7 @@ use std::{
 };
 
 use crate::{
-    netns::{Netns, unique_suffix, veth},
+    netns::{Backend, Netns, unique_suffix, veth},
     topo::{Agent, agent_bin},
 };
 
@@ -79,6 +79,16 @@ pub struct Shape {
 
 /// The UDP port of the flow sync on each member's address.
 pub const SYNC_PORT: u16 = 9111;
+
+/// Port 80 as a tcp port to node `b1` at [`BACKENDS`]`:8080`, checked every 2 s, DOWN after
+/// `attempts` failed checks.
+pub fn tcp_port(attempts: u32) -> String {
+    format!(
+        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"connection\"\ncheck_interval = 2\n\
+         check_timeout = 1\ncheck_attempts = {attempts}\n\n[[port.node]]\nlabel = \"b1\"\n\
+         address = \"{BACKENDS}:8080\"\n"
+    )
+}
 
 /// Member `i`'s (from 0) SNAT address: its connections' source towards the backends, held
 /// by that member's keepalived while it lives and by another's when it does not.
@@ -221,25 +231,7 @@ impl Fleet {
                 ));
             }
         }
-        let path = m.dir.join("snat-keepalived.conf");
-        fs::write(&path, conf).expect("snat keepalived.conf");
-        let pid = m.dir.join("snat-keepalived.pid");
-        let vrrp = m.dir.join("snat-vrrp.pid");
-        m.ns.spawn(
-            "keepalived",
-            &[
-                "-f",
-                &path.display().to_string(),
-                "-p",
-                &pid.display().to_string(),
-                "-r",
-                &vrrp.display().to_string(),
-                "-n",
-                "-l",
-                "-D",
-            ],
-            Some(&m.dir.join("snat-keepalived.log")),
-        );
+        spawn_keepalived(m, "snat-", &conf);
     }
 
     /// Which member holds each member's SNAT address now.
@@ -320,32 +312,20 @@ impl Fleet {
     pub fn start_keepalived(&self, i: usize, priority: u8) {
         let m = &self.lbs[i];
         let nbctl = agent_bin().with_file_name("nbctl");
-        let conf = m.dir.join("keepalived.conf");
-        fs::write(
-            &conf,
-            keepalived_conf(
-                &format!("{} --config {} ready", nbctl.display(), m.config.display()),
-                priority,
-            ),
-        )
-        .expect("keepalived.conf");
-        let pid = m.dir.join("keepalived.pid");
-        let vrrp = m.dir.join("vrrp.pid");
-        m.ns.spawn(
-            "keepalived",
-            &[
-                "-f",
-                &conf.display().to_string(),
-                "-p",
-                &pid.display().to_string(),
-                "-r",
-                &vrrp.display().to_string(),
-                "-n",
-                "-l",
-                "-D",
-            ],
-            Some(&m.dir.join("keepalived.log")),
+        let conf = keepalived_conf(
+            &format!("{} --config {} ready", nbctl.display(), m.config.display()),
+            priority,
         );
+        spawn_keepalived(m, "", &conf);
+    }
+
+    /// Backend `b1` at [`BACKENDS`]`:8080` (greets with its label, then echoes).
+    pub fn backend(&self) -> Backend {
+        Backend::start(
+            &self.backends,
+            "b1",
+            SocketAddr::new(IpAddr::V4(BACKENDS), 8080),
+        )
     }
 
     /// The member that holds the public address on its `eth0` now, if one does.
@@ -557,6 +537,30 @@ impl Drop for Fleet {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs keepalived in the foreground in member `m`'s namespace on config `conf`, its files
+/// (`{prefix}keepalived.conf`, pid files and log) in the member's directory.
+fn spawn_keepalived(m: &Member, prefix: &str, conf: &str) {
+    let path = m.dir.join(format!("{prefix}keepalived.conf"));
+    fs::write(&path, conf).expect("keepalived.conf");
+    let pid = m.dir.join(format!("{prefix}keepalived.pid"));
+    let vrrp = m.dir.join(format!("{prefix}vrrp.pid"));
+    m.ns.spawn(
+        "keepalived",
+        &[
+            "-f",
+            &path.display().to_string(),
+            "-p",
+            &pid.display().to_string(),
+            "-r",
+            &vrrp.display().to_string(),
+            "-n",
+            "-l",
+            "-D",
+        ],
+        Some(&m.dir.join(format!("{prefix}keepalived.log"))),
+    );
 }
 
 /// Runs BIRD in the foreground in `ns`, its control socket and pid file in `dir`.

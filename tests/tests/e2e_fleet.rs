@@ -6,7 +6,7 @@
 use std::{collections::HashMap, io::Write, net::TcpStream, time::Duration};
 
 use nb_tests::{
-    fleet::{ANNOUNCE_TABLE, BACKENDS, Engine, Fleet, VIP, VIP6},
+    fleet::{ANNOUNCE_TABLE, Engine, Fleet, VIP, VIP6},
     netns::{Backend, connect_in, which_backend},
     require_root,
     topo::wait_log,
@@ -27,11 +27,7 @@ const ADD_B9: &[&str] = &[
 const ROUTING: Duration = Duration::from_secs(20);
 
 fn tcp_port() -> String {
-    format!(
-        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"connection\"\ncheck_interval = 2\n\
-         check_timeout = 1\ncheck_attempts = 1\n\n[[port.node]]\nlabel = \"b1\"\naddress = \
-         \"{BACKENDS}:8080\"\n"
-    )
+    nb_tests::fleet::tcp_port(1)
 }
 
 /// Opens `n` connections from the client to the public address; each must reach the
@@ -83,11 +79,7 @@ fn echo_ok(s: &mut TcpStream) -> bool {
 fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
     require_root();
     let f = Fleet::new("fa", 2, Engine::Bgp);
-    let mut backend = Backend::start(
-        &f.backends,
-        "b1",
-        format!("{BACKENDS}:8080").parse().unwrap(),
-    );
+    let mut backend = f.backend();
     for i in 0..2 {
         f.write_config(i, &tcp_port());
     }
@@ -273,11 +265,7 @@ fn a_fleet_announces_what_it_can_serve_and_withdraws_before_it_stops() {
 fn keepalived_moves_the_address_to_the_balancer_that_is_ready() {
     require_root();
     let f = Fleet::new("fk", 2, Engine::Vrrp);
-    let backend = Backend::start(
-        &f.backends,
-        "b1",
-        format!("{BACKENDS}:8080").parse().unwrap(),
-    );
+    let backend = f.backend();
     for i in 0..2 {
         f.write_config(i, &tcp_port());
     }

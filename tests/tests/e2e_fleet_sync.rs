@@ -29,32 +29,46 @@ const SHAPE: Shape = Shape {
 };
 
 fn tcp_port() -> String {
-    format!(
-        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"connection\"\ncheck_interval = 2\n\
-         check_timeout = 1\ncheck_attempts = 2\n\n[[port.node]]\nlabel = \"b1\"\naddress = \
-         \"{BACKENDS}:8080\"\n"
-    )
+    nb_tests::fleet::tcp_port(2)
 }
 
 /// Opens `n` connections to the public address, each greeted by the backend; with the
 /// balancer that carried each (the SNAT address the backend saw).
 fn open(f: &Fleet, b: &Backend, n: usize) -> Vec<(TcpStream, usize)> {
+    open_via(f, b, Fleet::vip(80), "b1", n)
+}
+
+/// [`open`] to `to` (IPv4 or IPv6) on backend `b`, which greets as `label`.
+fn open_via(
+    f: &Fleet,
+    b: &Backend,
+    to: SocketAddr,
+    label: &str,
+    n: usize,
+) -> Vec<(TcpStream, usize)> {
+    let snat_of = |j: usize| -> std::net::IpAddr {
+        if to.is_ipv4() {
+            snat(j).into()
+        } else {
+            snat6(j).into()
+        }
+    };
     let mut out = Vec::new();
     for i in 0..n {
         let before = b.peers().len();
-        let mut s = connect_in(&f.client, Fleet::vip(80), Duration::from_secs(3))
+        let mut s = connect_in(&f.client, to, Duration::from_secs(3))
             .unwrap_or_else(|e| panic!("connection {i}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut greeting = [0u8; 3];
+        let mut greeting = vec![0u8; label.len() + 1];
         s.read_exact(&mut greeting)
             .unwrap_or_else(|e| panic!("connection {i}: no greeting: {e}"));
-        assert_eq!(&greeting, b"b1\n");
+        assert_eq!(greeting, format!("{label}\n").as_bytes());
         // The first connection from a SNAT address since (health checks come from the
         // balancers' own addresses).
         let peers = b.peers();
         let by = peers[before..]
             .iter()
-            .find_map(|p| (0..f.lbs.len()).find(|&j| p.ip() == std::net::IpAddr::V4(snat(j))))
+            .find_map(|p| (0..f.lbs.len()).find(|&j| p.ip() == snat_of(j)))
             .unwrap_or_else(|| panic!("connection {i}: no SNAT address in {peers:?}"));
         out.push((s, by));
     }
@@ -109,11 +123,7 @@ fn in_sync_with(
     port: &str,
 ) -> (Fleet, Backend, Vec<nb_tests::topo::Agent>) {
     let f = Fleet::new(tag, n, engine);
-    let backend = Backend::start(
-        &f.backends,
-        "b1",
-        format!("{BACKENDS}:8080").parse().unwrap(),
-    );
+    let backend = f.backend();
     for i in 0..n as usize {
         f.write_config_with(i, port, SHAPE);
         f.start_snat_vrrp(i);
@@ -164,23 +174,7 @@ fn over_ipv6_a_balancers_hard_death_breaks_none_of_its_connections() {
     wait_for("the IPv6 node UP on both balancers", ROUTING, || {
         (0..2).all(|i| f.metrics(i).contains("node=\"b6\"} 1"))
     });
-    let mut conns = Vec::new();
-    for i in 0..32 {
-        let before = b6.peers().len();
-        let mut s = connect_in(&f.client, vip6, Duration::from_secs(3))
-            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut greeting = [0u8; 3];
-        s.read_exact(&mut greeting)
-            .unwrap_or_else(|e| panic!("connection {i}: no greeting: {e}"));
-        assert_eq!(&greeting, b"b6\n");
-        let peers = b6.peers();
-        let by = peers[before..]
-            .iter()
-            .find_map(|p| (0..2).find(|&j| p.ip() == std::net::IpAddr::V6(snat6(j))))
-            .unwrap_or_else(|| panic!("connection {i}: no SNAT address in {peers:?}"));
-        conns.push((s, by));
-    }
+    let conns = open_via(&f, &b6, vip6, "b6", 32);
     let on0 = conns.iter().filter(|c| c.1 == 0).count();
     println!("32 IPv6 connections, {on0} through lb1");
     assert!(on0 > 0 && on0 < 32, "ECMP spread them: {on0} of 32 on lb1");
@@ -510,11 +504,7 @@ fn record(port: u16) -> Record {
 fn a_forged_replayed_or_truncated_sync_message_installs_nothing() {
     require_root();
     let f = Fleet::new("fz", 2, Engine::Bgp);
-    let _backend = Backend::start(
-        &f.backends,
-        "b1",
-        format!("{BACKENDS}:8080").parse().unwrap(),
-    );
+    let _backend = f.backend();
     // Only lb1 runs an agent; the test speaks for lb2 from lb2's address.
     f.write_config_with(0, &tcp_port(), SHAPE);
     let agent = f.start_agent(0);

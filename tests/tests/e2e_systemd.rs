@@ -26,10 +26,10 @@ fn messages(sock: &UnixDatagram, until: impl Fn(&[String]) -> bool) -> Vec<Strin
     got
 }
 
-#[test]
-fn notifies_systemd_ready_watchdog_reload_and_stop() {
-    require_root();
-    let t = Topology::new("y1", Wiring::TwoNic, 1);
+/// An agent serving a tcp port, started with `NOTIFY_SOCKET` on a socket of the test's, as
+/// systemd starts a `Type=notify` service.
+fn under_systemd(tag: &str) -> (Topology, Agent, UnixDatagram) {
+    let t = Topology::new(tag, Wiring::TwoNic, 1);
     let cfg = t.write_config(&format!(
         "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n\
          [[port.node]]\nlabel = \"b1\"\naddress = \"{}:8080\"\n",
@@ -40,7 +40,14 @@ fn notifies_systemd_ready_watchdog_reload_and_stop() {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
     let p = path.to_str().expect("utf-8 path").to_string();
-    let mut agent = Agent::start_with_env(&t, &cfg, &[("NOTIFY_SOCKET", p.as_str())]);
+    let agent = Agent::start_with_env(&t, &cfg, &[("NOTIFY_SOCKET", p.as_str())]);
+    (t, agent, sock)
+}
+
+#[test]
+fn notifies_systemd_ready_watchdog_reload_and_stop() {
+    require_root();
+    let (_t, mut agent, sock) = under_systemd("y1");
     let got = messages(&sock, |m| {
         m.iter().any(|s| s.contains("READY=1")) && m.iter().any(|s| s.contains("WATCHDOG=1"))
     });
@@ -65,18 +72,7 @@ fn notifies_systemd_ready_watchdog_reload_and_stop() {
 #[test]
 fn sigusr2_upgrades_in_place_and_moves_the_main_pid() {
     require_root();
-    let t = Topology::new("y2", Wiring::TwoNic, 1);
-    let cfg = t.write_config(&format!(
-        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"none\"\n\n\
-         [[port.node]]\nlabel = \"b1\"\naddress = \"{}:8080\"\n",
-        backend_v4(1)
-    ));
-    let path = t.dir.join(format!("notify-{}.sock", unique_suffix()));
-    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let p = path.to_str().expect("utf-8 path").to_string();
-    let mut agent = Agent::start_with_env(&t, &cfg, &[("NOTIFY_SOCKET", p.as_str())]);
+    let (t, mut agent, sock) = under_systemd("y2");
     messages(&sock, |m| m.iter().any(|s| s.contains("READY=1")));
     let old = agent.pid();
     agent.signal(libc::SIGUSR2);

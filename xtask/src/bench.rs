@@ -1230,11 +1230,20 @@ fn per_cpu(r: &L4Row) -> f64 {
 
 /// nginx on every backend address answering a small body.
 fn start_nginx(ns: &Netns, dir: &Path) -> Result<()> {
-    let servers: String = (1..=BACKENDS)
-        .map(|i| {
+    let servers: Vec<(SocketAddr, String)> = (1..=BACKENDS)
+        .map(|i| (SocketAddr::new(backend_v4(i).into(), 8080), format!("b{i}")))
+        .collect();
+    start_nginx_on(ns, dir, &servers)
+}
+
+/// nginx in `ns` (files in `dir`) with one server per `(address, label)`, each answering
+/// every request with its label; returns once the first answers.
+fn start_nginx_on(ns: &Netns, dir: &Path, servers: &[(SocketAddr, String)]) -> Result<()> {
+    let blocks: String = servers
+        .iter()
+        .map(|(addr, label)| {
             format!(
-                "  server {{ listen {}:8080 reuseport; location / {{ return 200 \"b{i}\\n\"; }} }}\n",
-                backend_v4(i)
+                "  server {{ listen {addr} reuseport; location / {{ return 200 \"{label}\\n\"; }} }}\n"
             )
         })
         .collect();
@@ -1244,7 +1253,7 @@ fn start_nginx(ns: &Netns, dir: &Path) -> Result<()> {
         format!(
             "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/nginx-error.log;\n\
              events {{ worker_connections 65536; }}\nhttp {{\n  access_log off;\n  \
-             keepalive_requests 1000000;\n{servers}}}\n",
+             keepalive_requests 1000000;\n{blocks}}}\n",
             dir.display()
         ),
     )?;
@@ -1254,7 +1263,7 @@ fn start_nginx(ns: &Netns, dir: &Path) -> Result<()> {
         Some(&dir.join("nginx.log")),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    let first = SocketAddr::new(backend_v4(1).into(), 8080);
+    let first = servers.first().context("no nginx server")?.0;
     while connect_in(ns, first, Duration::from_millis(200)).is_err() {
         ensure!(
             Instant::now() < deadline,

@@ -495,10 +495,7 @@ impl Worker {
             }
             loop {
                 match self.socket.recv_from(&mut buf) {
-                    Ok((n, from)) => {
-                        let datagram = buf[..n].to_vec();
-                        self.receive(&datagram, from);
-                    }
+                    Ok((n, from)) => self.receive(&buf[..n], from),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(_) => break,
                 }

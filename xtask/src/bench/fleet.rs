@@ -6,62 +6,33 @@
 //! keepalived pair.
 
 use std::{
+    net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use nb_tests::{
     fleet::{BACKENDS, Engine, Fleet, Shape},
     netns::connect_in,
     topo::Agent,
 };
 
-use super::{Key, Target, check_interrupt, require_tools, wrk_at};
+use super::{Key, Target, check_interrupt, require_tools, start_nginx_on, wrk_at};
 
 const ROUNDS: usize = 3;
 const ROUND_SECONDS: u64 = 5;
 const ROUTING: Duration = Duration::from_secs(20);
 
 fn port() -> String {
-    format!(
-        "[[port]]\nport = 80\nprotocol = \"tcp\"\ncheck = \"connection\"\ncheck_interval = 2\n\
-         check_timeout = 1\ncheck_attempts = 1\n\n[[port.node]]\nlabel = \"b1\"\naddress = \
-         \"{BACKENDS}:8080\"\n"
-    )
-}
-
-/// nginx in the fleet's backend namespace, answering every request with a line.
-fn nginx(f: &Fleet) -> Result<()> {
-    let dir = &f.dir;
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "worker_processes 1;\npid {0}/nginx.pid;\nerror_log {0}/nginx-error.log;\n\
-             events {{ worker_connections 65536; }}\nhttp {{\n  access_log off;\n  \
-             server {{ listen {BACKENDS}:8080 reuseport; location / {{ return 200 \"b1\\n\"; }} }}\n}}\n",
-            dir.display()
-        ),
-    )?;
-    f.backends.spawn(
-        "nginx",
-        &["-c", conf.to_str().context("path")?, "-g", "daemon off;"],
-        Some(&dir.join("nginx.log")),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let addr = format!("{BACKENDS}:8080").parse()?;
-    while connect_in(&f.backends, addr, Duration::from_millis(200)).is_err() {
-        ensure!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    nb_tests::fleet::tcp_port(1)
 }
 
 /// A fleet of two in XDP with flow sync, each holding its SNAT address, serving port 80.
 fn fleet(tag: &str, engine: Engine) -> Result<(Fleet, Vec<Agent>)> {
     let f = Fleet::new(tag, 2, engine);
-    nginx(&f)?;
+    let b1 = SocketAddr::new(BACKENDS.into(), 8080);
+    start_nginx_on(&f.backends, &f.dir, &[(b1, "b1".to_string())])?;
     let shape = Shape {
         xdp: true,
         sync: true,
