@@ -87,6 +87,10 @@ where
     let requests = rt.view().requests.clone();
     let timer = tokio::time::sleep(header_timeout);
     tokio::pin!(timer);
+    // Whether a request was answered: a stop closes a kept-alive connection between requests,
+    // but a new one (accepted just before the listener closed, or while an upgrade hands the
+    // socket over) gets its first request answered (within `timeout_header`).
+    let mut answered = false;
     loop {
         timer.as_mut().reset(Instant::now() + header_timeout);
         // How far `buf` was looked through for the end of a head: each byte is looked at
@@ -130,11 +134,12 @@ where
                     return Ok(());
                 }
                 // A request begun is answered before the connection closes.
-                () = stop_requested(&mut stop), if buf.is_empty() => return Ok(()),
+                () = stop_requested(&mut stop), if buf.is_empty() && answered => return Ok(()),
             }
         };
         let (req, view) = req;
         buf.advance(req.len);
+        answered = true;
         if !answer(&mut io, &mut out, &rt, &view, &conn, req).await {
             let _ = io.shutdown().await;
             return Ok(());

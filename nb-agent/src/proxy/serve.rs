@@ -55,7 +55,7 @@ pub(super) async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let port = &view.port;
@@ -83,11 +83,9 @@ pub(super) async fn serve_connection(
                 header_timeout,
                 acceptor.accept(super::io::FlatWrites::new(stream)),
             );
-            let tls = match tokio::select! {
-                r = handshake => r,
-                // Stopping: a client still in its handshake has asked nothing yet.
-                _ = stop_requested(&mut stop) => return,
-            } {
+            // Finished even while stopping (within `timeout_header`): the client connected to
+            // a listening socket, which an upgrade hands on, and expects its request answered.
+            let tls = match handshake.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     debug!("{peer} -> {local}: TLS handshake: {e}");
@@ -141,6 +139,8 @@ pub(super) fn h2_limits(port: &Port) -> H2Limits {
 #[derive(Debug)]
 struct H2Activity {
     open: AtomicUsize,
+    /// Whether a stream was ever opened: a stop waits for a new connection's first one.
+    seen: std::sync::atomic::AtomicBool,
     last: Mutex<tokio::time::Instant>,
     /// The clocks of the answers in progress (dropped ones are pruned as they are looked at).
     streams: Mutex<Vec<std::sync::Weak<StreamClock>>>,
@@ -159,6 +159,7 @@ impl H2Activity {
     fn new() -> H2Activity {
         H2Activity {
             open: AtomicUsize::new(0),
+            seen: std::sync::atomic::AtomicBool::new(false),
             last: Mutex::new(tokio::time::Instant::now()),
             streams: Mutex::new(Vec::new()),
             origin: tokio::time::Instant::now(),
@@ -216,6 +217,7 @@ struct H2Open(Arc<H2Activity>);
 impl H2Open {
     fn new(a: &Arc<H2Activity>) -> H2Open {
         a.open.fetch_add(1, Ordering::AcqRel);
+        a.seen.store(true, Ordering::Release);
         H2Open(a.clone())
     }
 }
@@ -317,14 +319,20 @@ where
     let idle = limits.idle;
     // How often open answers are looked at for a stall.
     let look = limits.stalled.min(Duration::from_secs(1));
+    // A stop asked: the connection closes (GOAWAY) once it has had a stream, so that a new
+    // connection's first request is answered, as on HTTP/1.1.
+    let mut stopping = false;
     loop {
+        if stopping && activity.seen.load(Ordering::Acquire) {
+            break;
+        }
         // Looked at every `look` also while idle: a stream may open meanwhile.
         let wake = activity
             .idle_at(idle)
             .min(tokio::time::Instant::now() + look);
         tokio::select! {
             r = conn.as_mut() => return r,
-            _ = stop_requested(&mut stop) => break,
+            _ = stop_requested(&mut stop), if !stopping => stopping = true,
             _ = tokio::time::sleep_until(wake) => {
                 if activity.stalled(limits.stalled) {
                     debug!(
