@@ -1148,6 +1148,7 @@ pub async fn run(config_path: &Path, upgrade: bool) -> Result<(), AgentError> {
             Some(ok) = upgrade_rx.recv() => {
                 if ok {
                     info!("upgrade: the new agent serves; this one stops accepting and finishes its requests");
+                    crate::proxy::set_handed_over();
                     upgraded_away = true;
                     break;
                 }

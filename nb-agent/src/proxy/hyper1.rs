@@ -79,6 +79,30 @@ pub(super) async fn stop_requested(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Set once an upgrade handed the listening sockets to a new agent (see
+/// [`crate::upgrade`]): the sockets live on, so a connection accepted here that has asked
+/// nothing yet is not closed by the stop (its client would see a failure) but answered.
+static HANDED_OVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks the stop that follows as an upgrade's (see [`HANDED_OVER`]).
+pub fn set_handed_over() {
+    HANDED_OVER.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Whether the stop is an upgrade's.
+pub(super) fn handed_over() -> bool {
+    HANDED_OVER.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// As [`stop_requested`], for a connection that has asked nothing yet (`fresh`): never
+/// resolves when the stop is an upgrade's, so that its first request is answered.
+pub(super) async fn stop_closing(stop: &mut watch::Receiver<bool>, fresh: bool) {
+    stop_requested(stop).await;
+    if fresh && handed_over() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Answers `408 Request Timeout` and closes; counted in `nb_port_requests_total`.
 pub(super) async fn request_timeout<I: AsyncWrite + Unpin>(mut io: I, requests: &PortRequests) {
     requests.count(408);

@@ -27,6 +27,7 @@ pub mod tls;
 mod view;
 mod workers;
 
+pub use hyper1::set_handed_over;
 use listen::{
     Listener, Sockets, accept_loop, close_now, open_connections, second_descriptor, serve_listener,
     take_or_bind,

@@ -31,7 +31,7 @@ use crate::proxy::{
     PortRuntime, PortView,
     forward::{self, Client, Refusal, Sticky},
     h1::{self, RawBody},
-    hyper1::{request_timeout, serve_h1, stop_requested},
+    hyper1::{request_timeout, serve_h1, stop_closing},
     io::Rewind,
     pool::Head,
 };
@@ -87,9 +87,9 @@ where
     let requests = rt.view().requests.clone();
     let timer = tokio::time::sleep(header_timeout);
     tokio::pin!(timer);
-    // Whether a request was answered: a stop closes a kept-alive connection between requests,
-    // but a new one (accepted just before the listener closed, or while an upgrade hands the
-    // socket over) gets its first request answered (within `timeout_header`).
+    // Whether a request was answered: a stop closes a kept-alive connection between
+    // requests, and one that asked nothing yet unless an upgrade handed its socket on (then
+    // its first request is answered, within `timeout_header`).
     let mut answered = false;
     loop {
         timer.as_mut().reset(Instant::now() + header_timeout);
@@ -134,7 +134,7 @@ where
                     return Ok(());
                 }
                 // A request begun is answered before the connection closes.
-                () = stop_requested(&mut stop), if buf.is_empty() && answered => return Ok(()),
+                () = stop_closing(&mut stop, !answered), if buf.is_empty() => return Ok(()),
             }
         };
         let (req, view) = req;

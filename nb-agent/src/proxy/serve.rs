@@ -27,7 +27,7 @@ use crate::{
     config::Port,
     proxy::{
         forward,
-        hyper1::stop_requested,
+        hyper1::{handed_over, stop_closing, stop_requested},
         limits, relay,
         view::{PortRuntime, PortView},
     },
@@ -55,7 +55,7 @@ pub(super) async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let port = &view.port;
@@ -83,9 +83,12 @@ pub(super) async fn serve_connection(
                 header_timeout,
                 acceptor.accept(super::io::FlatWrites::new(stream)),
             );
-            // Finished even while stopping (within `timeout_header`): the client connected to
-            // a listening socket, which an upgrade hands on, and expects its request answered.
-            let tls = match handshake.await {
+            let tls = match tokio::select! {
+                r = handshake => r,
+                // Stopping: a client still in its handshake has asked nothing yet (finished,
+                // within `timeout_header`, when an upgrade handed the socket on).
+                _ = stop_closing(&mut stop, true) => return,
+            } {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     debug!("{peer} -> {local}: TLS handshake: {e}");
@@ -319,8 +322,8 @@ where
     let idle = limits.idle;
     // How often open answers are looked at for a stall.
     let look = limits.stalled.min(Duration::from_secs(1));
-    // A stop asked: the connection closes (GOAWAY) once it has had a stream, so that a new
-    // connection's first request is answered, as on HTTP/1.1.
+    // An upgrade's stop asked: the connection closes (GOAWAY) once it has had a stream, so
+    // that a new connection's first request is answered, as on HTTP/1.1.
     let mut stopping = false;
     loop {
         if stopping && activity.seen.load(Ordering::Acquire) {
@@ -332,7 +335,12 @@ where
             .min(tokio::time::Instant::now() + look);
         tokio::select! {
             r = conn.as_mut() => return r,
-            _ = stop_requested(&mut stop), if !stopping => stopping = true,
+            _ = stop_requested(&mut stop), if !stopping => {
+                if !handed_over() {
+                    break;
+                }
+                stopping = true;
+            }
             _ = tokio::time::sleep_until(wake) => {
                 if activity.stalled(limits.stalled) {
                     debug!(
