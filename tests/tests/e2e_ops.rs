@@ -868,9 +868,12 @@ fn a_joining_node_ramps_up_over_slow_start() {
         counts.iter().any(|&c| (3..=8).contains(&c)),
         "b2 passes through a share between: {shares:?}"
     );
+    // Over the ramp (10 s); past it, at full weight, 20 connections split 9-11 either way
+    // (each CPU keeps its own round-robin position).
+    let ramping: Vec<usize> = shares.iter().filter(|s| s.0 < 10.0).map(|s| s.1).collect();
     assert!(
-        counts.windows(2).all(|w| w[1] + 1 >= w[0]),
-        "the share only grows: {shares:?}\n{}",
+        ramping.windows(2).all(|w| w[1] + 1 >= w[0]),
+        "the share only grows over the ramp: {shares:?}\n{}",
         agent.log_text()
     );
 }
